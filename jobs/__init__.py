@@ -1,0 +1,1 @@
+"""Pipeline stage entrypoints: ``python -m jobs.<stage>``. Jobs never import each other."""

