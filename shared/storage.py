@@ -97,6 +97,8 @@ class FileLocation(Location):
         target = self.path / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".lawtune-tmp-", dir=target.parent)
+        # mkstemp makes 0600 files; artifacts must stay readable by other users of the volume.
+        os.fchmod(fd, 0o644)
         os.close(fd)
         return target, Path(tmp)
 

@@ -56,7 +56,7 @@ def s3_env(seaweedfs, s3_bucket, monkeypatch) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.integration)])
 def artifact_root(request, tmp_path, monkeypatch) -> str:
     """Both backends, so every store test runs against each (s3 = real SeaweedFS)."""
     if request.param == "file":
@@ -72,3 +72,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (a user's clone has no ../shared); the project's own fixtures cover the core cases")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir(model_cache_dir) -> Path:
+    """The bundled model (GGUF → safetensors), converted once per session under ``model_cache_dir``."""
+    from shared.models import BUNDLED_DEFAULT, resolve_base_model
+    from shared.settings import Settings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return resolve_base_model(BUNDLED_DEFAULT, Settings(cache_dir=model_cache_dir))

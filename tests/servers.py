@@ -111,9 +111,13 @@ def start_seaweedfs(workdir: Path, timeout: float = 60.0) -> SeaweedS3:
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-dir={data}",
         f"-master.port={master}", f"-volume.port={volume}",
-        "-master.volumeSizeLimitMB=64", "-volume.max=32",
+        # Every test bucket is a collection that grabs its own volumes (7 at a time): 32 ran out
+        # after a handful of buckets. Volumes are not preallocated, so a high cap costs no disk.
+        "-master.volumeSizeLimitMB=64", "-volume.max=1000",
         "-filer", f"-filer.port={filer}",
         "-s3", f"-s3.port={s3}", f"-s3.config={config}",
+        # Fixed default ports (8181, 9101) would collide between concurrent sessions; we need neither.
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

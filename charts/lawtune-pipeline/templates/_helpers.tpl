@@ -1,0 +1,177 @@
+{{/*
+Names. Jobs are named <release>-<runId>-<stage> so several runs (and releases) live side by side;
+the run id is lower-cased with '_' and '.' turned into '-' because names are DNS labels.
+*/}}
+{{- define "lawtune-pipeline.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lawtune-pipeline.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "lawtune-pipeline.runId" -}}
+{{- required "runId is required: --set runId=<id> (1-63 letters, digits, '.', '_' or '-'; the same id resumes that run)" .Values.runId }}
+{{- end }}
+
+{{/* <release>-<runId>, at most 42 characters so "-<stage>" and an index suffix fit a 63-character label. */}}
+{{- define "lawtune-pipeline.runName" -}}
+{{- $run := include "lawtune-pipeline.runId" . | lower | replace "_" "-" | replace "." "-" }}
+{{- printf "%s-%s" .Release.Name $run | trunc 42 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lawtune-pipeline.jobName" -}}
+{{- printf "%s-%s" (include "lawtune-pipeline.runName" .root) .stage }}
+{{- end }}
+
+{{- define "lawtune-pipeline.rendezvousName" -}}
+{{- printf "%s-rdzv" (include "lawtune-pipeline.runName" .) }}
+{{- end }}
+
+{{- define "lawtune-pipeline.configMapName" -}}
+{{- printf "%s-config" (include "lawtune-pipeline.runName" .) }}
+{{- end }}
+
+{{- define "lawtune-pipeline.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "lawtune-pipeline.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "lawtune-pipeline.imageTag" -}}
+{{- default .Chart.AppVersion .Values.image.tag }}
+{{- end }}
+
+{{- define "lawtune-pipeline.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "lawtune-pipeline.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ include "lawtune-pipeline.imageTag" . | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: lawtune
+lawtune.io/run-id: {{ include "lawtune-pipeline.runId" . | quote }}
+{{- end }}
+
+{{/* Stage order: Helm hook weight and Argo CD sync wave are the same number. */}}
+{{- define "lawtune-pipeline.stageOrder" -}}
+preprocess: 10
+finetune: 20
+evaluate: 30
+publish: 40
+{{- end }}
+
+{{/*
+Ordering annotations of one stage Job (dict: root, stage).
+*/}}
+{{- define "lawtune-pipeline.orderAnnotations" -}}
+{{- $weight := get (include "lawtune-pipeline.stageOrder" .root | fromYaml) .stage | toString -}}
+argocd.argoproj.io/sync-wave: {{ $weight | quote }}
+{{- if .root.Values.hooks.enabled }}
+helm.sh/hook: post-install,post-upgrade
+helm.sh/hook-weight: {{ $weight | quote }}
+{{- /* A re-install with the same runId replaces the Job; the stage skips committed work. */}}
+helm.sh/hook-delete-policy: before-hook-creation
+{{- end }}
+{{- end }}
+
+{{/*
+Environment every stage shares: where artifacts live, caches on the mounted emptyDirs,
+credentials by secretKeyRef only.
+*/}}
+{{- define "lawtune-pipeline.env" -}}
+- name: LAWTUNE_ARTIFACT_ROOT
+  value: {{ required "artifactRoot is required: --set artifactRoot=s3://<bucket>/<prefix>" .Values.artifactRoot | quote }}
+- name: LAWTUNE_RUN_ID
+  value: {{ include "lawtune-pipeline.runId" . | quote }}
+{{- with .Values.s3.endpoint }}
+- name: LAWTUNE_S3_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+- name: LAWTUNE_S3_REGION
+  value: {{ .Values.s3.region | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ .Values.s3.region | quote }}
+- name: LAWTUNE_S3_ADDRESSING_STYLE
+  value: {{ .Values.s3.addressingStyle | quote }}
+- name: LAWTUNE_CODE_VERSION
+  value: {{ include "lawtune-pipeline.imageTag" . | quote }}
+- name: LAWTUNE_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+- name: LAWTUNE_CACHE_DIR
+  value: /var/cache/lawtune
+- name: HF_HOME
+  value: /var/cache/lawtune/huggingface
+- name: XDG_CACHE_HOME
+  value: /var/cache/lawtune/xdg
+- name: MPLCONFIGDIR
+  value: /tmp/matplotlib
+- name: TMPDIR
+  value: /tmp
+- name: HOME
+  value: /home/lawtune
+{{- if .Values.huggingface.offline }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- end }}
+{{- with .Values.s3.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.s3.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.s3.secretAccessKeyKey }}
+{{- end }}
+{{- with .Values.huggingface.tokenSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.huggingface.tokenSecretKey }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "lawtune-pipeline.volumeMounts" -}}
+- name: config
+  mountPath: /etc/lawtune
+  readOnly: true
+- name: cache
+  mountPath: /var/cache/lawtune
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/lawtune
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+
+{{- define "lawtune-pipeline.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "lawtune-pipeline.configMapName" . }}
+- name: cache
+  emptyDir:
+    sizeLimit: {{ .Values.cache.sizeLimit }}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmp.sizeLimit }}
+- name: home
+  emptyDir:
+    sizeLimit: 1Gi
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shm.sizeLimit }}
+{{- end }}

@@ -1,0 +1,165 @@
+{{/* Names: Kubernetes names are DNS labels, so everything is cut at 63 characters. */}}
+{{- define "lawtune-serving.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lawtune-serving.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Component names leave room for the suffix within 63 characters. */}}
+{{- define "lawtune-serving.vllm.fullname" -}}
+{{- printf "%s-vllm" (include "lawtune-serving.fullname" . | trunc 58 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "lawtune-serving.gateway.fullname" -}}
+{{- printf "%s-gateway" (include "lawtune-serving.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "lawtune-serving.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lawtune-serving.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "lawtune-serving.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "lawtune-serving.labels" -}}
+helm.sh/chart: {{ include "lawtune-serving.chart" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: lawtune
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels: stable across upgrades (Deployment selectors are immutable). */}}
+{{- define "lawtune-serving.vllm.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lawtune-serving.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: vllm
+{{- end }}
+
+{{- define "lawtune-serving.gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lawtune-serving.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "lawtune-serving.vllm.labels" -}}
+{{ include "lawtune-serving.labels" . }}
+{{ include "lawtune-serving.vllm.selectorLabels" . }}
+{{- end }}
+
+{{- define "lawtune-serving.gateway.labels" -}}
+{{ include "lawtune-serving.labels" . }}
+{{ include "lawtune-serving.gateway.selectorLabels" . }}
+{{- end }}
+
+{{/* Mandatory values fail with a message naming the key. */}}
+{{- define "lawtune-serving.apiKeySecret" -}}
+{{- required "apiKey.existingSecret is required: the name of an existing Secret holding the API key (kubectl create secret generic <name> --from-literal=api-key=...)" .Values.apiKey.existingSecret }}
+{{- end }}
+
+{{- define "lawtune-serving.servedModelName" -}}
+{{- default .Values.model.name .Values.model.servedModelName }}
+{{- end }}
+
+{{/* s3://bucket/prefix/models/<name>[/<version>]: fetch_model resolves PROMOTED when no version is given. */}}
+{{- define "lawtune-serving.modelUri" -}}
+{{- $root := required "artifactStore.root is required: the artifact root holding models/, e.g. s3://bucket/lawtune" .Values.artifactStore.root | trimSuffix "/" }}
+{{- $uri := printf "%s/models/%s" $root .Values.model.name }}
+{{- if .Values.model.version }}{{ $uri = printf "%s/%s" $uri .Values.model.version }}{{ end }}
+{{- $uri }}
+{{- end }}
+
+{{- define "lawtune-serving.modelDir" -}}
+{{- printf "/models/%s" .Values.model.name }}
+{{- end }}
+
+{{/*
+The parallel size as vLLM will see it, whether it comes from a value or from extraArgs
+(`--tensor-parallel-size N`, `--tensor-parallel-size=N`, `-tp N`, `-tp=N`; the last one
+wins, as in vLLM's argparse). Usage: include "lawtune-serving.parallelArg" (list . "tensor")
+*/}}
+{{- define "lawtune-serving.parallelArg" -}}
+{{- $root := index . 0 }}
+{{- $kind := index . 1 }}
+{{- $long := printf "--%s-parallel-size" $kind }}
+{{- $short := ternary "-tp" "-pp" (eq $kind "tensor") }}
+{{- $value := "" }}
+{{- $args := $root.Values.vllm.extraArgs }}
+{{- range $i, $arg := $args }}
+{{- $arg = toString $arg }}
+{{- if or (eq $arg $long) (eq $arg $short) }}
+{{- if lt (add1 $i) (len $args) }}{{ $value = toString (index $args (add1 $i)) }}{{ end }}
+{{- else if or (hasPrefix (printf "%s=" $long) $arg) (hasPrefix (printf "%s=" $short) $arg) }}
+{{- $value = regexReplaceAll "^[^=]*=" $arg "" }}
+{{- end }}
+{{- end }}
+{{- $value }}
+{{- end }}
+
+{{- define "lawtune-serving.tensorParallelSize" -}}
+{{- $fromArgs := include "lawtune-serving.parallelArg" (list . "tensor") }}
+{{- if $fromArgs }}
+{{- if not (regexMatch "^[1-9][0-9]*$" $fromArgs) }}{{ fail (printf "vllm.extraArgs: --tensor-parallel-size %q is not a positive integer" $fromArgs) }}{{ end }}
+{{- if and (ne (int .Values.vllm.tensorParallelSize) 1) (ne (int .Values.vllm.tensorParallelSize) (int $fromArgs)) }}
+{{- fail (printf "vllm.tensorParallelSize=%v contradicts --tensor-parallel-size %s in vllm.extraArgs: set one of them" .Values.vllm.tensorParallelSize $fromArgs) }}
+{{- end }}
+{{- $fromArgs }}
+{{- else }}
+{{- int .Values.vllm.tensorParallelSize }}
+{{- end }}
+{{- end }}
+
+{{- define "lawtune-serving.pipelineParallelSize" -}}
+{{- $fromArgs := include "lawtune-serving.parallelArg" (list . "pipeline") }}
+{{- if $fromArgs }}
+{{- if not (regexMatch "^[1-9][0-9]*$" $fromArgs) }}{{ fail (printf "vllm.extraArgs: --pipeline-parallel-size %q is not a positive integer" $fromArgs) }}{{ end }}
+{{- $fromArgs }}
+{{- else }}1{{ end }}
+{{- end }}
+
+{{/* GPUs per replica: explicit, or one per tensor x pipeline shard. */}}
+{{- define "lawtune-serving.gpuCount" -}}
+{{- if gt (int .Values.vllm.gpu.count) 0 }}
+{{- int .Values.vllm.gpu.count }}
+{{- else }}
+{{- mul (int (include "lawtune-serving.tensorParallelSize" .)) (int (include "lawtune-serving.pipelineParallelSize" .)) }}
+{{- end }}
+{{- end }}
+
+{{/* Workers of a sharded model talk through shared memory: /dev/shm whenever more than one. */}}
+{{- define "lawtune-serving.needsShm" -}}
+{{- if gt (mul (int (include "lawtune-serving.tensorParallelSize" .)) (int (include "lawtune-serving.pipelineParallelSize" .))) 1 }}true{{ end }}
+{{- end }}
+
+{{/* vLLM replicas: zero under maintenance.scaleVllmToZero; left to the autoscaler otherwise when on. */}}
+{{- define "lawtune-serving.autoscalerActive" -}}
+{{- if and .Values.autoscaling.enabled (not (and .Values.maintenance.enabled .Values.maintenance.scaleVllmToZero)) }}true{{ end }}
+{{- end }}
+
+{{- define "lawtune-serving.upstream" -}}
+{{- default (printf "%s:%v" (include "lawtune-serving.vllm.fullname" .) .Values.vllm.service.port) .Values.gateway.upstream }}
+{{- end }}
+
+{{/* An OpenAI-shaped error body, single-quoted for nginx's `return`. Usage: include "lawtune-serving.openaiError" (list message type code) */}}
+{{- define "lawtune-serving.openaiError" -}}
+{{- $body := dict "error" (dict "message" (index . 0) "type" (index . 1) "param" nil "code" (index . 2)) | toJson }}
+{{- printf "'%s'" ($body | replace "\\" "\\\\" | replace "'" "\\'") }}
+{{- end }}

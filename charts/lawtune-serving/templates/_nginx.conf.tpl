@@ -1,0 +1,147 @@
+{{/*
+The gateway's whole nginx.conf, rendered from values. The same text runs in the cluster
+(ConfigMap) and under `make serve` (shared/gateway.py renders it with helm and points
+gateway.upstream, listenAddress, runtimeDir and apiKeysFile at local places).
+
+Order inside a request matters: the maintenance `return` and the API key check run in
+nginx's rewrite phase, before limit_req (preaccess), so a switched-off service and bad keys
+are answered without touching the rate-limit state or vLLM.
+*/}}
+{{- define "lawtune-serving.nginxConf" -}}
+{{- $g := .Values.gateway -}}
+{{- $rl := $g.rateLimit -}}
+{{- $m := .Values.maintenance -}}
+# Rendered by the lawtune-serving chart ({{ include "lawtune-serving.chart" . }}); edit values, not this file.
+worker_processes {{ $g.workerProcesses }};
+pid {{ $g.runtimeDir }}/nginx.pid;
+error_log stderr warn;
+
+events {
+    worker_connections {{ $g.workerConnections }};
+}
+
+http {
+    default_type application/json;
+    server_tokens off;
+    charset utf-8;
+    # Writable places only under runtimeDir: the root filesystem is read-only.
+    client_body_temp_path {{ $g.runtimeDir }}/client_body;
+    proxy_temp_path {{ $g.runtimeDir }}/proxy;
+    fastcgi_temp_path {{ $g.runtimeDir }}/fastcgi;
+    uwsgi_temp_path {{ $g.runtimeDir }}/uwsgi;
+    scgi_temp_path {{ $g.runtimeDir }}/scgi;
+
+    {{- if $g.accessLog }}
+    # No headers are logged, so API keys never reach the log.
+    log_format lawtune '$remote_addr [$time_iso8601] "$request" $status $body_bytes_sent '
+                       'rt=$request_time urt=$upstream_response_time';
+    access_log /dev/stdout lawtune;
+    {{- else }}
+    access_log off;
+    {{- end }}
+
+    {{- range $g.realIp.trustedCidrs }}
+    set_real_ip_from {{ . }};
+    {{- end }}
+    {{- if $g.realIp.trustedCidrs }}
+    real_ip_header {{ $g.realIp.header }};
+    real_ip_recursive on;
+    {{- end }}
+
+    client_max_body_size {{ $g.maxBodySize }};
+    client_body_buffer_size {{ $g.maxBodySize }};
+    client_body_timeout {{ $g.timeouts.clientBody }};
+    keepalive_timeout {{ $g.timeouts.keepalive }};
+
+    # Accepted keys: lines of `"~^Bearer <key, . and + escaped>$" 1;`, written from the
+    # Secret at pod start. Regexes, because plain map strings match case-insensitively.
+    map $http_authorization $lawtune_key_ok {
+        default 0;
+        include {{ $g.apiKeysFile }};
+    }
+
+    {{- if $rl.enabled }}
+    limit_req_zone {{ ternary "$http_authorization" "$binary_remote_addr" (eq $rl.key "apiKey") }} zone=lawtune_api:{{ $rl.zoneSize }} rate={{ $rl.requestsPerSecond }}r/s;
+    limit_req_status 429;
+    limit_req_log_level warn;
+    {{- end }}
+
+    upstream lawtune_vllm {
+        server {{ include "lawtune-serving.upstream" . }};
+        keepalive {{ $g.upstreamKeepalive }};
+    }
+
+    server {
+        listen {{ if $g.listenAddress }}{{ $g.listenAddress }}:{{ end }}{{ $g.containerPort }};
+        server_name _;
+
+        # The gateway's own health: up even in maintenance, so clients get the 503 JSON
+        # from a ready gateway instead of a connection error.
+        location = /healthz {
+            access_log off;
+            return 200 '{"status":"ok","maintenance":{{ $m.enabled }}}';
+        }
+
+        {{- if $m.enabled }}
+
+        # Degradation switch on: every API call gets 503 with the configured message.
+        location / {
+            add_header Retry-After {{ $m.retryAfterSeconds }} always;
+            return 503 {{ include "lawtune-serving.openaiError" (list $m.message "service_unavailable" "maintenance") }};
+        }
+        {{- else }}
+
+        location /v1/ {
+            if ($lawtune_key_ok = 0) {
+                return 401;
+            }
+            {{- if $rl.enabled }}
+            limit_req zone=lawtune_api burst={{ $rl.burst }} nodelay;
+            {{- end }}
+
+            proxy_pass http://lawtune_vllm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Request-Id $request_id;
+            # Server-sent events: pass every token on at once.
+            proxy_buffering off;
+            proxy_cache off;
+            proxy_request_buffering on;
+            proxy_connect_timeout {{ $g.timeouts.connect }};
+            proxy_read_timeout {{ $g.timeouts.read }};
+            proxy_send_timeout {{ $g.timeouts.send }};
+            # An unreachable vLLM (starting, scaled to zero) answers 503 JSON, not nginx HTML.
+            proxy_intercept_errors off;
+        }
+
+        location / {
+            return 404 {{ include "lawtune-serving.openaiError" (list "Not found: the API is under /v1/" "invalid_request_error" "not_found") }};
+        }
+        {{- end }}
+
+        error_page 401 = @unauthorized;
+        error_page 413 = @too_large;
+        error_page 429 = @rate_limited;
+        error_page 502 503 504 = @upstream_unavailable;
+
+        location @unauthorized {
+            add_header WWW-Authenticate Bearer always;
+            return 401 {{ include "lawtune-serving.openaiError" (list "Missing or invalid API key: send Authorization: Bearer <key>" "invalid_request_error" "invalid_api_key") }};
+        }
+        location @too_large {
+            return 413 {{ include "lawtune-serving.openaiError" (list (printf "Request body larger than %s" $g.maxBodySize) "invalid_request_error" "request_too_large") }};
+        }
+        location @rate_limited {
+            add_header Retry-After {{ $rl.retryAfterSeconds }} always;
+            return 429 {{ include "lawtune-serving.openaiError" (list "Rate limit exceeded: slow down and retry after the Retry-After seconds" "rate_limit_exceeded" "rate_limit_exceeded") }};
+        }
+        location @upstream_unavailable {
+            add_header Retry-After 10 always;
+            return 503 {{ include "lawtune-serving.openaiError" (list "The model server is unavailable; retry shortly" "service_unavailable" "upstream_unavailable") }};
+        }
+    }
+}
+{{- end }}

@@ -1,0 +1,100 @@
+"""Fetch a published model for serving: the promoted version (or a named one), verified, all or nothing.
+
+    python -m jobs.fetch_model s3://bucket/prefix/models/legal-assistant /models/current
+    python -m jobs.fetch_model s3://bucket/prefix/models/legal-assistant/sample-0123abcd45 /models/current
+
+The serving chart's init container runs exactly this. Environment: ``LAWTUNE_S3_ENDPOINT_URL``
+(and the other ``LAWTUNE_S3_*`` settings); AWS credentials the standard way.
+
+Input: ``models/<name>`` (``PROMOTED`` names the version) or ``models/<name>/<version>``.
+Every file of the version's manifest is downloaded in parallel into a temporary sibling of
+the target and checked (size, sha256) before one rename puts it in place, so the target
+directory is either complete (with its ``MANIFEST.json``) or absent. A target that already
+holds exactly this version is left as it is (a restarted pod does not download again).
+
+Exit codes: 0 fetched or already there; 1 storage failure (retry); 2 nothing published or
+promoted at that URI, or a checksum mismatch (one line on stderr says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.artifacts import MANIFEST, Manifest, fetch_dir, read_manifest
+from shared.errors import ConfigError
+from shared.job import run_main
+from shared.log import configure_logging
+from shared.settings import Settings, load_settings
+from shared.storage import open_location
+from shared.uri import join
+
+PROMOTED = "PROMOTED"
+log = logging.getLogger("lawtune.fetch_model")
+
+
+@dataclass
+class Result:
+    version_uri: str
+    manifest: Manifest
+    target: Path
+    downloaded: bool
+
+
+def resolve_version(settings: Settings, uri: str) -> str:
+    """The URI of the version folder ``uri`` means: itself when committed, else what its PROMOTED names."""
+    uri = uri.rstrip("/")
+    loc = open_location(uri, settings)
+    if loc.exists(MANIFEST):
+        return uri
+    if loc.exists(PROMOTED):
+        version = loc.read_text(PROMOTED).strip()
+        if not version or "/" in version:
+            raise ConfigError(f"{uri}/{PROMOTED} holds {version!r}; expected a version name")
+        log.info("%s/%s names version %s", uri, PROMOTED, version)
+        return join(uri, version)
+    raise ConfigError(f"{uri} has neither {MANIFEST} (a model version) nor {PROMOTED} (a promoted model): nothing to fetch")
+
+
+def _same_version(target: Path, manifest: Manifest) -> bool:
+    try:
+        local = Manifest.model_validate_json((target / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return local.digest == manifest.digest and all((target / f.path).is_file() and (target / f.path).stat().st_size == f.size
+                                                   for f in manifest.files)
+
+
+def run(settings: Settings, uri: str, target: Path) -> Result:
+    version_uri = resolve_version(settings, uri)
+    loc = open_location(version_uri, settings)
+    manifest = read_manifest(loc)
+    target = Path(target).resolve()
+    if _same_version(target, manifest):
+        log.info("%s already holds %s; nothing to download", target, version_uri)
+        return Result(version_uri, manifest, target, False)
+    log.info("fetching %d file(s) of %s into %s", len(manifest.files), version_uri, target)
+    fetch_dir(loc, target, max_workers=settings.s3_max_concurrency)
+    return Result(version_uri, manifest, target, True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.fetch_model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("uri", help="models/<name> (follows PROMOTED) or models/<name>/<version>")
+    parser.add_argument("target", type=Path, help="local directory to create (replaced only when complete)")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        result = run(settings, args.uri, args.target)
+        state = "fetched" if result.downloaded else "already present"
+        print(f"{state}: {result.version_uri} -> {result.target} ({len(result.manifest.files)} files verified)")
+
+    return run_main("fetch_model", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""Finetune: LoRA SFT of the config's base model on the preprocessed chat data.
+
+    python -m jobs.finetune --config configs/smollm2-135m-cpu.yaml
+    python -m jobs.finetune --data s3://bucket/runs/r1/data --output s3://bucket/runs/r1/finetune --config configs/x.yaml
+    torchrun --nproc-per-node 2 -m jobs.finetune --config configs/qwen2.5-7b-instruct-lora.yaml   # DDP; rank 0 writes
+
+Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_RUN_ID``, ``LAWTUNE_CACHE_DIR`` (the bundled
+model and downloaded base models are cached there), ``LAWTUNE_S3_ENDPOINT_URL``; AWS
+credentials the standard way; ``HF_HUB_OFFLINE=1`` where no model hub is reachable.
+
+Input (default ``<artifact_root>/runs/<run_id>/data/``): ``train.jsonl`` and ``dev.jsonl``
+(names from ``data_config``), verified against the data manifest.
+
+Output (default ``<artifact_root>/runs/<run_id>/finetune/``): ``adapter/`` (the checkpoint
+with the lowest dev loss, peft format), ``training_summary.json``, ``metrics.jsonl`` (one
+JSON per logging/eval event), ``config.yaml`` (the config used), ``checkpoints/step-<N>/``
+(each committed with its own manifest), and ``MANIFEST.json`` last, whose ``extra`` holds
+``base_model`` and ``best_step``. The stage is skipped when the data manifest, the training
+config sections and the code version match the committed manifest; otherwise it resumes
+from the newest committed checkpoint of the same inputs.
+
+Exit codes: 0 done or skipped; 1 preempted (SIGTERM: checkpoint committed, retry resumes) or
+storage failure; 2 bad config, data or base model (one line on stderr names it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from shared.config import TrainConfig, load_config
+from shared.errors import LawtuneError
+from shared.job import run_main
+from shared.log import configure_logging
+from shared.settings import Settings, load_settings
+
+STAGE = "finetune"
+# Sections that change what training produces; editing evaluation/preprocess keys does not re-train.
+CONFIG_SECTIONS = ("base_model", "seed", "max_input_length", "max_output_length", "data_config", "training_args", "peft_config")
+log = logging.getLogger("lawtune.finetune")
+
+
+@dataclass
+class Result:
+    output_uri: str
+    skipped: bool
+    best_step: int | None = None
+    best_dev_loss: float | None = None
+    steps_completed: int | None = None
+    resumed_from: int | None = None
+
+
+def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, output_uri: str | None = None,
+        hooks=None) -> Result:
+    from shared.artifacts import digest_inputs, read_manifest
+    from shared.models import resolve_base_model
+    from shared.stage import StageOutput, fetch_stage
+    from shared.storage import open_location
+
+    data_uri = data_uri or settings.run_uri("data")
+    output_uri = output_uri or settings.run_uri(STAGE)
+    data_manifest = read_manifest(open_location(data_uri, settings))  # metadata only: enough to decide a skip
+    inputs = {"data": data_manifest.digest, "config": config.section_digest(*CONFIG_SECTIONS)}
+
+    with StageOutput(settings, STAGE, output_uri, inputs) as out:
+        if out.skipped:
+            return Result(output_uri, True, out.skipped.extra.get("best_step"))
+        model_dir = resolve_base_model(config.base_model, settings)  # a bad model fails before the data is read
+
+        from shared.training import CheckpointStore, export_best, train
+
+        # Same path on every rank of a node (the Trainer's checkpoints); per inputs, so runs never mix.
+        local = settings.cache_dir / "work" / f"{STAGE}-{settings.run_id}-{digest_inputs(out.inputs)[:12]}"
+        with tempfile.TemporaryDirectory(prefix="finetune-data-", dir=out.workdir.parent) as scratch:
+            data_dir = Path(scratch) / "data"
+            fetch_stage(settings, data_uri, data_dir, only=[config.data_config.train_file, config.data_config.val_file])
+            store = CheckpointStore(out.location, out.inputs, run_id=settings.run_id, code_version=settings.resolved_code_version)
+            result = train(config, model_dir, data_dir, local, store, hooks)
+        if not result.is_main:
+            return Result(output_uri, False, steps_completed=result.steps_completed)
+
+        if result.best_step is None:
+            raise LawtuneError(f"no committed checkpoint under {store.root.uri} after training")
+        export_best(store, result.best_step, out.workdir / "adapter")
+        summary = result.summary(config.base_model)
+        (out.workdir / "training_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        with open(out.workdir / "metrics.jsonl", "w", encoding="utf-8") as fh:
+            for record in result.log_history:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        (out.workdir / "config.yaml").write_text(
+            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8"
+        )
+        out.commit(extra={"base_model": config.base_model, "best_step": result.best_step})
+        shutil.rmtree(local, ignore_errors=True)
+        log.info(
+            "best checkpoint step-%s (dev loss %s) exported as %s/adapter after %d steps",
+            result.best_step, "n/a" if result.best_dev_loss is None else f"{result.best_dev_loss:.4f}", output_uri,
+            result.steps_completed,
+        )
+        return Result(output_uri, False, result.best_step, result.best_dev_loss, result.steps_completed, result.resumed_from)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
+    parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/finetune)")
+    parser.add_argument("--config", required=True, help="training config YAML (configs/*.yaml)")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        result = run(settings, load_config(args.config), args.data, args.output)
+        if result.skipped:
+            log.info("skipped: %s already holds the output of these inputs", result.output_uri)
+
+    return run_main(STAGE, body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

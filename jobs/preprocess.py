@@ -1,0 +1,114 @@
+"""Preprocess: a Q&A CSV or chat JSONL → cleaned, de-duplicated train/dev/test chat JSONL.
+
+    python -m jobs.preprocess --input configs/data/legal_qa_sample.csv
+    python -m jobs.preprocess --input s3://bucket/raw/qa.csv --output s3://bucket/runs/r1/data --config configs/x.yaml
+
+Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_RUN_ID``, ``LAWTUNE_S3_ENDPOINT_URL``,
+``LAWTUNE_CACHE_DIR`` (see shared/settings.py); AWS credentials the standard way.
+
+Input: a local path or an s3:// / file:// URI of a lawzhidao CSV (``title,question,reply,
+is_best``) or a chat JSONL (ChatGLM3, OpenAI or ShareGPT) — see shared/readers.py.
+
+Output (default ``<artifact_root>/runs/<run_id>/data/``): ``train.jsonl``, ``dev.jsonl``,
+``test.jsonl`` (``{"id", "conversations"}`` per line), ``rejected.jsonl`` (source, line,
+reason, detail, raw row), ``report.json`` (counts by reason, lengths in characters), and
+``MANIFEST.json`` last. The stage is skipped when the input's sha256, the ``preprocess``
+config section and the code version match the committed manifest.
+
+Exit codes: 0 done or skipped; 1 storage failure (retry); 2 the input is not a dataset or
+the config is invalid (one line on stderr names the file and the problem; no manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.artifacts import Manifest, sha256_file
+from shared.config import TrainConfig, load_config
+from shared.errors import DataError
+from shared.job import run_main
+from shared.log import configure_logging
+from shared.preprocessing import build
+from shared.readers import Source
+from shared.settings import Settings, load_settings
+from shared.stage import StageOutput
+from shared.storage import open_location
+from shared.uri import parse_uri
+
+STAGE = "data"
+log = logging.getLogger("lawtune.preprocess")
+
+
+@dataclass
+class Result:
+    manifest: Manifest
+    skipped: bool
+    report: dict[str, Any] | None
+
+
+def _local_input(settings: Settings, uri: str, scratch: Path) -> tuple[Path, str]:
+    """A local path to read the input from (downloaded when remote) and its display name."""
+    parsed = parse_uri(uri)
+    if parsed.scheme == "file":
+        path = Path(parsed.path)
+        if not path.is_file():
+            raise DataError(f"input {uri} does not exist or is not a file")
+        return path, path.name
+    parent, _, name = parsed.path.rpartition("/")
+    loc = open_location(f"s3://{parsed.bucket}/{parent}", settings)
+    if not name or not loc.exists(name):
+        raise DataError(f"input {uri} does not exist")
+    local = scratch / name
+    loc.download_file(name, local)
+    return local, name
+
+
+def run(settings: Settings, config: TrainConfig, input_uri: str, output_uri: str | None = None, *, force: bool = False) -> Result:
+    output_uri = output_uri or settings.run_uri(STAGE)
+    scratch_root = settings.cache_dir / "work"
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="preprocess-input-", dir=scratch_root))
+    try:
+        path, name = _local_input(settings, input_uri, scratch)
+        source = Source(path, name)  # refuses non-datasets before anything is written
+        inputs = {
+            "input": {"name": name, "sha256": sha256_file(path)},
+            "preprocess_config": config.section_digest("preprocess"),
+        }
+        with StageOutput(settings, STAGE, output_uri, inputs, force=force) as out:
+            if out.skipped:
+                return Result(out.skipped, True, None)
+            log.info("reading %s (%s, %s)", input_uri, source.format, source.encoding)
+            report = build(source, out.workdir, scratch / "spill", config.preprocess, path.stat().st_size)
+            manifest = out.commit(extra={"splits": report["splits"], "rejected": report["rejected"], "source": report["source"]})
+            return Result(manifest, False, report)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.preprocess", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="CSV/JSONL file or URI")
+    parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/data)")
+    parser.add_argument("--config", help="training config YAML (its preprocess section applies)")
+    parser.add_argument("--force", action="store_true", help="run even when the same inputs are committed")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        result = run(settings, load_config(args.config), args.input, args.output, force=args.force)
+        if result.skipped:
+            log.info("skipped: %s already holds this input's output", args.output or settings.run_uri(STAGE))
+
+    return run_main("preprocess", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Publish: merge the best adapter into its base, store it as a model version, promote it if the gate passed.
+
+    python -m jobs.publish --model-name legal-assistant
+    python -m jobs.publish --finetune s3://b/runs/r1/finetune --evaluate s3://b/runs/r1/evaluate \\
+        --model-name legal-assistant [--force]
+
+Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_RUN_ID``, ``LAWTUNE_S3_ENDPOINT_URL``,
+``LAWTUNE_CACHE_DIR`` (shared/settings.py); AWS credentials the standard way.
+
+Inputs: the committed ``finetune/`` (``adapter/``; the base model its manifest names) and
+``evaluate/`` (the gate verdict in its manifest). The merge runs in float32 with peft's
+``merge_and_unload`` and is checked against base+adapter logits before anything is written
+(shared/merge.py).
+
+Output: ``<artifact_root>/models/<name>/<version>/`` (sharded safetensors, tokenizer, chat
+template, generation config, ``lawtune-model.json`` provenance, ``MANIFEST.json`` last),
+where ``<version>`` is ``<run_id>-<10 hex of the inputs digest>``: the same finetune and
+evaluate artifacts give the same version, so publishing a run twice is a no-op. Then
+``models/<name>/PROMOTED`` (content: the version) is moved to it only when the gate passed,
+or with ``--force`` (logged loudly, recorded in ``models/<name>/promotion.json``).
+
+Exit codes: 0 published (promoted or not: stdout says which); 1 storage/runtime failure
+(retry); 2 missing/corrupt inputs, a quantised base, or a merge that fails its check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.artifacts import Manifest, digest_inputs, find_manifest, now_iso, read_manifest
+from shared.gate import gate_passed
+from shared.job import run_main
+from shared.log import configure_logging
+from shared.settings import Settings, load_settings
+from shared.stage import StageOutput, fetch_stage
+from shared.storage import Location, open_location
+from shared.uri import join
+
+STAGE = "publish"
+PROMOTED = "PROMOTED"
+log = logging.getLogger("lawtune.publish")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+@dataclass
+class Result:
+    version: str
+    version_uri: str
+    manifest: Manifest
+    skipped: bool  # the version was already published with these inputs
+    gate_passed: bool
+    promoted: bool  # PROMOTED names this version now
+    forced: bool
+
+
+def run(settings: Settings, model_name: str, finetune_uri: str | None = None, evaluate_uri: str | None = None,
+        *, force: bool = False, max_shard_size: str = "2GB") -> Result:
+    from shared.errors import ConfigError
+
+    if not _NAME.match(model_name):
+        raise ConfigError(f"--model-name {model_name!r}: expected 1-63 lowercase letters, digits, '.', '_' or '-'")
+    finetune_uri = finetune_uri or settings.run_uri("finetune")
+    evaluate_uri = evaluate_uri or settings.run_uri("evaluate")
+    ft_manifest = read_manifest(open_location(finetune_uri, settings))
+    ev_manifest = read_manifest(open_location(evaluate_uri, settings))
+    gate = ev_manifest.extra.get("gate")
+    passed = gate_passed(gate)
+    base_ref = ft_manifest.extra.get("base_model")
+    if not base_ref:
+        raise ConfigError(f"{finetune_uri}/MANIFEST.json names no base_model in its extra; cannot merge")
+
+    inputs = {"finetune": ft_manifest.digest, "evaluate": ev_manifest.digest, "code_version": settings.resolved_code_version}
+    version = f"{settings.run_id}-{digest_inputs(inputs)[:10]}"
+    model_root = open_location(settings.models_uri(model_name), settings)
+    version_uri = join(settings.models_uri(model_name), version)
+
+    with StageOutput(settings, STAGE, version_uri, inputs) as out:
+        if out.skipped:
+            log.info("version %s is already published with these inputs; nothing to merge", version)
+            manifest = out.skipped
+        else:
+            manifest = _merge_and_commit(settings, out, ft_manifest, finetune_uri, evaluate_uri, base_ref, gate, version,
+                                         max_shard_size)
+    promoted = _promote(model_root, version, passed, force, gate)
+    return Result(version, version_uri, manifest, out.skipped is not None, passed, promoted, force and not passed)
+
+
+def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, finetune_uri: str, evaluate_uri: str,
+                      base_ref: str, gate, version: str, max_shard_size: str) -> Manifest:
+    from shared.merge import merge_adapter
+    from shared.models import resolve_base_model
+
+    base_dir = resolve_base_model(base_ref, settings)
+    with tempfile.TemporaryDirectory(prefix="publish-in-", dir=out.workdir.parent) as scratch:
+        adapter_files = [f.path for f in ft_manifest.files if f.path.startswith("adapter/")]
+        fetch_stage(settings, finetune_uri, Path(scratch) / "finetune", only=adapter_files)
+        model_dir = out.workdir
+        result = merge_adapter(base_dir, Path(scratch) / "finetune" / "adapter", model_dir, max_shard_size=max_shard_size)
+    provenance = {
+        "version": version, "run_id": settings.run_id, "base_model": base_ref, "best_step": ft_manifest.extra.get("best_step"),
+        "finetune": finetune_uri, "evaluate": evaluate_uri, "gate": gate, "published_at": now_iso(),
+        "merge_check": {"max_abs_logit_diff": result.max_abs_diff, "saved_max_abs_logit_diff": result.saved_max_abs_diff,
+                        "saved_dtype": result.saved_dtype},
+    }
+    (model_dir / "lawtune-model.json").write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out.commit(extra={"gate": gate, "base_model": base_ref, "best_step": ft_manifest.extra.get("best_step"),
+                             "merge_check": provenance["merge_check"]})
+
+
+def _promote(model_root: Location, version: str, passed: bool, force: bool, gate) -> bool:
+    current = model_root.read_text(PROMOTED).strip() if model_root.exists(PROMOTED) else None
+    if not passed and not force:
+        reasons = "; ".join(gate.get("reasons", [])) if isinstance(gate, dict) else "no verdict recorded"
+        log.warning("gate FAILED (%s): PROMOTED stays at %s", reasons, current or "<none>")
+        return current == version
+    if find_manifest(model_root.child(version)) is None:
+        from shared.errors import IntegrityError
+
+        raise IntegrityError(f"{model_root.uri}/{version} has no manifest; refusing to promote an incomplete version")
+    if not passed:
+        banner = "!" * 72
+        log.warning("%s\n--force: PROMOTING %s ALTHOUGH ITS QUALITY GATE FAILED (%s)\n%s", banner, version,
+                    "; ".join(gate.get("reasons", [])) if isinstance(gate, dict) else "no verdict recorded", banner)
+    if current == version:
+        log.info("PROMOTED already names %s", version)
+        return True
+    model_root.write_text("promotion.json", json.dumps(
+        {"version": version, "previous": current, "forced": not passed, "gate": gate, "at": now_iso()}, indent=2) + "\n")
+    # The version is complete (manifest checked above) before PROMOTED points at it.
+    model_root.write_text(PROMOTED, version)
+    log.info("PROMOTED: %s -> %s", current or "<none>", version)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.publish", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--finetune", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
+    parser.add_argument("--evaluate", help="evaluate artifact URI (default <artifact_root>/runs/<run_id>/evaluate)")
+    parser.add_argument("--model-name", required=True, help="published as <artifact_root>/models/<name>/<version>")
+    parser.add_argument("--force", action="store_true", help="promote even if the quality gate failed (logged loudly)")
+    parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size of the merged model")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        r = run(settings, args.model_name, args.finetune, args.evaluate, force=args.force, max_shard_size=args.max_shard_size)
+        print(f"model: {r.version_uri}{' (already published)' if r.skipped else ''}")
+        print(f"gate: {'PASSED' if r.gate_passed else 'FAILED'}")
+        state = "promoted (FORCED)" if r.forced else "promoted" if r.promoted else "not promoted"
+        print(f"PROMOTED: {state}: {settings.models_uri(args.model_name)}/{PROMOTED}")
+
+    return run_main("publish", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

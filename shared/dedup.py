@@ -1,0 +1,143 @@
+"""Duplicates and the best-reply rule: one example per normalised question.
+
+Rows are grouped by their question key (``conversation.question_key``; for lawzhidao CSV
+the normalised ``title``, since every reply to one Zhidao question repeats its title). Each
+group keeps exactly one row, chosen by this rule, in order:
+
+  1. a row flagged best (``is_best`` reads as true: ``1``, ``1.0``, ``true``, ``yes``, ``y``,
+     ``t``, ``是``; case and surrounding space ignored) beats an unflagged one (``0``,
+     ``0.0``, ``false``, ``no``, ``n``, ``f``, ``否`` or empty); any other value rejects the
+     row as ``invalid_is_best``, because it usually means shifted columns;
+  2. among rows equal on 1 (several flagged, or none), the longest answer in characters
+     after cleaning wins — in Zhidao data the longer reply is the one that explains;
+  3. among rows equal on 1 and 2, the one earliest in the file wins.
+
+Every other row of the group is rejected with the reason that says how it relates to the
+kept one: ``duplicate_exact`` (the same conversation after cleaning),
+``duplicate_normalised`` (the same once case, width, spacing and punctuation are folded),
+or ``not_best_reply`` (the same question with a different answer that lost by the rule).
+Rows rejected for length or emptiness never take part, so a flagged but empty reply does
+not hide a good unflagged one.
+
+Grouping 1,000,000 rows must not hold them all in memory: candidates are spilled to bucket
+files by a hash of the key (``spill_record``/``bucket_of``) and each bucket is grouped on its
+own (``read_groups``).
+"""
+
+from __future__ import annotations
+
+import json
+import marshal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from shared.conversation import normalise_key
+
+TRUE = frozenset({"1", "1.0", "true", "yes", "y", "t", "是"})
+FALSE = frozenset({"0", "0.0", "false", "no", "n", "f", "否", ""})
+
+
+def parse_flag(value: str) -> bool | None:
+    """``is_best`` as a bool; None when the value is not a recognised spelling."""
+    folded = value.strip().lower()
+    if folded in TRUE:
+        return True
+    if folded in FALSE:
+        return False
+    return None
+
+
+@dataclass
+class Candidate:
+    """A cleaned row that passed every check, with what grouping and splitting need.
+
+    ``record`` is the finished JSONL line (UTF-8, no newline) and ``raw`` the source row
+    (marshalled): both are built in pass 1, in parallel, and stay bytes, so pass 2 only
+    compares, picks and copies them and decodes a row only when it reports it.
+    """
+
+    key: str
+    digest: bytes  # blake2b-8 of key: the id, the bucket
+    flag: bool
+    answer_chars: int
+    question_chars: int
+    line: int
+    split_u: float
+    record: bytes
+    raw: bytes
+
+    def to_tuple(self) -> tuple:
+        return (
+            self.key, self.digest, self.flag, self.answer_chars, self.question_chars,
+            self.line, self.split_u, self.record, self.raw,
+        )  # fmt: skip
+
+    @property
+    def conversations(self) -> list[dict[str, str]]:
+        return json.loads(self.record)["conversations"]
+
+    @property
+    def raw_row(self) -> Any:
+        return marshal.loads(self.raw)
+
+
+def resolve(group: list[Candidate]) -> tuple[Candidate, list[tuple[Candidate, str]]]:
+    """The kept row of one question's group and the others with their rejection reasons."""
+    if len(group) == 1:
+        return group[0], []
+    winner = min(group, key=lambda c: (not c.flag, -c.answer_chars, c.line))
+    folded = None
+    losers = []
+    for cand in group:
+        if cand is winner:
+            continue
+        if cand.record == winner.record:  # same key → same id, so equal lines mean equal conversations
+            reason = "duplicate_exact"
+        else:
+            if folded is None:
+                folded = _fold(winner.conversations)
+            reason = "duplicate_normalised" if _fold(cand.conversations) == folded else "not_best_reply"
+        losers.append((cand, reason))
+    return winner, losers
+
+
+def _fold(conversations: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(t["role"], normalise_key(t["content"])) for t in conversations if t["role"] != "system"]
+
+
+def spill_record(cand: Candidate) -> bytes:
+    """One candidate as a length-prefixed marshal record (a private, same-process-version format)."""
+    data = marshal.dumps(cand.to_tuple())
+    return len(data).to_bytes(4, "little") + data
+
+
+def bucket_of(cand: Candidate, buckets: int) -> int:
+    return int.from_bytes(cand.digest[:4], "big") % buckets
+
+
+def read_groups(paths: list[Path]) -> Iterator[list[Candidate]]:
+    """The groups of one bucket (its spill files in write order), in order of first row.
+
+    A bucket is sized to fit in memory many times over; reading it whole and slicing is
+    far faster than ``marshal.load`` on a file object, which reads in tiny pieces.
+    """
+    groups: dict[str, list[Candidate]] = {}
+    for path in paths:
+        blob = memoryview(Path(path).read_bytes())
+        pos, end = 0, len(blob)
+        while pos < end:
+            size = int.from_bytes(blob[pos : pos + 4], "little")
+            cand = Candidate(*marshal.loads(blob[pos + 4 : pos + 4 + size]))
+            pos += 4 + size
+            group = groups.get(cand.key)
+            if group is None:
+                groups[cand.key] = [cand]
+            else:
+                group.append(cand)
+    return iter(groups.values())
+
+
+def buckets_for(input_bytes: int, target_bytes: int = 4 << 20, most: int = 256) -> int:
+    """How many spill buckets keep each near ``target_bytes``."""
+    return max(1, min(most, -(-input_bytes // target_bytes)))

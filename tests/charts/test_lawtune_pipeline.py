@@ -1,0 +1,327 @@
+"""charts/lawtune-pipeline: real `helm template` output, strict schemas for 1.29 and 1.33, ordering,
+failure policy, security and the distributed finetune shapes."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.errors import EXIT_CONFIG
+from tests.helm_utils import REPO, RenderError, by_kind, render, validate
+
+CHART = "charts/lawtune-pipeline"
+STAGES = ["preprocess", "finetune", "evaluate", "publish"]
+KIND_VALUES = REPO / "tests" / "kind" / "values-pipeline.yaml"
+# Non-ASCII and a block scalar: the ConfigMap must carry the file byte for byte.
+CONFIG_TEXT = "# python -m shared.driver --config this.yaml\nbase_model: bundled:smollm2-135m-instruct\nseed: 42\npreprocess:\n  system_prompt: |\n    你是一名法律助手。\n    Answer briefly.\n"
+
+BASE = {
+    "runId": "sample",
+    "artifactRoot": "s3://lawtune/artifacts",
+    "input": {"uri": "s3://lawtune/inputs/legal_qa_sample.csv"},
+}
+VALUE_SETS = [
+    pytest.param({}, id="defaults"),
+    pytest.param({"s3": {"endpoint": "http://seaweedfs.storage:8333", "existingSecret": "lawtune-s3",
+                         "accessKeyIdKey": "accesskey", "secretAccessKeyKey": "secretkey"}}, id="s3-existing-secret"),
+    pytest.param({"stages": {"finetune": {"gpus": 4, "distributed": {"nprocPerNode": 4}}}}, id="multi-gpu-torchrun"),
+    pytest.param({"stages": {"finetune": {"gpus": 8, "distributed": {"nprocPerNode": 8, "nodes": 3}}}}, id="multi-node-indexed"),
+    pytest.param({"ttlSecondsAfterFinished": 3600}, id="ttl-on"),
+    pytest.param({"hooks": {"enabled": False}}, id="hooks-off"),
+    pytest.param({"nodeSelector": {"pool": "cpu"}, "tolerations": [{"key": "x", "operator": "Exists", "effect": "NoSchedule"}],
+                  "stages": {"finetune": {"nodeSelector": {"pool": "gpu"},
+                                          "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
+                  "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}, "automountToken": True},
+                  "huggingface": {"offline": False, "tokenSecret": "hf"}, "imagePullSecrets": [{"name": "regcred"}],
+                  "extraEnv": [{"name": "NCCL_DEBUG", "value": "INFO"}]}, id="scheduling-and-identity"),
+]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.fixture
+def config_file(tmp_path) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def rendered(config_file):
+    def _render(overrides: dict | None = None, base: dict = BASE, **kwargs):
+        return render(CHART, _merge(base, overrides or {}), set_files={"config": config_file}, **kwargs)
+
+    return _render
+
+
+def _jobs(objects) -> dict[str, dict]:
+    return {j["metadata"]["labels"]["lawtune.io/stage"]: j for j in by_kind(objects, "Job")}
+
+
+def _container(job) -> dict:
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.mark.parametrize("overrides", VALUE_SETS)
+def test_every_manifest_passes_strict_schemas_for_129_and_133(rendered, overrides):
+    objects = rendered(overrides)
+    assert len(by_kind(objects, "Job")) == 4
+    assert validate(objects) == []
+
+
+def test_kind_test_values_render_valid(config_file):
+    values = yaml.safe_load(KIND_VALUES.read_text())
+    objects = render(CHART, _merge(values, {"runId": "kind", "input": {"uri": "s3://lawtune/inputs/sample.csv"}}), set_files={"config": config_file})
+    assert validate(objects) == []
+    assert all("nvidia.com/gpu" not in str(_container(j)["resources"]) for j in by_kind(objects, "Job"))
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        pytest.param(("spec", "template", "spec", "containers", 0, "gpus"), 1, "'gpus' was unexpected", id="unknown-field"),
+        pytest.param(("spec", "backoffLimit"), "three", "'three' is not of type 'integer'", id="wrong-type"),
+    ],
+)
+def test_the_validator_rejects_what_it_should(rendered, path, value, message):
+    """Guard against a validator that passes everything."""
+    job = copy.deepcopy(_jobs(rendered())["finetune"])
+    node = job
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    errors = validate([job])
+    assert len(errors) == 2 and all(message in e for e in errors), errors
+
+
+@pytest.mark.parametrize("hooks", [pytest.param(True, id="hooks"), pytest.param(False, id="sync-waves-only")])
+def test_hook_weights_and_sync_waves_order_the_stages(rendered, hooks):
+    objects = rendered({"hooks": {"enabled": hooks}})
+    jobs = _jobs(objects)
+    waves = [int(jobs[s]["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) for s in STAGES]
+    assert waves == sorted(set(waves)), f"sync waves not strictly increasing: {waves}"
+    setup_waves = [int(o["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) for o in objects if o["kind"] != "Job"]
+    assert max(setup_waves) < waves[0], "ConfigMap/ServiceAccount must sync before the first stage"
+    annotations = [jobs[s]["metadata"]["annotations"] for s in STAGES]
+    if hooks:
+        weights = [int(a["helm.sh/hook-weight"]) for a in annotations]
+        assert weights == sorted(set(weights))
+        assert all(a["helm.sh/hook"] == "post-install,post-upgrade" for a in annotations)
+        assert all(a["helm.sh/hook-delete-policy"] == "before-hook-creation" for a in annotations)
+    else:
+        assert not any(k.startswith("helm.sh/hook") for a in annotations for k in a)
+
+
+def test_failure_policy_fails_at_once_on_the_config_exit_code_and_ignores_disruption(rendered):
+    for stage, job in _jobs(rendered()).items():
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        fail = [r for r in rules if r["action"] == "FailJob"]
+        assert [r["onExitCodes"]["values"] for r in fail] == [[EXIT_CONFIG]], stage
+        assert fail[0]["onExitCodes"]["containerName"] == _container(job)["name"] == stage
+        ignore = [r for r in rules if r["action"] == "Ignore"]
+        assert ignore[0]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+        # podFailurePolicy requires restartPolicy Never
+        assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        pytest.param({}, {s: None for s in STAGES}, id="off-by-default"),
+        pytest.param({"ttlSecondsAfterFinished": 600}, {s: 600 for s in STAGES}, id="on"),
+        pytest.param({"ttlSecondsAfterFinished": 0}, {s: 0 for s in STAGES}, id="zero-is-a-value"),
+    ],
+)
+def test_ttl_after_finished(rendered, overrides, expected):
+    assert {s: j["spec"].get("ttlSecondsAfterFinished") for s, j in _jobs(rendered(overrides)).items()} == expected
+
+
+def test_backoff_and_deadline_defaults_and_per_stage_overrides(rendered):
+    jobs = _jobs(rendered({"backoffLimit": 5, "activeDeadlineSeconds": 1000,
+                           "stages": {"finetune": {"backoffLimit": 1, "activeDeadlineSeconds": 50}}}))
+    assert {s: j["spec"]["backoffLimit"] for s, j in jobs.items()} == {"preprocess": 5, "finetune": 1, "evaluate": 5, "publish": 5}
+    assert jobs["finetune"]["spec"]["activeDeadlineSeconds"] == 50
+    assert jobs["evaluate"]["spec"]["activeDeadlineSeconds"] == 1000
+    assert jobs["preprocess"]["spec"]["activeDeadlineSeconds"] == 3600  # the stage's own default
+
+
+def test_credentials_come_only_from_the_existing_secret(rendered):
+    objects = rendered({"s3": {"existingSecret": "lawtune-s3", "accessKeyIdKey": "ak", "secretAccessKeyKey": "sk"}})
+    assert not by_kind(objects, "Secret")
+    for job in by_kind(objects, "Job"):
+        env = {e["name"]: e for e in _container(job)["env"]}
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "lawtune-s3", "key": "ak"}
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "lawtune-s3", "key": "sk"}
+        assert "value" not in env["AWS_SECRET_ACCESS_KEY"]
+    # Without a secret no credential variable is set at all (IRSA / workload identity).
+    for job in by_kind(rendered(), "Job"):
+        assert not any(e["name"].startswith("AWS_ACCESS") or e["name"].startswith("AWS_SECRET") for e in _container(job)["env"])
+
+
+def test_pods_are_non_root_read_only_and_every_writable_path_is_a_mounted_emptydir(rendered):
+    for stage, job in _jobs(rendered()).items():
+        pod = job["spec"]["template"]["spec"]
+        container = _container(job)
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        writable = {p for p, name in mounts.items() if "emptyDir" in volumes[name]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        for var in ("HOME", "TMPDIR", "LAWTUNE_CACHE_DIR", "HF_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR"):
+            assert any(env[var] == p or env[var].startswith(p + "/") for p in writable), f"{stage}: {var}={env[var]} not on an emptyDir"
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        assert mounts["/etc/lawtune"] == "config" and "configMap" in volumes["config"]
+
+
+def test_config_map_carries_the_config_file_unchanged_and_is_mounted(rendered):
+    objects = rendered()
+    (cm,) = by_kind(objects, "ConfigMap")
+    assert cm["data"]["config.yaml"] == CONFIG_TEXT.rstrip("\n")
+    for stage, job in _jobs(objects).items():
+        (vol,) = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
+        assert vol["configMap"]["name"] == cm["metadata"]["name"]
+        if stage != "publish":
+            args = _container(job)["args"]
+            assert args[args.index("--config") + 1] == "/etc/lawtune/config.yaml"
+
+
+def test_stage_arguments_follow_the_stage_interface(rendered):
+    jobs = _jobs(rendered({"modelName": "legal", "stages": {"publish": {"force": True}}}))
+    assert _container(jobs["preprocess"])["args"] == ["--input", BASE["input"]["uri"], "--config", "/etc/lawtune/config.yaml"]
+    assert _container(jobs["finetune"])["args"] == ["--config", "/etc/lawtune/config.yaml"]
+    assert _container(jobs["evaluate"])["args"] == ["--config", "/etc/lawtune/config.yaml"]
+    assert _container(jobs["publish"])["args"] == ["--model-name", "legal", "--force"]
+    # No command: each image's ENTRYPOINT (python -m jobs.<stage>) runs.
+    assert not any("command" in _container(j) for j in jobs.values())
+    for stage, job in jobs.items():
+        env = {e["name"]: e.get("value") for e in _container(job)["env"]}
+        assert env["LAWTUNE_RUN_ID"] == "sample" and env["LAWTUNE_ARTIFACT_ROOT"] == "s3://lawtune/artifacts"
+        assert _container(job)["image"] == f"ghcr.io/lawtune/lawtune-{stage}:0.1.0"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "gpus"),
+    [
+        pytest.param({}, {"preprocess": None, "finetune": 1, "evaluate": 1, "publish": None}, id="defaults"),
+        pytest.param({"stages": {"finetune": {"gpus": 0}, "evaluate": {"gpus": 0}}}, {s: None for s in STAGES}, id="cpu"),
+        pytest.param({"gpuResourceName": "amd.com/gpu", "stages": {"finetune": {"gpus": 2}}},
+                     {"preprocess": None, "finetune": 2, "evaluate": 1, "publish": None}, id="other-vendor"),
+    ],
+)
+def test_gpu_requests(rendered, overrides, gpus):
+    name = overrides.get("gpuResourceName", "nvidia.com/gpu")
+    got = {s: _container(j)["resources"].get("limits", {}).get(name) for s, j in _jobs(rendered(overrides)).items()}
+    assert got == gpus
+
+
+def test_stage_scheduling_overrides_replace_the_global_ones(rendered):
+    jobs = _jobs(rendered({"nodeSelector": {"pool": "cpu"}, "stages": {"finetune": {"nodeSelector": {"pool": "gpu"}}}}))
+    assert jobs["finetune"]["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "gpu"}
+    assert jobs["preprocess"]["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "cpu"}
+
+
+def test_multi_gpu_runs_torchrun_standalone_across_the_pods_gpus(rendered):
+    objects = rendered({"stages": {"finetune": {"gpus": 4, "distributed": {"nprocPerNode": 4}}}})
+    job = _jobs(objects)["finetune"]
+    container = _container(job)
+    assert container["command"] == ["torchrun"]
+    assert container["args"] == ["--nnodes=1", "--nproc-per-node=4", "--standalone", "-m", "jobs.finetune",
+                                 "--config", "/etc/lawtune/config.yaml"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert "completionMode" not in job["spec"] and not by_kind(objects, "Service")
+
+
+def test_multi_node_is_an_indexed_job_with_a_headless_rendezvous_service(rendered):
+    objects = rendered({"stages": {"finetune": {"gpus": 8, "distributed": {"nprocPerNode": 8, "nodes": 3, "port": 29400}}}})
+    job = _jobs(objects)["finetune"]
+    (svc,) = by_kind(objects, "Service")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert pod["subdomain"] == svc["metadata"]["name"]
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels[k] == v for k, v in svc["spec"]["selector"].items())
+    args = _container(job)["args"]
+    # Index 0's stable DNS name: <job>-0.<subdomain>
+    assert f"--rdzv-endpoint={job['metadata']['name']}-0.{svc['metadata']['name']}:29400" in args
+    assert "--nnodes=3" in args and "--nproc-per-node=8" in args and "--rdzv-backend=c10d" in args
+    assert _container(job)["ports"] == [{"name": "rendezvous", "containerPort": 29400}]
+    # Only finetune is distributed.
+    assert all("completionMode" not in j["spec"] for s, j in _jobs(objects).items() if s != "finetune")
+
+
+def test_names_fit_dns_labels_for_the_longest_run_id(rendered):
+    run_id = "Run_" + "x" * 59  # 63 characters, '_' and upper case are legal in a run id
+    objects = rendered({"runId": run_id, "stages": {"finetune": {"gpus": 2, "distributed": {"nprocPerNode": 2, "nodes": 2}}}},
+                       release="a-long-release-name")
+    for obj in objects:
+        name = obj["metadata"]["name"]
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
+    for job in by_kind(objects, "Job"):
+        assert len(job["metadata"]["name"]) + len("-99") <= 63  # indexed pod hostnames
+        assert job["metadata"]["labels"]["lawtune.io/run-id"] == run_id
+    assert validate(objects, versions=["1.33"]) == []
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        pytest.param({k: v for k, v in BASE.items() if k != "runId"}, "runId is required", id="no-run-id"),
+        pytest.param({k: v for k, v in BASE.items() if k != "artifactRoot"}, "artifactRoot is required", id="no-artifact-root"),
+        pytest.param({k: v for k, v in BASE.items() if k != "input"}, "input.uri is required", id="no-input"),
+        pytest.param({**BASE, "runId": "bad/run"}, "runId", id="bad-run-id"),
+        pytest.param({**BASE, "artifactRoot": "file:///tmp/a"}, "artifactRoot", id="file-root-unreachable-from-pods"),
+        pytest.param({**BASE, "stages": {"finetune": {"gpus": 2, "distributed": {"nprocPerNode": 4}}}},
+                     "nprocPerNode (4) exceeds stages.finetune.gpus (2)", id="more-procs-than-gpus"),
+        pytest.param({**BASE, "stages": {"finetune": {"gpu": 2}}}, "gpu", id="typo-in-key"),
+        pytest.param({**BASE, "image": {"tag": "latest"}}, "image.tag", id="latest-tag"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(config_file, values, message):
+    with pytest.raises(RenderError, match=re.escape(message)):
+        render(CHART, values, set_files={"config": config_file})
+
+
+def test_missing_config_fails_naming_the_key():
+    with pytest.raises(RenderError, match="config is required"):
+        render(CHART, BASE)
+
+
+def test_input_not_required_when_preprocess_is_disabled(config_file):
+    values = {k: v for k, v in BASE.items() if k != "input"} | {"stages": {"preprocess": {"enabled": False}}}
+    assert sorted(_jobs(render(CHART, values, set_files={"config": config_file}))) == ["evaluate", "finetune", "publish"]
+
+
+def test_every_values_key_is_documented():
+    """helm-docs style: every leaf key has a `# --` comment, on itself or on an ancestor."""
+    keys = []  # (indent, name, documented by its own comment)
+    comment = False
+    for line in (REPO / CHART / "values.yaml").read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            comment = True
+        elif match := re.match(r"^(\s*)([A-Za-z][\w.-]*):", line):
+            keys.append((len(match.group(1)), match.group(2), comment))
+            comment = False
+    undocumented, stack = [], []
+    for i, (indent, name, documented) in enumerate(keys):
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        is_parent = i + 1 < len(keys) and keys[i + 1][0] > indent
+        if not is_parent and not documented and not any(doc for _, doc in stack):
+            undocumented.append(name)
+        stack.append((indent, documented))
+    assert len(keys) > 60 and undocumented == []

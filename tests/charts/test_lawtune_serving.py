@@ -1,0 +1,367 @@
+"""charts/lawtune-serving: real `helm lint --strict` and `helm template`, strict Kubernetes schemas
+for 1.29 and 1.33, and the invariants public vLLM charts get wrong (HPA target, PDB selector,
+/dev/shm, secrets by reference, NetworkPolicy), checked on the rendered objects."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import yaml
+
+from tests.helm_utils import REPO, RenderError, by_kind, helm_path, render, validate
+
+CHART = "charts/lawtune-serving"
+CHART_DIR = REPO / CHART
+# Custom resources: kubernetes-validate ships only the core API's schemas, so these are
+# checked field by field below instead (test_custom_resources_structure).
+CRD_KINDS = {"ServiceMonitor", "ScaledObject"}
+RELEASE = "t"
+
+BASE = yaml.safe_load((CHART_DIR / "ci" / "test-values.yaml").read_text())
+VALUE_SETS = [
+    pytest.param({}, id="defaults"),
+    pytest.param({"autoscaling": {"type": "keda"}, "serviceMonitor": {"enabled": True}}, id="keda"),
+    pytest.param({"maintenance": {"enabled": True, "message": "Offline until 10:00 UTC."}}, id="maintenance-on"),
+    pytest.param({"maintenance": {"enabled": True, "scaleVllmToZero": True}}, id="maintenance-scale-to-zero"),
+    pytest.param({"vllm": {"tensorParallelSize": 2}}, id="tp2-value"),
+    pytest.param({"vllm": {"extraArgs": ["--tensor-parallel-size", "2", "--enable-prefix-caching"]}}, id="tp2-extra-args"),
+    pytest.param({"vllm": {"extraArgs": ["-tp=4"]}}, id="tp4-short-extra-arg"),
+    pytest.param({"vllm": {"extraArgs": ["--pipeline-parallel-size=2"]}}, id="pp2-extra-arg"),
+    pytest.param({"modelStorage": {"type": "existingClaim", "existingClaim": "models-rwx"}}, id="existing-claim"),
+    pytest.param({"autoscaling": {"enabled": False}, "vllm": {"replicaCount": 3}}, id="autoscaling-off"),
+    pytest.param({"ingress": {"enabled": True, "className": "nginx", "tls": [{"secretName": "tls", "hosts": ["a.example.com"]}],
+                              "hosts": [{"host": "a.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}]},
+                  "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+                  "networkPolicy": {"extraIngressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+                  "vllm": {"nodeSelector": {"pool": "h100"}, "runtimeClassName": "nvidia", "priorityClassName": "inference",
+                           "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                           "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                               {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}}},
+                  "gateway": {"rateLimit": {"key": "apiKey"}, "realIp": {"trustedCidrs": ["10.0.0.0/8"]}},
+                  "imagePullSecrets": [{"name": "regcred"}], "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}}},
+                 id="everything-on"),
+]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _render(overrides: dict | None = None, **kwargs) -> list[dict]:
+    return render(CHART, _merge(BASE, overrides or {}), release=RELEASE, **kwargs)
+
+
+def _deployment(objects: list[dict], component: str) -> dict:
+    (dep,) = [d for d in by_kind(objects, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    return dep
+
+
+def _pod_labels(dep: dict) -> dict:
+    return dep["spec"]["template"]["metadata"]["labels"]
+
+
+def _containers(objects: list[dict]):
+    """Every container spec (init containers and the helm test pod included) with its owner."""
+    for obj in objects:
+        spec = obj["spec"]["template"]["spec"] if obj["kind"] == "Deployment" else obj["spec"] if obj["kind"] == "Pod" else None
+        if spec is None:
+            continue
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            yield obj, spec, container
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    for arg in args:
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+@pytest.fixture(scope="module")
+def helm_home():
+    with tempfile.TemporaryDirectory(prefix="helm-home-") as home:
+        yield {**os.environ, "HOME": home, "HELM_CACHE_HOME": f"{home}/c", "HELM_CONFIG_HOME": f"{home}/f", "HELM_DATA_HOME": f"{home}/d"}
+
+
+def test_helm_lint_strict(helm_home):
+    proc = subprocess.run([str(helm_path()), "lint", "--strict", str(CHART_DIR), "-f", str(CHART_DIR / "ci" / "test-values.yaml")],
+                          capture_output=True, text=True, env=helm_home, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides", VALUE_SETS)
+def test_renders_valid_objects_for_1_29_and_1_33(overrides):
+    for kube_version in ("1.29.0", "1.33.0"):
+        objects = _render(overrides, kube_version=kube_version)
+        core = [o for o in objects if o["kind"] not in CRD_KINDS]
+        assert validate(core, versions=(kube_version.rsplit(".", 1)[0],)) == []
+        names = [o["metadata"]["name"] for o in objects]
+        assert all(len(n) <= 63 for n in names), names
+
+
+@pytest.mark.parametrize("overrides", VALUE_SETS)
+def test_rendered_invariants(overrides):
+    values = _merge(BASE, overrides)
+    objects = _render(overrides)
+    vllm, gateway = _deployment(objects, "vllm"), _deployment(objects, "gateway")
+    deployments = {d["metadata"]["name"]: d for d in by_kind(objects, "Deployment")}
+
+    # Autoscalers target the vLLM Deployment that is really rendered.
+    for scaler in by_kind(objects, "HorizontalPodAutoscaler") + by_kind(objects, "ScaledObject"):
+        ref = scaler["spec"]["scaleTargetRef"]
+        assert (ref["apiVersion"], ref["kind"]) == ("apps/v1", "Deployment")
+        assert ref["name"] == vllm["metadata"]["name"] and ref["name"] in deployments
+    # With an autoscaler, replicas are the autoscaler's; without, the chart's.
+    if by_kind(objects, "HorizontalPodAutoscaler") or by_kind(objects, "ScaledObject"):
+        assert "replicas" not in vllm["spec"]
+
+    # Every PDB and Service selects the pods of a rendered Deployment (never nothing).
+    for pdb in by_kind(objects, "PodDisruptionBudget"):
+        selector = pdb["spec"]["selector"]["matchLabels"]
+        assert any(_selects(selector, _pod_labels(d)) for d in deployments.values()), pdb["metadata"]["name"]
+    for svc in by_kind(objects, "Service"):
+        assert any(_selects(svc["spec"]["selector"], _pod_labels(d)) for d in deployments.values())
+    for dep in deployments.values():
+        assert _selects(dep["spec"]["selector"]["matchLabels"], _pod_labels(dep))
+
+    # Secrets only by reference: nothing rendered carries secret data.
+    assert by_kind(objects, "Secret") == []
+    secret_names = {values["apiKey"]["existingSecret"], values["artifactStore"]["credentialsSecret"]}
+    for _, _, container in _containers(objects):
+        for env in container.get("env", []):
+            if re.search(r"KEY|SECRET|TOKEN|PASSWORD", env["name"]):
+                assert "value" not in env, f"{container['name']} sets {env['name']} as a literal"
+                assert env["valueFrom"]["secretKeyRef"]["name"] in secret_names
+
+    # Hardened, pinned containers.
+    for owner, spec, container in _containers(objects):
+        image = container["image"]
+        assert re.match(r"^[^:@]+(:[^:]+)$", image) and not image.endswith(":latest"), image
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert "initialDelaySeconds" not in container.get(probe, {}), f"{container['name']}: use a startupProbe"
+
+    # vLLM: probes, /dev/shm exactly when sharded, GPUs per shard, the key from the Secret.
+    pod = vllm["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    args = server["args"]
+    extra = [str(a) for a in values.get("vllm", {}).get("extraArgs", [])]
+    tp = int(values.get("vllm", {}).get("tensorParallelSize", 1))
+    for i, arg in enumerate(extra):
+        if arg in ("--tensor-parallel-size", "-tp"):
+            tp = int(extra[i + 1])
+        elif arg.startswith(("--tensor-parallel-size=", "-tp=")):
+            tp = int(arg.split("=", 1)[1])
+    pp = int(next((a.split("=", 1)[1] for a in extra if a.startswith("--pipeline-parallel-size=")), 1))
+    shm_mounts = [m for m in server["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    shm_volumes = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+    assert bool(shm_mounts) == (tp * pp > 1) == bool(shm_volumes)
+    if shm_mounts:
+        assert shm_mounts[0]["name"] == shm_volumes[0]["name"]
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == tp * pp
+    assert server["resources"]["requests"]["nvidia.com/gpu"] == tp * pp
+    tp_in_extra = any(a.startswith(("--tensor-parallel-size", "-tp")) for a in extra)
+    # One source of the flag: the value's, unless extraArgs carry it (they pass through as given).
+    assert ([f"--tensor-parallel-size={tp}"] if not tp_in_extra else []) == [a for a in args if a.startswith("--tensor-parallel-size=")
+                                                                             and a not in extra]
+    assert args[-len(extra):] == extra if extra else True
+    assert server["startupProbe"]["httpGet"]["path"] == "/health"
+    assert server["readinessProbe"]["httpGet"]["path"] == server["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert server["lifecycle"]["preStop"]["exec"]["command"][1] == "/etc/lawtune/drain.py"
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    assert _flag(args, "--served-model-name") == "legal-assistant"
+    assert {e["name"] for e in server["env"]} >= {"VLLM_API_KEY", "HF_HUB_OFFLINE"}
+    (fetch,) = pod["initContainers"]
+    assert fetch["command"] == ["python", "-m", "jobs.fetch_model"]
+    assert fetch["args"] == ["s3://lawtune/prod/models/legal-assistant", "/models/legal-assistant"]
+    models = next(v for v in pod["volumes"] if v["name"] == "models")
+    if values.get("modelStorage", {}).get("type") == "existingClaim":
+        assert models == {"name": "models", "persistentVolumeClaim": {"claimName": "models-rwx"}}
+    else:
+        assert "emptyDir" in models
+
+    # Only the gateway reaches vLLM.
+    (policy,) = by_kind(objects, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == vllm["spec"]["selector"]["matchLabels"]
+    (rule,) = policy["spec"]["ingress"]
+    peers = rule["from"]
+    assert _selects(peers[0]["podSelector"]["matchLabels"], _pod_labels(gateway))
+    assert not _selects(peers[0]["podSelector"]["matchLabels"], _pod_labels(vllm))
+    assert peers[1:] == values.get("networkPolicy", {}).get("extraIngressFrom", [])
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+
+    # The gateway mounts the rendered config and the key file written by its init container.
+    gw_pod = gateway["spec"]["template"]["spec"]
+    (keys_init,) = gw_pod["initContainers"]
+    assert keys_init["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "lawtune-api-key", "key": "api-key"}
+    assert "nginx.conf" in by_kind(objects, "ConfigMap")[[c["metadata"]["name"] for c in by_kind(objects, "ConfigMap")].index(gateway["metadata"]["name"])]["data"]
+
+
+@pytest.mark.parametrize(("overrides", "kind", "count"), [
+    pytest.param({}, "HorizontalPodAutoscaler", 1, id="hpa-default"),
+    pytest.param({"autoscaling": {"type": "keda"}}, "ScaledObject", 1, id="keda"),
+    pytest.param({"autoscaling": {"type": "keda"}}, "HorizontalPodAutoscaler", 0, id="keda-no-hpa"),
+    pytest.param({"autoscaling": {"enabled": False}}, "HorizontalPodAutoscaler", 0, id="off"),
+    pytest.param({"maintenance": {"enabled": True, "scaleVllmToZero": True}}, "HorizontalPodAutoscaler", 0, id="zero-no-hpa"),
+    pytest.param({}, "ServiceMonitor", 0, id="servicemonitor-off-by-default"),
+    pytest.param({}, "Ingress", 0, id="ingress-off-by-default"),
+])
+def test_optional_objects(overrides, kind, count):
+    assert len(by_kind(_render(overrides), kind)) == count
+
+
+def test_hpa_scales_on_the_adapter_queue_metric_with_behaviour():
+    (hpa,) = by_kind(_render(), "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "4"}
+    assert set(hpa["spec"]["behavior"]) == {"scaleUp", "scaleDown"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
+
+
+def test_custom_resources_structure():
+    objects = _render({"autoscaling": {"type": "keda"}, "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}},
+                      extra_args=["--namespace", "serving"])
+    vllm = _deployment(objects, "vllm")
+    (so,) = by_kind(objects, "ScaledObject")
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (1, 4)
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    meta = trigger["metadata"]
+    assert meta["query"] == f'sum(vllm:num_requests_waiting{{namespace="serving",service="{vllm["metadata"]["name"]}"}})'
+    assert meta["threshold"] == "4" and meta["serverAddress"].startswith("http")
+    assert set(so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]) == {"scaleUp", "scaleDown"}
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values must be strings"
+
+    (sm,) = by_kind(objects, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "kps"
+    (svc,) = [s for s in by_kind(objects, "Service") if s["metadata"]["name"] == vllm["metadata"]["name"]]
+    assert _selects(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": ["serving"]}
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]} and endpoint["path"] == "/metrics"
+
+
+def test_maintenance_leaves_vllm_alone_and_rolls_only_the_gateway():
+    off, on = _render(), _render({"maintenance": {"enabled": True}})
+    assert _deployment(off, "vllm") == _deployment(on, "vllm")
+    checksum = lambda objs: _deployment(objs, "gateway")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]  # noqa: E731
+    assert checksum(off) != checksum(on)
+    assert by_kind(off, "HorizontalPodAutoscaler") == by_kind(on, "HorizontalPodAutoscaler")
+
+    zero = _render({"maintenance": {"enabled": True, "scaleVllmToZero": True}})
+    assert _deployment(zero, "vllm")["spec"]["replicas"] == 0
+
+
+def test_nginx_conf_follows_values():
+    conf = lambda objs: next(c for c in by_kind(objs, "ConfigMap") if "nginx.conf" in c["data"])["data"]["nginx.conf"]  # noqa: E731
+    default = conf(_render())
+    assert f"server {RELEASE}-lawtune-serving-vllm:8000;" in default
+    assert "limit_req_zone $binary_remote_addr zone=lawtune_api:10m rate=5r/s;" in default
+    assert "limit_req zone=lawtune_api burst=10 nodelay;" in default
+    assert "client_max_body_size 1m;" in default and "proxy_buffering off;" in default
+    by_key = conf(_render({"gateway": {"rateLimit": {"key": "apiKey", "requestsPerSecond": 50}, "maxBodySize": "4m"}}))
+    assert "limit_req_zone $http_authorization zone=lawtune_api:10m rate=50r/s;" in by_key
+    assert "client_max_body_size 4m;" in by_key
+    no_limit = conf(_render({"gateway": {"rateLimit": {"enabled": False}}}))
+    assert "limit_req " not in no_limit
+    maintenance = conf(_render({"maintenance": {"enabled": True, "message": 'Back at "10:00"', "retryAfterSeconds": 60}}))
+    assert "add_header Retry-After 60 always;" in maintenance
+    body = re.search(r"return 503 '(.*)';", maintenance).group(1).replace("\\\\", "\\")
+    assert json.loads(body.replace("\\'", "'"))["error"]["message"] == 'Back at "10:00"'
+    assert "proxy_pass" not in maintenance
+
+
+def test_helm_test_pod_lists_models_and_chats():
+    (pod,) = by_kind(_render({"model": {"servedModelName": "lawyer"}}), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = pod["spec"]["containers"][0]["command"][-1]
+    assert "/v1/models" in script and "/v1/chat/completions" in script and '"id":"lawyer"' in script
+    assert f"http://{RELEASE}-lawtune-serving-gateway:80" in script
+
+
+def test_long_release_names_are_cut_to_63():
+    objects = render(CHART, BASE, release="a" * 53)
+    assert all(len(o["metadata"]["name"]) <= 63 for o in objects)
+    assert len({o["metadata"]["name"] for o in by_kind(objects, "Deployment")}) == 2
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    pytest.param({"apiKey": {"existingSecret": ""}}, "apiKey.existingSecret is required", id="no-api-key-secret"),
+    pytest.param({"artifactStore": {"root": ""}}, "artifactStore.root is required", id="no-artifact-root"),
+    pytest.param({"modelStorage": {"type": "existingClaim"}}, "modelStorage.existingClaim is required", id="claim-without-name"),
+    pytest.param({"vllm": {"tensorParallelSize": 4, "extraArgs": ["--tensor-parallel-size=2"]}}, "contradicts", id="tp-conflict"),
+    pytest.param({"vllm": {"extraArgs": ["-tp", "two"]}}, "is not a positive integer", id="tp-not-a-number"),
+    pytest.param({"autoscaling": {"minReplicas": 5}}, "autoscaling.minReplicas (5) is above", id="min-above-max"),
+    pytest.param({"vllm": {"image": {"tag": "latest"}}}, "vllm.image.tag", id="latest-tag"),
+    pytest.param({"gateway": {"rateLimit": {"key": "cookie"}}}, "gateway.rateLimit.key", id="bad-rate-limit-key"),
+    pytest.param({"maintenance": {"message": "costs $5"}}, "maintenance.message", id="dollar-in-message"),
+    pytest.param({"vllm": {"replicas": 2}}, "replicas", id="unknown-key"),
+])
+def test_bad_values_fail_naming_the_key(overrides, message):
+    with pytest.raises(RenderError, match=re.escape(message)):
+        _render(overrides)
+
+
+def _schema_paths(node: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, sub in node.get("properties", {}).items():
+        out.add(prefix + key)
+        out |= _schema_paths(sub, f"{prefix}{key}.")
+    return out
+
+
+def _values_paths(node, schema: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in node.items():
+        out.add(prefix + key)
+        sub = schema.get("properties", {}).get(key, {})
+        if isinstance(value, dict) and "properties" in sub:  # free-form objects (resources: ...) hold data, not keys
+            out |= _values_paths(value, sub, f"{prefix}{key}.")
+    return out
+
+
+def test_values_and_schema_in_sync_and_every_key_documented():
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    assert _values_paths(values, schema) == _schema_paths(schema)
+
+    # Each documented key line is preceded by a `# --` comment (helm-docs), at its own indentation.
+    lines = (CHART_DIR / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, str]] = []
+    undocumented = []
+    documented_paths = _schema_paths(schema)
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z][A-Za-z0-9]*):", line)
+        if not m:
+            continue
+        indent = len(m.group(1))
+        stack = [(d, k) for d, k in stack if d < indent] + [(indent, m.group(2))]
+        path = ".".join(k for _, k in stack)
+        if path not in documented_paths:
+            continue
+        prev = lines[i - 1].strip() if i else ""
+        if not prev.startswith("# --"):
+            undocumented.append(path)
+    assert undocumented == []

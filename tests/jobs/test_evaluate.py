@@ -1,0 +1,105 @@
+"""jobs/evaluate.py end to end on the bundled model through SeaweedFS S3.
+
+Upstream artifacts are real committed folders: the test split and a peft LoRA adapter on the
+bundled model laid out as finetune's contract says (tests/lora_fixtures.py). Generation is
+capped at a few tokens: the tests check the stage's behaviour, not the answers' quality.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs import evaluate
+from shared.artifacts import read_manifest, read_verified
+from shared.config import parse_config
+from shared.settings import Settings
+from shared.storage import open_location
+from tests.lora_fixtures import QA, commit_data, commit_finetune, records
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def bundled_run(bundled_model_dir, seaweedfs, tmp_path_factory):
+    """Settings on a fresh S3 bucket with data/ and finetune/ of run 'e2e' committed."""
+    bucket = "evaluate-e2e"
+    seaweedfs.client().create_bucket(Bucket=bucket)
+    scratch = tmp_path_factory.mktemp("evaluate-e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in seaweedfs.env().items():
+            mp.setenv(key, value)
+        settings = Settings(artifact_root=f"s3://{bucket}/lawtune", s3_endpoint_url=seaweedfs.endpoint, run_id="e2e",
+                            cache_dir=scratch / "cache")
+        commit_data(settings, settings.run_uri("data"), records(), scratch)
+        commit_finetune(settings, settings.run_uri("finetune"), bundled_model_dir, str(bundled_model_dir), scratch, std=0.2)
+        yield settings
+
+
+def _config(**evaluation):
+    defaults = {"generation": {"max_new_tokens": 6}, "batch_size": 2, "backend": "transformers"}
+    return parse_config({"evaluation": defaults | evaluation})
+
+
+def test_report_shows_both_models_and_the_failed_gate(bundled_run, monkeypatch, capsys, tmp_path):
+    settings = bundled_run
+    config = tmp_path / "eval.yaml"
+    config.write_text(json.dumps({"evaluation": {"generation": {"max_new_tokens": 6}, "batch_size": 2, "backend": "transformers",
+                                                 "gate": [{"metric": "rouge-l", "min": 101}]}}))
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", settings.artifact_root)
+    monkeypatch.setenv("LAWTUNE_S3_ENDPOINT_URL", settings.s3_endpoint_url)
+    monkeypatch.setenv("LAWTUNE_RUN_ID", settings.run_id)
+    assert evaluate.main(["--config", str(config)]) == 0, "a failed gate is a verdict, not a failure"
+    out = capsys.readouterr().out.splitlines()
+    uri = settings.run_uri("evaluate")
+    assert out[0] == f"report: {uri}/report.html"
+    assert out[1] == "gate: FAILED" and out[2].startswith("  - FAIL rouge-l: tuned ")
+
+    loc = open_location(uri, settings)
+    manifest = read_manifest(loc)
+    assert manifest.extra["gate"]["passed"] is False
+    assert {f.path for f in manifest.files} == {"predictions.jsonl", "metrics.json", "report.md", "report.html", "loss_curves.png"}
+    metrics = json.loads(read_verified(loc, "metrics.json", manifest))
+    assert metrics["gate"] == manifest.extra["gate"] and metrics["examples"] == len(QA) and metrics["backend"] == "transformers"
+    for side in ("base", "tuned"):
+        assert set(metrics[side]) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "answer_chars", "empty_share"}
+        assert all(0 <= v <= 100 for k, v in metrics[side].items() if k != "answer_chars")
+    rows = [json.loads(line) for line in read_verified(loc, "predictions.jsonl", manifest).decode().splitlines()]
+    assert [r["question"] for r in rows] == [q for q, _ in QA] and [r["reference"] for r in rows] == [a for _, a in QA]
+    assert all(set(r["scores"]) == {"base", "tuned"} for r in rows)
+    assert any(r["base"] != r["tuned"] for r in rows), "the adapter changes answers"
+    md = read_verified(loc, "report.md", manifest).decode()
+    assert "| Metric | Base (微调前) | Tuned (微调后) | Δ |" in md and "## Quality gate: FAILED" in md
+    assert all(q in md for q, _ in QA) and "![training and dev loss](loss_curves.png)" in md
+    html = read_verified(loc, "report.html", manifest).decode()
+    assert "<th>Base (微调前)</th><th>Tuned (微调后)</th>" in html
+
+    # Same inputs again: skipped, nothing regenerated.
+    again = evaluate.run(settings, parse_config(json.loads(config.read_text())))
+    assert again.skipped and again.manifest.finished_at == manifest.finished_at
+
+
+@pytest.mark.parametrize(
+    ("max_examples", "batch_size"),
+    [pytest.param(1, 8, id="single-question"), pytest.param(None, 16, id="fewer-than-a-batch")],
+)
+def test_small_test_sets_work(bundled_run, max_examples, batch_size):
+    settings = bundled_run
+    out = f"{settings.run_uri()}/evaluate-{max_examples}-{batch_size}"
+    result = evaluate.run(settings, _config(max_examples=max_examples, batch_size=batch_size, gate=[]), output_uri=out)
+    rows = open_location(out, settings).read_text("predictions.jsonl").splitlines()
+    assert len(rows) == (max_examples or len(QA))
+    assert result.gate == {"passed": True, "reasons": ["no gate rules configured: passes by default"], "checks": []}
+
+
+def test_missing_finetune_is_exit_2_and_leaves_no_manifest(bundled_run, monkeypatch, capsys):
+    settings = bundled_run
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", settings.artifact_root)
+    monkeypatch.setenv("LAWTUNE_S3_ENDPOINT_URL", settings.s3_endpoint_url)
+    out = f"{settings.run_uri()}/evaluate-orphan"
+    code = evaluate.main(["--finetune", f"{settings.run_uri()}/nope", "--data", settings.run_uri("data"), "--output", out,
+                          "--config", "/dev/null"])
+    assert code == 2
+    assert "nope has no MANIFEST.json" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not open_location(out, settings).exists("MANIFEST.json")

@@ -1,0 +1,103 @@
+"""jobs/fetch_model.py: promoted or named version, verified, target complete or absent (file and S3)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs import fetch_model
+from shared.artifacts import commit_dir, now_iso, sha256_file
+from shared.errors import ConfigError, IntegrityError
+from shared.settings import load_settings
+from shared.storage import open_location
+
+
+@pytest.fixture
+def published(artifact_root, tmp_path):
+    """models/m/v1 and models/m/v2 committed, PROMOTED -> v2."""
+    settings = load_settings()
+    root = settings.models_uri("m")
+    for version in ("v1", "v2"):
+        src = tmp_path / f"src-{version}"
+        (src / "sub").mkdir(parents=True)
+        (src / "config.json").write_text(f'{{"version": "{version}"}}')
+        (src / "sub" / "weights.bin").write_bytes(version.encode() * 100_000)
+        commit_dir(src, open_location(f"{root}/{version}", settings), stage="publish", inputs={}, started_at=now_iso())
+    open_location(root, settings).write_text("PROMOTED", "v2")
+    return settings, root, tmp_path
+
+
+@pytest.mark.parametrize(("suffix", "version"), [pytest.param("", "v2", id="promoted"), pytest.param("/v1", "v1", id="named-version")])
+def test_fetches_complete_and_verified(published, suffix, version):
+    settings, root, tmp = published
+    target = tmp / "out" / "model"
+    result = fetch_model.run(settings, root + suffix, target)
+    assert result.version_uri.endswith(f"/m/{version}") and result.downloaded
+    assert (target / "config.json").read_text() == f'{{"version": "{version}"}}'
+    assert sorted(p.name for p in target.rglob("*") if p.is_file()) == ["MANIFEST.json", "config.json", "weights.bin"]
+    assert sha256_file(target / "sub" / "weights.bin") == result.manifest.file("sub/weights.bin").sha256
+    assert [p.name for p in target.parent.iterdir()] == ["model"], "no staging leftovers"
+    again = fetch_model.run(settings, root + suffix, target)
+    assert not again.downloaded, "a restarted init container does not download the same version again"
+
+
+def test_promotion_change_replaces_the_target(published):
+    settings, root, tmp = published
+    target = tmp / "model"
+    fetch_model.run(settings, root, target)
+    open_location(root, settings).write_text("PROMOTED", "v1")
+    assert fetch_model.run(settings, root, target).downloaded
+    assert (target / "config.json").read_text() == '{"version": "v1"}'
+
+
+def test_corrupted_file_leaves_target_absent(published):
+    settings, root, tmp = published
+    open_location(f"{root}/v2", settings).write_bytes("sub/weights.bin", b"tampered")
+    target = tmp / "model"
+    with pytest.raises(IntegrityError, match="sub/weights.bin"):
+        fetch_model.run(settings, root, target)
+    assert not target.exists()
+    assert list(tmp.glob(".model.partial-*")) == []
+
+
+def test_corrupted_file_keeps_the_previous_complete_target(published):
+    settings, root, tmp = published
+    target = tmp / "model"
+    fetch_model.run(settings, f"{root}/v1", target)
+    open_location(f"{root}/v2", settings).write_bytes("config.json", b"{}")
+    with pytest.raises(IntegrityError):
+        fetch_model.run(settings, root, target)
+    assert (target / "config.json").read_text() == '{"version": "v1"}'
+
+
+@pytest.mark.parametrize(
+    ("setup", "needle"),
+    [
+        pytest.param(None, "has neither MANIFEST.json (a model version) nor PROMOTED", id="nothing-published"),
+        pytest.param("", "holds ''; expected a version name", id="empty-promoted"),
+        pytest.param("v9", "has no MANIFEST.json", id="promoted-version-missing"),
+    ],
+)
+def test_cli_fails_with_exit_2_and_one_line(artifact_root, tmp_path, capsys, setup, needle):
+    settings = load_settings()
+    root = settings.models_uri("none")
+    if setup is not None:
+        open_location(root, settings).write_text("PROMOTED", setup)
+    code = fetch_model.main([root, str(tmp_path / "model")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("fetch_model: error: ") and needle in err[-1]
+    assert not (tmp_path / "model").exists()
+
+
+def test_cli_success_line(published, capsys):
+    settings, root, tmp = published
+    assert fetch_model.main([root, str(tmp / "m")]) == 0
+    assert capsys.readouterr().out.startswith(f"fetched: {root}/v2 -> ")
+
+
+def test_resolve_version_rejects_path_in_promoted(artifact_root):
+    settings = load_settings()
+    root = settings.models_uri("x")
+    open_location(root, settings).write_text("PROMOTED", "../../etc")
+    with pytest.raises(ConfigError, match="expected a version name"):
+        fetch_model.resolve_version(settings, root)

@@ -1,0 +1,221 @@
+"""jobs/finetune.py: the stage on the real bundled model, through both artifact backends.
+
+Integration tests keep the model real and the work tiny (8 short examples, 48-token budgets,
+a handful of optimizer steps), ~2 s per step on 2 cores. The DDP test uses a
+config-initialised tiny Llama (tests/tiny.py) under torchrun with the gloo backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.artifacts import MANIFEST, commit_dir, now_iso, read_manifest
+from shared.settings import Settings
+from shared.stage import fetch_stage
+from shared.storage import open_location
+from tests.conftest import FIXTURES, REPO
+
+TOLERANCE = 1e-5  # max |difference| of any adapter weight, resumed vs uninterrupted (fp32 CPU, same seed)
+BUNDLED_CONFIG = {
+    "max_input_length": 48,
+    "max_output_length": 48,
+    "training_args": {
+        "max_steps": 4, "save_steps": 2, "eval_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 2,
+        "learning_rate": 3e-3, "warmup_steps": 0, "lr_scheduler_type": "constant",
+    },
+    "peft_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+}
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text("# python -m jobs.finetune --config " + str(path) + "\n" + yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def commit_data(settings: Settings, train_rows: int = 8) -> str:
+    """The fixture splits (first ``train_rows`` training rows) committed as a run's data artifact."""
+    folder = settings.cache_dir / "fixture-data"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = (FIXTURES / "chat" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:train_rows]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "dev.jsonl").write_text((FIXTURES / "chat" / "dev.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    uri = settings.run_uri("data")
+    commit_dir(folder, open_location(uri, settings), stage="data", inputs={"fixture": train_rows}, started_at=now_iso())
+    return uri
+
+
+def adapter_tensors(settings: Settings, finetune_uri: str, dest: Path):
+    from safetensors.torch import load_file
+
+    fetch_stage(settings, finetune_uri, dest)
+    return load_file(dest / "adapter" / "adapter_model.safetensors")
+
+
+def test_missing_base_model_fails_with_one_line_before_reading_data(tmp_path, monkeypatch, capsys):
+    from jobs.finetune import main
+
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path / 'art'}")
+    settings = Settings()
+    commit_data(settings)
+    config = write_config(tmp_path / "c.yaml", {**BUNDLED_CONFIG, "base_model": str(tmp_path / "no-such-model")})
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("finetune: error: base_model") and "no such directory" in err[-1]
+    assert not open_location(settings.run_uri("finetune"), settings).exists(MANIFEST)
+    assert not list((settings.cache_dir / "work").glob("finetune-data-*")), "no data was fetched"
+
+
+@pytest.mark.parametrize(
+    ("setup", "needle"),
+    [
+        pytest.param("no-data", "has no MANIFEST.json", id="data-stage-not-committed"),
+        pytest.param("bad-config", "training_args.max_steps", id="invalid-config"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(tmp_path, monkeypatch, capsys, setup, needle):
+    from jobs.finetune import main
+
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path / 'art'}")
+    data = dict(BUNDLED_CONFIG)
+    if setup == "bad-config":
+        data = {**data, "training_args": {**data["training_args"], "max_steps": 0}}
+    config = write_config(tmp_path / "c.yaml", data)
+    assert main(["--config", str(config)]) == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_finetune_on_s3_lowers_the_loss_commits_every_artifact_and_skips_a_rerun(s3_env, bundled_model_dir, model_cache_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    from jobs.finetune import run
+    from shared.config import parse_config
+    from shared.tokenization import ChatEncoder, load_split
+
+    settings = Settings(cache_dir=model_cache_dir, run_id="s3-run")
+    data_uri = commit_data(settings)
+    config = parse_config(BUNDLED_CONFIG)
+    result = run(settings, config)
+    assert not result.skipped and result.steps_completed == 4 and result.resumed_from is None
+
+    out = open_location(settings.run_uri("finetune"), settings)
+    manifest = read_manifest(out)
+    assert manifest.extra == {"base_model": "bundled:smollm2-135m-instruct", "best_step": result.best_step}
+    assert {f.path for f in manifest.files} == {
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml", "metrics.jsonl", "training_summary.json",
+    }
+    for step in (2, 4):
+        assert read_manifest(out.child(f"checkpoints/step-{step}")).extra["step"] == step
+
+    local = tmp_path / "finetune"
+    fetch_stage(settings, settings.run_uri("finetune"), local)  # verified round trip through SeaweedFS
+    summary = json.loads((local / "training_summary.json").read_text())
+    assert summary["best_step"] == result.best_step
+    assert summary["best_dev_loss"] == min(loss for _, loss in summary["dev_loss_curve"])
+    assert [s for s, _ in summary["dev_loss_curve"]] == [2, 4]
+    assert summary["tokens_seen"] > 0 and summary["tokenization"]["train"]["kept"] == 8
+    metrics = [json.loads(line) for line in (local / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "grad_norm", "learning_rate", "epoch", "tokens_per_s", "eta_s"} <= metrics[0].keys()
+    assert any("eval_loss" in m for m in metrics)
+    assert yaml.safe_load((local / "config.yaml").read_text())["training_args"]["max_steps"] == 4
+
+    # The exported adapter fits the training slice better than the base model does.
+    tok = AutoTokenizer.from_pretrained(bundled_model_dir)
+    rows, _ = ChatEncoder(tok, 48, 48).encode_all(load_split(settings.cache_dir / "fixture-data" / "train.jsonl"))
+    batch = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)(rows)
+    base = AutoModelForCausalLM.from_pretrained(bundled_model_dir).eval()
+    with torch.no_grad():
+        before = base(**batch).loss.item()
+        after = PeftModel.from_pretrained(base, local / "adapter").eval()(**batch).loss.item()
+    assert after < before - 0.05, (before, after)
+
+    again = run(settings, config, data_uri=data_uri)
+    assert again.skipped and again.best_step == result.best_step
+
+
+@pytest.mark.integration
+def test_sigterm_after_a_checkpoint_then_restart_resumes_to_the_same_adapter(bundled_model_dir, model_cache_dir, tmp_path):
+    from jobs.finetune import run
+    from shared.config import parse_config
+
+    root = f"file://{tmp_path / 'art'}"
+    data = {**BUNDLED_CONFIG, "training_args": {**BUNDLED_CONFIG["training_args"], "max_steps": 6}}
+    config_path = write_config(tmp_path / "c.yaml", data)
+    settings = Settings(cache_dir=model_cache_dir, artifact_root=root, run_id="resume")
+    commit_data(settings)
+    whole_uri = f"{root}/uninterrupted"
+    cut_uri = settings.run_uri("finetune")
+
+    uninterrupted = run(settings, parse_config(data), output_uri=whole_uri)
+    assert uninterrupted.steps_completed == 6
+
+    env = {**os.environ, "LAWTUNE_ARTIFACT_ROOT": root, "LAWTUNE_RUN_ID": "resume", "LAWTUNE_CACHE_DIR": str(model_cache_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--config", str(config_path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "art" / "runs" / "resume" / "finetune" / "checkpoints" / "step-2" / MANIFEST
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert first.exists(), "no checkpoint committed in time"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("finetune: error: SIGTERM: checkpoint step-") and "Job retries" in last
+    killed_at = int(last.split("step-")[1].split()[0])
+    assert 2 <= killed_at < 6
+    assert not open_location(cut_uri, settings).exists(MANIFEST), "a preempted stage commits no manifest"
+
+    resumed = run(settings, parse_config(data))
+    assert resumed.resumed_from == killed_at, "the restart resumes from the newest committed checkpoint, not step 0"
+    assert resumed.steps_completed == 6
+
+    a = adapter_tensors(settings, whole_uri, tmp_path / "a")
+    b = adapter_tensors(settings, cut_uri, tmp_path / "b")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= TOLERANCE, f"resumed adapter differs from the uninterrupted one by {worst}"
+    whole_summary = json.loads((tmp_path / "a" / "training_summary.json").read_text())
+    cut_summary = json.loads((tmp_path / "b" / "training_summary.json").read_text())
+    assert cut_summary["best_step"] == whole_summary["best_step"]
+    assert [s for s, _ in cut_summary["train_loss_curve"]] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.integration
+def test_torchrun_two_processes_train_with_ddp_and_rank_0_commits_once(tmp_path):
+    from tests.tiny import tiny_data_dir, tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "model")
+    root = tmp_path / "art"
+    settings = Settings(artifact_root=f"file://{root}", run_id="ddp", cache_dir=tmp_path / "cache")
+    data = tiny_data_dir(tmp_path / "data", 8, 3)
+    commit_dir(data, open_location(settings.run_uri("data"), settings), stage="data", inputs={}, started_at=now_iso())
+    config = write_config(tmp_path / "c.yaml", {
+        "base_model": str(model), "max_input_length": 32, "max_output_length": 16,
+        "training_args": {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 2},
+        "peft_config": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+    })
+    env = {**os.environ, "LAWTUNE_ARTIFACT_ROOT": f"file://{root}", "LAWTUNE_RUN_ID": "ddp", "LAWTUNE_CACHE_DIR": str(tmp_path / "cache")}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "jobs.finetune", "--config", str(config)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = root / "runs" / "ddp" / "finetune"
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps_completed"] == 4
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # 2 ranks x batch 2 = 4 of the 8 examples per step: 4 steps are 2 epochs
+    assert max(m.get("epoch", 0) for m in metrics) == pytest.approx(2.0)
+    assert proc.stderr.count("finetune: committed") == 1, "only rank 0 writes the artifact"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]

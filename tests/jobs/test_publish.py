@@ -1,0 +1,102 @@
+"""jobs/publish.py: versions, the gate-controlled PROMOTED pointer, --force, idempotence.
+
+The promotion logic runs on a tiny config-initialised model (fast, file and S3); the whole
+evaluate → publish → fetch → serve path on the bundled model lives in test_pipeline_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs import publish
+from shared.artifacts import read_manifest
+from shared.settings import load_settings
+from shared.storage import open_location
+from tests.lora_fixtures import commit_finetune, commit_verdict, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(bundled_model_dir, tmp_path_factory):
+    return make_tiny_model(bundled_model_dir, tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def run_artifacts(artifact_root, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAWTUNE_RUN_ID", "r1")  # main() reads settings from the environment
+    settings = load_settings()
+    commit_finetune(settings, settings.run_uri("finetune"), tiny_model, str(tiny_model), tmp_path)
+    return settings, tmp_path
+
+
+def _promoted(settings, name="legal"):
+    loc = open_location(settings.models_uri(name), settings)
+    return loc.read_text("PROMOTED") if loc.exists("PROMOTED") else None
+
+
+def test_failed_gate_publishes_but_keeps_promoted(run_artifacts, caplog):
+    settings, tmp = run_artifacts
+    open_location(settings.models_uri("legal"), settings).write_text("PROMOTED", "older-version")
+    commit_verdict(settings, settings.run_uri("evaluate"), False, tmp)
+    result = publish.run(settings, "legal", max_shard_size="1MB")
+    assert not result.gate_passed and not result.promoted and not result.forced
+    assert _promoted(settings) == "older-version"
+    manifest = read_manifest(open_location(result.version_uri, settings))
+    assert manifest.extra["gate"]["passed"] is False
+    assert manifest.extra["merge_check"]["max_abs_logit_diff"] <= 1e-3
+    assert any(f.path.endswith(".safetensors") for f in manifest.files)
+    assert "gate FAILED" in caplog.text and "PROMOTED stays at older-version" in caplog.text
+
+
+def test_passed_gate_moves_promoted_and_republishing_is_a_no_op(run_artifacts):
+    settings, tmp = run_artifacts
+    open_location(settings.models_uri("legal"), settings).write_text("PROMOTED", "older-version")
+    commit_verdict(settings, settings.run_uri("evaluate"), True, tmp)
+    first = publish.run(settings, "legal", max_shard_size="1MB")
+    assert first.version.startswith("r1-") and len(first.version) == len("r1-") + 10
+    assert first.promoted and not first.skipped
+    assert _promoted(settings) == first.version
+    record = json.loads(open_location(settings.models_uri("legal"), settings).read_text("promotion.json"))
+    assert record["previous"] == "older-version" and record["forced"] is False
+
+    files_before = open_location(first.version_uri, settings).list_files()
+    second = publish.run(settings, "legal", max_shard_size="1MB")
+    assert second.skipped and second.version == first.version
+    assert second.manifest.finished_at == first.manifest.finished_at, "nothing re-merged or re-uploaded"
+    assert open_location(first.version_uri, settings).list_files() == files_before
+    assert _promoted(settings) == first.version
+
+
+def test_force_promotes_a_failed_gate_loudly(run_artifacts, caplog):
+    settings, tmp = run_artifacts
+    commit_verdict(settings, settings.run_uri("evaluate"), False, tmp)
+    result = publish.run(settings, "legal", force=True, max_shard_size="1MB")
+    assert result.forced and result.promoted and not result.gate_passed
+    assert "--force: PROMOTING" in caplog.text and "ALTHOUGH ITS QUALITY GATE FAILED" in caplog.text
+    record = json.loads(open_location(settings.models_uri("legal"), settings).read_text("promotion.json"))
+    assert record["forced"] is True and record["version"] == result.version == _promoted(settings)
+
+
+def test_cli_prints_model_gate_and_promotion(run_artifacts, capsys):
+    settings, tmp = run_artifacts
+    commit_verdict(settings, settings.run_uri("evaluate"), False, tmp)
+    assert publish.main(["--model-name", "legal", "--force", "--max-shard-size", "1MB"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"model: {settings.models_uri('legal')}/r1-")
+    assert out[1:] == ["gate: FAILED", f"PROMOTED: promoted (FORCED): {settings.models_uri('legal')}/PROMOTED"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        pytest.param(["--model-name", "Bad Name"], "--model-name 'Bad Name'", id="bad-name"),
+        pytest.param(["--model-name", "legal", "--evaluate", "file:///nonexistent/evaluate"], "has no MANIFEST.json", id="no-evaluate"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(run_artifacts, capsys, args, needle):
+    settings, _ = run_artifacts
+    assert publish.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("publish: error: ") and needle in err[-1]
+    assert _promoted(settings) is None

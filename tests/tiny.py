@@ -1,0 +1,83 @@
+"""A config-initialised tiny Llama with a word-level ChatML tokenizer, for fast training tests.
+
+Random weights are fine where a test checks mechanics (checkpoints, resume, masking, packing,
+tiny datasets) rather than what the model learns; those run in seconds on 2 cores. What the
+model learns is tested on the real bundled model (integration tier).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+CHATML = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nbe brief<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+WORDS = (
+    "\n system user assistant be brief hi there hello how are you fine thanks bye ok yes no what is a the law "
+    "contract court pay wage rent deposit months years days three two one w1 w2 w3 w4 w5 w6 w7 w8 w9"
+).split(" ")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def word_tokenizer(template: str | None = CHATML):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<|im_start|>", "<|im_end|>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(" ", "removed"), pre_tokenizers.Split("\n", "isolated")]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = template
+    return tok
+
+
+def tiny_model_dir(path: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 32) + the word tokenizer, saved like any HF model directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return path
+    tok = word_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"), tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    staging = path.with_name(path.name + ".partial")
+    LlamaForCausalLM(config).save_pretrained(staging)
+    tok.save_pretrained(staging)
+    shutil.move(staging, path)
+    return path
+
+
+def words_conversation(i: int) -> dict:
+    """A deterministic short Q&A in the tiny vocabulary."""
+    questions = ["what is a contract", "how are you", "what is the law", "pay wage", "rent deposit", "hi there"]
+    answers = ["a contract is law", "fine thanks", "the law is the law", "pay wage three months", "deposit two months", "hello"]
+    q, a = questions[i % len(questions)], answers[i % len(answers)]
+    return {"id": f"{i:016x}", "conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def write_split(folder: Path, name: str, rows: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def tiny_data_dir(folder: Path, train: int, dev: int) -> Path:
+    write_split(folder, "train.jsonl", [words_conversation(i) for i in range(train)])
+    write_split(folder, "dev.jsonl", [words_conversation(100 + i) for i in range(dev)])
+    return folder
