@@ -17,11 +17,10 @@ import re
 _SUSPECT = re.compile(r"[&<\x00-\x09\x0b-\x1f\x7f-\x9f\u00a0\u1680\u2000-\u200f\u2028\u2029\u202f\u205f\u3000\ufeff]")
 _BREAK_TAG = re.compile(r"<\s*(?:br|/p|p|/div|div|/li|li|tr|/tr)\b[^>]*>", re.IGNORECASE)
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>|<!--.*?-->", re.DOTALL)
-_SPACES = str.maketrans(
-    {c: " " for c in "\t\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000"}
-    | {c: "\n" for c in "\u2028\u2029\x0b\x0c\x85"}
-    | {c: None for c in "\u200b\u200c\u200d\u200e\u200f\ufeff"}
-)
+# str.translate with a dict walks every character in Python; these regexes scan in C.
+_SPACE_LIKE = re.compile(r"[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_LINE_LIKE = re.compile(r"[\u2028\u2029\x0b\x0c\x85]")
+_ZERO_WIDTH = re.compile(r"[\u200b-\u200f\ufeff]")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f]")
 _RUN_OF_SPACES = re.compile(r" {2,}")
 _LINE_EDGES = re.compile(r" *\n *")
@@ -38,7 +37,8 @@ def clean_text(text: str) -> str:
         text = _BREAK_TAG.sub("\n", text)
         text = _TAG.sub("", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text.translate(_SPACES))
+    text = _ZERO_WIDTH.sub("", _LINE_LIKE.sub("\n", _SPACE_LIKE.sub(" ", text)))
+    text = _CONTROL.sub("", text)
     text = _RUN_OF_SPACES.sub(" ", text)
     text = _LINE_EDGES.sub("\n", text)
     text = _BLANK_LINES.sub("\n\n", text)

@@ -87,7 +87,7 @@ def resolve(group: list[Candidate]) -> tuple[Candidate, list[tuple[Candidate, st
     if len(group) == 1:
         return group[0], []
     winner = min(group, key=lambda c: (not c.flag, -c.answer_chars, c.line))
-    folded = None
+    folded: list[tuple[str, str]] | None = None
     losers = []
     for cand in group:
         if cand is winner:
@@ -97,13 +97,22 @@ def resolve(group: list[Candidate]) -> tuple[Candidate, list[tuple[Candidate, st
         else:
             if folded is None:
                 folded = _fold(winner.conversations)
-            reason = "duplicate_normalised" if _fold(cand.conversations) == folded else "not_best_reply"
+            reason = "duplicate_normalised" if _same_folded(cand, folded) else "not_best_reply"
         losers.append((cand, reason))
     return winner, losers
 
 
 def _fold(conversations: list[dict[str, str]]) -> list[tuple[str, str]]:
     return [(t["role"], normalise_key(t["content"])) for t in conversations if t["role"] != "system"]
+
+
+def _same_folded(cand: Candidate, folded: list[tuple[str, str]]) -> bool:
+    # Folding removes characters (NFKC expansions such as ligatures are rare), so an answer
+    # shorter than the winner's folded answer cannot fold to it: most losers are settled
+    # without folding their long answer. A rare miss only changes the reason's name.
+    if cand.answer_chars < sum(len(text) for role, text in folded if role == "assistant"):
+        return False
+    return _fold(cand.conversations) == folded
 
 
 def spill_record(cand: Candidate) -> bytes:

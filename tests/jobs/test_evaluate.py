@@ -80,16 +80,12 @@ def test_report_shows_both_models_and_the_failed_gate(bundled_run, monkeypatch, 
     assert again.skipped and again.manifest.finished_at == manifest.finished_at
 
 
-@pytest.mark.parametrize(
-    ("max_examples", "batch_size"),
-    [pytest.param(1, 8, id="single-question"), pytest.param(None, 16, id="fewer-than-a-batch")],
-)
-def test_small_test_sets_work(bundled_run, max_examples, batch_size):
+def test_single_question_smaller_than_the_batch(bundled_run):
     settings = bundled_run
-    out = f"{settings.run_uri()}/evaluate-{max_examples}-{batch_size}"
-    result = evaluate.run(settings, _config(max_examples=max_examples, batch_size=batch_size, gate=[]), output_uri=out)
+    out = f"{settings.run_uri()}/evaluate-single"
+    result = evaluate.run(settings, _config(max_examples=1, batch_size=8, gate=[]), output_uri=out)
     rows = open_location(out, settings).read_text("predictions.jsonl").splitlines()
-    assert len(rows) == (max_examples or len(QA))
+    assert len(rows) == 1 and json.loads(rows[0])["question"] == QA[0][0]
     assert result.gate == {"passed": True, "reasons": ["no gate rules configured: passes by default"], "checks": []}
 
 

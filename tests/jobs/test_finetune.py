@@ -93,8 +93,30 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, monkeypatch, capsys, setup, n
     assert needle in capsys.readouterr().err
 
 
+REFERENCE = {**BUNDLED_CONFIG, "training_args": {**BUNDLED_CONFIG["training_args"], "save_steps": 1}}
+
+
+@pytest.fixture(scope="module")
+def reference_run(seaweedfs, bundled_model_dir, model_cache_dir):
+    """One uninterrupted run on SeaweedFS S3 that the tests below inspect and compare against."""
+    from jobs.finetune import run
+    from shared.config import parse_config
+
+    bucket = f"ft-{os.getpid()}-{int(time.time())}"
+    seaweedfs.client().create_bucket(Bucket=bucket)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in seaweedfs.env().items():
+            if not key.startswith("LAWTUNE_"):
+                mp.setenv(key, value)  # AWS credentials, read by boto3
+        settings = Settings(artifact_root=f"s3://{bucket}/lawtune", s3_endpoint_url=seaweedfs.endpoint,
+                            cache_dir=model_cache_dir, run_id="reference")
+        commit_data(settings, train_rows=6)
+        result = run(settings, parse_config(REFERENCE))
+        yield settings, result
+
+
 @pytest.mark.integration
-def test_finetune_on_s3_lowers_the_loss_commits_every_artifact_and_skips_a_rerun(s3_env, bundled_model_dir, model_cache_dir, tmp_path):
+def test_finetune_on_s3_lowers_the_loss_commits_every_artifact_and_skips_a_rerun(reference_run, bundled_model_dir, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
@@ -103,28 +125,28 @@ def test_finetune_on_s3_lowers_the_loss_commits_every_artifact_and_skips_a_rerun
     from shared.config import parse_config
     from shared.tokenization import ChatEncoder, load_split
 
-    settings = Settings(cache_dir=model_cache_dir, run_id="s3-run")
-    data_uri = commit_data(settings)
-    config = parse_config(BUNDLED_CONFIG)
-    result = run(settings, config)
+    settings, result = reference_run
     assert not result.skipped and result.steps_completed == 4 and result.resumed_from is None
-
     out = open_location(settings.run_uri("finetune"), settings)
     manifest = read_manifest(out)
     assert manifest.extra == {"base_model": "bundled:smollm2-135m-instruct", "best_step": result.best_step}
     assert {f.path for f in manifest.files} == {
         "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml", "metrics.jsonl", "training_summary.json",
     }
-    for step in (2, 4):
-        assert read_manifest(out.child(f"checkpoints/step-{step}")).extra["step"] == step
+    for step in (1, 2, 3, 4):
+        checkpoint = read_manifest(out.child(f"checkpoints/step-{step}"))
+        assert checkpoint.extra["step"] == step
+        assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {
+            f.path for f in checkpoint.files
+        }
 
     local = tmp_path / "finetune"
     fetch_stage(settings, settings.run_uri("finetune"), local)  # verified round trip through SeaweedFS
     summary = json.loads((local / "training_summary.json").read_text())
     assert summary["best_step"] == result.best_step
     assert summary["best_dev_loss"] == min(loss for _, loss in summary["dev_loss_curve"])
-    assert [s for s, _ in summary["dev_loss_curve"]] == [2, 4]
-    assert summary["tokens_seen"] > 0 and summary["tokenization"]["train"]["kept"] == 8
+    assert [s for s, _ in summary["dev_loss_curve"]] == [1, 2, 3, 4]  # every checkpoint gets a dev loss
+    assert summary["tokens_seen"] > 0 and summary["tokenization"]["train"]["kept"] == 6
     metrics = [json.loads(line) for line in (local / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "grad_norm", "learning_rate", "epoch", "tokens_per_s", "eta_s"} <= metrics[0].keys()
     assert any("eval_loss" in m for m in metrics)
@@ -140,56 +162,51 @@ def test_finetune_on_s3_lowers_the_loss_commits_every_artifact_and_skips_a_rerun
         after = PeftModel.from_pretrained(base, local / "adapter").eval()(**batch).loss.item()
     assert after < before - 0.05, (before, after)
 
-    again = run(settings, config, data_uri=data_uri)
+    again = run(settings, parse_config(REFERENCE))
     assert again.skipped and again.best_step == result.best_step
 
 
 @pytest.mark.integration
-def test_sigterm_after_a_checkpoint_then_restart_resumes_to_the_same_adapter(bundled_model_dir, model_cache_dir, tmp_path):
+def test_sigterm_after_a_checkpoint_then_restart_resumes_to_the_same_adapter(reference_run, seaweedfs, tmp_path):
     from jobs.finetune import run
     from shared.config import parse_config
 
-    root = f"file://{tmp_path / 'art'}"
-    data = {**BUNDLED_CONFIG, "training_args": {**BUNDLED_CONFIG["training_args"], "max_steps": 6}}
-    config_path = write_config(tmp_path / "c.yaml", data)
-    settings = Settings(cache_dir=model_cache_dir, artifact_root=root, run_id="resume")
-    commit_data(settings)
-    whole_uri = f"{root}/uninterrupted"
-    cut_uri = settings.run_uri("finetune")
-
-    uninterrupted = run(settings, parse_config(data), output_uri=whole_uri)
-    assert uninterrupted.steps_completed == 6
-
-    env = {**os.environ, "LAWTUNE_ARTIFACT_ROOT": root, "LAWTUNE_RUN_ID": "resume", "LAWTUNE_CACHE_DIR": str(model_cache_dir)}
+    reference, _ = reference_run
+    settings = reference.model_copy(update={"run_id": "preempted"})
+    commit_data(settings, train_rows=6)
+    config_path = write_config(tmp_path / "c.yaml", REFERENCE)
+    env = {**os.environ, **seaweedfs.env(), "LAWTUNE_ARTIFACT_ROOT": settings.artifact_root, "LAWTUNE_RUN_ID": "preempted",
+           "LAWTUNE_CACHE_DIR": str(settings.cache_dir)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--config", str(config_path)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = tmp_path / "art" / "runs" / "resume" / "finetune" / "checkpoints" / "step-2" / MANIFEST
-    deadline = time.monotonic() + 240
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert first.exists(), "no checkpoint committed in time"
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    out = open_location(settings.run_uri("finetune"), settings)
+    deadline = time.monotonic() + 300
+    while not out.exists(f"checkpoints/step-1/{MANIFEST}") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert out.exists(f"checkpoints/step-1/{MANIFEST}"), "no checkpoint committed in time"
+    proc.send_signal(signal.SIGTERM)  # what Kubernetes sends on eviction or preemption
+    _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("finetune: error: SIGTERM: checkpoint step-") and "Job retries" in last
     killed_at = int(last.split("step-")[1].split()[0])
-    assert 2 <= killed_at < 6
-    assert not open_location(cut_uri, settings).exists(MANIFEST), "a preempted stage commits no manifest"
+    assert 1 <= killed_at < 4
+    assert not out.exists(MANIFEST), "a preempted stage commits no manifest"
 
-    resumed = run(settings, parse_config(data))
+    resumed = run(settings, parse_config(REFERENCE))
     assert resumed.resumed_from == killed_at, "the restart resumes from the newest committed checkpoint, not step 0"
-    assert resumed.steps_completed == 6
+    assert resumed.steps_completed == 4
 
-    a = adapter_tensors(settings, whole_uri, tmp_path / "a")
-    b = adapter_tensors(settings, cut_uri, tmp_path / "b")
+    a = adapter_tensors(reference, reference.run_uri("finetune"), tmp_path / "a")
+    b = adapter_tensors(settings, settings.run_uri("finetune"), tmp_path / "b")
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= TOLERANCE, f"resumed adapter differs from the uninterrupted one by {worst}"
-    whole_summary = json.loads((tmp_path / "a" / "training_summary.json").read_text())
-    cut_summary = json.loads((tmp_path / "b" / "training_summary.json").read_text())
-    assert cut_summary["best_step"] == whole_summary["best_step"]
-    assert [s for s, _ in cut_summary["train_loss_curve"]] == [1, 2, 3, 4, 5, 6]
+    whole = json.loads((tmp_path / "a" / "training_summary.json").read_text())
+    cut = json.loads((tmp_path / "b" / "training_summary.json").read_text())
+    assert cut["best_step"] == whole["best_step"]
+    assert [s for s, _ in cut["train_loss_curve"]] == [1, 2, 3, 4]
+    assert [loss for _, loss in cut["train_loss_curve"]] == pytest.approx([loss for _, loss in whole["train_loss_curve"]], abs=TOLERANCE)
 
 
 @pytest.mark.integration

@@ -163,12 +163,14 @@ def _creates(cluster):
     return [stage for call, stage in cluster.calls if call == "create"]
 
 
+@pytest.mark.timeout(30)
 def test_drive_runs_every_stage_in_order(rendered_jobs):
     cluster = ReplayCluster({s: "succeeded" for s in STAGES})
     assert k8s.drive(cluster, rendered_jobs, poll_s=0) == EXIT_OK
     assert _creates(cluster) == STAGES
 
 
+@pytest.mark.timeout(30)
 def test_drive_resumes_a_run(rendered_jobs):
     """Same run id again: the completed stage is skipped, the failed one re-submitted (it resumes
     from its checkpoint), the one still running followed, nothing deleted but the failed Job."""
@@ -179,6 +181,7 @@ def test_drive_resumes_a_run(rendered_jobs):
                                                            ("create", "evaluate"), ("create", "publish")]
 
 
+@pytest.mark.timeout(30)
 def test_drive_follows_a_running_job_instead_of_resubmitting(rendered_jobs):
     cluster = ReplayCluster({s: "succeeded" for s in STAGES}, existing={"preprocess": "succeeded", "finetune": "running"},
                             jobs=rendered_jobs)
@@ -206,10 +209,11 @@ def test_drive_follows_a_running_job_instead_of_resubmitting(rendered_jobs):
         pytest.param("finetune", "oomkilled", EXIT_RETRY, ["Stage finetune failed (OOMKilled)", "resuming from checkpoints/step-200"], id="oom"),
         pytest.param("preprocess", "config_error", EXIT_CONFIG, ["Stage preprocess failed (ConfigError)", "no column named"], id="exit-2"),
         pytest.param("finetune", "unschedulable", EXIT_RETRY, ["(Unschedulable)", "Insufficient nvidia.com/gpu"], id="unschedulable"),
-        pytest.param("evaluate", "image_pull_backoff", EXIT_RETRY, ["(ImagePullBackOff)", "not found"], id="image-pull"),
+        pytest.param("finetune", "image_pull_backoff", EXIT_RETRY, ["(ImagePullBackOff)", "not found"], id="image-pull"),
         pytest.param("evaluate", "deadline_exceeded", EXIT_RETRY, ["(DeadlineExceeded)"], id="deadline"),
     ],
 )
+@pytest.mark.timeout(30)
 def test_drive_stops_at_the_first_failure_and_says_why(rendered_jobs, failing, outcome, code, words, capsys):
     outcomes = {s: "succeeded" for s in STAGES} | {failing: outcome}
     cluster = ReplayCluster(outcomes)

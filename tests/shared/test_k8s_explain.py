@@ -49,7 +49,7 @@ def _stage(fx: dict) -> str:
         pytest.param("exit_code_1", 0, "failed", "ExitCode", EXIT_RETRY, ["exited with code 1", "4 failed attempt(s)", "a7b8c"], id="exit-1"),
         pytest.param("deadline_exceeded", 0, "failed", "DeadlineExceeded", EXIT_RETRY, ["activeDeadlineSeconds", "86400"], id="deadline"),
         pytest.param("image_pull_backoff", 0, "failed", "ImagePullBackOff", EXIT_RETRY,
-                     ["ghcr.io/lawtune/lawtune-finetune:0.1.0", "not found", "for 600 s", "make images"], id="image-pull-backoff"),
+                     ["ghcr.io/lawtune/finetune:0.1.0", "not found", "for 600 s", "make images"], id="image-pull-backoff"),
         pytest.param("image_pull_backoff", -590, "waiting", None, None, ["pulling image", "ImagePullBackOff"], id="image-pull-within-grace"),
         pytest.param("image_never_pull", 0, "failed", "ImagePullBackOff", EXIT_CONFIG, ["ErrImageNeverPull", "not present"], id="image-never-pull"),
         pytest.param("unschedulable", 0, "failed", "Unschedulable", EXIT_RETRY,
@@ -129,7 +129,7 @@ def test_failure_target_alone_counts_as_failed():
         pytest.param("config_error", ["Stage preprocess failed (ConfigError)", "exited with code 2", "no column named 'question'"], id="exit-2"),
         pytest.param("unschedulable", ["Stage finetune failed (Unschedulable)", "0/3 nodes are available", "Pod lawtune-sample-finetune-s7d8f logged nothing"],
                      id="unschedulable"),
-        pytest.param("image_pull_backoff", ["(ImagePullBackOff)", "lawtune-finetune:0.1.0", "imagePullSecrets"], id="image-pull"),
+        pytest.param("image_pull_backoff", ["(ImagePullBackOff)", "finetune:0.1.0", "imagePullSecrets"], id="image-pull"),
         pytest.param("exit_code_1", ["Could not connect to the endpoint URL", "kubectl -n lawtune describe job/lawtune-sample-publish"], id="exit-1"),
     ],
 )

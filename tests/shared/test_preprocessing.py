@@ -171,3 +171,33 @@ def test_nothing_usable_is_a_data_error(tmp_path, text, message):
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError, match=message):
         run_build(tmp_path, path)
+
+
+def test_bare_quotes_fall_back_to_serial_parsing_with_the_same_result(tmp_path, monkeypatch, caplog):
+    import shared.preprocessing as preprocessing
+
+    path = tmp_path / "quotes.csv"
+    path.write_text(
+        "title,question,reply,is_best\n"
+        '问题一,,回答里有一个"引号,1\n'  # a bare quote: counting quotes would misplace the cut
+        '问题二,,"跨两行的\n回答内容",1\n'
+        "问题三,,普通的回答,1\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(preprocessing, "BATCH_ROWS", 1)  # cut after every record
+    report, out = run_build(tmp_path, path, PreprocessConfig(dev_ratio=0.0, test_ratio=0.0, min_dev=0, min_test=0))
+    assert "parsing in one process" in caplog.text
+    assert report["kept"] == 3 and report["rejected"] == 0
+    answers = sorted(r["conversations"][-1]["content"] for r in all_examples(out))
+    assert answers == ["回答里有一个\"引号", "普通的回答", "跨两行的\n回答内容"]
+
+
+def test_well_formed_quotes_are_cut_into_pieces_without_fallback(tmp_path, monkeypatch, caplog):
+    import shared.preprocessing as preprocessing
+
+    monkeypatch.setattr(preprocessing, "BATCH_ROWS", 1)
+    small, _ = run_build(tmp_path, ODD)
+    assert "parsing in one process" not in caplog.text
+    monkeypatch.setattr(preprocessing, "BATCH_ROWS", 2000)
+    whole, _ = run_build(tmp_path, ODD)
+    assert small["rejected_by_reason"] == whole["rejected_by_reason"] and small["splits"] == whole["splits"]

@@ -200,3 +200,20 @@ def test_cli_fails_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args,
     assert main(["--port", str(free_port()), "--vllm-port", str(free_port()), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("serve: error:") and message in err[0]
+
+
+@slow
+def test_helm_test_pod_script_passes_against_the_real_gateway(served):
+    """The chart's `helm test` script, pointed at the local gateway instead of the in-cluster Service."""
+    from tests.helm_utils import by_kind, render
+
+    (pod,) = by_kind(render("charts/lawtune-serving", {"apiKey": {"existingSecret": "k"}, "artifactStore": {"root": "s3://b/p"}},
+                            release="t"), "Pod")
+    script = pod["spec"]["containers"][0]["command"][-1].replace("http://t-lawtune-serving-gateway:80", served["gateway"].url)
+    ok = subprocess.run(["sh", "-c", script], env={"PATH": "/usr/bin:/bin", "LAWTUNE_API_KEY": KEY},
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert '"choices"' in ok.stdout
+    wrong = subprocess.run(["sh", "-c", script.replace("--retry 5", "--retry 0")], env={"PATH": "/usr/bin:/bin", "LAWTUNE_API_KEY": "sk-wrong"},
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0

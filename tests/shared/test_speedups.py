@@ -227,10 +227,21 @@ def test_finetune_hooks_pick_the_fast_path_where_configured(mode, device, fast):
         assert isinstance(hooks.make_collator(None, None, None), PackedCollator)
 
 
-def test_finetune_training_on_the_fast_path_matches_the_plain_recipe(tmp_path):
-    """The job's own train() with the fast hooks (forced on, CPU) logs the same train and dev
-    losses as with the plain padded recipe: same data, seed and steps (dropout off, since
-    padded and packed layouts draw different dropout masks)."""
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+
+
+@pytest.mark.parametrize(
+    ("device", "rel"),
+    [
+        pytest.param("cpu", 1e-4, id="cpu-fp32"),
+        pytest.param("cuda", 2e-2, id="gpu-bf16-varlen-liger", marks=[pytest.mark.gpu, GPU]),
+    ],
+)
+def test_finetune_training_on_the_fast_path_matches_the_plain_recipe(tmp_path, device, rel):
+    """The job's own train() with the fast hooks logs the same train and dev losses as with
+    the plain padded recipe: same data, seed and steps (dropout off, since padded and packed
+    layouts draw different dropout masks). On CPU the fast path is forced on; on a GPU it is
+    the default ("auto") and runs the varlen kernel, Liger (if installed) and bf16."""
     from shared.config import parse_config
     from shared.speedups import training_hooks
     from shared.training import train
@@ -246,10 +257,12 @@ def test_finetune_training_on_the_fast_path_matches_the_plain_recipe(tmp_path):
                               "per_device_train_batch_size": 3, "learning_rate": 0.01, "fast_path": fast},
             "peft_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         })
-        return train(config, model_dir, data, tmp_path / f"local-{fast}", None, training_hooks(config, "cpu"))
+        if device == "cpu":
+            config.training_args.use_cpu = True
+        return train(config, model_dir, data, tmp_path / f"local-{fast}", None, training_hooks(config, device))
 
-    plain, fast = run("off"), run("on")
+    plain, fast = run("off"), run("auto" if device == "cuda" else "on")
     assert [s for s, _ in fast.train_loss_curve] == [1, 2, 3]
     for (_, a), (_, b) in zip(plain.train_loss_curve, fast.train_loss_curve):
-        assert a == pytest.approx(b, rel=1e-4)
-    assert [loss for _, loss in fast.dev_loss_curve] == pytest.approx([loss for _, loss in plain.dev_loss_curve], rel=1e-4)
+        assert a == pytest.approx(b, rel=rel)
+    assert [loss for _, loss in fast.dev_loss_curve] == pytest.approx([loss for _, loss in plain.dev_loss_curve], rel=rel)
