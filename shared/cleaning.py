@@ -28,6 +28,8 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def clean_text(text: str) -> str:
+    if not text:
+        return text
     # Substring tests run at C speed; a regex alternation here cost 3x on long replies.
     if not (_SUSPECT.search(text) or "  " in text or " \n" in text or "\n " in text or "\n\n\n" in text):
         return text.strip()

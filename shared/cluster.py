@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -144,7 +145,9 @@ class Cluster:
             config.load_kube_config()
             _, active = config.list_kube_config_contexts()
             default_ns = (active or {}).get("context", {}).get("namespace", "default")
-        except config.ConfigException:
+        except config.ConfigException as exc:
+            if "KUBERNETES_SERVICE_HOST" not in os.environ:
+                raise config.ConfigException(f"no kube config ({exc}; set KUBECONFIG) and not running in a pod") from exc
             config.load_incluster_config()
             default_ns = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
         self.namespace = namespace or default_ns
@@ -248,9 +251,10 @@ def follow_stage(cluster: Cluster, stage: str, job_name: str, label: str, *, pol
                 thread.join(timeout=10)
             return verdict, job
         now = time.monotonic()
-        if verdict.summary != last_line or now - last_print >= PROGRESS_EVERY_S:
+        shape = re.sub(r"\d+", "#", verdict.summary)  # a ticking "(42 s)" is not news
+        if shape != last_line or now - last_print >= PROGRESS_EVERY_S:
             print(f"lawtune k8s {label} {stage}: {verdict.summary} · {_fmt(now - started)}", file=sys.stderr, flush=True)
-            last_line, last_print = verdict.summary, now
+            last_line, last_print = shape, now
         time.sleep(poll_s)
 
 
@@ -293,7 +297,7 @@ def _run(settings: Settings, *, config_path, input_uri, run_id, model_name, valu
     try:
         cluster = Cluster(namespace)
     except ConfigException as exc:
-        raise ConfigError(f"no cluster to talk to (no kube config, not in a pod): {exc}") from exc
+        raise ConfigError(f"no cluster to talk to: {exc}") from exc
     objects = render_chart(settings, config_path=config_path, input_uri=stage_input(settings, input_uri), run_id=run_id,
                            model_name=model_name, values_files=values_files, namespace=cluster.namespace)
 
@@ -303,6 +307,12 @@ def _run(settings: Settings, *, config_path, input_uri, run_id, model_name, valu
     code = drive(cluster, stage_jobs(objects), poll_s=poll_s)
     if code == EXIT_OK:
         log.info("run %s finished: artifacts under %s", run_id, settings.run_uri())
+        from shared.driver import summarize
+
+        try:  # the same summary as a local run; the store is reachable from here (the input went up)
+            summarize(settings, model_name)
+        except LawtuneError as exc:
+            log.warning("could not read the run's summary: %s", exc)
     return code
 
 

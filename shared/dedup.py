@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import json
 import marshal
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from shared.conversation import normalise_key
 
@@ -48,8 +47,7 @@ def parse_flag(value: str) -> bool | None:
     return None
 
 
-@dataclass
-class Candidate:
+class Candidate(NamedTuple):
     """A cleaned row that passed every check, with what grouping and splitting need.
 
     ``record`` is the finished JSONL line (UTF-8, no newline) and ``raw`` the source row
@@ -67,12 +65,6 @@ class Candidate:
     record: bytes
     raw: bytes
 
-    def to_tuple(self) -> tuple:
-        return (
-            self.key, self.digest, self.flag, self.answer_chars, self.question_chars,
-            self.line, self.split_u, self.record, self.raw,
-        )  # fmt: skip
-
     @property
     def conversations(self) -> list[dict[str, str]]:
         return json.loads(self.record)["conversations"]
@@ -87,7 +79,7 @@ def resolve(group: list[Candidate]) -> tuple[Candidate, list[tuple[Candidate, st
     if len(group) == 1:
         return group[0], []
     winner = min(group, key=lambda c: (not c.flag, -c.answer_chars, c.line))
-    folded: list[tuple[str, str]] | None = None
+    kept: _Folded | None = None
     losers = []
     for cand in group:
         if cand is winner:
@@ -95,29 +87,42 @@ def resolve(group: list[Candidate]) -> tuple[Candidate, list[tuple[Candidate, st
         if cand.record == winner.record:  # same key → same id, so equal lines mean equal conversations
             reason = "duplicate_exact"
         else:
-            if folded is None:
-                folded = _fold(winner.conversations)
-            reason = "duplicate_normalised" if _same_folded(cand, folded) else "not_best_reply"
+            kept = kept or _Folded(winner)
+            reason = "duplicate_normalised" if kept.same_as(_Folded(cand)) else "not_best_reply"
         losers.append((cand, reason))
     return winner, losers
 
 
-def _fold(conversations: list[dict[str, str]]) -> list[tuple[str, str]]:
-    return [(t["role"], normalise_key(t["content"])) for t in conversations if t["role"] != "system"]
+class _Folded:
+    """A conversation's turns, folded lazily: first a cheap fold of each turn's beginning,
+    which tells most different answers apart, then the full fold only when those agree."""
 
+    _HEAD = 48
 
-def _same_folded(cand: Candidate, folded: list[tuple[str, str]]) -> bool:
-    # Folding removes characters (NFKC expansions such as ligatures are rare), so an answer
-    # shorter than the winner's folded answer cannot fold to it: most losers are settled
-    # without folding their long answer. A rare miss only changes the reason's name.
-    if cand.answer_chars < sum(len(text) for role, text in folded if role == "assistant"):
-        return False
-    return _fold(cand.conversations) == folded
+    def __init__(self, cand: Candidate):
+        self.turns = [t for t in cand.conversations if t["role"] != "system"]
+        # The last characters of a folded prefix may change once the text goes on (NFKC).
+        self.heads = [(t["role"], normalise_key(t["content"][: self._HEAD])[:-2]) for t in self.turns]
+        self._full: list[tuple[str, str]] | None = None
+
+    @property
+    def full(self) -> list[tuple[str, str]]:
+        if self._full is None:
+            self._full = [(t["role"], normalise_key(t["content"])) for t in self.turns]
+        return self._full
+
+    def same_as(self, other: "_Folded") -> bool:
+        if len(self.heads) != len(other.heads):
+            return False
+        for (role_a, a), (role_b, b) in zip(self.heads, other.heads):
+            if role_a != role_b or not (a.startswith(b) or b.startswith(a)):
+                return False
+        return self.full == other.full
 
 
 def spill_record(cand: Candidate) -> bytes:
     """One candidate as a length-prefixed marshal record (a private, same-process-version format)."""
-    data = marshal.dumps(cand.to_tuple())
+    data = marshal.dumps(tuple(cand))  # marshal takes plain tuples only
     return len(data).to_bytes(4, "little") + data
 
 
@@ -137,7 +142,7 @@ def read_groups(paths: list[Path]) -> Iterator[list[Candidate]]:
         pos, end = 0, len(blob)
         while pos < end:
             size = int.from_bytes(blob[pos : pos + 4], "little")
-            cand = Candidate(*marshal.loads(blob[pos + 4 : pos + 4 + size]))
+            cand = Candidate._make(marshal.loads(blob[pos + 4 : pos + 4 + size]))
             pos += 4 + size
             group = groups.get(cand.key)
             if group is None:

@@ -30,6 +30,7 @@ from shared.errors import ConfigError
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "charts" / "lawtune-serving"
 GATEWAY_TEMPLATE = "templates/gateway-configmap.yaml"
+GATEWAY_DEPLOYMENT = "templates/gateway-deployment.yaml"
 
 
 def helm_binary() -> str:
@@ -70,9 +71,6 @@ def local_gateway_values(*, port: int, upstream: str, runtime_dir: Path, overrid
         },
     }
     return _merge(values, overrides or {})
-
-
-GATEWAY_DEPLOYMENT = "templates/gateway-deployment.yaml"
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # Metric points (0-100) by which the two backends may differ on the same prompts: float
 # kernels differ, so a near-tie between two tokens can flip and the answers diverge from there.
 BACKEND_TOLERANCE = 5.0
+_CPU_MEMORY_FRACTION = 0.2
 # vLLM accepts only these LoRA ranks for its pre-allocated slots.
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -196,6 +197,10 @@ class _VLLM:
             # float32 on CPU, as the transformers backend, so the two agree within tolerance.
             "dtype": "auto" if torch.cuda.is_available() else "float32",
         }
+        if not torch.cuda.is_available():
+            # On CPU this fraction is of host RAM, reserved up front; the 0.92 default fails
+            # whenever anything else holds memory. A fifth holds a small model plus its KV cache.
+            engine_args["gpu_memory_utilization"] = _CPU_MEMORY_FRACTION
         if self.adapter_dir is not None:
             rank = json.loads((self.adapter_dir / "adapter_config.json").read_text())["r"]
             engine_args.update(enable_lora=True, max_loras=1,

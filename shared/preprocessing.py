@@ -45,12 +45,14 @@ from shared.conversation import SchemaError, dumps, normalise_key, question_key,
 from shared.dedup import Candidate, bucket_of, buckets_for, parse_flag, read_groups, resolve, spill_record
 from shared.errors import DataError
 from shared.log import progress
-from shared.readers import BadRow, ChatRow, CsvRow, Source, csv_records, jsonl_records
-from shared.split import SPLITS, assign, split_point, top_up
+from shared.readers import BadRow, CannotCut, ChatRow, CsvRow, Source, csv_records, jsonl_records
+from shared.split import SPLITS, assign, split_point_bytes, top_up
 
 log = logging.getLogger(__name__)
-BATCH_ROWS = 2000
+BATCH_ROWS = 2000  # rows per batch when the parent parses (the fallback)
+PIECE_CHARS = 1 << 20  # characters per piece when workers parse
 SMALL_INPUT = 8 << 20  # below this, worker processes cost more than they save
+MAX_WORKERS = 8  # one parent feeds them; beyond this it cannot keep up
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ def compose_user(title: str, question: str, title_key: str | None = None) -> str
 
 
 def _candidate(cfg: PreprocessConfig, key: str, flag: bool, line: int, turns: list[dict[str, str]], raw: Any) -> Candidate:
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    key_bytes = key.encode("utf-8")
+    digest = hashlib.blake2b(key_bytes, digest_size=8).digest()
     question = answer = 0
     for turn in turns:
         if turn["role"] == "user":
@@ -89,7 +92,7 @@ def _candidate(cfg: PreprocessConfig, key: str, flag: bool, line: int, turns: li
         elif turn["role"] == "assistant":
             answer += len(turn["content"])
     record = dumps({"id": digest.hex(), "conversations": turns}).encode("utf-8")
-    u = split_point(key, cfg.split_seed)
+    u = split_point_bytes(key_bytes, cfg.split_seed)
     return Candidate(key, digest, flag, answer, question, line, u, record, marshal.dumps(raw))
 
 
@@ -275,10 +278,23 @@ def _batches(rows: Iterable, size: int) -> Iterable[list]:
         yield batch
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (a Kubernetes
+    limit), which affinity does not show."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 def default_workers(input_bytes: int) -> int:
     if input_bytes < SMALL_INPUT:
         return 1
-    return max(1, len(os.sched_getaffinity(0)))
+    return min(MAX_WORKERS, available_cpus())
 
 
 def _stats(values: array) -> dict[str, float | int]:
@@ -330,8 +346,13 @@ def _concatenate(spill: Path, outdir: Path, buckets: int, moved: dict[str, set[b
                 dst.writelines(line + b"\n" for line in sorted(moved[split]))
 
 
-class _Uncuttable(Exception):
-    pass
+def _pool(workers: int) -> Executor:
+    if workers > 1:
+        try:
+            return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        except OSError as exc:  # e.g. no usable /dev/shm for the pool's semaphores
+            log.warning("no worker processes (%s); preprocessing in one process", exc)
+    return _Inline()
 
 
 def _pass1(pool: Executor, ctx: Context, source: Source, outdir: Path, *, pieces: bool, window: int) -> Counter:
@@ -342,13 +363,13 @@ def _pass1(pool: Executor, ctx: Context, source: Source, outdir: Path, *, pieces
     try:
         with open(outdir / "rejected.jsonl", "wb") as rejected:
             if pieces:
-                batches: Iterable = source.chunks(BATCH_ROWS)
+                batches: Iterable = source.chunks(PIECE_CHARS)
             else:
                 batches = _batches(source.rows(), BATCH_ROWS)
             results = _ordered(pool, convert_batch, ctx, batches, window)
-            for result in progress(results, desc=f"read {source.name}", unit=f"×{BATCH_ROWS} rows"):
+            for result in progress(results, desc=f"read {source.name}", unit="batch"):
                 if result is None:
-                    raise _Uncuttable
+                    raise CannotCut(f"{source.name}: stray quotes")
                 by_bucket, reject_text, batch_reasons = result
                 for bucket, data in by_bucket.items():
                     bucket_files[bucket].write(data)
@@ -368,12 +389,12 @@ def build(
     workers = workers or default_workers(input_bytes)
     ctx = Context(cfg, source.name, source.format, source.header, source.columns, buckets_for(input_bytes), str(spill))
     started = time.perf_counter()
-    pool: Executor = _Inline() if workers == 1 else ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    pool = _pool(workers)
     with pool, _no_gc():
         try:
             reasons = _pass1(pool, ctx, source, outdir, pieces=True, window=2 * workers + 1)
-        except _Uncuttable:
-            log.warning("%s: quoting that cannot be cut safely for parallel parsing; parsing in one process", source.name)
+        except CannotCut as exc:
+            log.warning("%s: cannot cut into pieces for parallel parsing (%s); parsing in one process", source.name, exc)
             reasons = _pass1(pool, ctx, source, outdir, pieces=False, window=2 * workers + 1)
         log.info("pass 1 (read, clean, spill) done in %.1fs", time.perf_counter() - started)
         reserve_size = cfg.min_dev + cfg.min_test

@@ -57,6 +57,25 @@ _ROLE = {
 }
 
 
+class CannotCut(Exception):
+    """The file cannot be cut into pieces for parallel parsing; read it with ``rows()``."""
+
+
+def _record_boundary(text: str, quoted: bool) -> int:
+    """The index just after the last line break at which the quotes seen so far balance, or 0."""
+    end = text.rfind("\n")
+    if end < 0 or not quoted:
+        return end + 1
+    odd = text.count('"', 0, end) & 1
+    while odd:
+        previous = text.rfind("\n", 0, end)
+        if previous < 0:
+            return 0
+        odd ^= text.count('"', previous, end) & 1
+        end = previous
+    return end + 1
+
+
 class BadRow(NamedTuple):
     """A row that cannot be used: where, why, and what it held."""
 
@@ -184,38 +203,43 @@ class Source:
             else:
                 yield from jsonl_records(fh, 0, name=self.name)
 
-    def chunks(self, records: int) -> Iterator[tuple[int, str]]:
-        """``(first line, text)`` pieces of about ``records`` whole records, for workers to parse.
+    def chunks(self, size: int) -> Iterator[tuple[int, str]]:
+        """``(first line, text)`` pieces of whole records, about ``size`` characters each, for
+        worker processes to parse (``csv_records``/``jsonl_records``).
 
-        CSV pieces end where the count of ``"`` so far is even, which is a record boundary in
-        any file whose quotes are well-formed; ``csv_records(..., strict=True)`` on a piece
-        raises ``csv.Error`` when that assumption failed, and the caller falls back to
-        ``rows()``. Only counting happens here, so one process can feed several.
+        A CSV piece ends at a line break after an even number of ``"`` — a record boundary in
+        any file whose quotes are well formed. Workers parse CSV pieces with ``strict=True``,
+        which raises ``csv.Error`` when that did not hold (stray quotes); the caller then
+        falls back to ``rows()``. Only C-level counting happens here, so one process feeds
+        several workers. ``CannotCut``: no line break to cut at (e.g. old Mac CR line ends).
         """
         quoted = self.format == "csv"
         with self._decoding(), self._open() as fh:
-            number, odd = 0, 0
+            line = 0
             if quoted:  # skip the header record (checked in __init__)
-                for line in fh:
-                    number += 1
-                    odd ^= line.count('"') & 1
+                odd = 0
+                while header_line := fh.readline():
+                    line += 1
+                    odd ^= header_line.count('"') & 1
                     if not odd:
                         break
-            buf: list[str] = []
-            first, count = number + 1, 0
-            for line in fh:
-                number += 1
-                buf.append(line)
-                if quoted:
-                    odd ^= line.count('"') & 1
-                    if odd:
-                        continue
-                count += 1
-                if count >= records:
-                    yield first, "".join(buf)
-                    buf, first, count = [], number + 1, 0
-            if buf:
-                yield first, "".join(buf)
+            carry = ""
+            while True:
+                block = fh.read(size)
+                text = carry + block if carry else block
+                if not block:
+                    if text:
+                        yield line + 1, text
+                    return
+                cut = _record_boundary(text, quoted)
+                if cut <= 0:
+                    if len(text) > _FIELD_LIMIT:
+                        raise CannotCut(f"{self.name}: no record boundary within {_FIELD_LIMIT} characters")
+                    carry = text
+                    continue
+                piece, carry = text[:cut], text[cut:]
+                yield line + 1, piece
+                line += piece.count("\n") + piece.count("\r") - piece.count("\r\n")
 
     @contextmanager
     def _decoding(self):

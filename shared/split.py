@@ -19,7 +19,12 @@ SPLITS = ("train", "dev", "test")
 
 
 def split_point(key: str, seed: str) -> float:
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8, key=seed.encode("utf-8")[:64]).digest()
+    """Where a normalised question falls in [0, 1) for this seed."""
+    return split_point_bytes(key.encode("utf-8"), seed)
+
+
+def split_point_bytes(key: bytes, seed: str) -> float:
+    digest = hashlib.blake2b(key, digest_size=8, key=seed.encode("utf-8")[:64]).digest()
     return int.from_bytes(digest, "big") / 2.0**64
 
 

@@ -91,7 +91,8 @@ def prepare_model(model_dir: Path, config: TrainConfig, prec: Precision):
     except ValueError as exc:
         raise ConfigError(f"peft_config.target_modules {peft.target_modules!r}: {exc}".splitlines()[0]) from None
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("trainable params: %s || all params: %s || %.4f%%", _human(trainable), _human(total), 100 * trainable / total)
+    if os.environ.get("RANK", "0") == "0":
+        log.info("trainable params: %s || all params: %s || %.4f%%", _human(trainable), _human(total), 100 * trainable / total)
     return model
 
 
@@ -256,6 +257,8 @@ def load_datasets(data_dir: Path, config: TrainConfig, tokenizer) -> tuple[list,
 
 
 def _log_report(split: str, report: TokenizationReport, config: TrainConfig) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return  # every rank tokenizes the same data; one report is enough
     d = report.as_dict()
     log.info(
         "%s: %d/%d examples kept, %d tokens (%d trained, longest %d); truncated: %d question(s), %d answer(s), "
@@ -280,19 +283,28 @@ def train(
     ``local_dir`` is the Trainer's output folder, shared by the ranks of one node. The caller
     exports ``store.best()`` (``export_best``) on rank 0 afterwards.
     """
-    from transformers import AutoTokenizer, PrinterCallback, ProgressCallback
-
     hooks = hooks or Hooks()
     prec = precision(config)
     targs = _training_arguments(config, local_dir, prec)
     is_main = targs.process_index == 0
     _torch_threads(targs.world_size)
+    callback = LawtuneCallback(store, has_dev=True, patience=config.training_args.early_stopping_patience,
+                               keep=config.training_args.save_total_limit)
+    with _sigterm_sets(callback):  # from here on SIGTERM only sets a flag; training checks it every step
+        return _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is_main, callback)
+
+
+def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is_main, callback) -> TrainResult:
+    from transformers import AutoTokenizer, PrinterCallback, ProgressCallback
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_rows, dev_rows, reports = load_datasets(data_dir, config, tokenizer)
+    callback.has_dev = bool(dev_rows)
     if not dev_rows:
+        from transformers.trainer_utils import IntervalStrategy
+
         log.warning("dev split is empty: no dev loss; the last checkpoint is exported as the best")
-        targs.eval_strategy = "no"
+        targs.eval_strategy = IntervalStrategy.NO
 
     resume_step = None
     with targs.main_process_first(local=True, desc="resume"):
@@ -313,8 +325,6 @@ def train(
     set_seed(targs.seed)  # before the adapter exists: LoRA's random init must repeat on every attempt
     model = hooks.prepare_model(model_dir, config, prec)
     trainable, total = model.get_nb_trainable_parameters()
-    callback = LawtuneCallback(store, has_dev=bool(dev_rows), patience=config.training_args.early_stopping_patience,
-                               keep=config.training_args.save_total_limit)
     trainer = LawtuneTrainer(
         model=model,
         args=targs,
@@ -329,10 +339,9 @@ def train(
     trainer.remove_callback(ProgressCallback)
     trainer.session_start_step = resume_step or 0
 
-    with _sigterm_sets(callback):
-        if callback.preempted:
-            raise Preempted("SIGTERM before training started; nothing to save, exiting so the Job retries")
-        trainer.train(resume_from_checkpoint=str(local_dir / f"checkpoint-{resume_step}") if resume_step else None)
+    if callback.preempted:
+        raise Preempted("SIGTERM before training started; nothing new to save, exiting so the Job retries")
+    trainer.train(resume_from_checkpoint=str(local_dir / f"checkpoint-{resume_step}") if resume_step else None)
     state = trainer.state
     if callback.preempted:
         raise Preempted(f"SIGTERM: checkpoint step-{state.global_step} committed; exiting so the Job retries")

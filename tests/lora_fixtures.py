@@ -86,11 +86,11 @@ def commit_finetune(settings: Settings, uri: str, model_dir: Path, base_ref: str
                       extra={"base_model": base_ref, "best_step": 4})
 
 
-def commit_verdict(settings: Settings, uri: str, passed: bool, scratch: Path) -> Manifest:
-    """An evaluate artifact holding only a gate verdict (publish reads nothing else of it)."""
+def commit_verdict(settings: Settings, uri: str, passed: bool, scratch: Path, finetune_digest: str) -> Manifest:
+    """An evaluate artifact of the finetune artifact ``finetune_digest`` names, holding only a gate verdict."""
     folder = scratch / f"evaluate-{passed}"
     folder.mkdir(parents=True, exist_ok=True)
     gate = {"passed": passed, "reasons": [f"{'ok' if passed else 'FAIL'} rouge-l: set by the test"], "checks": []}
     (folder / "metrics.json").write_text(json.dumps({"gate": gate}), encoding="utf-8")
-    return commit_dir(folder, open_location(uri, settings), stage="evaluate", inputs={"passed": passed},
+    return commit_dir(folder, open_location(uri, settings), stage="evaluate", inputs={"finetune": finetune_digest, "passed": passed},
                       started_at=now_iso(), extra={"gate": gate})

