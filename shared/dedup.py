@@ -71,7 +71,10 @@ class Candidate(NamedTuple):
 
     @property
     def raw_row(self) -> Any:
-        return marshal.loads(self.raw)
+        raw = marshal.loads(self.raw)
+        if isinstance(raw, list) and None in raw:  # the reply, left out of the spill (unchanged by cleaning)
+            raw[raw.index(None)] = self.conversations[-1]["content"]
+        return raw
 
 
 def resolve(group: list[Candidate]) -> tuple[Candidate, list[tuple[Candidate, str]]]:

@@ -17,11 +17,11 @@ every conversation that has no system turn of its own.
 
 from __future__ import annotations
 
-import gc
 import csv
+import gc
 import hashlib
-import io
 import heapq
+import io
 import json
 import logging
 import marshal
@@ -31,9 +31,9 @@ import statistics
 import time
 from array import array
 from collections import Counter, deque
-from contextlib import contextmanager
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
@@ -96,8 +96,12 @@ def _candidate(cfg: PreprocessConfig, key: str, flag: bool, line: int, turns: li
     return Candidate(key, digest, flag, answer, question, line, u, record, marshal.dumps(raw))
 
 
-def from_csv(row: CsvRow, cfg: PreprocessConfig) -> Candidate | tuple[str, str]:
-    """A candidate, or ``(reason, detail)`` when the row is rejected."""
+def from_csv(row: CsvRow, cfg: PreprocessConfig, reply_at: int | None = None) -> Candidate | tuple[str, str]:
+    """A candidate, or ``(reason, detail)`` when the row is rejected.
+
+    ``reply_at``: the reply's column; when cleaning left the reply as it was, the spilled raw
+    row holds None there instead of a second copy (``Candidate.raw_row`` restores it).
+    """
     flag = parse_flag(row.is_best)
     if flag is None:
         return "invalid_is_best", f"is_best {row.is_best[:40]!r} is not 1/0/true/false/empty"
@@ -115,7 +119,11 @@ def from_csv(row: CsvRow, cfg: PreprocessConfig) -> Candidate | tuple[str, str]:
     turns = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     if cfg.system_prompt:
         turns.insert(0, {"role": "system", "content": cfg.system_prompt})
-    return _candidate(cfg, key, flag, row.line, turns, row.raw)
+    raw = row.raw
+    if reply_at is not None and reply == row.reply:
+        raw = list(raw)
+        raw[reply_at] = None
+    return _candidate(cfg, key, flag, row.line, turns, raw)
 
 
 def from_chat(row: ChatRow, cfg: PreprocessConfig) -> Candidate | tuple[str, str]:
@@ -187,15 +195,17 @@ def convert_batch(ctx: Context, batch: list | tuple[int, str]) -> tuple[dict[int
 
 
 def _convert_batch(ctx: Context, rows: list) -> tuple[dict[int, bytes], bytes, Counter]:
-    convert = from_csv if ctx.fmt == "csv" else from_chat
+    reply_at = ctx.columns["reply"] if ctx.columns else None
     spill: dict[int, list[bytes]] = {}
     rejects: list[str] = []
     reasons: Counter = Counter()
     for row in rows:
         if isinstance(row, BadRow):
             made: Any = (row.reason, row.detail)
+        elif ctx.fmt == "csv":
+            made = from_csv(row, ctx.cfg, reply_at)
         else:
-            made = convert(row, ctx.cfg)
+            made = from_chat(row, ctx.cfg)
         if isinstance(made, Candidate):
             spill.setdefault(bucket_of(made, ctx.buckets), []).append(spill_record(made))
         else:

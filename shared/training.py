@@ -118,6 +118,8 @@ class Hooks:
     prepare_model: Callable = prepare_model
     make_collator: Callable = make_collator
     make_loss: Callable = make_loss
+    # (train rows, config) -> the train dataset Trainer iterates (e.g. packed rows of a token budget)
+    prepare_train_dataset: Callable | None = None
 
 
 def _human(n: int) -> str:
@@ -283,7 +285,11 @@ def train(
     ``local_dir`` is the Trainer's output folder, shared by the ranks of one node. The caller
     exports ``store.best()`` (``export_best``) on rank 0 afterwards.
     """
-    hooks = hooks or Hooks()
+    if hooks is None:
+        # The GPU fast path (issue 7) unless training_args.fast_path says otherwise; plain on CPU.
+        from shared.speedups import training_hooks
+
+        hooks = training_hooks(config, precision(config).device)
     prec = precision(config)
     targs = _training_arguments(config, local_dir, prec)
     is_main = targs.process_index == 0
@@ -299,6 +305,8 @@ def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_rows, dev_rows, reports = load_datasets(data_dir, config, tokenizer)
+    if hooks.prepare_train_dataset is not None:
+        train_rows = hooks.prepare_train_dataset(train_rows, config)
     callback.has_dev = bool(dev_rows)
     if not dev_rows:
         from transformers.trainer_utils import IntervalStrategy
@@ -409,10 +417,16 @@ def _training_arguments(config: TrainConfig, output_dir: Path, prec: Precision):
         report_to="none",
         disable_tqdm=True,
         # Packed rows have no padding and their eos equals pad for many tokenizers: count all tokens.
-        include_num_input_tokens_seen="all" if a.packing else "non_padding",
+        include_num_input_tokens_seen="all" if a.packing or _fast_path(config, prec) else "non_padding",
         ddp_find_unused_parameters=False,
         prediction_loss_only=True,
     )
+
+
+def _fast_path(config: TrainConfig, prec: Precision) -> bool:
+    from shared.speedups import fast_path_wanted
+
+    return fast_path_wanted(config, prec.device)
 
 
 def _torch_threads(world_size: int) -> None:

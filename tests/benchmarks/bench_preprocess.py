@@ -138,7 +138,9 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}"
+    usable = len(os.sched_getaffinity(0))  # taskset -c 0,1 emulates a 2-core machine
+    cores = f"{usable} cores" if usable == os.cpu_count() else f"{usable} of {os.cpu_count()} cores (pinned)"
+    return f"{cores} ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}"
 
 
 def main() -> int:

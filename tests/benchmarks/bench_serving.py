@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     vllm_args = shlex.split(args.vllm_args)
     vllm_env = {**CPU_SERVER_ENV, **dict(kv.split("=", 1) for kv in shlex.split(args.vllm_env))}
 
+    load_before = os.getloadavg()[0]
     settings = load_settings()
     from tests.lora_fixtures import make_adapter
     from shared.merge import merge_adapter
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, StopIteration):
         pass
     text = table(all_rows, base_row, cost)
+    # This machine is shared: the load average says how much else competed for its cores.
+    machine += f"; 1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end"
     print(f"\n{machine}; bundled SmolLM2-135M-Instruct, {args.max_tokens} new tokens per request\n\n{text}")
     if args.record:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -64,6 +64,10 @@ def test_odd_csv_rejects_by_reason_with_line_numbers_and_raw_rows(tmp_path):
     assert all(r["source"] == "lawzhidao_odd.csv" for r in rejected)
     empty = next(r for r in rejected if r["line"] == 12)
     assert empty["raw"] == {"title": "网购退货运费谁出", "question": "", "reply": "  \t ", "is_best": "1"}
+    loser = next(r for r in rejected if r["line"] == 3)  # rejected in pass 2, from the spill
+    assert loser["raw"]["reply"].startswith("有补偿。劳动合同期满终止时") and loser["raw"]["is_best"] == "0"
+    cleaned = next(r for r in rejected if r["line"] == 18)  # its reply was changed by cleaning
+    assert cleaned["raw"]["reply"] == "社会保险行政部门应当自受理工伤认定申请之日起  六十日内，作出工伤认定的决定"
     malformed = next(r for r in rejected if r["line"] == 16)
     assert malformed["raw"] == ["多了一列", "", "这一行有五个字段", "1", "extra"]
 
@@ -215,3 +219,27 @@ def test_pieces_keep_line_numbers_for_any_line_ends(tmp_path, monkeypatch, newli
     rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [(r["line"], r["reason"]) for r in rejected] == [(4, "empty_answer")]
     assert report["kept"] == 2
+
+
+@pytest.mark.parametrize(
+    "encoding, crlf",
+    [
+        pytest.param("utf-8-sig", False, id="utf-8-bom"),
+        pytest.param("utf-8", True, id="crlf"),
+        pytest.param("gb18030", False, id="gb18030"),
+        pytest.param("utf-16", True, id="utf-16-crlf"),
+    ],
+)
+def test_every_encoding_gives_the_same_dataset(tmp_path, encoding, crlf):
+    text = ODD.read_text(encoding="utf-8")
+    if crlf:
+        text = text.replace("\r\n", "\n").replace("\n", "\r\n")
+    utf8 = tmp_path / "plain.csv"
+    utf8.write_text(text.replace("\r\n", "\n"), encoding="utf-8")
+    other = tmp_path / f"{encoding}.csv"
+    other.write_bytes(text.encode(encoding))
+    report_a, a = run_build(tmp_path, utf8)
+    report_b, b = run_build(tmp_path, other)
+    assert report_b["source"]["encoding"] == encoding
+    assert report_a["rejected_by_reason"] == report_b["rejected_by_reason"]
+    assert sorted(map(json.dumps, all_examples(a))) == sorted(map(json.dumps, all_examples(b)))

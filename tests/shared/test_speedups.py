@@ -266,3 +266,31 @@ def test_finetune_training_on_the_fast_path_matches_the_plain_recipe(tmp_path, d
     for (_, a), (_, b) in zip(plain.train_loss_curve, fast.train_loss_curve):
         assert a == pytest.approx(b, rel=rel)
     assert [loss for _, loss in fast.dev_loss_curve] == pytest.approx([loss for _, loss in plain.dev_loss_curve], rel=rel)
+
+
+def test_token_budget_rows_feed_the_finetune_job(tmp_path):
+    """tokens_per_batch: Trainer's per-device batch of rows stays within the budget, every
+    example is trained once per epoch, and tokens_seen counts every packed token."""
+    from shared.config import parse_config
+    from shared.speedups import training_hooks
+    from shared.training import train
+    from tests.tiny import tiny_data_dir, tiny_model_dir
+
+    config = parse_config({
+        "max_input_length": 32, "max_output_length": 16,
+        "training_args": {"max_steps": 2, "save_steps": 2, "eval_steps": 2, "logging_steps": 1, "use_cpu": True,
+                          "per_device_train_batch_size": 2, "fast_path": "on", "tokens_per_batch": 256},
+        "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    })
+    hooks = training_hooks(config, "cpu")
+    lengths = [5, 30, 12, 31, 7, 20, 3]
+    rows = hooks.prepare_train_dataset([{"input_ids": [1] * n, "labels": [1] * n} for n in lengths], config)
+    assert sorted(len(ex["input_ids"]) for i in range(len(rows)) for ex in rows[i]) == sorted(lengths)
+    assert all(sum(len(ex["input_ids"]) for ex in rows[i]) <= 128 for i in range(len(rows)))  # 256 / batch 2
+    assert len(rows) < len(lengths)
+
+    # train() with no hooks picks the fast path itself (fast_path: on)
+    result = train(config, tiny_model_dir(tmp_path / "model"), tiny_data_dir(tmp_path / "data", 40, 2), tmp_path / "local", None)
+    assert result.steps_completed == 2
+    # 2 steps x 2 rows: more tokens than 4 examples can hold (each at most 32 + 16 tokens)
+    assert result.tokens_seen > 2 * 2 * (32 + 16)
