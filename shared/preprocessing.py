@@ -1,12 +1,13 @@
 """The preprocess pipeline, streaming: rows → cleaned candidates → one per question → splits.
 
-Pass 1: the parent parses the file (``readers.Source``, one pass, exact CSV semantics and
-line numbers) and hands batches of rows to workers, which clean and check them; rejects
-go to ``rejected.jsonl`` and candidates are spilled to hash buckets on disk, in file order.
-Pass 2: each bucket is grouped on its own (``dedup.resolve`` keeps one row per question)
-and written to per-bucket split files, which are finally concatenated in bucket order.
-Memory is bounded by a few batches and one bucket per worker, never by the file; the
-output is the same for any number of workers.
+Pass 1: the parent cuts the file into pieces of whole records (``Source.chunks``: counting
+only, no parsing) and worker processes parse, clean and check them; rejects go to
+``rejected.jsonl`` and candidates are spilled to hash buckets on disk, in file order. A
+file whose stray quotes defeat the cutting is detected and parsed by the parent instead
+(``Source.rows``), with the same result. Pass 2: each bucket is grouped on its own
+(``dedup.resolve`` keeps one row per question) and written to per-bucket split files, which
+are finally concatenated in bucket order. Memory is bounded by a few pieces and one bucket
+per worker, never by the file; the output is the same for any number of workers.
 
 lawzhidao rows become a conversation like this: the user turn is the title, plus the
 ``question`` field on a new line when it adds detail (it is neither empty, nor the title

@@ -211,7 +211,8 @@ def test_rendered_invariants(overrides):
     gw_pod = gateway["spec"]["template"]["spec"]
     (keys_init,) = gw_pod["initContainers"]
     assert keys_init["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "lawtune-api-key", "key": "api-key"}
-    assert "nginx.conf" in by_kind(objects, "ConfigMap")[[c["metadata"]["name"] for c in by_kind(objects, "ConfigMap")].index(gateway["metadata"]["name"])]["data"]
+    config_volume = next(v for v in gw_pod["volumes"] if v["name"] == "config")["configMap"]["name"]
+    assert "nginx.conf" in next(c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"] == config_volume)["data"]
 
 
 @pytest.mark.parametrize(("overrides", "kind", "count"), [

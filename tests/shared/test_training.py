@@ -289,3 +289,13 @@ def test_run_that_died_after_its_final_checkpoint_finishes_without_training_agai
     assert again.resumed_from == 4 and again.steps_completed == 4
     assert again.best_step == first.best_step and again.dev_loss_curve == first.dev_loss_curve
     assert_same(adapter_weights(store, 4, tmp_path), final)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(model_dir, tmp_path):
+    data = tiny_data_dir(tmp_path / "data", 4, 2)
+    plain, ckpt = new_store(tmp_path / "plain"), new_store(tmp_path / "ckpt")
+    a = train(cfg(), model_dir, data, tmp_path / "l1", plain)
+    b = train(cfg(gradient_checkpointing=True), model_dir, data, tmp_path / "l2", ckpt)
+    # recomputation replays dropout's RNG state, so the losses and weights match
+    assert [x for _, x in b.train_loss_curve] == pytest.approx([x for _, x in a.train_loss_curve], abs=1e-5)
+    assert_same(adapter_weights(plain, 4, tmp_path), adapter_weights(ckpt, 4, tmp_path))
