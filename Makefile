@@ -4,7 +4,7 @@ SHELL := bash
 .DEFAULT_GOAL := help
 MAKEFLAGS += --no-builtin-rules
 
-##@ Settings (override on the command line: make train CONFIG=... RUN_ID=...)
+# Settings (override on the command line: make train CONFIG=... RUN_ID=...)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
