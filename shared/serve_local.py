@@ -53,6 +53,12 @@ class VLLMProcess:
     process: subprocess.Popen
     log_path: Path
     served_model_name: str
+    api_key: str = ""
+
+    def openai_client(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, **kwargs)
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -95,7 +101,7 @@ def start_vllm(model_dir: Path, port: int, api_key: str, *, served_model_name: s
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(vllm_command(model_dir, port, served_model_name, args), stdout=log_file,
                                 stderr=subprocess.STDOUT, env=proc_env, start_new_session=True)
-    server = VLLMProcess(f"http://127.0.0.1:{port}", proc, log_path, served_model_name)
+    server = VLLMProcess(f"http://127.0.0.1:{port}", proc, log_path, served_model_name, api_key)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
