@@ -178,6 +178,23 @@ def verify_file(path: Path, entry: FileEntry, source: str) -> None:
         )
 
 
+def build_atomically(target: Path, build) -> None:
+    """Fill a temporary sibling folder with ``build(staging)``, then rename it onto ``target``.
+
+    Readers see the old ``target``, nothing, or the complete new one: never a half-built folder.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        build(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def fetch_dir(loc: Location, target: Path, *, max_workers: int = 8, only: list[str] | None = None) -> Manifest:
     """Download a committed folder to ``target``, verifying every file; all or nothing.
 
@@ -186,11 +203,8 @@ def fetch_dir(loc: Location, target: Path, *, max_workers: int = 8, only: list[s
     """
     manifest = read_manifest(loc)
     wanted = [e for e in manifest.files if only is None or e.path in only]
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
 
+    def _build(staging: Path) -> None:
         def _one(entry: FileEntry) -> None:
             dest = staging / entry.path
             loc.download_file(entry.path, dest)
@@ -199,12 +213,8 @@ def fetch_dir(loc: Location, target: Path, *, max_workers: int = 8, only: list[s
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
             list(pool.map(_one, wanted))
         (staging / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    build_atomically(Path(target), _build)
     return manifest
 
 

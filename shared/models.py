@@ -27,11 +27,10 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.artifacts import build_atomically
 from shared.errors import ConfigError, LawtuneError
 from shared.settings import Settings
 
@@ -146,7 +145,7 @@ def _bundled(name: str, settings: Settings) -> Path:
         if _cache_matches(target, source):  # another process converted it while we waited
             return target
         log.info("converting bundled model %s (%s %s) into %s", name, spec.package, source["version"], target)
-        _atomic_build(target, lambda staging: _convert_gguf(gguf, staging, source))
+        build_atomically(target, lambda staging: _convert_gguf(gguf, staging, source))
     return target
 
 
@@ -155,19 +154,6 @@ def _cache_matches(target: Path, source: dict) -> bool:
         return json.loads((target / _SOURCE_MARKER).read_text(encoding="utf-8")) == source
     except (OSError, ValueError):
         return False
-
-
-def _atomic_build(target: Path, build) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        build(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _convert_gguf(gguf: Path, out: Path, source: dict) -> None:
