@@ -123,14 +123,20 @@ class Gateway:
             return json.loads(resp.read())
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            # SIGQUIT: nginx's graceful shutdown (open streams finish), as in the pod's preStop.
-            os.killpg(self.process.pid, signal.SIGQUIT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        # SIGQUIT: nginx's graceful shutdown (open streams finish), as in the pod's preStop.
+        stop_process_group(self.process, signal.SIGQUIT, grace=15)
+
+
+def stop_process_group(process: subprocess.Popen, sig: int, grace: float) -> None:
+    """Send ``sig`` to the process's group (it was started in its own session), SIGKILL after ``grace`` s."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 def prepare_runtime_dir(path: Path) -> Path:

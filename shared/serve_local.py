@@ -34,7 +34,9 @@ from pathlib import Path
 import yaml
 
 from shared.errors import ConfigError, LawtuneError
-from shared.gateway import Gateway, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, write_keys_file
+from shared.gateway import (
+    Gateway, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, stop_process_group, write_keys_file,
+)
 from shared.job import run_main
 from shared.log import configure_logging
 from shared.settings import Settings, load_settings
@@ -67,13 +69,7 @@ class VLLMProcess:
             return ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_process_group(self.process, signal.SIGTERM, grace=30)
 
 
 def fetch_model(uri: str, target: Path) -> str:
