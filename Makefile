@@ -118,9 +118,12 @@ bench-preprocess: $(VENV)/.installed ## Benchmark preprocess on a synthetic 1,00
 	$(PY) tests/benchmarks/bench_preprocess.py $(BENCH_ARGS)
 
 ##@ GPU training speed
-.PHONY: bench-train test-gpu
+.PHONY: bench-train bench-finetune-ddp test-gpu
 bench-train: ## On a GPU: tutorial recipe vs the fast path (7B/1.5B, memory profile), table into docs/benchmarks.md
 	$(PYTHON) tests/benchmarks/train_speed.py $(BENCH_ARGS)
 
-test-gpu: ## On a GPU: the gpu-marked tests (varlen kernel, the finetune job's fast path in bf16)
-	$(PYTHON) -m pytest -m gpu tests/shared/test_speedups.py
+bench-finetune-ddp: ## On N GPUs: the finetune job on one GPU vs torchrun on N (BENCH_ARGS="--csv FILE --gpus N")
+	$(PYTHON) tests/benchmarks/bench_finetune_ddp.py $(BENCH_ARGS)
+
+test-gpu: ## On a GPU: the gpu-marked tests (bf16 LoRA training + resume, varlen kernel, the fast path)
+	$(PYTHON) -m pytest -m gpu tests/shared/test_training.py tests/shared/test_speedups.py

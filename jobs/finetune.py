@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,13 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         return Result(output_uri, False, result.best_step, result.best_dev_loss, result.steps_completed, result.resumed_from)
 
 
+def _leave_process_group() -> None:
+    # torchrun workers that exit with NCCL still up leak its resources (and torch says so).
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
@@ -117,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         settings = load_settings()
         configure_logging(settings.log_level)
-        result = run(settings, load_config(args.config), args.data, args.output)
+        try:
+            result = run(settings, load_config(args.config), args.data, args.output)
+        finally:
+            _leave_process_group()
         if result.skipped:
             log.info("skipped: %s already holds the output of these inputs", result.output_uri)
 

@@ -292,6 +292,7 @@ def train(
         hooks = training_hooks(config, precision(config).device)
     prec = precision(config)
     targs = _training_arguments(config, local_dir, prec)
+    _one_gpu_without_torchrun(targs)
     is_main = targs.process_index == 0
     _torch_threads(targs.world_size)
     callback = LawtuneCallback(store, has_dev=True, patience=config.training_args.early_stopping_patience,
@@ -423,6 +424,18 @@ def _training_arguments(config: TrainConfig, output_dir: Path, prec: Precision):
     )
 
 
+def _one_gpu_without_torchrun(targs) -> None:
+    """One process sees several GPUs: train on the first, never through DataParallel.
+
+    Trainer would wrap the model in ``nn.DataParallel`` (slower than one GPU for LoRA, and a
+    packed row of one sequence cannot be split across replicas); DDP needs ``torchrun``.
+    """
+    if targs.world_size <= 1 and targs.n_gpu > 1:
+        log.warning("%d GPUs visible but not started by torchrun: training on one GPU; "
+                    "use `torchrun --nproc-per-node %d -m jobs.finetune ...` for DDP", targs.n_gpu, targs.n_gpu)
+        targs._n_gpu = 1
+
+
 def _fast_path(config: TrainConfig, prec: Precision) -> bool:
     from shared.speedups import fast_path_wanted
 
@@ -527,7 +540,11 @@ class LawtuneCallback(TrainerCallback):
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every rank's RNG file is on disk before rank 0 uploads the folder
+            # every rank's RNG file is on disk before rank 0 uploads the folder
+            if args.device.type == "cuda":
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
         if self.store is None or not state.is_world_process_zero:
             return control
         step = state.global_step

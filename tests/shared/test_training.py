@@ -299,3 +299,26 @@ def test_gradient_checkpointing_trains_the_same_adapter(model_dir, tmp_path):
     # recomputation replays dropout's RNG state, so the losses and weights match
     assert [x for _, x in b.train_loss_curve] == pytest.approx([x for _, x in a.train_loss_curve], abs=1e-5)
     assert_same(adapter_weights(plain, 4, tmp_path), adapter_weights(ckpt, 4, tmp_path))
+
+
+def test_one_process_on_a_multi_gpu_node_trains_on_one_gpu_not_dataparallel(caplog):
+    """Without torchrun, Trainer would wrap the model in DataParallel over every visible GPU."""
+    from types import SimpleNamespace
+
+    from shared.training import _one_gpu_without_torchrun
+
+    class Args(SimpleNamespace):
+        @property
+        def n_gpu(self):
+            return self._n_gpu
+
+    single = Args(world_size=1, _n_gpu=4)
+    _one_gpu_without_torchrun(single)
+    assert single.n_gpu == 1
+    assert "4 GPUs visible but not started by torchrun" in caplog.text
+    ddp = Args(world_size=2, _n_gpu=1)
+    _one_gpu_without_torchrun(ddp)
+    assert ddp.n_gpu == 1
+    cpu = Args(world_size=1, _n_gpu=0)
+    _one_gpu_without_torchrun(cpu)
+    assert cpu.n_gpu == 0
