@@ -279,14 +279,20 @@ def test_nginx_conf_follows_values():
     conf = lambda objs: next(c for c in by_kind(objs, "ConfigMap") if "nginx.conf" in c["data"])["data"]["nginx.conf"]  # noqa: E731
     default = conf(_render())
     assert f"server {RELEASE}-lawtune-serving-vllm:8000;" in default
-    assert "limit_req_zone $binary_remote_addr zone=lawtune_api:10m rate=5r/s;" in default
+    # Valid keys count per client IP, bad or missing keys per IP in a zone of their own.
+    assert re.search(r"map \$lawtune_key_ok \$lawtune_client \{\s+1 \$binary_remote_addr;\s+default \"\";", default)
+    assert "limit_req_zone $lawtune_client zone=lawtune_api:10m rate=5r/s;" in default
     assert "limit_req zone=lawtune_api burst=10 nodelay;" in default
+    assert "limit_req_zone $lawtune_guesser zone=lawtune_invalid_key:10m rate=1r/s;" in default
+    assert "limit_req zone=lawtune_invalid_key burst=10 nodelay;" in default
+    assert "auth_request /_lawtune_key;" in default
     assert "client_max_body_size 1m;" in default and "proxy_buffering off;" in default
     by_key = conf(_render({"gateway": {"rateLimit": {"key": "apiKey", "requestsPerSecond": 50}, "maxBodySize": "4m"}}))
-    assert "limit_req_zone $http_authorization zone=lawtune_api:10m rate=50r/s;" in by_key
+    assert re.search(r"\$lawtune_client \{\s+1 \$http_authorization;", by_key)
+    assert "limit_req_zone $lawtune_client zone=lawtune_api:10m rate=50r/s;" in by_key
     assert "client_max_body_size 4m;" in by_key
     no_limit = conf(_render({"gateway": {"rateLimit": {"enabled": False}}}))
-    assert "limit_req " not in no_limit
+    assert "limit_req " not in no_limit and "auth_request /_lawtune_key;" in no_limit
     maintenance = conf(_render({"maintenance": {"enabled": True, "message": 'Back at "10:00"', "retryAfterSeconds": 60}}))
     assert "add_header Retry-After 60 always;" in maintenance
     body = re.search(r"return 503 '(.*)';", maintenance).group(1).replace("\\\\", "\\")

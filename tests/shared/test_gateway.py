@@ -102,8 +102,22 @@ def test_rate_limit_is_per_client_ip(gateway_factory):
     assert got == 429 and headers["retry-after"] == "3" and _error(body)["code"] == "rate_limit_exceeded"
     # Another client (another loopback source address) has its own budget.
     assert _request(gateway.url, "/v1/models", key=KEY, source="127.0.0.2")[0] == 503
-    # Bad keys are refused before the limiter: they neither spend nor get a client's budget.
+    # Bad keys are refused before the client limiter: they neither spend nor get a client's budget.
     assert _request(gateway.url, "/v1/models", key="sk-wrong")[0] == 401
+
+
+def test_guessing_keys_is_rate_limited_per_ip_without_spending_a_clients_budget(gateway_factory):
+    gateway = gateway_factory({"gateway": {"rateLimit": {"requestsPerSecond": 1, "burst": 2, "retryAfterSeconds": 3,
+                                                         "invalidKey": {"requestsPerSecond": 1, "burst": 3}}}})
+    statuses = [_request(gateway.url, "/v1/models", key=f"sk-guess-{i}")[0] for i in range(10)]
+    # 1 + burst guesses are answered 401, the rest 429, whatever key each one tries.
+    assert statuses[:4] == [401] * 4 and statuses.count(429) >= 4 and set(statuses) == {401, 429}, statuses
+    got, headers, body = _request(gateway.url, "/v1/models", key=None)
+    assert got == 429 and headers["retry-after"] == "3" and headers["content-type"] == "application/json"
+    assert _error(body)["code"] == "rate_limit_exceeded"
+    # The same IP with the right key still has its whole budget; another IP may still guess.
+    assert [_request(gateway.url, "/v1/models", key=KEY)[0] for _ in range(3)] == [503, 503, 503]
+    assert _request(gateway.url, "/v1/models", key="sk-wrong", source="127.0.0.2")[0] == 401
 
 
 def test_maintenance_answers_503_with_the_message_everywhere(gateway_factory):

@@ -3,9 +3,13 @@ The gateway's whole nginx.conf, rendered from values. The same text runs in the 
 (ConfigMap) and under `make serve` (shared/gateway.py renders it with helm and points
 gateway.upstream, listenAddress, runtimeDir and apiKeysFile at local places).
 
-Order inside a request matters: the maintenance `return` and the API key check run in
-nginx's rewrite phase, before limit_req (preaccess), so a switched-off service and bad keys
-are answered without touching the rate-limit state or vLLM.
+Order inside a request matters: the maintenance `return` runs in nginx's rewrite phase, so a
+switched-off service answers without touching rate-limit state or vLLM. Then limit_req
+(preaccess) counts a request in one of two zones, picked by whether its key is valid (a
+limit_req key that is empty is not counted): valid keys in the client zone (rateLimit), bad or
+missing keys per client IP in their own zone (rateLimit.invalidKey), so guessing keys gets
+429s and never spends a real client's budget. Only then does auth_request (access phase)
+answer a bad key with 401, and only a valid key reaches vLLM.
 */}}
 {{- define "lawtune-serving.nginxConf" -}}
 {{- $g := .Values.gateway -}}
@@ -61,7 +65,16 @@ http {
     }
 
     {{- if $rl.enabled }}
-    limit_req_zone {{ ternary "$http_authorization" "$binary_remote_addr" (eq $rl.key "apiKey") }} zone=lawtune_api:{{ $rl.zoneSize }} rate={{ $rl.requestsPerSecond }}r/s;
+    map $lawtune_key_ok $lawtune_client {
+        1 {{ ternary "$http_authorization" "$binary_remote_addr" (eq $rl.key "apiKey") }};
+        default "";
+    }
+    map $lawtune_key_ok $lawtune_guesser {
+        0 $binary_remote_addr;
+        default "";
+    }
+    limit_req_zone $lawtune_client zone=lawtune_api:{{ $rl.zoneSize }} rate={{ $rl.requestsPerSecond }}r/s;
+    limit_req_zone $lawtune_guesser zone=lawtune_invalid_key:{{ $rl.zoneSize }} rate={{ $rl.invalidKey.requestsPerSecond }}r/s;
     limit_req_status 429;
     limit_req_log_level warn;
     {{- end }}
@@ -91,13 +104,20 @@ http {
         }
         {{- else }}
 
-        location /v1/ {
+        location = /_lawtune_key {
+            internal;
             if ($lawtune_key_ok = 0) {
                 return 401;
             }
+            return 204;
+        }
+
+        location /v1/ {
             {{- if $rl.enabled }}
             limit_req zone=lawtune_api burst={{ $rl.burst }} nodelay;
+            limit_req zone=lawtune_invalid_key burst={{ $rl.invalidKey.burst }} nodelay;
             {{- end }}
+            auth_request /_lawtune_key;
 
             proxy_pass http://lawtune_vllm;
             proxy_http_version 1.1;
