@@ -32,7 +32,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -304,7 +304,7 @@ def _run(settings: Settings, *, config_path, input_uri, run_id, model_name, valu
     for obj in objects:
         if obj["kind"] != "Job":
             cluster.apply(obj)
-    code = drive(cluster, stage_jobs(objects), poll_s=poll_s)
+    code = drive(cluster, stage_jobs(objects), poll_s=poll_s, committed=committed_outputs(settings))
     if code == EXIT_OK:
         log.info("run %s finished: artifacts under %s", run_id, settings.run_uri())
         from shared.driver import summarize
@@ -316,12 +316,34 @@ def _run(settings: Settings, *, config_path, input_uri, run_id, model_name, valu
     return code
 
 
-def drive(cluster: Cluster, jobs: list[tuple[str, dict[str, Any]]], *, poll_s: float) -> int:
-    """Submit (or resume) each stage's Job after the previous one completed; stop at a failure."""
+def committed_outputs(settings: Settings) -> Callable[[str], bool | None]:
+    """Whether a stage's output of this run is committed in the store (None: not known here)."""
+    from shared.artifacts import find_manifest
+    from shared.storage import open_location
+
+    where = {"preprocess": "data", "finetune": "finetune", "evaluate": "evaluate"}
+
+    def committed(stage: str) -> bool | None:
+        if stage not in where:  # publish writes under models/<name>/, versioned by its inputs
+            return None
+        return find_manifest(open_location(settings.run_uri(where[stage]), settings)) is not None
+
+    return committed
+
+
+def drive(cluster: Cluster, jobs: list[tuple[str, dict[str, Any]]], *, poll_s: float,
+          committed: Callable[[str], bool | None] | None = None) -> int:
+    """Submit (or resume) each stage's Job after the previous one completed; stop at a failure.
+
+    A Job that completed is trusted only while its stage's output is still committed
+    (``committed``): one whose artifacts were deleted from the store since runs again.
+    """
     for number, (stage, job) in enumerate(jobs, 1):
         label = f"[{number}/{len(jobs)}]"
         name = job["metadata"]["name"]
         action, why = plan(cluster.get_job(name), job["metadata"]["annotations"][SPEC_DIGEST])
+        if action is Action.SKIP and committed is not None and committed(stage) is False:
+            action, why = Action.REPLACE, "completed before, but its output is no longer in the store: running it again"
         log.info("%s %s (job %s): %s", label, stage, name, why)
         if action is Action.SKIP:
             continue

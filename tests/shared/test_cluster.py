@@ -182,6 +182,37 @@ def test_drive_resumes_a_run(rendered_jobs):
 
 
 @pytest.mark.timeout(30)
+def test_drive_reruns_a_completed_stage_whose_output_left_the_store(rendered_jobs, caplog):
+    """A Job's Complete status outlives its artifacts (a cleaned bucket): the stage runs again."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    cluster = ReplayCluster({s: "succeeded" for s in STAGES},
+                            existing={"preprocess": "succeeded", "finetune": "succeeded"}, jobs=rendered_jobs)
+    committed = {"preprocess": True, "finetune": False, "evaluate": False, "publish": None}
+    assert k8s.drive(cluster, rendered_jobs, poll_s=0, committed=committed.get) == EXIT_OK
+    assert [c for c in cluster.calls if c[0] != "logs"] == [("delete", "finetune"), ("create", "finetune"),
+                                                           ("create", "evaluate"), ("create", "publish")]
+    assert "output is no longer in the store" in caplog.text
+
+
+def test_committed_outputs_reads_the_stage_manifests(tmp_path):
+    from shared.artifacts import commit_dir
+    from shared.settings import Settings
+    from shared.storage import open_location
+
+    settings = Settings(artifact_root=f"file://{tmp_path}", run_id="r1")
+    committed = k8s.committed_outputs(settings)
+    assert committed("preprocess") is False and committed("publish") is None
+    out = tmp_path / "staged"
+    out.mkdir()
+    (out / "train.jsonl").write_text("{}\n")
+    commit_dir(out, open_location(settings.run_uri("data"), settings), stage="preprocess", inputs={},
+               started_at="2026-11-28T00:00:00Z")
+    assert committed("preprocess") is True and committed("finetune") is False
+
+
+@pytest.mark.timeout(30)
 def test_drive_follows_a_running_job_instead_of_resubmitting(rendered_jobs, capsys):
     cluster = ReplayCluster({s: "succeeded" for s in STAGES}, existing={"preprocess": "succeeded", "finetune": "running"},
                             jobs=rendered_jobs)
