@@ -10,7 +10,9 @@ Input: ``models/<name>`` (``PROMOTED`` names the version) or ``models/<name>/<ve
 Every file of the version's manifest is downloaded in parallel into a temporary sibling of
 the target and checked (size, sha256) before one rename puts it in place, so the target
 directory is either complete (with its ``MANIFEST.json``) or absent. A target that already
-holds exactly this version is left as it is (a restarted pod does not download again).
+holds exactly this version is left as it is (a restarted pod does not download again), and
+fetches into one target are serialised by a lock file beside it (``.<target>.lock``), so
+replicas sharing a ReadWriteMany claim download once.
 
 Exit codes: 0 fetched or already there; 1 storage failure (retry); 2 nothing published or
 promoted at that URI, or a checksum mismatch (one line on stderr says which).
@@ -19,6 +21,8 @@ promoted at that URI, or a checksum mismatch (one line on stderr says which).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,12 +76,26 @@ def run(settings: Settings, uri: str, target: Path) -> Result:
     loc = open_location(version_uri, settings)
     manifest = read_manifest(loc)
     target = Path(target).resolve()
-    if _same_version(target, manifest):
-        log.info("%s already holds %s; nothing to download", target, version_uri)
-        return Result(version_uri, manifest, target, False)
-    log.info("fetching %d file(s) of %s into %s", len(manifest.files), version_uri, target)
-    fetch_dir(loc, target, max_workers=settings.s3_max_concurrency)
+    # Replicas sharing one ReadWriteMany claim start together: one downloads, the others wait
+    # and then find the version in place, instead of replacing a folder a server is loading.
+    with _exclusive(target.parent / f".{target.name}.lock"):
+        if _same_version(target, manifest):
+            log.info("%s already holds %s; nothing to download", target, version_uri)
+            return Result(version_uri, manifest, target, False)
+        log.info("fetching %d file(s) of %s into %s", len(manifest.files), version_uri, target)
+        fetch_dir(loc, target, max_workers=settings.s3_max_concurrency)
     return Result(version_uri, manifest, target, True)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # NFS/CephFS/EFS claims honour flock (Linux emulates it with POSIX locks)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def main(argv: list[str] | None = None) -> int:

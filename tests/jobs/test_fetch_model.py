@@ -35,9 +35,32 @@ def test_fetches_complete_and_verified(published, suffix, version):
     assert (target / "config.json").read_text() == f'{{"version": "{version}"}}'
     assert sorted(p.name for p in target.rglob("*") if p.is_file()) == ["MANIFEST.json", "config.json", "weights.bin"]
     assert sha256_file(target / "sub" / "weights.bin") == result.manifest.file("sub/weights.bin").sha256
-    assert [p.name for p in target.parent.iterdir()] == ["model"], "no staging leftovers"
+    assert sorted(p.name for p in target.parent.iterdir()) == [".model.lock", "model"], "no staging leftovers"
     again = fetch_model.run(settings, root + suffix, target)
     assert not again.downloaded, "a restarted init container does not download the same version again"
+
+
+def test_replicas_starting_together_download_once(published):
+    """Pods sharing a ReadWriteMany claim: one fetches, the others find the version in place
+    (no replacing a folder that another pod's server is already loading)."""
+    import threading
+
+    settings, root, tmp = published
+    target = tmp / "shared-claim" / "model"
+    start = threading.Barrier(3)
+    results = []
+
+    def replica():
+        start.wait()
+        results.append(fetch_model.run(settings, root, target))
+
+    threads = [threading.Thread(target=replica) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(r.downloaded for r in results) == [False, False, True]
+    assert (target / "config.json").read_text() == '{"version": "v2"}'
 
 
 def test_promotion_change_replaces_the_target(published):
