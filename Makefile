@@ -125,5 +125,5 @@ bench-train: ## On a GPU: tutorial recipe vs the fast path (7B/1.5B, memory prof
 bench-finetune-ddp: ## On N GPUs: the finetune job on one GPU vs torchrun on N (BENCH_ARGS="--csv FILE --gpus N")
 	$(PYTHON) tests/benchmarks/bench_finetune_ddp.py $(BENCH_ARGS)
 
-test-gpu: ## On a GPU: the gpu-marked tests (bf16 LoRA training + resume, varlen kernel, the fast path)
-	$(PYTHON) -m pytest -m gpu tests/shared/test_training.py tests/shared/test_speedups.py
+test-gpu: ## On a GPU: the gpu-marked tests (FP8 layers, varlen kernel, the fast path, bf16 LoRA training + resume)
+	$(PYTHON) -m pytest -m gpu tests/shared/test_fp8.py tests/shared/test_speedups.py tests/shared/test_training.py

@@ -109,6 +109,10 @@ class TrainingArgs(_Strict):
     fast_path: Literal["auto", "on", "off"] = Field(
         default="auto", description="auto = on when training on a GPU; off = the plain Trainer recipe."
     )
+    fp8: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Fast path: the frozen base weights' matmuls in FP8 (rowwise scales); auto = on GPUs with FP8 tensor cores (Ada/Hopper+) for models of hidden size >= 3072.",
+    )
     memory_profile: bool = Field(
         default=False,
         description="Fast path for 24 GB cards: recompute each decoder layer in backward (7B LoRA, 2,048-token examples: <22 GiB).",

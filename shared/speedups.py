@@ -190,6 +190,7 @@ class FastPath:
     liger: bool
     gradient_checkpointing: bool
     compiled_lora: bool = False
+    fp8: bool = False
     _undo: list[Callable[[], None]] = field(default_factory=list)
 
     def undo_global_patches(self) -> None:
@@ -201,6 +202,7 @@ class FastPath:
             f"attention={self.attention} liger={'on' if self.liger else 'off'} "
             f"gradient_checkpointing={'on' if self.gradient_checkpointing else 'off'} loss=chunked"
             + (" lora=compiled" if self.compiled_lora else "")
+            + (" fp8=frozen-linears" if self.fp8 else "")
         )
 
 
@@ -333,8 +335,18 @@ def fuse_lora_layers(model: torch.nn.Module, compiled: bool = False) -> int:
     return count
 
 
-def _fast_forward(original: Callable, use_liger: bool, fuse_lora: bool, compile_lora: bool = False) -> Callable:
-    state = {"fused": False}
+FP8_AUTO_MIN_HIDDEN = 3072
+
+
+def auto_fp8(model: torch.nn.Module, on_gpu: bool) -> bool:
+    """``fp8: auto``: FP8 tensor cores, and matmuls large enough to repay the quantisation passes."""
+    from shared import fp8
+
+    return on_gpu and fp8.fp8_supported() and getattr(model.config, "hidden_size", 0) >= FP8_AUTO_MIN_HIDDEN
+
+
+def _fast_forward(original: Callable, use_liger: bool, fuse_lora: bool, compile_lora: bool = False, fp8: bool = False) -> Callable:
+    state = {"fused": False, "fp8": False}
 
     def forward(
         self,
@@ -367,6 +379,12 @@ def _fast_forward(original: Callable, use_liger: bool, fuse_lora: bool, compile_
             state["fused"] = True
             log.info("fused %d LoRA layers", fuse_lora_layers(self, compiled=compile_lora))
         decoder = getattr(self, self.base_model_prefix)
+        if fp8 and not state["fp8"]:
+            # At first use: the weights are on the GPU by now, and peft's layers exist.
+            from shared.fp8 import convert_frozen_linears
+
+            state["fp8"] = True
+            log.info("FP8 forward/backward on %d frozen linear layers", convert_frozen_linears(decoder))
         out = decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -394,11 +412,15 @@ def enable_fast_path(
     liger: bool | None = None,
     fuse_lora: bool = True,
     compile_lora: bool = False,
+    fp8: bool | None = False,
 ) -> FastPath:
     """Patch a transformers causal LM in place (before or after peft wraps it: pass the
     transformers model itself, e.g. ``peft_model.get_base_model()``).
 
-    ``liger=None`` uses Liger when it is installed and the model sits on a GPU.
+    ``liger=None`` uses Liger when it is installed and the model sits on a GPU. ``fp8=None``
+    (auto) runs the frozen linear layers in FP8 where that was measured to pay: a GPU with FP8
+    tensor cores and a hidden size of at least ``FP8_AUTO_MIN_HIDDEN`` (Qwen2.5-7B: +17 % tokens/s
+    on an H100; Qwen2.5-1.5B: -7 %, its matmuls too small to repay the quantisation passes).
     """
     register_attention()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -411,11 +433,14 @@ def enable_fast_path(
         if undo is not None:
             fast.liger = True
             fast._undo.append(undo)
-    model.forward = MethodType(_fast_forward(model.forward, fast.liger, fuse_lora, compile_lora), model)
+    if fp8 is None:
+        fp8 = auto_fp8(model, on_gpu)
+    model.forward = MethodType(_fast_forward(model.forward, fast.liger, fuse_lora, compile_lora, fp8), model)
     if memory_profile:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         fast.gradient_checkpointing = True
     fast.compiled_lora = compile_lora
+    fast.fp8 = fp8
     log.info("fast training path: %s", fast.describe())
     return fast
 
@@ -443,6 +468,11 @@ def fast_path_wanted(config: Any, device: str) -> bool:
     return mode == "on" or (mode == "auto" and device == "cuda")
 
 
+def fp8_wanted(config: Any) -> bool | None:
+    """``training_args.fp8``: "on" (True), "off" (False) or "auto" (None: enable_fast_path decides)."""
+    return {"on": True, "off": False}.get(getattr(config.training_args, "fp8", "auto"))
+
+
 def training_hooks(config: Any, device: str):
     """``shared.training.Hooks`` for the finetune job: the fast path where wanted, else the defaults.
 
@@ -463,7 +493,7 @@ def training_hooks(config: Any, device: str):
 
     def prepare(model_dir, cfg, prec):
         model = prepare_model(model_dir, cfg, prec)
-        enable_fast_path(model.get_base_model(), memory_profile=cfg.training_args.memory_profile)
+        enable_fast_path(model.get_base_model(), memory_profile=cfg.training_args.memory_profile, fp8=fp8_wanted(cfg))
         return model
 
     def collator(cfg, tokenizer, prec):

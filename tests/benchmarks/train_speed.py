@@ -34,7 +34,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,6 +77,7 @@ class Case:
     baseline: bool = True
     leak_control: bool = False
     compile_lora: bool = False
+    fp8: bool = False
 
     @property
     def lora_label(self) -> str:
@@ -146,6 +147,9 @@ def build_model(arch: str, seed: int):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     cfg = Qwen2Config(**ARCHS[arch])
+    # The previous variant's model dies with its Trainer's reference cycles: collect it before
+    # the peak counter starts, or its weights count towards this variant's peak.
+    free()
     torch.manual_seed(seed)
     dtype = torch.bfloat16 if device().type == "cuda" else torch.float32
     with device():
@@ -293,11 +297,13 @@ def run_ours(case: Case, examples, steps, warmup, parity, seed, leak: bool = Fal
     label = "ours, memory profile" if case.memory_profile else "ours"
     if case.compile_lora:
         label += " + compiled LoRA (experiment)"
+    if case.fp8:
+        label += " + FP8 frozen weights"
     if leak:
         label = "leak control: packed, NO per-example mask"
     row = Row(case.arch, f"{label}, {case.lora_label}, {case.tokens_per_batch} tok/batch")
     model = build_model(case.arch, seed)
-    fast = enable_fast_path(model, memory_profile=case.memory_profile, compile_lora=case.compile_lora)
+    fast = enable_fast_path(model, memory_profile=case.memory_profile, compile_lora=case.compile_lora, fp8=case.fp8)  # explicit: both rows
     model = wrap_lora(model, case, seed)
     row.note = fast.describe()
     try:
@@ -427,6 +433,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens-mem", type=int, default=8192)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--baseline-runs", type=int, default=2, choices=[1, 2], help="2: the baseline again after ours")
+    p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run each case's fast path with FP8 frozen weights (shared/fp8.py)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 2 steps of each run")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args(argv)
@@ -474,6 +482,15 @@ def main(argv=None) -> int:
             traceback.print_exc()
             case_rows.append(Row(case.arch, f"ours ({case.lora_label})", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
             free()
+        if args.fp8 and not case.fp8:
+            try:
+                case_rows.append(run_ours(replace(case, fp8=True), examples, args.steps, args.warmup, parity, args.seed))
+            except Exception as exc:  # noqa: BLE001
+                import traceback
+
+                traceback.print_exc()
+                case_rows.append(Row(case.arch, f"ours + FP8 ({case.lora_label})", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
+                free()
         if case.leak_control and base is not None and parity:
             case_rows.append(run_ours(case, examples, 0, 0, parity, args.seed, leak=True))
         if base is not None and args.baseline_runs > 1:

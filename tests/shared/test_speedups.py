@@ -231,17 +231,20 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 
 @pytest.mark.parametrize(
-    ("device", "rel"),
+    ("device", "rel", "fp8"),
     [
-        pytest.param("cpu", 1e-4, id="cpu-fp32"),
-        pytest.param("cuda", 2e-2, id="gpu-bf16-varlen-liger", marks=[pytest.mark.gpu, GPU]),
+        pytest.param("cpu", 1e-4, "off", id="cpu-fp32"),
+        pytest.param("cpu", 2e-2, "on", id="cpu-fp8-frozen-linears"),
+        pytest.param("cuda", 2e-2, "on", id="gpu-bf16-varlen-liger-fp8", marks=[pytest.mark.gpu, GPU]),
+        pytest.param("cuda", 2e-2, "auto", id="gpu-bf16-varlen-liger", marks=[pytest.mark.gpu, GPU]),
     ],
 )
-def test_finetune_training_on_the_fast_path_matches_the_plain_recipe(tmp_path, device, rel):
+def test_finetune_training_on_the_fast_path_matches_the_plain_recipe(tmp_path, device, rel, fp8):
     """The job's own train() with the fast hooks logs the same train and dev losses as with
     the plain padded recipe: same data, seed and steps (dropout off, since padded and packed
     layouts draw different dropout masks). On CPU the fast path is forced on; on a GPU it is
-    the default ("auto") and runs the varlen kernel, Liger (if installed) and bf16."""
+    the default ("auto") and runs the varlen kernel, Liger (if installed) and bf16, with the
+    frozen layers in FP8 ("on"; "auto" keeps this tiny model in bf16)."""
     from shared.config import parse_config
     from shared.speedups import training_hooks
     from shared.training import train
@@ -254,7 +257,7 @@ def test_finetune_training_on_the_fast_path_matches_the_plain_recipe(tmp_path, d
         config = parse_config({
             "max_input_length": 32, "max_output_length": 16,
             "training_args": {"max_steps": 3, "save_steps": 3, "eval_steps": 3, "logging_steps": 1,
-                              "per_device_train_batch_size": 3, "learning_rate": 0.01, "fast_path": fast},
+                              "per_device_train_batch_size": 3, "learning_rate": 0.01, "fast_path": fast, "fp8": fp8},
             "peft_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         })
         if device == "cpu":
