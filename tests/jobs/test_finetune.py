@@ -210,7 +210,13 @@ def test_sigterm_after_a_checkpoint_then_restart_resumes_to_the_same_adapter(ref
 
 
 @pytest.mark.integration
-def test_torchrun_two_processes_train_with_ddp_and_rank_0_commits_once(tmp_path):
+@pytest.mark.parametrize("fast", [
+    pytest.param({}, id="plain"),
+    # The GPU recipe's code path on CPU/gloo: packed rows, and the frozen layers switched to FP8
+    # at the first forward, after Trainer has wrapped the model in DDP.
+    pytest.param({"fast_path": "on", "fp8": "on", "tokens_per_batch": 128}, id="fast-path-fp8"),
+])
+def test_torchrun_two_processes_train_with_ddp_and_rank_0_commits_once(tmp_path, fast):
     from tests.tiny import tiny_data_dir, tiny_model_dir
 
     model = tiny_model_dir(tmp_path / "model")
@@ -220,7 +226,8 @@ def test_torchrun_two_processes_train_with_ddp_and_rank_0_commits_once(tmp_path)
     commit_dir(data, open_location(settings.run_uri("data"), settings), stage="data", inputs={}, started_at=now_iso())
     config = write_config(tmp_path / "c.yaml", {
         "base_model": str(model), "max_input_length": 32, "max_output_length": 16,
-        "training_args": {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 2},
+        "training_args": {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 2,
+                          **fast},
         "peft_config": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
     })
     env = {**os.environ, "LAWTUNE_ARTIFACT_ROOT": f"file://{root}", "LAWTUNE_RUN_ID": "ddp", "LAWTUNE_CACHE_DIR": str(tmp_path / "cache")}
@@ -232,7 +239,12 @@ def test_torchrun_two_processes_train_with_ddp_and_rank_0_commits_once(tmp_path)
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps_completed"] == 4
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # 2 ranks x batch 2 = 4 of the 8 examples per step: 4 steps are 2 epochs
-    assert max(m.get("epoch", 0) for m in metrics) == pytest.approx(2.0)
+    if not fast:
+        # 2 ranks x batch 2 = 4 of the 8 examples per step: 4 steps are 2 epochs
+        assert max(m.get("epoch", 0) for m in metrics) == pytest.approx(2.0)
+    else:
+        assert proc.stderr.count("FP8 forward/backward on 14 frozen linear layers") == 2, "each rank converts its own replica"
+        losses = [m["loss"] for m in metrics if "loss" in m]
+        assert len(losses) >= 4 and all(loss == loss for loss in losses)
     assert proc.stderr.count("finetune: committed") == 1, "only rank 0 writes the artifact"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]

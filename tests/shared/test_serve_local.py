@@ -26,7 +26,7 @@ from shared.artifacts import commit_dir, now_iso
 from shared.errors import ConfigError
 from shared.gateway import CHART, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, write_keys_file
 from shared.models import BUNDLED_DEFAULT, resolve_base_model
-from shared.serve_local import fetch_model, main, serve
+from shared.serve_local import CPU_SERVER_ARGS, fetch_model, main, serve
 from shared.settings import Settings
 from shared.storage import open_location
 from tests.helm_utils import helm_path
@@ -55,7 +55,9 @@ def served(model_cache_dir, tmp_path_factory):
     settings = Settings(artifact_root=f"file://{root}", cache_dir=model_cache_dir, run_id="test")
     _publish_bundled(settings)
     serve_settings = Settings(artifact_root=f"file://{root}", cache_dir=tmp_path_factory.mktemp("serve-cache"))
-    server, gateway = serve(serve_settings, NAME, free_port(), free_port(), KEY)
+    # make serve's settings, in eager mode: compiling would add a minute to every test session.
+    server, gateway = serve(serve_settings, NAME, free_port(), free_port(), KEY,
+                            vllm_args=["--enforce-eager", *CPU_SERVER_ARGS])
     state = {"server": server, "gateway": gateway, "settings": serve_settings}
     yield state
     state["gateway"].stop()  # tests may have restarted it
