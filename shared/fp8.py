@@ -147,7 +147,6 @@ def fp8_forward(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tenso
         except RuntimeError:  # memory-mapped from a checkpoint file (CPU): dropping the reference is enough
             pass
     linear.weight.data = torch.empty(0, dtype=dtype, device=device)
-    linear._lawtune_fp8 = (w_fwd, s_fwd, w_bwd, s_bwd)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -174,10 +173,9 @@ def convert_frozen_linears(decoder: torch.nn.Module) -> int:
             type(module) is torch.nn.Linear
             and not module.weight.requires_grad
             and (module.bias is None or not module.bias.requires_grad)
-            and module.weight.numel() > 0
+            and module.weight.numel() > 0  # converted ones have none left
             and module.in_features % 16 == 0
             and module.out_features % 16 == 0
-            and not getattr(module, "_lawtune_fp8", None)
         ):
             module.forward = fp8_forward(module)
             count += 1
