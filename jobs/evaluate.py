@@ -5,7 +5,7 @@
         --output s3://b/runs/r1/evaluate --config configs/x.yaml
 
 Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_RUN_ID``, ``LAWTUNE_S3_ENDPOINT_URL``,
-``LAWTUNE_CACHE_DIR`` (shared/settings.py); AWS credentials the standard way.
+``LAWTUNE_CACHE_DIR`` (shared/core/settings.py); AWS credentials the standard way.
 
 Inputs: the committed ``data/`` (its test split, ``data_config.test_file``) and
 ``finetune/`` (``adapter/``, ``training_summary.json``; the base model is the one its
@@ -32,20 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.artifacts import Manifest, read_manifest
-from shared.config import TrainConfig, load_config
-from shared.conversation import SchemaError, load_jsonl
-from shared.errors import DataError
-from shared.gate import evaluate_gate
-from shared.generation import generate_answers, prompt_turns
-from shared.job import run_main
-from shared.log import configure_logging
-from shared.metrics import METRICS
-from shared.metrics import evaluate as score_all
-from shared.report import ReportInput, write_report
-from shared.settings import Settings, load_settings
-from shared.stage import StageOutput, fetch_stage
-from shared.storage import open_location
+from shared.store.artifacts import Manifest, read_manifest
+from shared.core.config import TrainConfig, load_config
+from shared.data.conversation import SchemaError, load_jsonl
+from shared.core.errors import DataError
+from shared.evaluate.gate import evaluate_gate
+from shared.evaluate.generation import generate_answers, prompt_turns
+from shared.core.job import run_main
+from shared.core.log import configure_logging
+from shared.evaluate.metrics import METRICS
+from shared.evaluate.metrics import evaluate as score_all
+from shared.evaluate.report import ReportInput, write_report
+from shared.core.settings import Settings, load_settings
+from shared.store.stage import StageOutput, fetch_stage
+from shared.store.storage import open_location
 
 STAGE = "evaluate"
 log = logging.getLogger("lawtune.evaluate")
@@ -79,7 +79,7 @@ def _question(turns: list[dict[str, str]]) -> str:
 
 def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, finetune_uri: str | None = None,
         output_uri: str | None = None, *, force: bool = False) -> Result:
-    from shared.models import resolve_base_model
+    from shared.train.models import resolve_base_model
 
     data_uri = data_uri or settings.run_uri("data")
     finetune_uri = finetune_uri or settings.run_uri("finetune")

@@ -27,13 +27,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.artifacts import MANIFEST, Manifest, fetch_dir, read_manifest
-from shared.errors import ConfigError
-from shared.job import run_main
-from shared.log import configure_logging
-from shared.settings import Settings, load_settings
-from shared.storage import open_location
-from shared.uri import join
+from shared.store.artifacts import MANIFEST, Manifest, fetch_dir, read_manifest
+from shared.core.errors import ConfigError
+from shared.core.job import run_main
+from shared.core.log import configure_logging
+from shared.core.settings import Settings, load_settings
+from shared.store.storage import open_location
+from shared.core.uri import join
 
 PROMOTED = "PROMOTED"
 log = logging.getLogger("lawtune.fetch_model")

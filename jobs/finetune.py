@@ -36,11 +36,11 @@ from pathlib import Path
 
 import yaml
 
-from shared.config import TrainConfig, load_config
-from shared.errors import LawtuneError
-from shared.job import run_main
-from shared.log import configure_logging
-from shared.settings import Settings, load_settings
+from shared.core.config import TrainConfig, load_config
+from shared.core.errors import LawtuneError
+from shared.core.job import run_main
+from shared.core.log import configure_logging
+from shared.core.settings import Settings, load_settings
 
 STAGE = "finetune"
 # Sections that change what training produces; editing evaluation/preprocess keys does not re-train.
@@ -60,10 +60,10 @@ class Result:
 
 def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, output_uri: str | None = None,
         hooks=None) -> Result:
-    from shared.artifacts import digest_inputs, read_manifest
-    from shared.models import resolve_base_model
-    from shared.stage import StageOutput, fetch_stage
-    from shared.storage import open_location
+    from shared.store.artifacts import digest_inputs, read_manifest
+    from shared.train.models import resolve_base_model
+    from shared.store.stage import StageOutput, fetch_stage
+    from shared.store.storage import open_location
 
     data_uri = data_uri or settings.run_uri("data")
     output_uri = output_uri or settings.run_uri(STAGE)
@@ -75,7 +75,11 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
             return Result(output_uri, True, out.skipped.extra.get("best_step"))
         model_dir = resolve_base_model(config.base_model, settings)  # a bad model fails before the data is read
 
-        from shared.training import CheckpointStore, export_best, train
+        from shared.train.fast.speedups import training_hooks
+        from shared.train.training import CheckpointStore, export_best, precision, train
+
+        # The GPU fast path unless training_args.fast_path says otherwise; plain on CPU.
+        hooks = hooks or training_hooks(config, precision(config).device)
 
         # Same path on every rank of a node (the Trainer's checkpoints); per inputs, so runs never mix.
         local = settings.cache_dir / "work" / f"{STAGE}-{settings.run_id}-{digest_inputs(out.inputs)[:12]}"

@@ -4,10 +4,10 @@
     python -m jobs.preprocess --input s3://bucket/raw/qa.csv --output s3://bucket/runs/r1/data --config configs/x.yaml
 
 Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_RUN_ID``, ``LAWTUNE_S3_ENDPOINT_URL``,
-``LAWTUNE_CACHE_DIR`` (see shared/settings.py); AWS credentials the standard way.
+``LAWTUNE_CACHE_DIR`` (see shared/core/settings.py); AWS credentials the standard way.
 
 Input: a local path or an s3:// / file:// URI of a lawzhidao CSV (``title,question,reply,
-is_best``) or a chat JSONL (ChatGLM3, OpenAI or ShareGPT) — see shared/readers.py.
+is_best``) or a chat JSONL (ChatGLM3, OpenAI or ShareGPT) — see shared/data/readers.py.
 
 Output (default ``<artifact_root>/runs/<run_id>/data/``): ``train.jsonl``, ``dev.jsonl``,
 ``test.jsonl`` (``{"id", "conversations"}`` per line), ``rejected.jsonl`` (source, line,
@@ -29,17 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.artifacts import Manifest, sha256_file
-from shared.config import TrainConfig, load_config
-from shared.errors import DataError
-from shared.job import run_main
-from shared.log import configure_logging
-from shared.preprocessing import build
-from shared.readers import Source
-from shared.settings import Settings, load_settings
-from shared.stage import StageOutput
-from shared.storage import open_location
-from shared.uri import parse_uri
+from shared.store.artifacts import Manifest, sha256_file
+from shared.core.config import TrainConfig, load_config
+from shared.core.errors import DataError
+from shared.core.job import run_main
+from shared.core.log import configure_logging
+from shared.data.preprocessing import build
+from shared.data.readers import Source
+from shared.core.settings import Settings, load_settings
+from shared.store.stage import StageOutput
+from shared.store.storage import open_location
+from shared.core.uri import parse_uri
 
 STAGE = "data"
 log = logging.getLogger("lawtune.preprocess")

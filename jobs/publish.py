@@ -5,12 +5,12 @@
         --model-name legal-assistant [--force]
 
 Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_RUN_ID``, ``LAWTUNE_S3_ENDPOINT_URL``,
-``LAWTUNE_CACHE_DIR`` (shared/settings.py); AWS credentials the standard way.
+``LAWTUNE_CACHE_DIR`` (shared/core/settings.py); AWS credentials the standard way.
 
 Inputs: the committed ``finetune/`` (``adapter/``; the base model its manifest names) and
 ``evaluate/`` (the gate verdict in its manifest). The merge runs in float32 with peft's
 ``merge_and_unload`` and is checked against base+adapter logits before anything is written
-(shared/merge.py).
+(shared/publish/merge.py).
 
 Output: ``<artifact_root>/models/<name>/<version>/`` (sharded safetensors, tokenizer, chat
 template, generation config, ``lawtune-model.json`` provenance, ``MANIFEST.json`` last),
@@ -33,14 +33,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.artifacts import Manifest, digest_inputs, find_manifest, now_iso, read_manifest
-from shared.gate import gate_passed
-from shared.job import run_main
-from shared.log import configure_logging
-from shared.settings import Settings, load_settings
-from shared.stage import StageOutput, fetch_stage
-from shared.storage import Location, open_location
-from shared.uri import join
+from shared.store.artifacts import Manifest, digest_inputs, find_manifest, now_iso, read_manifest
+from shared.evaluate.gate import gate_passed
+from shared.core.job import run_main
+from shared.core.log import configure_logging
+from shared.core.settings import Settings, load_settings
+from shared.store.stage import StageOutput, fetch_stage
+from shared.store.storage import Location, open_location
+from shared.core.uri import join
 
 STAGE = "publish"
 PROMOTED = "PROMOTED"
@@ -61,7 +61,7 @@ class Result:
 
 def run(settings: Settings, model_name: str, finetune_uri: str | None = None, evaluate_uri: str | None = None,
         *, force: bool = False, max_shard_size: str = "2GB") -> Result:
-    from shared.errors import ConfigError
+    from shared.core.errors import ConfigError
 
     if not _NAME.match(model_name):
         raise ConfigError(f"--model-name {model_name!r}: expected 1-63 lowercase letters, digits, '.', '_' or '-'")
@@ -97,8 +97,8 @@ def run(settings: Settings, model_name: str, finetune_uri: str | None = None, ev
 
 def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, finetune_uri: str, evaluate_uri: str,
                       base_ref: str, gate, version: str, max_shard_size: str) -> Manifest:
-    from shared.merge import merge_adapter
-    from shared.models import resolve_base_model
+    from shared.publish.merge import merge_adapter
+    from shared.train.models import resolve_base_model
 
     base_dir = resolve_base_model(base_ref, settings)
     with tempfile.TemporaryDirectory(prefix="publish-in-", dir=out.workdir.parent) as scratch:
@@ -124,7 +124,7 @@ def _promote(model_root: Location, version: str, passed: bool, force: bool, gate
         log.warning("gate FAILED (%s): PROMOTED stays at %s", reasons, current or "<none>")
         return current == version
     if find_manifest(model_root.child(version)) is None:
-        from shared.errors import IntegrityError
+        from shared.core.errors import IntegrityError
 
         raise IntegrityError(f"{model_root.uri}/{version} has no manifest; refusing to promote an incomplete version")
     if not passed:

@@ -77,8 +77,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def bundled_model_dir(model_cache_dir) -> Path:
     """The bundled model (GGUF → safetensors), converted once per session under ``model_cache_dir``."""
-    from shared.models import BUNDLED_DEFAULT, resolve_base_model
-    from shared.settings import Settings
+    from shared.train.models import BUNDLED_DEFAULT, resolve_base_model
+    from shared.core.settings import Settings
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return resolve_base_model(BUNDLED_DEFAULT, Settings(cache_dir=model_cache_dir))

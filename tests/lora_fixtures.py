@@ -12,10 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
-from shared.artifacts import Manifest, commit_dir, now_iso
-from shared.conversation import dumps, to_record
-from shared.settings import Settings
-from shared.storage import open_location
+from shared.store.artifacts import Manifest, commit_dir, now_iso
+from shared.data.conversation import dumps, to_record
+from shared.core.settings import Settings
+from shared.store.storage import open_location
 
 QA = [
     ("劳动合同到期，公司不续签要给补偿吗？", "一般情况下，劳动合同期满用人单位不续签的，应当支付经济补偿。"),

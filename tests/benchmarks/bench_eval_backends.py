@@ -4,12 +4,12 @@
     .venv/bin/python tests/benchmarks/bench_eval_backends.py --record    # ... and append it to docs/benchmarks.md
     .venv/bin/python tests/benchmarks/bench_eval_backends.py --prompts 16 --tokens 64
 
-Baseline: shared.generation's transformers backend (batched ``generate``, left padding,
+Baseline: shared.evaluate.generation's transformers backend (batched ``generate``, left padding,
 peft adapter attached after the base pass). Contender: its vLLM backend (one in-process
 ``vllm.LLM``, the adapter through a ``LoRARequest``). Each runs in its own process on the same
 prompts (legal questions, greedy, float32) with the same random-B LoRA adapter; the table
 gives wall time including model load, the generation part alone, and how far the two
-backends' metrics are apart (the tolerance shared.generation.BACKEND_TOLERANCE states).
+backends' metrics are apart (the tolerance shared.evaluate.generation.BACKEND_TOLERANCE states).
 This is what decides that ``backend: auto`` picks transformers on a CPU-only machine.
 """
 
@@ -40,8 +40,8 @@ import json, os, sys, time
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from shared.config import GenerationConfig
-from shared.generation import generate_answers
+from shared.core.config import GenerationConfig
+from shared.evaluate.generation import generate_answers
 args = json.loads(sys.argv[2])
 turns = [[{"role": "user", "content": q}] for q in args["questions"]]
 started = time.perf_counter()
@@ -67,9 +67,9 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from shared.metrics import METRICS, evaluate
-    from shared.models import BUNDLED_DEFAULT, resolve_base_model
-    from shared.settings import Settings
+    from shared.evaluate.metrics import METRICS, evaluate
+    from shared.train.models import BUNDLED_DEFAULT, resolve_base_model
+    from shared.core.settings import Settings
     from tests.lora_fixtures import make_adapter
 
     model = resolve_base_model(BUNDLED_DEFAULT, Settings())

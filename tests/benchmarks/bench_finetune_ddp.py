@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.tokens = 4, 1024
     if args.tokenizer is None:
         sys.path.insert(0, str(ROOT))
-        from shared.models import BUNDLED_DEFAULT, resolve_base_model
-        from shared.settings import load_settings
+        from shared.train.models import BUNDLED_DEFAULT, resolve_base_model
+        from shared.core.settings import load_settings
 
         args.tokenizer = resolve_base_model(BUNDLED_DEFAULT, load_settings())
     shutil.rmtree(args.work, ignore_errors=True)

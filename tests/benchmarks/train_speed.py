@@ -10,7 +10,7 @@
 Baseline ("tutorial"): transformers Trainer + peft LoRA (r=8 on q/k/v, or r=16 on all
 linear layers), DataCollatorForSeq2Seq dynamic padding, per-device batch 4, bf16, sdpa, no
 packing, no gradient checkpointing. Ours: the same Trainer and LoRA with
-``shared.speedups.enable_fast_path`` (varlen attention over padding-free packed rows, chunked
+``shared.train.fast.speedups.enable_fast_path`` (varlen attention over padding-free packed rows, chunked
 fused head+loss, Liger kernels when installed) and rows of a token budget instead of 4
 examples. Models are Qwen2.5 architectures, config-initialised (random weights, no hub);
 data are seeded synthetic token ids with the legal-QA length mix (120-1,020 tokens, the
@@ -291,8 +291,8 @@ def run_baseline(case: Case, examples, steps, warmup, parity, seed) -> Row:
 
 
 def run_ours(case: Case, examples, steps, warmup, parity, seed, leak: bool = False) -> Row:
-    from shared.packing import PackedCollator, PackedRows
-    from shared.speedups import enable_fast_path
+    from shared.train.packing import PackedCollator, PackedRows
+    from shared.train.fast.speedups import enable_fast_path
 
     label = "ours, memory profile" if case.memory_profile else "ours"
     if case.compile_lora:
@@ -434,7 +434,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--baseline-runs", type=int, default=2, choices=[1, 2], help="2: the baseline again after ours")
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run each case's fast path with FP8 frozen weights (shared/fp8.py)")
+                   help="also run each case's fast path with FP8 frozen weights (shared/train/fast/fp8.py)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 2 steps of each run")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args(argv)

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.errors import EXIT_CONFIG
+from shared.core.errors import EXIT_CONFIG
 from tests.helm_utils import REPO, RenderError, by_kind, render, validate
 
 CHART = "charts/lawtune-pipeline"
 STAGES = ["preprocess", "finetune", "evaluate", "publish"]
 KIND_VALUES = REPO / "tests" / "kind" / "values-pipeline.yaml"
 # Non-ASCII and a block scalar: the ConfigMap must carry the file byte for byte.
-CONFIG_TEXT = "# python -m shared.driver --config this.yaml\nbase_model: bundled:smollm2-135m-instruct\nseed: 42\npreprocess:\n  system_prompt: |\n    你是一名法律助手。\n    Answer briefly.\n"
+CONFIG_TEXT = "# python -m shared.cluster.driver --config this.yaml\nbase_model: bundled:smollm2-135m-instruct\nseed: 42\npreprocess:\n  system_prompt: |\n    你是一名法律助手。\n    Answer briefly.\n"
 
 BASE = {
     "runId": "sample",

@@ -12,10 +12,10 @@ import json
 import pytest
 
 from jobs import evaluate
-from shared.artifacts import read_manifest, read_verified
-from shared.config import parse_config
-from shared.settings import Settings
-from shared.storage import open_location
+from shared.store.artifacts import read_manifest, read_verified
+from shared.core.config import parse_config
+from shared.core.settings import Settings
+from shared.store.storage import open_location
 from tests.lora_fixtures import QA, commit_data, commit_finetune, records
 
 pytestmark = pytest.mark.integration

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from jobs import fetch_model
-from shared.artifacts import commit_dir, now_iso, sha256_file
-from shared.errors import ConfigError, IntegrityError
-from shared.settings import load_settings
-from shared.storage import open_location
+from shared.store.artifacts import commit_dir, now_iso, sha256_file
+from shared.core.errors import ConfigError, IntegrityError
+from shared.core.settings import load_settings
+from shared.store.storage import open_location
 
 
 @pytest.fixture

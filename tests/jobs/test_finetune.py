@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.artifacts import MANIFEST, commit_dir, now_iso, read_manifest
-from shared.settings import Settings
-from shared.stage import fetch_stage
-from shared.storage import open_location
+from shared.store.artifacts import MANIFEST, commit_dir, now_iso, read_manifest
+from shared.core.settings import Settings
+from shared.store.stage import fetch_stage
+from shared.store.storage import open_location
 from tests.conftest import FIXTURES, REPO
 
 TOLERANCE = 1e-5  # max |difference| of any adapter weight, resumed vs uninterrupted (fp32 CPU, same seed)
@@ -100,7 +100,7 @@ REFERENCE = {**BUNDLED_CONFIG, "training_args": {**BUNDLED_CONFIG["training_args
 def reference_run(seaweedfs, bundled_model_dir, model_cache_dir):
     """One uninterrupted run on SeaweedFS S3 that the tests below inspect and compare against."""
     from jobs.finetune import run
-    from shared.config import parse_config
+    from shared.core.config import parse_config
 
     bucket = f"ft-{os.getpid()}-{int(time.time())}"
     seaweedfs.client().create_bucket(Bucket=bucket)
@@ -122,8 +122,8 @@ def test_finetune_on_s3_lowers_the_loss_commits_every_artifact_and_skips_a_rerun
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     from jobs.finetune import run
-    from shared.config import parse_config
-    from shared.tokenization import ChatEncoder, load_split
+    from shared.core.config import parse_config
+    from shared.train.tokenization import ChatEncoder, load_split
 
     settings, result = reference_run
     assert not result.skipped and result.steps_completed == 4 and result.resumed_from is None
@@ -169,7 +169,7 @@ def test_finetune_on_s3_lowers_the_loss_commits_every_artifact_and_skips_a_rerun
 @pytest.mark.integration
 def test_sigterm_after_a_checkpoint_then_restart_resumes_to_the_same_adapter(reference_run, seaweedfs, tmp_path):
     from jobs.finetune import run
-    from shared.config import parse_config
+    from shared.core.config import parse_config
 
     reference, _ = reference_run
     settings = reference.model_copy(update={"run_id": "preempted"})

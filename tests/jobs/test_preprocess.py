@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from jobs.preprocess import run
-from shared.artifacts import MANIFEST, fetch_dir, read_manifest
-from shared.config import load_config, parse_config
-from shared.conversation import load_jsonl
-from shared.errors import DataError
-from shared.settings import load_settings
-from shared.storage import open_location
+from shared.store.artifacts import MANIFEST, fetch_dir, read_manifest
+from shared.core.config import load_config, parse_config
+from shared.data.conversation import load_jsonl
+from shared.core.errors import DataError
+from shared.core.settings import load_settings
+from shared.store.storage import open_location
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "configs" / "data" / "legal_qa_sample.csv"

@@ -11,9 +11,9 @@ import json
 import pytest
 
 from jobs import publish
-from shared.artifacts import read_manifest
-from shared.settings import load_settings
-from shared.storage import open_location
+from shared.store.artifacts import read_manifest
+from shared.core.settings import load_settings
+from shared.store.storage import open_location
 from tests.lora_fixtures import commit_finetune, commit_verdict, make_tiny_model
 
 

@@ -13,9 +13,9 @@ import json
 import pytest
 
 from jobs import evaluate, fetch_model, publish
-from shared.config import parse_config
-from shared.settings import Settings
-from shared.storage import open_location
+from shared.core.config import parse_config
+from shared.core.settings import Settings
+from shared.store.storage import open_location
 from tests.lora_fixtures import QA, commit_data, commit_finetune, records
 from tests.vllm_server import start_vllm, vllm_importable
 

@@ -116,7 +116,7 @@ def _wait_for_s3(timeout: float = 180) -> None:
 
 
 def _train(kube, run_id: str, *extra: str, capture: bool = False) -> subprocess.CompletedProcess:
-    return sh(sys.executable, "-m", "shared.driver", "--target", "k8s", "--config", "configs/smollm2-135m-cpu.yaml",
+    return sh(sys.executable, "-m", "shared.cluster.driver", "--target", "k8s", "--config", "configs/smollm2-135m-cpu.yaml",
               "--input", "configs/data/legal_qa_sample.csv", "--run-id", run_id, "--model-name", "legal-assistant",
               "--values", str(HERE / "values-pipeline.yaml"), "--namespace", NS, *extra,
               env={**kube["env"], **_s3_env(), "LAWTUNE_K8S_POLL_S": "3"}, cwd=REPO, timeout=5400, check=False,
@@ -129,8 +129,8 @@ RUN_ID = f"kind-{uuid.uuid4().hex[:6]}"
 def test_pipeline_runs_as_jobs_and_publishes(kube, monkeypatch):
     proc = _train(kube, RUN_ID)
     assert proc.returncode == 0
-    from shared.settings import load_settings
-    from shared.storage import open_location
+    from shared.core.settings import load_settings
+    from shared.store.storage import open_location
 
     for key, value in _s3_env().items():
         monkeypatch.setenv(key, value)

@@ -1,6 +1,6 @@
 {{/*
 The gateway's whole nginx.conf, rendered from values. The same text runs in the cluster
-(ConfigMap) and under `make serve` (shared/gateway.py renders it with helm and points
+(ConfigMap) and under `make serve` (shared/serve/gateway.py renders it with helm and points
 gateway.upstream, listenAddress, runtimeDir and apiKeysFile at local places).
 
 Order inside a request matters: the maintenance `return` runs in nginx's rewrite phase, so a

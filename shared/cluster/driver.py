@@ -1,0 +1,102 @@
+"""``make train``: run the pipeline's stages in order, here as processes or on a cluster as Jobs.
+
+    python -m shared.cluster.driver --target local --config configs/smollm2-135m-cpu.yaml \
+        --input configs/data/legal_qa_sample.csv --run-id sample --model-name legal-assistant
+
+Locally each stage is the same ``python -m jobs.<stage>`` its image runs, with the same
+environment (``LAWTUNE_*``), so what works here works as a Job. Stages whose inputs are
+unchanged skip themselves, so re-running is cheap and resumes where a run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.core.errors import EXIT_CONFIG, EXIT_OK
+from shared.core.log import configure_logging
+from shared.cluster.summary import summarize
+from shared.core.settings import Settings, load_settings
+
+log = logging.getLogger("lawtune.driver")
+
+
+@dataclass(frozen=True)
+class Step:
+    stage: str
+    args: tuple[str, ...]
+
+
+def plan(config: str, input_uri: str, model_name: str) -> list[Step]:
+    """The stages of one run, in order, with the flags each takes (design.md's stage interface)."""
+    return [
+        Step("preprocess", ("--input", input_uri, "--config", config)),
+        Step("finetune", ("--config", config)),
+        Step("evaluate", ("--config", config)),
+        Step("publish", ("--model-name", model_name)),
+    ]
+
+
+def _absolute(path_or_uri: str) -> str:
+    return path_or_uri if "://" in path_or_uri else str(Path(path_or_uri).resolve())
+
+
+def run_local(settings: Settings, steps: list[Step]) -> int:
+    env = {**os.environ, "LAWTUNE_RUN_ID": settings.run_id, "LAWTUNE_ARTIFACT_ROOT": settings.artifact_root}
+    for number, step in enumerate(steps, 1):
+        cmd = [sys.executable, "-m", f"jobs.{step.stage}", *step.args]
+        log.info("[%d/%d] %s: %s", number, len(steps), step.stage, " ".join(cmd[1:]))
+        started = time.monotonic()
+        code = subprocess.call(cmd, env=env)
+        elapsed = time.monotonic() - started
+        if code != EXIT_OK:
+            kind = "bad input or configuration (fix it, then re-run)" if code == EXIT_CONFIG else "a runtime failure (re-run to resume)"
+            log.error("%s failed after %.0fs with exit code %d: %s; the line above says why", step.stage, elapsed, code, kind)
+            return code
+        log.info("[%d/%d] %s finished in %.0fs", number, len(steps), step.stage, elapsed)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.cluster.driver", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=("local", "k8s"), default="local")
+    parser.add_argument("--config", required=True, help="training config YAML")
+    parser.add_argument("--input", required=True, help="CSV/JSONL path or URI")
+    parser.add_argument("--run-id", default=None, help="default: LAWTUNE_RUN_ID or 'dev'")
+    parser.add_argument("--model-name", default="legal-assistant")
+    parser.add_argument("--values", action="append", default=[], help="extra pipeline chart values (k8s)")
+    parser.add_argument("--namespace", default=None, help="Kubernetes namespace (k8s)")
+    args = parser.parse_args(argv)
+
+    overrides = {"run_id": args.run_id} if args.run_id else {}
+    settings = load_settings(**overrides)
+    configure_logging(settings.log_level)
+    log.info("run %s → %s", settings.run_id, settings.run_uri())
+
+    if args.target == "k8s":
+        from shared.cluster.k8s import run_pipeline
+
+        return run_pipeline(
+            settings,
+            config_path=args.config,
+            input_uri=args.input,
+            run_id=settings.run_id,
+            model_name=args.model_name,
+            values_files=args.values,
+            namespace=args.namespace,
+        )
+
+    code = run_local(settings, plan(_absolute(args.config), _absolute(args.input), args.model_name))
+    if code == EXIT_OK:
+        summarize(settings, args.model_name)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The cluster driver's decisions, as pure functions of Job and Pod objects.
+
+Inputs are the API's JSON (camelCase, as ``kubectl get -o json`` prints it and as
+``ApiClient.sanitize_for_serialization`` turns the Python client's models into), so the same
+functions run on live objects and on the recorded ones in ``tests/fixtures/k8s/``:
+
+- ``plan(existing_job, digest)``: what to do with a stage whose Job may already exist (resume).
+- ``assess(job, pods, now=...)``: is the stage waiting, running, done or failed — including the
+  failures a Job never reports itself (an image that cannot be pulled, a pod nobody can schedule).
+- ``explain(...)``: the one paragraph a person reads when a stage failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from shared.core.errors import EXIT_CONFIG, EXIT_RETRY
+
+SPEC_DIGEST = "lawtune.io/spec-digest"
+PULL_ERRORS = {"ErrImagePull", "ImagePullBackOff"}
+# Waiting reasons that no amount of waiting fixes.
+FATAL_WAITING = {"InvalidImageName", "ErrImageNeverPull"}
+# Waiting reasons that a late Secret/ConfigMap could still fix: given the pull grace.
+CONFIG_WAITING = {"CreateContainerConfigError", "CreateContainerError"}
+
+Obj = dict[str, Any]
+
+
+class Action(str, Enum):
+    CREATE = "create"  # no Job yet
+    SKIP = "skip"  # completed with this very spec
+    ATTACH = "attach"  # running with this spec: follow it
+    REPLACE = "replace"  # failed, or its spec changed: delete the Job (never the artifacts) and submit again
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: str  # "waiting" | "running" | "succeeded" | "failed"
+    summary: str  # the progress line's text
+    reason: str | None = None  # failure kind: OOMKilled, ImagePullBackOff, Unschedulable, ConfigError, ...
+    detail: str = ""  # the cause, in words, for explain()
+    exit_code: int | None = None  # what the driver returns on failure
+    pod: str | None = None  # the pod whose logs tell the story
+
+
+def spec_digest(job: Obj) -> str:
+    """Identity of what a Job would run: its spec and the config it mounts (via the pod's checksum)."""
+    return hashlib.sha256(json.dumps(job.get("spec", {}), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _conditions(obj: Obj) -> dict[str, Obj]:
+    return {c["type"]: c for c in obj.get("status", {}).get("conditions") or [] if c.get("status") == "True"}
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def job_outcome(job: Obj) -> str | None:
+    """"Complete", "Failed" or None while the Job still runs (FailureTarget: pods still terminating)."""
+    conds = _conditions(job)
+    if "Complete" in conds:
+        return "Complete"
+    if "Failed" in conds or "FailureTarget" in conds:
+        return "Failed"
+    return None
+
+
+def plan(existing: Obj | None, digest: str) -> tuple[Action, str]:
+    """What to do with one stage's Job on (re-)running a run id."""
+    if existing is None:
+        return Action.CREATE, "submitting"
+    outcome = job_outcome(existing)
+    same = existing.get("metadata", {}).get("annotations", {}).get(SPEC_DIGEST) == digest
+    if not same:
+        what = "is running" if outcome is None else f"ran ({outcome.lower()})"
+        return Action.REPLACE, f"its Job {what} with another spec (config, image or values changed): replacing it; committed artifacts are kept"
+    if outcome == "Complete":
+        return Action.SKIP, "already completed in this run"
+    if outcome == "Failed":
+        return Action.REPLACE, "failed before: submitting again; it resumes from its committed outputs and checkpoints"
+    return Action.ATTACH, "already running: following it"
+
+
+def _pod_time(pod: Obj) -> str:
+    return pod.get("metadata", {}).get("creationTimestamp") or ""
+
+
+def _container_status(pod: Obj, container: str | None) -> Obj | None:
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    for status in statuses:
+        if container is None or status.get("name") == container:
+            return status
+    return None
+
+
+def _terminated(pod: Obj, container: str | None) -> Obj | None:
+    status = _container_status(pod, container) or {}
+    return (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get("terminated")
+
+
+def _limit(job: Obj, container: str | None, resource: str) -> str | None:
+    for spec in job.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+        if container is None or spec.get("name") == container:
+            return (spec.get("resources", {}).get("limits") or {}).get(resource)
+    return None
+
+
+def _image(pod: Obj, container: str | None) -> str:
+    status = _container_status(pod, container) or {}
+    if status.get("image"):
+        return status["image"]
+    for spec in pod.get("spec", {}).get("containers", []):
+        if container is None or spec.get("name") == container:
+            return spec.get("image", "?")
+    return "?"
+
+
+def _failed_pod_story(job: Obj, pod: Obj, container: str | None) -> tuple[str, str, int]:
+    """(reason, detail, driver exit code) of a pod that ended in failure."""
+    term = _terminated(pod, container)
+    name = pod["metadata"]["name"]
+    if term is None:
+        message = pod.get("status", {}).get("message") or pod.get("status", {}).get("reason") or "no container status"
+        return "PodFailed", f"pod {name} failed before its container ran: {message}", EXIT_RETRY
+    code = term.get("exitCode")
+    if term.get("reason") == "OOMKilled":
+        limit = _limit(job, container, "memory")
+        return (
+            "OOMKilled",
+            f"container {container} in pod {name} was OOMKilled (exit code {code}) at its memory limit {limit or '(none set)'}: "
+            f"raise stages.<stage>.resources.limits.memory, or lower per_device_train_batch_size / max_input_length in the config",
+            EXIT_RETRY,
+        )
+    if code == EXIT_CONFIG:
+        return (
+            "ConfigError",
+            f"container {container} in pod {name} exited with code {code}, a configuration or input error "
+            f"(the podFailurePolicy failed the Job at once: retrying cannot help; fix the input or config and re-run)",
+            EXIT_CONFIG,
+        )
+    return "ExitCode", f"container {container} in pod {name} exited with code {code} ({term.get('reason', 'Error')})", EXIT_RETRY
+
+
+def _failed_job(job: Obj, pods: list[Obj], container: str | None) -> Verdict:
+    conds = _conditions(job)
+    cond = conds.get("Failed") or conds.get("FailureTarget") or {}
+    job_reason = cond.get("reason", "Failed")
+    failed_pods = sorted(
+        (p for p in pods if p.get("status", {}).get("phase") == "Failed" or _terminated(p, container)),
+        key=_pod_time,
+    )
+    spec = job.get("spec", {})
+    attempts = job.get("status", {}).get("failed", len(failed_pods))
+    if job_reason == "DeadlineExceeded":
+        reason, detail, code = (
+            "DeadlineExceeded",
+            f"the Job ran past its activeDeadlineSeconds ({spec.get('activeDeadlineSeconds')} s) and was stopped: "
+            f"raise stages.<stage>.activeDeadlineSeconds, or shorten the run (training_args.max_steps)",
+            EXIT_RETRY,
+        )
+        pod = failed_pods[-1]["metadata"]["name"] if failed_pods else None
+        return Verdict("failed", "failed: deadline exceeded", reason, detail, code, pod)
+    if not failed_pods:
+        return Verdict("failed", f"failed: {job_reason}", job_reason, f"the Job failed ({job_reason}: {cond.get('message', '')})", EXIT_RETRY)
+    last = failed_pods[-1]
+    reason, detail, code = _failed_pod_story(job, last, container)
+    if job_reason == "BackoffLimitExceeded":
+        detail += f"; the Job gave up after {attempts} failed attempt(s) (backoffLimit {spec.get('backoffLimit')})"
+    return Verdict("failed", f"failed: {reason}", reason, detail, code, last["metadata"]["name"])
+
+
+def _elapsed(now: datetime, since: str | None) -> float:
+    start = _time(since)
+    return (now - start).total_seconds() if start else 0.0
+
+
+def assess(
+    job: Obj,
+    pods: list[Obj],
+    *,
+    now: datetime,
+    container: str | None = None,
+    pull_grace_s: float = 300,
+    unschedulable_grace_s: float = 900,
+) -> Verdict:
+    """The state of one stage's Job, judged from it and its pods at ``now``.
+
+    A Job never fails on its own when its pod cannot pull its image or cannot be scheduled: it
+    waits forever. The driver gives those a grace period (a cluster autoscaler may add a GPU node,
+    a registry hiccup may pass) and then calls them failures, with the kubelet's or the
+    scheduler's own message.
+    """
+    outcome = job_outcome(job)
+    if outcome == "Complete":
+        return Verdict("succeeded", "completed")
+    if outcome == "Failed":
+        return _failed_job(job, pods, container)
+
+    status = job.get("status", {})
+    retries = status.get("failed", 0)
+    attempt = f" (attempt {retries + 1}; {retries} failed before)" if retries else ""
+    live = sorted((p for p in pods if p.get("status", {}).get("phase") in (None, "Pending", "Running")), key=_pod_time)
+    disrupted = [p for p in pods if "DisruptionTarget" in _conditions(p)]
+    if not live:
+        if disrupted:
+            cond = _conditions(disrupted[-1])["DisruptionTarget"]
+            return Verdict("waiting", f"pod {disrupted[-1]['metadata']['name']} was disrupted ({cond.get('reason')}: "
+                           f"{cond.get('message', '')}); the Job retries it without counting a failure")
+        return Verdict("waiting", f"waiting for the Job to create a pod{attempt}")
+
+    pod = live[-1]
+    name = pod["metadata"]["name"]
+    phase = pod.get("status", {}).get("phase", "Pending")
+    cstatus = _container_status(pod, container) or {}
+    waiting = (cstatus.get("state") or {}).get("waiting") or {}
+    wreason = waiting.get("reason")
+    age = _elapsed(now, _pod_time(pod))
+
+    if wreason in FATAL_WAITING:
+        return Verdict("failed", f"failed: {wreason}", "ImagePullBackOff" if wreason != "InvalidImageName" else wreason,
+                       f"pod {name} cannot start image {_image(pod, container)}: {wreason}: {waiting.get('message', '')}",
+                       EXIT_CONFIG, name)
+    if wreason in PULL_ERRORS:
+        if age >= pull_grace_s:
+            return Verdict(
+                "failed", "failed: ImagePullBackOff", "ImagePullBackOff",
+                f"pod {name} could not pull image {_image(pod, container)} for {age:.0f} s ({wreason}: {waiting.get('message', '')}); "
+                f"build and push it (make images IMAGE_REGISTRY=... IMAGE_TAG=...), fix image.registry/image.tag, "
+                f"or set imagePullSecrets for a private registry",
+                EXIT_RETRY, name)
+        return Verdict("waiting", f"pulling image {_image(pod, container)}: {wreason}, retrying ({age:.0f} s)")
+    if wreason in CONFIG_WAITING:
+        if age >= pull_grace_s:
+            return Verdict(
+                "failed", f"failed: {wreason}", "CreateContainerConfigError",
+                f"pod {name} cannot create its container ({wreason}: {waiting.get('message', '')}); "
+                f"a Secret or ConfigMap it names is missing (s3.existingSecret?)",
+                EXIT_CONFIG, name)
+        return Verdict("waiting", f"{wreason}: {waiting.get('message', '')} ({age:.0f} s)")
+
+    scheduled = next((c for c in pod.get("status", {}).get("conditions") or [] if c.get("type") == "PodScheduled"), None)
+    if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        waited = _elapsed(now, _pod_time(pod))
+        message = scheduled.get("message", "")
+        if waited >= unschedulable_grace_s:
+            return Verdict(
+                "failed", "failed: Unschedulable", "Unschedulable",
+                f"pod {name} could not be scheduled for {waited:.0f} s; the scheduler says: {message} "
+                f"Check the stage's resources (gpus, memory), nodeSelector and tolerations against the cluster's nodes",
+                EXIT_RETRY, name)
+        return Verdict("waiting", f"unschedulable for {waited:.0f} s: {message}")
+
+    if phase == "Running":
+        return Verdict("running", f"pod {name} running{attempt}", pod=name)
+    return Verdict("waiting", f"pod {name} {wreason or phase}{attempt}", pod=name)
+
+
+def explain(stage: str, job: Obj, verdict: Verdict, log_tail: list[str], *, namespace: str) -> str:
+    """One paragraph: which stage, what happened, what to do, and the last lines it logged."""
+    name = job["metadata"]["name"]
+    text = (
+        f"Stage {stage} failed ({verdict.reason}): {verdict.detail}. "
+        f"The Job is left in place for inspection (kubectl -n {namespace} describe job/{name}); "
+        f"re-running the same run id resumes: committed stages skip themselves and finetune restarts from its last checkpoint."
+    )
+    if log_tail:
+        text += f" Last {len(log_tail)} log line(s) of pod {verdict.pod}:\n" + "\n".join(f"    {line}" for line in log_tail)
+    elif verdict.pod:
+        text += f" Pod {verdict.pod} logged nothing."
+    return text

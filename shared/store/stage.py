@@ -1,0 +1,71 @@
+"""A stage's output: skip when the same inputs are committed, else stage locally and commit.
+
+    with StageOutput(settings, "data", output_uri, inputs) as out:
+        if out.skipped:            # same inputs already committed
+            return out.skipped
+        write files under out.workdir ...
+        manifest = out.commit(extra={...})
+
+Leaving the block without ``commit`` (an exception, a bad row count) commits nothing, so a
+failed stage leaves no manifest a later stage could read.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from shared.store.artifacts import Manifest, commit_dir, fetch_dir, now_iso, should_skip
+from shared.core.settings import Settings
+from shared.store.storage import Location, open_location
+
+log = logging.getLogger(__name__)
+
+
+class StageOutput:
+    def __init__(self, settings: Settings, stage: str, output_uri: str, inputs: dict[str, Any], *, force: bool = False):
+        self.settings = settings
+        self.stage = stage
+        self.location: Location = open_location(output_uri, settings)
+        self.inputs = {**inputs, "code_version": settings.resolved_code_version}
+        self.started_at = now_iso()
+        self.skipped: Manifest | None = None if force else should_skip(self.location, self.inputs)
+        self.workdir: Path | None = None
+        self.manifest: Manifest | None = None
+
+    def __enter__(self) -> "StageOutput":
+        if self.skipped:
+            log.info("%s: inputs unchanged since %s, skipping (%s)", self.stage, self.skipped.finished_at, self.location.uri)
+            return self
+        work_root = self.settings.cache_dir / "work"
+        work_root.mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.stage}-", dir=work_root))
+        return self
+
+    def commit(self, extra: dict[str, Any] | None = None) -> Manifest:
+        assert self.workdir is not None, "commit() on a skipped stage"
+        self.manifest = commit_dir(
+            self.workdir,
+            self.location,
+            stage=self.stage,
+            inputs=self.inputs,
+            started_at=self.started_at,
+            run_id=self.settings.run_id,
+            code_version=self.settings.resolved_code_version,
+            extra=extra,
+            max_workers=self.settings.s3_max_concurrency,
+        )
+        log.info("%s: committed %d file(s) to %s", self.stage, len(self.manifest.files), self.location.uri)
+        return self.manifest
+
+    def __exit__(self, *exc_info) -> None:
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def fetch_stage(settings: Settings, uri: str, dest: Path, only: list[str] | None = None) -> Manifest:
+    """Download a committed upstream artifact into ``dest``, verified."""
+    return fetch_dir(open_location(uri, settings), dest, max_workers=settings.s3_max_concurrency, only=only)

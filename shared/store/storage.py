@@ -1,0 +1,239 @@
+"""One place for artifact I/O: a ``Location`` is a prefix in S3 or a local folder.
+
+Both backends speak the same small vocabulary (list, read, write, upload, download, delete)
+in paths relative to the location, so stages and tests never care which one they have.
+S3 goes through boto3's transfer manager (parallel multipart) with retries; credentials are
+boto3's business and never pass through here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from shared.core.errors import StorageError
+from shared.core.settings import Settings
+from shared.core.uri import ParsedURI, join, parse_uri
+
+MULTIPART_CHUNK = 8 * 1024 * 1024
+
+
+class Location(ABC):
+    """A folder-like prefix. Relative paths use '/' on every backend."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+    @abstractmethod
+    def child(self, rel: str) -> "Location": ...
+
+    @abstractmethod
+    def list_files(self) -> list[str]:
+        """Every file below this location, as sorted relative paths."""
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool: ...
+
+    @abstractmethod
+    def read_bytes(self, rel: str) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, rel: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def upload_file(self, local: Path, rel: str) -> None: ...
+
+    @abstractmethod
+    def download_file(self, rel: str, local: Path) -> None: ...
+
+    @abstractmethod
+    def delete(self, rel: str) -> None:
+        """Remove one file; missing is fine."""
+
+    def delete_all(self) -> None:
+        for rel in self.list_files():
+            self.delete(rel)
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+
+class FileLocation(Location):
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        super().__init__(f"file://{self.path}")
+
+    def child(self, rel: str) -> "FileLocation":
+        return FileLocation(self.path / rel)
+
+    def list_files(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.path).as_posix()
+            for p in self.path.rglob("*")
+            if p.is_file() and not p.name.startswith(".lawtune-tmp-")
+        )
+
+    def exists(self, rel: str) -> bool:
+        return (self.path / rel).is_file()
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return (self.path / rel).read_bytes()
+        except FileNotFoundError as exc:
+            raise StorageError(f"{join(self.uri, rel)} does not exist") from exc
+
+    def _atomic_target(self, rel: str) -> tuple[Path, Path]:
+        target = self.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".lawtune-tmp-", dir=target.parent)
+        # mkstemp makes 0600 files; artifacts must stay readable by other users of the volume.
+        os.fchmod(fd, 0o644)
+        os.close(fd)
+        return target, Path(tmp)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target, tmp = self._atomic_target(rel)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def upload_file(self, local: Path, rel: str) -> None:
+        target, tmp = self._atomic_target(rel)
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def download_file(self, rel: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(self.path / rel, local)
+        except FileNotFoundError as exc:
+            raise StorageError(f"{join(self.uri, rel)} does not exist") from exc
+
+    def delete(self, rel: str) -> None:
+        (self.path / rel).unlink(missing_ok=True)
+
+
+class S3Location(Location):
+    def __init__(self, bucket: str, prefix: str, client, transfer_config):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._client = client
+        self._transfer = transfer_config
+        super().__init__(f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}")
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def child(self, rel: str) -> "S3Location":
+        return S3Location(self.bucket, self._key(rel), self._client, self._transfer)
+
+    def _wrap(self, action: str, rel: str, exc: Exception) -> StorageError:
+        # str(exc) from botocore names the operation and the error code, never credentials.
+        return StorageError(f"S3 {action} {join(self.uri, rel)} failed: {exc}")
+
+    def list_files(self) -> list[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        out: list[str] = []
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                out.extend(obj["Key"][len(base):] for obj in page.get("Contents", []))
+        except Exception as exc:  # botocore raises many unrelated types
+            raise self._wrap("list", "", exc) from exc
+        return sorted(out)
+
+    def exists(self, rel: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(rel))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._wrap("head", rel, exc) from exc
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
+        except Exception as exc:
+            raise self._wrap("get", rel, exc) from exc
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+        except Exception as exc:
+            raise self._wrap("put", rel, exc) from exc
+
+    def upload_file(self, local: Path, rel: str) -> None:
+        try:
+            self._client.upload_file(str(local), self.bucket, self._key(rel), Config=self._transfer)
+        except Exception as exc:
+            raise self._wrap("upload", rel, exc) from exc
+
+    def download_file(self, rel: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._client.download_file(self.bucket, self._key(rel), str(local), Config=self._transfer)
+        except Exception as exc:
+            raise self._wrap("download", rel, exc) from exc
+
+    def delete(self, rel: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(rel))
+        except Exception as exc:
+            raise self._wrap("delete", rel, exc) from exc
+
+
+def s3_client(settings: Settings):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        region_name=settings.s3_region,
+        retries={"max_attempts": 10, "mode": "standard"},
+        s3={"addressing_style": settings.s3_addressing_style},
+        max_pool_connections=max(10, settings.s3_max_concurrency * 2),
+        connect_timeout=10,
+        read_timeout=120,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+
+
+def transfer_config(settings: Settings):
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(
+        multipart_threshold=MULTIPART_CHUNK,
+        multipart_chunksize=MULTIPART_CHUNK,
+        max_concurrency=settings.s3_max_concurrency,
+        use_threads=True,
+    )
+
+
+_CLIENTS: dict[tuple, object] = {}
+
+
+def open_location(uri: str, settings: Settings) -> Location:
+    parsed: ParsedURI = parse_uri(uri)
+    if parsed.scheme == "file":
+        return FileLocation(parsed.path)
+    key = (settings.s3_endpoint_url, settings.s3_region, settings.s3_addressing_style, settings.s3_max_concurrency)
+    if key not in _CLIENTS:
+        _CLIENTS[key] = s3_client(settings)
+    return S3Location(parsed.bucket, parsed.path, _CLIENTS[key], transfer_config(settings))

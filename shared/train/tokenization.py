@@ -1,0 +1,259 @@
+"""Chat examples → ``input_ids`` + ``labels`` with the base model's own chat template.
+
+Only what the model should learn to say carries loss: every assistant turn's content and the
+end-of-turn token that closes it (so the tuned model learns to stop). System and user turns,
+the template's role headers and whatever the template puts after the end-of-turn token
+(e.g. the ``\\n`` after ``<|im_end|>``) are masked with -100.
+
+How the template is split into pieces: each turn is rendered twice, once with its content and
+once with a placeholder in its place; the text around the placeholder is the template's own
+head and tail, so the content's tokens are located exactly even when a template trims or
+reformats content. Pieces are tokenized separately (``add_special_tokens=False``: the
+template already writes BOS and role markers); the chat templates of our models put special
+tokens at every boundary, so this equals tokenizing the whole text (a test checks it).
+
+Truncation keeps an answer trainable: the context (everything before the final answer) gets
+``max_input_length`` tokens and the final answer ``max_output_length``. Too much context
+first drops the oldest user/assistant exchanges, then cuts the middle of the last question
+(its start and its end usually carry the facts and the actual ask), then the system prompt.
+A final answer longer than its budget is cut and loses its end-of-turn token, so the model is
+never taught to stop mid-sentence. Examples that cannot fit even then are counted in the
+report, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.data.conversation import SchemaError, validate
+from shared.core.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+_PLACEHOLDER = "\x00lawtune-placeholder\x00"
+
+
+@dataclass
+class Turn:
+    role: str
+    head: list[int]  # template text before the content (role header, default system prompt...)
+    content: list[int]
+    tail: list[int]  # template text after the content (end-of-turn marker, newline...)
+    trained_tail: int = 0  # leading tail tokens that carry loss (assistant: through the end-of-turn token)
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.content) + len(self.tail)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    flags: tuple[str, ...] = ()
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+@dataclass
+class TokenizationReport:
+    """What truncation did to a split; goes into training_summary.json and the log."""
+
+    examples: int = 0
+    kept: int = 0
+    counts: Counter = field(default_factory=Counter)
+    dropped_ids: list[str] = field(default_factory=list)
+    tokens: int = 0
+    trained_tokens: int = 0
+    max_length: int = 0
+
+    def add(self, example_id: str, encoded: Encoded | None, reason: str | None = None) -> None:
+        self.examples += 1
+        if encoded is None:
+            self.counts[reason or "dropped"] += 1
+            self.dropped_ids.append(example_id)
+            return
+        self.kept += 1
+        self.counts.update(encoded.flags)
+        self.tokens += len(encoded.input_ids)
+        self.trained_tokens += encoded.trained_tokens
+        self.max_length = max(self.max_length, len(encoded.input_ids))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "examples": self.examples,
+            "kept": self.kept,
+            "dropped": self.examples - self.kept,
+            **{k: self.counts.get(k, 0) for k in ("truncated_input", "truncated_output", "dropped_context_turns", "too_long", "no_target")},
+            "dropped_ids": self.dropped_ids[:50],
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "max_length": self.max_length,
+        }
+
+
+class ChatEncoder:
+    """Encodes conversations with one tokenizer's chat template under the config's length limits."""
+
+    def __init__(self, tokenizer, max_input_length: int, max_output_length: int):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"base model tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
+                "use an instruct/chat model (its tokenizer_config.json or chat_template.jinja defines one)"
+            )
+        self.tokenizer = tokenizer
+        self.max_input_length = max_input_length
+        self.max_output_length = max_output_length
+        self.end_of_turn = _end_of_turn_ids(tokenizer)
+
+    # --- rendering -----------------------------------------------------------------------
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        if not messages:
+            return ""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _ids(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def split_turns(self, conversations: list[dict[str, str]]) -> list[Turn]:
+        """The rendered conversation as per-turn (head, content, tail) token lists."""
+        turns: list[Turn] = []
+        before = ""
+        for k, message in enumerate(conversations):
+            prefix = conversations[:k]
+            start = self._render(prefix, generation_prompt=True) if message["role"] == "assistant" else before
+            if not start.startswith(before):
+                raise ConfigError("the base model's chat template renders a conversation's prefix differently from the whole; it cannot be masked per turn")
+            full = self._render(conversations[: k + 1])
+            marked = self._render([*prefix, {**message, "content": _PLACEHOLDER}])
+            if not full.startswith(start) or _PLACEHOLDER not in marked:
+                raise ConfigError("the base model's chat template is not prefix-stable; it cannot be masked per turn")
+            body = full[len(start):]
+            head_text, _, tail_text = marked[len(start):].partition(_PLACEHOLDER) if marked.startswith(start) else ("", "", "")
+            if body.startswith(head_text) and body.endswith(tail_text) and len(head_text) + len(tail_text) <= len(body):
+                content_text = body[len(head_text): len(body) - len(tail_text)]
+            else:  # content-dependent template logic: keep the whole body as content
+                head_text, content_text, tail_text = "", body, ""
+            head_text = start[len(before):] + head_text
+            turn = Turn(message["role"], self._ids(head_text), self._ids(content_text), self._ids(tail_text))
+            if message["role"] == "assistant":
+                turn.trained_tail = _through_end_of_turn(turn.tail, self.end_of_turn)
+            turns.append(turn)
+            before = full
+        return turns
+
+    # --- truncation ----------------------------------------------------------------------
+
+    def encode(self, conversations: list[dict[str, str]]) -> tuple[Encoded | None, str | None]:
+        """``(encoded, None)``, or ``(None, reason)`` for an example that cannot fit."""
+        flags: list[str] = []
+        conversations = list(conversations)
+        turns = self.split_turns(conversations)
+        while _context_len(turns) > self.max_input_length and _droppable_pair(conversations) is not None:
+            i = _droppable_pair(conversations)
+            del conversations[i: i + 2]
+            turns = self.split_turns(conversations)
+            if "dropped_context_turns" not in flags:
+                flags.append("dropped_context_turns")
+        overflow = _context_len(turns) - self.max_input_length
+        if overflow > 0:
+            flags.append("truncated_input")
+            last_user = max(i for i, t in enumerate(turns) if t.role == "user")
+            overflow = _cut_middle(turns[last_user], overflow, keep_at_least=1)
+            if overflow > 0 and turns[0].role == "system":
+                overflow = _cut_middle(turns[0], overflow, keep_at_least=0)
+            if overflow > 0:
+                return None, "too_long"
+        answer = turns[-1]
+        if len(answer.content) + len(answer.tail) > self.max_output_length:
+            flags.append("truncated_output")
+            answer.content = answer.content[: self.max_output_length]
+            answer.tail, answer.trained_tail = [], 0
+        encoded = _assemble(turns, tuple(flags))
+        if encoded.trained_tokens == 0:
+            return None, "no_target"
+        return encoded, None
+
+    def encode_all(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, list[int]]], TokenizationReport]:
+        report = TokenizationReport()
+        rows: list[dict[str, list[int]]] = []
+        for record in records:
+            encoded, reason = self.encode(record["conversations"])
+            report.add(str(record.get("id", "?")), encoded, reason)
+            if encoded is not None:
+                rows.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
+        return rows, report
+
+
+def _end_of_turn_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token in tokenizer.get_vocab():
+            ids.add(token_id)
+    return ids
+
+
+def _through_end_of_turn(tail: list[int], end_of_turn: set[int]) -> int:
+    for i, token in enumerate(tail):
+        if token in end_of_turn:
+            return i + 1
+    return len(tail)  # no known marker: the template's whole tail closes the turn
+
+
+def _context_len(turns: list[Turn]) -> int:
+    return sum(len(t) for t in turns[:-1]) + len(turns[-1].head)
+
+
+def _droppable_pair(conversations: list[dict[str, str]]) -> int | None:
+    """Index of the oldest user/assistant exchange that is not the last one, if any."""
+    first = 1 if conversations and conversations[0]["role"] == "system" else 0
+    users = sum(1 for m in conversations if m["role"] == "user")
+    return first if users > 1 else None
+
+
+def _cut_middle(turn: Turn, overflow: int, keep_at_least: int) -> int:
+    cut = min(overflow, max(0, len(turn.content) - keep_at_least))
+    if cut:
+        keep = len(turn.content) - cut
+        front = (keep + 1) // 2
+        turn.content = turn.content[:front] + turn.content[len(turn.content) - (keep - front):]
+    return overflow - cut
+
+
+def _assemble(turns: list[Turn], flags: tuple[str, ...]) -> Encoded:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for turn in turns:
+        trained = turn.role == "assistant"
+        input_ids += turn.head + turn.content + turn.tail
+        labels += [IGNORE_INDEX] * len(turn.head)
+        labels += list(turn.content) if trained else [IGNORE_INDEX] * len(turn.content)
+        labels += turn.tail[: turn.trained_tail] + [IGNORE_INDEX] * (len(turn.tail) - turn.trained_tail)
+    return Encoded(input_ids, labels, flags)
+
+
+def load_split(path: Path) -> list[dict[str, Any]]:
+    """Records of one preprocess split (JSONL); DataError naming file and line on a bad one."""
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                validate(record.get("conversations") if isinstance(record, dict) else None)
+            except (ValueError, SchemaError) as exc:
+                raise DataError(f"{path.name} line {number}: {exc}") from None
+            records.append(record)
+    return records

@@ -1,0 +1,153 @@
+"""shared/cluster/k8s_explain.py on Job/Pod status objects in tests/fixtures/k8s/ (one per state and failure kind).
+
+The fixtures are the API's JSON for the chart's own Jobs (spec rendered by the chart, status and
+pod fields and messages as the Job controller, kubelet and scheduler of 1.31-1.33 write them).
+No cluster runs here, so they were assembled, not captured: tests/kind exercises the same code
+against a live cluster where Docker and kind exist.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from shared.core.errors import EXIT_CONFIG, EXIT_RETRY
+from shared.cluster.k8s_explain import SPEC_DIGEST, Action, Verdict, assess, explain, job_outcome, plan, spec_digest
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "k8s"
+
+
+def load(name: str) -> dict:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def _now(fx: dict, shift_s: float = 0) -> datetime:
+    return datetime.fromisoformat(fx["now"].replace("Z", "+00:00")) + timedelta(seconds=shift_s)
+
+
+def _stage(fx: dict) -> str:
+    return fx["job"]["metadata"]["labels"]["lawtune.io/stage"]
+
+
+@pytest.mark.parametrize(
+    ("fixture", "shift_s", "state", "reason", "exit_code", "words"),
+    [
+        pytest.param("succeeded", 0, "succeeded", None, None, ["completed"], id="succeeded"),
+        pytest.param("running", 0, "running", None, None, ["q9w8e running"], id="running"),
+        pytest.param("container_creating", 0, "waiting", None, None, ["ContainerCreating"], id="container-creating"),
+        pytest.param("retrying_after_oom", 0, "running", None, None, ["attempt 2", "1 failed before"], id="retrying-after-oom"),
+        pytest.param("disrupted_retrying", 0, "waiting", None, None, ["c3x4z ContainerCreating"], id="disrupted-new-pod"),
+        pytest.param("evicted_no_pod_yet", 0, "waiting", None, None, ["disrupted", "EvictionByEvictionAPI", "without counting"],
+                     id="evicted-waits-for-retry"),
+        pytest.param("oomkilled", 0, "failed", "OOMKilled", EXIT_RETRY,
+                     ["OOMKilled (exit code 137)", "memory limit 64Gi", "4 failed attempt(s)", "backoffLimit 3", "j7k8l"], id="oomkilled"),
+        pytest.param("config_error", 0, "failed", "ConfigError", EXIT_CONFIG, ["exited with code 2", "retrying cannot help"], id="exit-2"),
+        pytest.param("exit_code_1", 0, "failed", "ExitCode", EXIT_RETRY, ["exited with code 1", "4 failed attempt(s)", "a7b8c"], id="exit-1"),
+        pytest.param("deadline_exceeded", 0, "failed", "DeadlineExceeded", EXIT_RETRY, ["activeDeadlineSeconds", "86400"], id="deadline"),
+        pytest.param("image_pull_backoff", 0, "failed", "ImagePullBackOff", EXIT_RETRY,
+                     ["ghcr.io/lawtune/finetune:0.1.0", "not found", "for 600 s", "make images"], id="image-pull-backoff"),
+        pytest.param("image_pull_backoff", -590, "waiting", None, None, ["pulling image", "ImagePullBackOff"], id="image-pull-within-grace"),
+        pytest.param("image_never_pull", 0, "failed", "ImagePullBackOff", EXIT_CONFIG, ["ErrImageNeverPull", "not present"], id="image-never-pull"),
+        pytest.param("unschedulable", 0, "failed", "Unschedulable", EXIT_RETRY,
+                     ["for 1320 s", "2 Insufficient nvidia.com/gpu", "tolerations"], id="unschedulable"),
+        pytest.param("unschedulable", -1000, "waiting", None, None, ["unschedulable for 320 s", "Insufficient nvidia.com/gpu"],
+                     id="unschedulable-within-grace"),
+        pytest.param("missing_secret", 0, "failed", "CreateContainerConfigError", EXIT_CONFIG, ['secret "lawtune-s3" not found'],
+                     id="missing-secret"),
+    ],
+)
+def test_assess(fixture, shift_s, state, reason, exit_code, words):
+    fx = load(fixture)
+    verdict = assess(fx["job"], fx["pods"], now=_now(fx, shift_s), container=_stage(fx))
+    assert (verdict.state, verdict.reason, verdict.exit_code) == (state, reason, exit_code)
+    text = verdict.detail if state == "failed" else verdict.summary
+    for word in words:
+        assert word in text, f"{word!r} not in {text!r}"
+    if state == "failed" and fixture != "deadline_exceeded":
+        assert verdict.pod and verdict.pod.startswith(fx["job"]["metadata"]["name"])
+
+
+@pytest.mark.parametrize(
+    ("fixture", "digest_changed", "action"),
+    [
+        pytest.param(None, False, Action.CREATE, id="first-run"),
+        pytest.param("succeeded", False, Action.SKIP, id="resume-skips-completed"),
+        pytest.param("running", False, Action.ATTACH, id="resume-follows-running"),
+        pytest.param("container_creating", False, Action.ATTACH, id="resume-follows-pending"),
+        pytest.param("oomkilled", False, Action.REPLACE, id="resume-resubmits-failed"),
+        pytest.param("config_error", False, Action.REPLACE, id="resubmits-after-a-fix"),
+        pytest.param("succeeded", True, Action.REPLACE, id="config-changed-after-success"),
+        pytest.param("running", True, Action.REPLACE, id="config-changed-while-running"),
+    ],
+)
+def test_plan_decides_resume(fixture, digest_changed, action):
+    existing = load(fixture)["job"] if fixture else None
+    desired = existing["metadata"]["annotations"][SPEC_DIGEST] if existing else "x"
+    if digest_changed:
+        desired = "0" * 16
+    got, why = plan(existing, desired)
+    assert got is action and why
+
+
+def test_spec_digest_follows_the_config_checksum():
+    job = load("running")["job"]
+    other = copy.deepcopy(job)
+    other["spec"]["template"]["metadata"]["annotations"]["checksum/config"] = "changed"
+    status_only = copy.deepcopy(job)
+    status_only["status"] = {}
+    assert spec_digest(job) != spec_digest(other)
+    assert spec_digest(job) == spec_digest(status_only)
+
+
+@pytest.mark.parametrize(
+    ("fixture", "outcome"),
+    [
+        pytest.param("succeeded", "Complete", id="complete"),
+        pytest.param("oomkilled", "Failed", id="failed"),
+        pytest.param("running", None, id="running"),
+    ],
+)
+def test_job_outcome(fixture, outcome):
+    assert job_outcome(load(fixture)["job"]) == outcome
+
+
+def test_failure_target_alone_counts_as_failed():
+    """1.31+ sets FailureTarget before the pods finished terminating; the driver need not wait for Failed."""
+    job = load("config_error")["job"]
+    job["status"]["conditions"] = [c for c in job["status"]["conditions"] if c["type"] == "FailureTarget"]
+    assert job_outcome(job) == "Failed"
+
+
+@pytest.mark.parametrize(
+    ("fixture", "must_contain"),
+    [
+        pytest.param("oomkilled", ["Stage finetune failed (OOMKilled)", "resources.limits.memory", "resuming from checkpoints/step-200"], id="oom"),
+        pytest.param("config_error", ["Stage preprocess failed (ConfigError)", "exited with code 2", "no column named 'question'"], id="exit-2"),
+        pytest.param("unschedulable", ["Stage finetune failed (Unschedulable)", "0/3 nodes are available", "Pod lawtune-sample-finetune-s7d8f logged nothing"],
+                     id="unschedulable"),
+        pytest.param("image_pull_backoff", ["(ImagePullBackOff)", "finetune:0.1.0", "imagePullSecrets"], id="image-pull"),
+        pytest.param("exit_code_1", ["Could not connect to the endpoint URL", "kubectl -n lawtune describe job/lawtune-sample-publish"], id="exit-1"),
+    ],
+)
+def test_explain_is_one_paragraph_with_the_log_tail(fixture, must_contain):
+    fx = load(fixture)
+    verdict = assess(fx["job"], fx["pods"], now=_now(fx), container=_stage(fx))
+    text = explain(_stage(fx), fx["job"], verdict, fx["logs"], namespace="lawtune")
+    paragraph, *tail = text.split("\n")
+    assert all(line.startswith("    ") for line in tail) and len(tail) == len(fx["logs"])
+    assert "re-running the same run id resumes" in paragraph
+    for words in must_contain:
+        assert words in text, f"{words!r} not in {text!r}"
+
+
+def test_every_fixture_is_used_and_well_formed():
+    names = {p.stem for p in FIXTURES.glob("*.json")}
+    assert len(names) >= 12
+    for name in names:
+        fx = load(name)
+        assert fx["job"]["kind"] == "Job" and all(p["kind"] == "Pod" for p in fx["pods"])
+        assert isinstance(assess(fx["job"], fx["pods"], now=_now(fx), container=_stage(fx)), Verdict)

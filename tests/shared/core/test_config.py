@@ -1,0 +1,144 @@
+"""shared/core/config.py: the YAML training config — strict, every error at once, ChatGLM3 keys accepted."""
+
+from pathlib import Path
+
+import pytest
+
+from shared.core.config import PreprocessConfig, TrainConfig, load_config, parse_config
+from shared.core.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[3]
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+# The ChatGLM3 finetune_demo configs/lora.yaml, as its users have it.
+CHATGLM3_LORA = """\
+data_config:
+  train_file: train.json
+  val_file: dev.json
+  test_file: dev.json
+  num_proc: 16
+max_input_length: 256
+max_output_length: 512
+training_args:
+  # see `transformers.Seq2SeqTrainingArguments`
+  output_dir: ./output
+  max_steps: 3000
+  # needed to be fit for the dataset
+  learning_rate: 5e-5
+  # settings for data loading
+  per_device_train_batch_size: 4
+  dataloader_num_workers: 16
+  remove_unused_columns: false
+  # settings for saving checkpoints
+  save_strategy: steps
+  save_steps: 500
+  # settings for logging
+  log_level: info
+  logging_strategy: steps
+  logging_steps: 10
+  # settings for evaluation
+  per_device_eval_batch_size: 16
+  evaluation_strategy: steps
+  eval_steps: 500
+  # settings for optimizer
+  # adam_epsilon: 1e-6
+  predict_with_generate: true
+  # see `transformers.GenerationConfig`
+  generation_config:
+    max_new_tokens: 512
+  # set your absolute deepspeed path here
+  #deepspeed: ds_zero_2.json
+  use_cpu: false
+peft_config:
+  peft_type: LORA
+  task_type: CAUSAL_LM
+  r: 8
+  lora_alpha: 32
+  lora_dropout: 0.1
+"""
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_loads_and_is_headed_by_its_command(path):
+    assert isinstance(load_config(path), TrainConfig)
+    assert path.read_text(encoding="utf-8").lstrip().startswith("#"), "each config opens with the command that runs it"
+
+
+def test_chatglm3_lora_yaml_loads_unchanged(tmp_path):
+    path = tmp_path / "lora.yaml"
+    path.write_text(CHATGLM3_LORA)
+    config = load_config(path)
+    assert config.data_config.train_file == "train.json" and config.data_config.val_file == "dev.json"
+    assert (config.max_input_length, config.max_output_length) == (256, 512)
+    assert config.training_args.learning_rate == pytest.approx(5e-5)  # YAML 1.1 reads "5e-5" as a string
+    assert (config.training_args.max_steps, config.training_args.save_steps, config.training_args.eval_steps) == (3000, 500, 500)
+    assert config.training_args.per_device_train_batch_size == 4
+    assert (config.peft_config.r, config.peft_config.lora_alpha, config.peft_config.lora_dropout) == (8, 32, 0.1)
+
+
+def test_every_error_is_reported_at_once_with_key_value_and_expectation(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "max_input_length: 2\n"
+        "training_args:\n  learning_rate: fast\n  max_stepz: 10\n"
+        "peft_config:\n  r: 0\n"
+        "preprocess:\n  dev_ratio: 0.6\n  test_ratio: 0.5\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: 5 invalid setting(s):")
+    expected = [
+        ("max_input_length: got 2", "greater than or equal to 8"),
+        ("training_args.learning_rate: got 'fast'", "valid number"),
+        ("training_args.max_stepz: unknown key", "10"),
+        ("peft_config.r: got 0", "greater than or equal to 1"),
+        ("preprocess: got", "dev_ratio + test_ratio = 1.1"),
+    ]
+    lines = message.splitlines()[1:]
+    assert len(lines) == len(expected)
+    for key, expectation in expected:
+        assert any(key in line and expectation in line for line in lines), (key, message)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        pytest.param("a: [1,\n", "not valid YAML at line", id="yaml-syntax"),
+        pytest.param("- just\n- a list\n", "expected a mapping", id="not-a-mapping"),
+        pytest.param(b"\xff\xfe\x00bad", "not UTF-8", id="not-utf8"),
+    ],
+)
+def test_unreadable_configs_name_the_file(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_file_and_empty_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(tmp_path / "empty.yaml") == TrainConfig()
+
+
+def test_section_digest_changes_only_with_its_section():
+    base = TrainConfig()
+    assert base.section_digest("preprocess") == parse_config({"training_args": {"max_steps": 7}}).section_digest("preprocess")
+    assert base.section_digest("preprocess") != parse_config({"preprocess": {"dev_ratio": 0.2}}).section_digest("preprocess")
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        pytest.param({"min_answer_chars": 50, "max_answer_chars": 10}, "min_answer_chars must not exceed", id="answer-limits"),
+        pytest.param({"min_question_chars": 9, "max_question_chars": 3}, "min_question_chars must not exceed", id="question-limits"),
+        pytest.param({"dev_ratio": -0.1}, "greater than or equal to 0", id="negative-ratio"),
+    ],
+)
+def test_preprocess_section_rules(values, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"preprocess": values})
+    with pytest.raises(ValueError):
+        PreprocessConfig(**values)

