@@ -312,19 +312,7 @@ def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is
         log.warning("dev split is empty: no dev loss; the last checkpoint is exported as the best")
         targs.eval_strategy = IntervalStrategy.NO
 
-    resume_step = None
-    with targs.main_process_first(local=True, desc="resume"):
-        if is_main:
-            shutil.rmtree(local_dir, ignore_errors=True)
-            local_dir.mkdir(parents=True, exist_ok=True)
-            if store is not None:
-                store.discard_foreign()
-                committed = store.committed()
-                if committed:
-                    resume_step = max(committed)
-                    store.fetch(resume_step, local_dir / f"checkpoint-{resume_step}")
-                    log.info("resuming from committed checkpoint step-%d (%s)", resume_step, store.root.uri)
-    resume_step = _broadcast(resume_step, targs)
+    resume_step = _resume_point(store, local_dir, targs)
 
     from transformers import set_seed
 
@@ -372,6 +360,48 @@ def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is
         world_size=targs.world_size,
         is_main=is_main,
     )
+
+
+def _resume_point(store: CheckpointStore | None, local_dir: Path, targs) -> int | None:
+    """The newest committed step (global rank 0 decides), fetched into every node's own folder.
+
+    ``local_dir`` is per node (a pod's emptyDir): the local rank 0 of each node clears it and
+    fetches the checkpoint there, so every rank resumes from a folder on its own node.
+    """
+    resume_step = None
+    if targs.process_index == 0 and store is not None:
+        store.discard_foreign()
+        committed = store.committed()
+        resume_step = max(committed) if committed else None
+    resume_step = _broadcast(resume_step, targs)
+    with targs.main_process_first(local=True, desc="resume"):
+        if targs.local_process_index == 0:
+            shutil.rmtree(local_dir, ignore_errors=True)
+            local_dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                store.fetch(resume_step, local_dir / f"checkpoint-{resume_step}")
+                if targs.process_index == 0:
+                    log.info("resuming from committed checkpoint step-%d (%s)", resume_step, store.root.uri)
+    return resume_step
+
+
+def _gather_rng_states(args, checkpoint: Path) -> None:
+    """Every rank's ``rng_state_<rank>.pth`` into rank 0's checkpoint folder before it is committed.
+
+    Ranks on other nodes write theirs to their own node's folder, which is never uploaded; without
+    this a resumed run would restore only node 0's RNG streams (dropout masks would change).
+    """
+    import torch.distributed as dist
+
+    name = f"rng_state_{args.process_index}.pth"
+    mine = (checkpoint / name).read_bytes() if (checkpoint / name).is_file() else None
+    gathered = [None] * args.world_size if args.process_index == 0 else None
+    dist.gather_object((name, mine), gathered, dst=0)
+    if gathered is None:
+        return
+    for rank_name, data in gathered:
+        if data is not None and not (checkpoint / rank_name).is_file():
+            (checkpoint / rank_name).write_bytes(data)
 
 
 def export_best(store: CheckpointStore, best_step: int, target: Path) -> None:
@@ -546,10 +576,12 @@ class LawtuneCallback(TrainerCallback):
                 dist.barrier(device_ids=[torch.cuda.current_device()])
             else:
                 dist.barrier()
-        if self.store is None or not state.is_world_process_zero:
-            return control
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
+        if dist.is_available() and dist.is_initialized() and self.store is not None:
+            _gather_rng_states(args, local)
+        if self.store is None or not state.is_world_process_zero:
+            return control
         dev_loss = next((h["eval_loss"] for h in reversed(state.log_history) if "eval_loss" in h and h["step"] == step), None)
         self.store.commit(local, step, {"dev_loss": dev_loss, "epoch": state.epoch, "preempted": self.preempted})
         log.info("checkpoint step-%d committed%s", step, "" if dev_loss is None else f" (dev loss {dev_loss:.4f})")
