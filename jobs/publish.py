@@ -8,9 +8,10 @@ Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_RUN_ID``, ``LAWTUNE_S3_ENDPOIN
 ``LAWTUNE_CACHE_DIR`` (shared/core/settings.py); AWS credentials the standard way.
 
 Inputs: the committed ``finetune/`` (``adapter/``; the base model its manifest names) and
-``evaluate/`` (the gate verdict in its manifest). The merge runs in float32 with peft's
-``merge_and_unload`` and is checked against base+adapter logits before anything is written
-(shared/publish/merge.py).
+``evaluate/`` (the gate verdict in its manifest). The merge runs shard by shard (peak memory
+about two safetensors shards + the adapter; every merged weight checked against LoRA's forward,
+small models against base+adapter logits too), or in memory in float32 with peft's
+``merge_and_unload`` for adapters the sharded merge cannot do (shared/publish/merge.py).
 
 Output: ``<artifact_root>/models/<name>/<version>/`` (sharded safetensors, tokenizer, chat
 template, generation config, ``lawtune-model.json`` provenance, ``MANIFEST.json`` last),
@@ -110,7 +111,8 @@ def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, finetun
         "version": version, "run_id": settings.run_id, "base_model": base_ref, "best_step": ft_manifest.extra.get("best_step"),
         "finetune": finetune_uri, "evaluate": evaluate_uri, "gate": gate, "published_at": now_iso(),
         "merge_check": {"max_abs_logit_diff": result.max_abs_diff, "saved_max_abs_logit_diff": result.saved_max_abs_diff,
-                        "saved_dtype": result.saved_dtype},
+                        "saved_dtype": result.saved_dtype, "method": result.method,
+                        "max_forward_rel_err": result.max_forward_rel_err},
     }
     (model_dir / "lawtune-model.json").write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out.commit(extra={"gate": gate, "base_model": base_ref, "best_step": ft_manifest.extra.get("best_step"),

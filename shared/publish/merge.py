@@ -1,6 +1,12 @@
 """Merge a LoRA adapter into its base model, checked before anything is written.
 
-The base is loaded in float32 (never a quantised base: merging into rounded weights bakes
+Two ways, one result. ``merge_adapter`` takes the sharded one (shared/publish/sharded_merge.py:
+shard by shard, peak memory about two shards + the adapter) whenever the base is safetensors
+and the adapter is plain LoRA, and falls back to the in-memory one otherwise (or when
+``method="memory"``). Models small enough (``LOGIT_CHECK_MAX_BYTES``) also get the logit check
+below after a sharded merge; larger ones get the per-weight forward check only.
+
+In memory: the base is loaded in float32 (never a quantised base: merging into rounded weights bakes
 the rounding in), the adapter is attached with peft, and ``merge_and_unload`` folds it into
 the weights. Before saving, the merged model's logits on a few chat prompts must match
 base+adapter's within ``LOGIT_ATOL``; after saving, the model is loaded back from disk and
@@ -25,6 +31,9 @@ log = logging.getLogger(__name__)
 LOGIT_ATOL = 1e-3
 # Saving in a half dtype rounds each weight; the reloaded check then allows this much.
 HALF_LOGIT_ATOL = 0.5
+# Below this many bytes of base weights the sharded merge also runs the full-model logit check
+# (it loads base+adapter and the merged model: fine for small models, not for a 7B in a small pod).
+LOGIT_CHECK_MAX_BYTES = 2 * 1024**3
 CHECK_PROMPTS = (
     "What is a contract?",
     "劳动合同到期后，公司不续签需要支付经济补偿吗？",
@@ -38,10 +47,12 @@ class MergeCheckError(LawtuneError):
 
 @dataclass
 class MergeResult:
-    max_abs_diff: float  # in memory, float32
-    saved_max_abs_diff: float  # reloaded from disk, in the saved dtype
+    max_abs_diff: float | None  # logits, float32 (sharded: the reloaded model; None when too large to load)
+    saved_max_abs_diff: float | None  # reloaded from disk, in the saved dtype (None: not loaded, see above)
     saved_dtype: str
     files: list[str]
+    method: str = "memory"  # "sharded" or "memory"
+    max_forward_rel_err: float | None = None  # sharded: worst per-weight LoRA forward check
 
 
 def _check_full_precision(config, ref: str) -> None:
@@ -77,11 +88,23 @@ def _logits(model, ids, mask):
     return out * mask.unsqueeze(-1)  # padded positions carry no meaning
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, max_shard_size: str = "2GB") -> MergeResult:
-    """Write the merged model into ``out_dir`` (absent or empty) after checking it."""
+def _empty_output(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.iterdir()):
+        raise LawtuneError(f"{out_dir} is not empty; the merged model needs a folder of its own")
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, max_shard_size: str = "2GB",
+                  method: str = "auto") -> MergeResult:
+    """Write the merged model into ``out_dir`` (absent or empty) after checking it.
+
+    ``method``: "auto" (sharded when supported), "sharded" (refuse otherwise) or "memory".
+    The sharded merge keeps the base's shards (``max_shard_size`` applies to the in-memory one).
+    """
     import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from shared.publish.sharded_merge import unsupported_reason
 
     config = AutoConfig.from_pretrained(base_dir)
     _check_full_precision(config, str(base_dir))
@@ -94,6 +117,60 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, max_shard
         raise ConfigError(f"base model {base_dir} has no chat template; serving needs one")
     ids, mask = _prompt_batch(tokenizer)
 
+    if method != "memory":
+        reason = unsupported_reason(base_dir, adapter_dir)
+        if reason is None:
+            return _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype, ids, mask)
+        if method == "sharded":
+            raise ConfigError(f"sharded merge of {adapter_dir} into {base_dir} is not possible: {reason}")
+        log.warning("merging in memory (the whole model in RAM): %s", reason)
+    return _merge_in_memory(base_dir, adapter_dir, out_dir, tokenizer, save_dtype, ids, mask, max_shard_size)
+
+
+def _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype, ids, mask) -> MergeResult:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from shared.publish.sharded_merge import base_shards, merge_shards
+
+    _empty_output(out_dir)
+    result = merge_shards(base_dir, adapter_dir, out_dir, save_dtype)
+    log.info("sharded merge: %d weights merged in %d shard(s); worst forward check %.1e (tolerance from %s)",
+             result.merged, len(result.shards), result.max_forward_rel_err, "shared/publish/sharded_merge.py")
+    config.dtype = save_dtype
+    config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(base_dir)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(out_dir)
+
+    diff = None
+    size = sum((base_dir / s).stat().st_size for s in result.shards)
+    if size <= LOGIT_CHECK_MAX_BYTES:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        expected = _logits(PeftModel.from_pretrained(base, adapter_dir).eval(), ids, mask)
+        del base
+        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+        diff = (_logits(reloaded, ids, mask) - expected).abs().max().item()
+        del reloaded
+        gc.collect()
+        tolerance = LOGIT_ATOL if save_dtype == torch.float32 else HALF_LOGIT_ATOL
+        log.info("merge check (reloaded %s): max |Δlogit| = %.2e (tolerance %.0e)", save_dtype, diff, tolerance)
+        if not diff <= tolerance:
+            raise MergeCheckError(f"saved merged model's logits differ from base+adapter by {diff:.3g} (> {tolerance})")
+    files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
+    return MergeResult(diff, diff, str(save_dtype).removeprefix("torch."), files, "sharded", result.max_forward_rel_err)
+
+
+def _merge_in_memory(base_dir, adapter_dir, out_dir, tokenizer, save_dtype, ids, mask, max_shard_size) -> MergeResult:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
     expected = _logits(peft_model, ids, mask)
@@ -103,9 +180,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, max_shard
     if not diff <= LOGIT_ATOL:
         raise MergeCheckError(f"merged model's logits differ from base+adapter by {diff:.3g} (> {LOGIT_ATOL}); nothing was written")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if any(out_dir.iterdir()):
-        raise LawtuneError(f"{out_dir} is not empty; the merged model needs a folder of its own")
+    _empty_output(out_dir)
     merged.to(save_dtype).save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out_dir)
     if not (out_dir / "generation_config.json").is_file() and merged.generation_config is not None:
