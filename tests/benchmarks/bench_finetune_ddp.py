@@ -60,6 +60,7 @@ training_args:
   per_device_train_batch_size: 4
   per_device_eval_batch_size: 8
   tokens_per_batch: {tokens}
+  fp8: "{fp8}"
   packing: true
   gradient_checkpointing: false
   logging_steps: 5
@@ -73,6 +74,10 @@ peft_config:
   lora_dropout: 0.05
   target_modules: all-linear
 """
+QWEN_7B = dict(
+    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+    max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=2048, tie_word_embeddings=True)
 
@@ -94,6 +99,10 @@ def build_model(tokenizer_dir: Path, target: Path, shape: dict) -> None:
             shutil.copy2(tokenizer_dir / extra, target / extra)
 
 
+def fmt_loss(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
 def run(cmd: list[str], env: dict[str, str], log: Path) -> float:
     started = time.perf_counter()
     print("$", " ".join(cmd), flush=True)
@@ -110,8 +119,9 @@ def speed(output: Path) -> dict:
     events = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
     tps = [e["tokens_per_s"] for e in events if "tokens_per_s" in e]
     summary = json.loads((output / "training_summary.json").read_text())
+    dev = summary.get("dev_loss_curve") or [[None, None]]
     return {"median_tps": statistics.median(tps[1:] or tps), "windows": len(tps), "summary": summary,
-            "last_loss": [e["loss"] for e in events if "loss" in e][-1]}
+            "last_loss": [e["loss"] for e in events if "loss" in e][-1], "dev_loss": dev[-1][1]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/lawtune-ddp"))
     p.add_argument("--out", type=Path, help="write the markdown section here too")
     p.add_argument("--tiny", action="store_true", help="toy model, 4 steps, on CPU (gloo): checks the plumbing only")
+    p.add_argument("--shape", choices=["1.5b", "7b"], default="1.5b", help="Qwen2.5 architecture to config-initialise")
+    p.add_argument("--fp8", choices=["auto", "on", "off"], default="on", help="training_args.fp8 (FP8 frozen weights)")
     args = p.parse_args(argv)
 
     import torch
@@ -140,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True)
     model = args.work / "model"
     t0 = time.perf_counter()
-    build_model(args.tokenizer, model, TINY if args.tiny else QWEN_1_5B)
+    build_model(args.tokenizer, model, TINY if args.tiny else {"1.5b": QWEN_1_5B, "7b": QWEN_7B}[args.shape])
     print(f"model built and saved in {time.perf_counter() - t0:.1f}s", flush=True)
     config = args.work / "bench.yaml"
-    config.write_text(CONFIG.format(model=model, steps=args.steps, tokens=args.tokens, save=args.steps // 2))
+    config.write_text(CONFIG.format(model=model, steps=args.steps, tokens=args.tokens, save=args.steps // 2, fp8=args.fp8))
     art = f"file://{args.work / 'artifacts'}"
     env = {**os.environ, "LAWTUNE_ARTIFACT_ROOT": art, "LAWTUNE_RUN_ID": "ddp-bench", "LAWTUNE_CACHE_DIR": str(args.work / "cache"),
            "LAWTUNE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -161,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             extra = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n)))} if torch.cuda.is_available() else {}
         wall = run(cmd, {**env, **extra}, args.work / f"finetune-{n}.log")
         s = speed(out)
+        fp8_lines = [line for line in (args.work / f"finetune-{n}.log").read_text().splitlines() if "FP8 forward/backward on" in line]
+        s.update(fp8_log=fp8_lines[0].split("FP8 forward/backward on")[1].split(" frozen")[0].strip() + f" x{len(fp8_lines)} ranks"
+                 if fp8_lines else "none")
         s.update(gpus=n, wall=wall, committed=(out / "MANIFEST.json").is_file(), adapter=(out / "adapter" / "adapter_model.safetensors").is_file())
         results.append(s)
         print(f"{n} GPU(s): median {s['median_tps']:.0f} tokens/s over {s['windows']} windows, wall {wall:.0f}s, "
@@ -172,17 +187,17 @@ def main(argv: list[str] | None = None) -> int:
         f"### `jobs.finetune` under torchrun: {args.gpus}x {gpu}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"Command: `python3 tests/benchmarks/bench_finetune_ddp.py --gpus {args.gpus} --steps {args.steps} --tokens {args.tokens}` "
-        f"(torch {torch.__version__}). Config-initialised Qwen2.5-1.5B shape (vocab of the carried tokenizer), LoRA r16 all-linear, "
+        f"(torch {torch.__version__}). training_args.fp8: {args.fp8}. Config-initialised Qwen2.5-{args.shape.upper()} shape (vocab of the carried tokenizer), LoRA r16 all-linear, "
         f"packed micro-batches of {args.tokens} tokens per GPU, {args.steps} steps, checkpoint + dev eval every {args.steps // 2}; "
         f"data: `{args.csv.name}` through `jobs.preprocess`.",
         "",
-        "| GPUs | command | tokens/s (median of logging windows, all ranks) | scaling | wall s (incl. load, eval, checkpoints) | best step | committed |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| GPUs | command | tokens/s (median of logging windows, all ranks) | scaling | wall s (incl. load, eval, checkpoints) | FP8 layers (log) | last train loss | final dev loss | best step | committed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         cmd = "python -m jobs.finetune" if r["gpus"] == 1 else f"torchrun --nproc-per-node {r['gpus']} -m jobs.finetune"
         lines.append(f"| {r['gpus']} | `{cmd}` | {r['median_tps']:,.0f} | {r['median_tps'] / base:.2f}x | {r['wall']:.0f} | "
-                     f"{r['summary'].get('best_step')} | {'yes' if r['committed'] and r['adapter'] else 'NO'} |")
+                     f"{r['fp8_log']} | {r['last_loss']:.3f} | {fmt_loss(r['dev_loss'])} | {r['summary'].get('best_step')} | {'yes' if r['committed'] and r['adapter'] else 'NO'} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

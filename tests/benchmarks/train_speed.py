@@ -366,6 +366,55 @@ def matmul_tflops() -> float | None:
     return 2 * n**3 / times[len(times) // 2] / 1e12
 
 
+def fp8_tflops() -> float | None:
+    """Rowwise-scaled e4m3 matmul rate (torch._scaled_mm, 8192³), the op the FP8 frozen layers use."""
+    if not torch.cuda.is_available() or not hasattr(torch, "_scaled_mm"):
+        return None
+    from shared.train.fast.fp8 import fp8_supported
+
+    if not fp8_supported(device()):
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device()).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device()).to(torch.float8_e4m3fn)
+    sa = torch.ones(n, 1, device=device())
+    sb = torch.ones(1, n, device=device())
+    mm = lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
+    for _ in range(10):
+        mm()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        mm()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / times[len(times) // 2] / 1e12
+
+
+def fp8_ceiling(arch: str, bf16: float, fp8: float) -> float:
+    """Tokens/s when the decoder's frozen linears (forward + input gradient: 4 FLOP per weight
+    per token) run at the FP8 rate and the rest of the non-embedding weights (the head) at bf16."""
+    dec, total = decoder_linear_params_for(arch), non_embedding_params_for(arch)
+    return 1 / (4 * dec / (fp8 * 1e12) + 4 * (total - dec) / (bf16 * 1e12))
+
+
+def liger_line() -> str:
+    from shared.train.fast.speedups import liger_import_error
+
+    err = liger_import_error()
+    if err is None:
+        from importlib.metadata import version
+
+        return f"Liger: on (liger-kernel {version('liger-kernel')})"
+    return f"Liger: OFF, its import failed: {err}"
+
+
 def fmt(x, spec, none="–"):
     return none if x is None else format(x, spec)
 
@@ -451,6 +500,8 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
     tflops = matmul_tflops()
+    tflops_fp8 = fp8_tflops() if args.fp8 else None
+    print(liger_line(), flush=True)  # a run without Liger must never pass for one with it
     rows: list[Row] = []
     started = time.time()
     cases = cases_for(args)
@@ -517,6 +568,8 @@ def main(argv=None) -> int:
             if tflops and r.tokens_per_s:
                 # DDP: every GPU has its own ceiling.
                 r.pct_ceiling = r.tokens_per_s / (world * tflops * 1e12 / (4 * params))
+                if tflops_fp8 and "FP8" in r.variant:
+                    r.note += f"; {r.tokens_per_s / (world * fp8_ceiling(case.arch, tflops, tflops_fp8)):.0%} of the FP8 ceiling"
         rows.extend(case_rows)
         print(table(case_rows), flush=True)
     if rank != 0:
@@ -526,12 +579,16 @@ def main(argv=None) -> int:
     mode = f"DDP over {world} process(es)" if args.ddp else "one GPU, one process"
     cmd = "python3 tests/benchmarks/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     ceilings = ", ".join(f"{a}: {tflops * 1e12 / (4 * non_embedding_params_for(a)):,.0f} tokens/s" for a in sorted({c.arch for c in cases})) if tflops else "n/a"
+    fp8_ceilings = ", ".join(f"{a}: {world * fp8_ceiling(a, tflops, tflops_fp8):,.0f} tokens/s"
+                             for a in sorted({c.arch for c in cases})) if (tflops and tflops_fp8) else "n/a"
     body = "\n".join(
         [
             f"### {card}, {mode}, {when}",
             "",
             f"Command: `{cmd.strip()}` (torch {torch.__version__}; wall time {time.time() - started:.0f} s). "
             f"Measured bf16 matmul (8192³): {fmt(tflops, '.0f')} TFLOP/s; ceilings: {ceilings}. "
+            f"Measured FP8 rowwise matmul (8192³): {fmt(tflops_fp8, '.0f')} TFLOP/s; FP8 ceilings (frozen decoder "
+            f"linears at that rate, the head at bf16): {fp8_ceilings}. {liger_line()}. "
             f"Timed steps: {args.steps - args.warmup} after {args.warmup} warm-up; loss diff: max relative "
             f"difference of the first {args.parity} step losses vs the baseline on the same batches.",
             "",
@@ -550,6 +607,18 @@ def main(argv=None) -> int:
 
 
 _PARAMS: dict[str, int] = {}
+_DECODER: dict[str, int] = {}
+
+
+def decoder_linear_params_for(arch: str) -> int:
+    """Weights of the decoder layers' linear layers: the ones the FP8 path converts."""
+    if arch not in _DECODER:
+        from transformers import AutoModelForCausalLM, Qwen2Config
+
+        with torch.device("meta"):
+            m = AutoModelForCausalLM.from_config(Qwen2Config(**ARCHS[arch]))
+        _DECODER[arch] = sum(mod.weight.numel() for mod in m.model.layers.modules() if isinstance(mod, torch.nn.Linear))
+    return _DECODER[arch]
 
 
 def non_embedding_params_for(arch: str) -> int:

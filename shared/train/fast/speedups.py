@@ -206,12 +206,17 @@ class FastPath:
         )
 
 
-def liger_available() -> bool:
+def liger_import_error() -> str | None:
+    """Why Liger cannot be used here (the import's exception), or None when it imports."""
     try:
         import liger_kernel.transformers  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
+    except Exception as exc:  # noqa: BLE001 - any failure means "not here"; the reason is what matters
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def liger_available() -> bool:
+    return liger_import_error() is None
 
 
 def _apply_liger(model: torch.nn.Module) -> Callable[[], None] | None:
