@@ -79,7 +79,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         from shared.train.training import CheckpointStore, export_best, precision, train
 
         # The GPU fast path unless training_args.fast_path says otherwise; plain on CPU.
-        hooks = hooks or training_hooks(config, precision(config).device)
+        hooks = hooks or training_hooks(config, precision(config).device, settings.cache_dir)
 
         # Same path on every rank of a node (the Trainer's checkpoints); per inputs, so runs never mix.
         local = settings.cache_dir / "work" / f"{STAGE}-{settings.run_id}-{digest_inputs(out.inputs)[:12]}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -117,10 +117,11 @@ class TrainingArgs(_Strict):
         default=False,
         description="Fast path for 24 GB cards: recompute each decoder layer in backward (7B LoRA, 2,048-token examples: <22 GiB).",
     )
-    tokens_per_batch: int | None = Field(
+    tokens_per_batch: Annotated[int, Field(ge=64)] | Literal["auto"] | None = Field(
         default=None,
-        ge=64,
-        description="Fast path: pack examples into micro-batches of at most this many tokens; None = per_device_train_batch_size examples.",
+        description="Fast path: pack examples into micro-batches of at most this many tokens; None = per_device_train_batch_size "
+        "examples; auto = the largest budget whose training step fits the GPU (trial steps, cached per card/model/config). "
+        "An explicit budget that does not fit exits 2 naming the largest that does.",
     )
     # Accepted from ChatGLM3/transformers configs so they load unchanged; the job decides these.
     remove_unused_columns: bool | None = None

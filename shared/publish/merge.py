@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.core.errors import ConfigError, LawtuneError
+from shared.publish.sharded_merge import MergeCheckError  # noqa: F401 - raised by both merges, imported from here
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ CHECK_PROMPTS = (
     "劳动合同到期后，公司不续签需要支付经济补偿吗？",
     "Explain the statute of limitations in one sentence.",
 )
-
-
-class MergeCheckError(LawtuneError):
-    """The merged model does not reproduce base+adapter: publishing it would ship the wrong model."""
 
 
 @dataclass

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.core.errors import LawtuneError
+
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
@@ -32,6 +34,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # a wrong delta is off by its whole size.
 FORWARD_RTOL = 1e-4
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+class MergeCheckError(LawtuneError):
+    """The merged model does not reproduce base+adapter: publishing it would ship the wrong model."""
 
 
 @dataclass
@@ -136,8 +142,6 @@ def merge_shards(base_dir: Path, adapter_dir: Path, out_dir: Path, save_dtype) -
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from shared.publish.merge import MergeCheckError
 
     pairs = load_lora(adapter_dir)
     shards = base_shards(base_dir) or []

@@ -303,8 +303,6 @@ def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_rows, dev_rows, reports = load_datasets(data_dir, config, tokenizer)
-    if hooks.prepare_train_dataset is not None:
-        train_rows = hooks.prepare_train_dataset(train_rows, config)
     callback.has_dev = bool(dev_rows)
     if not dev_rows:
         from transformers.trainer_utils import IntervalStrategy
@@ -318,6 +316,8 @@ def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is
 
     set_seed(targs.seed)  # before the adapter exists: LoRA's random init must repeat on every attempt
     model = hooks.prepare_model(model_dir, config, prec)
+    if hooks.prepare_train_dataset is not None:  # after the model: a token budget may be measured on it
+        train_rows = hooks.prepare_train_dataset(train_rows, config)
     trainable, total = model.get_nb_trainable_parameters()
     trainer = LawtuneTrainer(
         model=model,

@@ -472,7 +472,7 @@ def fp8_wanted(config: Any) -> bool | None:
     return {"on": True, "off": False}.get(getattr(config.training_args, "fp8", "auto"))
 
 
-def training_hooks(config: Any, device: str):
+def training_hooks(config: Any, device: str, cache_dir: Any = None):
     """``shared.train.training.Hooks`` for the finetune job: the fast path where wanted, else the defaults.
 
     - ``prepare_model``: the job's own model + LoRA, then :func:`enable_fast_path` on the base
@@ -490,9 +490,17 @@ def training_hooks(config: Any, device: str):
         return Hooks()
     args = config.training_args
 
+    budget: dict[str, int | None] = {}
+
     def prepare(model_dir, cfg, prec):
         model = prepare_model(model_dir, cfg, prec)
         enable_fast_path(model.get_base_model(), memory_profile=cfg.training_args.memory_profile, fp8=fp8_wanted(cfg))
+        if cfg.training_args.tokens_per_batch is not None:
+            from shared.train.fast.budget import resolve_token_budget
+
+            if prec.device == "cuda":
+                model.to("cuda")  # the trial step runs where training will
+            budget["tokens"] = resolve_token_budget(model, cfg, cache_dir)
         return model
 
     def collator(cfg, tokenizer, prec):
@@ -502,7 +510,15 @@ def training_hooks(config: Any, device: str):
     if args.tokens_per_batch and hasattr(hooks, "prepare_train_dataset"):
         # Trainer still draws per_device_train_batch_size items per micro-batch; each item is a
         # row of up to tokens_per_batch / batch_size tokens, so a micro-batch stays within budget.
+        # The budget is known once the model is prepared (tokens_per_batch: auto measures it).
         seed = args.seed if args.seed is not None else config.seed
-        per_row = max(1, args.tokens_per_batch // args.per_device_train_batch_size)
-        hooks.prepare_train_dataset = lambda rows, cfg: PackedRows.build(rows, per_row, seed=seed)
+
+        def packed(rows, cfg):
+            tokens = budget.get("tokens", args.tokens_per_batch)
+            if not isinstance(tokens, int):
+                raise RuntimeError("tokens_per_batch: auto is measured on the prepared model: prepare it first")
+            per_row = max(1, tokens // args.per_device_train_batch_size)
+            return PackedRows.build(rows, per_row, seed=seed)
+
+        hooks.prepare_train_dataset = packed
     return hooks
