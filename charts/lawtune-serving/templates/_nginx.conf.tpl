@@ -207,7 +207,7 @@ location = / {
 location /ui/ {
     alias {{ $ui.filesDir }}/;
     types { text/html html; text/css css; text/javascript js; application/json json; }
-    charset_types text/html text/css text/javascript application/json;
+    charset_types text/css text/javascript application/json;
     limit_except GET { deny all; }
     {{- range $headers }}
     {{ . }}
@@ -233,7 +233,7 @@ location = /ui/api/v1/chat/completions {
         return 403 {{ include "lawtune-serving.openaiError" (list "Page calls only: send X-Lawtune-Page: 1" "invalid_request_error" "forbidden") }};
     }
     limit_except POST { deny all; }
-    limit_req zone=lawtune_ui burst={{ $ui.rateLimit.burst }} nodelay;
+    limit_req zone=lawtune_ui{{ if gt (int $ui.rateLimit.burst) 0 }} burst={{ $ui.rateLimit.burst }}{{ end }} nodelay;
     error_page 413 = @too_large;
     error_page 429 = @ui_rate_limited;
     error_page 502 503 504 = @upstream_unavailable;
