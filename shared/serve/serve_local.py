@@ -3,6 +3,7 @@
     make serve                                   # python -m shared.serve.serve_local --model-name legal-assistant
     python -m shared.serve.serve_local --model-name legal-assistant --port 8080 [--gateway-values my.yaml]
     curl http://127.0.0.1:8080/v1/models -H "Authorization: Bearer $LAWTUNE_API_KEY"
+    open http://127.0.0.1:8080/                  # the assistant page (the chart's ui.*, on by default here)
 
 Environment: ``LAWTUNE_ARTIFACT_ROOT`` (``make serve``: ``file://$(CURDIR)/artifacts``),
 ``LAWTUNE_CACHE_DIR``, ``LAWTUNE_S3_*``; ``LAWTUNE_API_KEY`` (else a random key, printed once).

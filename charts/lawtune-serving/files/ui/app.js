@@ -283,7 +283,6 @@
     wire();
     render();
     pollStatus().then(function () {
-      if (!state.maintenance) endMaintenance();
       document.body.setAttribute("data-ready", "true");
       if (!state.maintenance) (config.auth === "pasteKey" && !state.key ? $("key-input") : $("question")).focus();
     });
