@@ -44,3 +44,31 @@ def test_kind_values_render_valid_manifests_without_gpus(chart, tmp_path):
             assert "nvidia.com/gpu" not in str(container.get("resources", {})), container["name"]
             if container["image"].startswith("localhost/lawtune/"):
                 assert container["image"].endswith(":kind") and container["imagePullPolicy"] == "Never"
+
+
+def test_kind_serving_values_use_cpu_mode_without_gpu_only_keys():
+    """The kind serving values run vLLM in CPU mode and set none of the keys the chart's schema
+    calls GPU-only (the list comes from the schema itself, so a new GPU-only key is checked too)."""
+    from tests.charts.test_lawtune_serving import gpu_only_paths
+
+    values = yaml.safe_load((HERE / "values-serving.yaml").read_text())
+    assert values["vllm"]["device"] == "cpu"
+
+    def paths(node, prefix=""):
+        for key, value in node.items():
+            yield prefix + key
+            if isinstance(value, dict):
+                yield from paths(value, f"{prefix}{key}.")
+
+    set_keys = set(paths(values))
+    gpu_only = gpu_only_paths() | {"vllm.gpu", "vllm.resources"}  # vllm.resources is the GPU mode's; CPU mode reads vllm.cpu.resources
+    assert set_keys & gpu_only == set()
+    assert "nvidia" not in yaml.safe_dump(values)
+
+
+def test_the_vllm_image_the_kind_test_preloads_is_the_one_the_chart_runs():
+    from tests.kind.test_kind import VLLM_IMAGE
+
+    objects = render("charts/lawtune-serving", yaml.safe_load((HERE / "values-serving.yaml").read_text()))
+    (vllm,) = [d for d in by_kind(objects, "Deployment") if d["metadata"]["name"].endswith("-vllm")]
+    assert vllm["spec"]["template"]["spec"]["containers"][0]["image"] == VLLM_IMAGE
