@@ -100,7 +100,7 @@ NAMESPACE ?=
 DOCKER ?= docker
 # Extra `docker build` flags, e.g. DOCKER_BUILD_ARGS='--build-arg TORCH_IMAGE=... --push'.
 DOCKER_BUILD_ARGS ?=
-.PHONY: images kind-test
+.PHONY: images kind-test flux-values
 images: $(addprefix image-,$(STAGES)) ## Build every stage image as IMAGE_REGISTRY/<stage>:IMAGE_TAG
 
 image-%: ## Build one stage image: make image-finetune (images/<stage>.Dockerfile, context = repo root)
@@ -108,6 +108,10 @@ image-%: ## Build one stage image: make image-finetune (images/<stage>.Dockerfil
 
 kind-test: $(VENV)/.installed tools ## kind cluster + images + in-cluster S3: run the pipeline on CPU, serve it, one chat completion (needs docker, kind)
 	$(PY) -m pytest -m kind -v tests/kind
+
+flux-values: ## Print CONFIG as a pipeline chart values file (`config: |`), for Flux's valuesFrom (docs/gitops)
+	@# A block scalar with an explicit indent (|2) takes any text verbatim: commas, colons, '#'.
+	@printf 'config: |2\n'; sed 's/^/  /' $(CONFIG)
 
 ##@ Data
 .PHONY: preprocess bench-preprocess
