@@ -462,7 +462,10 @@ def test_scratch_space_is_requested_and_gpu_stages_request_their_memory_limit(re
     jobs = _jobs(rendered({"cache": {"sizeLimit": "20Gi"}, "tmp": {"sizeLimit": "512Mi"}}))
     for stage, job in jobs.items():
         resources = _container(job)["resources"]
-        assert resources["requests"]["ephemeral-storage"] == f"{20 * 1024 + 512 + 1024}Mi", stage
+        cache = 2 * 1024 if stage == "preprocess" else 20 * 1024  # preprocess has its own, smaller cache
+        assert resources["requests"]["ephemeral-storage"] == f"{cache + 512 + 1024}Mi", stage
+        volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["cache"]["emptyDir"]["sizeLimit"] == f"{cache // 1024}Gi"
         if "nvidia.com/gpu" in resources.get("limits", {}):
             assert resources["requests"]["memory"] == resources["limits"]["memory"], stage
     assert {s for s, j in jobs.items() if "nvidia.com/gpu" in _container(j)["resources"].get("limits", {})} == {"finetune", "evaluate"}

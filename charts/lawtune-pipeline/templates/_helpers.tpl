@@ -72,9 +72,14 @@ and is what "completed with the same spec" compares in hook mode.
 {{- if hasSuffix "Gi" . }}{{ mul (trimSuffix "Gi" . | int) 1024 }}{{ else }}{{ trimSuffix "Mi" . | int }}{{ end }}
 {{- end }}
 
-{{/* Ephemeral storage the scratch emptyDirs may fill: cache + tmp + home (1Gi). */}}
+{{/* Size of a stage's cache emptyDir (dict: root, s): its own cacheSizeLimit, else cache.sizeLimit. */}}
+{{- define "lawtune-pipeline.cacheSize" -}}
+{{- .s.cacheSizeLimit | default .root.Values.cache.sizeLimit }}
+{{- end }}
+
+{{/* Ephemeral storage a stage's scratch emptyDirs may fill (dict: root, s): cache + tmp + home (1Gi). */}}
 {{- define "lawtune-pipeline.scratchMi" -}}
-{{- add (include "lawtune-pipeline.mebibytes" .Values.cache.sizeLimit | int) (include "lawtune-pipeline.mebibytes" .Values.tmp.sizeLimit | int) 1024 }}
+{{- add (include "lawtune-pipeline.mebibytes" (include "lawtune-pipeline.cacheSize" .) | int) (include "lawtune-pipeline.mebibytes" .root.Values.tmp.sizeLimit | int) 1024 }}
 {{- end }}
 
 {{- define "lawtune-pipeline.rendezvousName" -}}
@@ -207,21 +212,23 @@ credentials by secretKeyRef only.
   mountPath: /dev/shm
 {{- end }}
 
+{{- /* (dict: root, s) */}}
 {{- define "lawtune-pipeline.volumes" -}}
+{{- $v := .root.Values }}
 - name: config
   configMap:
-    name: {{ include "lawtune-pipeline.configMapName" . }}
+    name: {{ include "lawtune-pipeline.configMapName" .root }}
 - name: cache
   emptyDir:
-    sizeLimit: {{ .Values.cache.sizeLimit }}
+    sizeLimit: {{ include "lawtune-pipeline.cacheSize" . }}
 - name: tmp
   emptyDir:
-    sizeLimit: {{ .Values.tmp.sizeLimit }}
+    sizeLimit: {{ $v.tmp.sizeLimit }}
 - name: home
   emptyDir:
     sizeLimit: 1Gi
 - name: dshm
   emptyDir:
     medium: Memory
-    sizeLimit: {{ .Values.shm.sizeLimit }}
+    sizeLimit: {{ $v.shm.sizeLimit }}
 {{- end }}
