@@ -105,16 +105,25 @@ deploy: $(VENV)/.installed tools ## helm upgrade --install charts/lawtune-servin
 VALUES ?=
 NAMESPACE ?=
 DOCKER ?= docker
-# Extra `docker build` flags, e.g. DOCKER_BUILD_ARGS='--build-arg TORCH_IMAGE=... --push'.
+# Extra `docker build` flags, e.g. DOCKER_BUILD_ARGS='--build-arg TORCH_IMAGE=...@sha256:... --push'.
 DOCKER_BUILD_ARGS ?=
-.PHONY: images kind-test
-images: $(addprefix image-,$(STAGES)) ## Build every stage image as IMAGE_REGISTRY/<stage>:IMAGE_TAG
+# cuda: the GPU images (PyTorch's CUDA base); cpu: every stage from a slim Python with the CPU torch
+# wheel, tagged IMAGE_TAG-cpu (the pipeline chart's `device: cpu` runs those).
+DEVICE ?= cuda
+STAGE_TAG := $(IMAGE_TAG)$(if $(filter cpu,$(DEVICE)),-cpu,)
+.PHONY: images kind-test flux-values
+images: $(addprefix image-,$(STAGES)) ## Build every stage image as IMAGE_REGISTRY/<stage>:IMAGE_TAG (DEVICE=cpu: CPU images, tag IMAGE_TAG-cpu)
 
 image-%: ## Build one stage image: make image-finetune (images/<stage>.Dockerfile, context = repo root)
-	$(DOCKER) build -f images/$*.Dockerfile -t $(IMAGE_REGISTRY)/$*:$(IMAGE_TAG) --build-arg IMAGE_TAG=$(IMAGE_TAG) $(DOCKER_BUILD_ARGS) .
+	$(DOCKER) build -f images/$*.Dockerfile -t $(IMAGE_REGISTRY)/$*:$(STAGE_TAG) --build-arg IMAGE_TAG=$(IMAGE_TAG) --build-arg DEVICE=$(DEVICE) $(DOCKER_BUILD_ARGS) .
 
-kind-test: $(VENV)/.installed tools ## kind cluster + images + in-cluster S3: run the pipeline on CPU, serve it, one chat completion (needs docker, kind)
+kind-test: $(VENV)/.installed tools ## kind cluster + CPU images + in-cluster S3: the pipeline on CPU, serving, one chat completion (needs docker, kind; 4 cores, 16 GB)
+	$(PY) tests/kind/plan.py
 	$(PY) -m pytest -m kind -v tests/kind
+
+flux-values: ## Print CONFIG as a pipeline chart values file (`config: |`), for Flux's valuesFrom (docs/gitops)
+	@# A block scalar with an explicit indent (|2) takes any text verbatim: commas, colons, '#'.
+	@printf 'config: |2\n'; sed 's/^/  /' $(CONFIG)
 
 ##@ Data
 .PHONY: preprocess bench-preprocess
