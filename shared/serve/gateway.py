@@ -69,7 +69,6 @@ def local_gateway_values(*, port: int, upstream: str, runtime_dir: Path, overrid
             "upstream": upstream,
             "runtimeDir": str(runtime_dir),
             "apiKeysFile": str(runtime_dir / "api-keys.map"),
-            "workerProcesses": 1,
         },
         # The assistant page's files (when ui.enabled), written there by write_ui_files.
         "ui": {"filesDir": str(runtime_dir / "ui")},

@@ -200,7 +200,7 @@
 
     return send(false).then(function (resp) {
       if (resp.ok) {
-        version = resp.headers.get("X-Model-Version") || version;
+        version = resp.headers.get("X-Lawtune-Model-Version") || version;
         setStatus("Answering\u2026");
         return readStream(resp, function (text) {
           answerText.textContent = text;
