@@ -18,6 +18,10 @@ CONFIG ?= configs/smollm2-135m-cpu.yaml
 INPUT ?= configs/data/legal_qa_sample.csv
 RUN_ID ?= sample
 MODEL_NAME ?= legal-assistant
+# Overrides of the config for make train (local): the base model (else LAWTUNE_BASE_MODEL, else the
+# config's base_model) and space-separated KEY=VALUE settings, e.g. SET="training_args.max_steps=200".
+BASE_MODEL ?=
+SET ?=
 export LAWTUNE_ARTIFACT_ROOT ?= file://$(CURDIR)/artifacts
 export LAWTUNE_CACHE_DIR ?= $(CURDIR)/.cache/lawtune
 TOOLS := $(CURDIR)/.tools
@@ -41,7 +45,7 @@ help: ## Show this help
 ##@ Quickstart
 .PHONY: train test
 train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here; TARGET=k8s: Jobs on a cluster)
-	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG) --input $(INPUT) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG) --input $(INPUT) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(if $(BASE_MODEL), --base-model $(BASE_MODEL))$(foreach s,$(SET), --set $(s))$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
 
 test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
 	$(PY) -m pytest -m "not kind and not gpu" tests
