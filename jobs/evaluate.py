@@ -111,11 +111,12 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
 
             records = _load_test(scratch / "data" / test_name, f"{data_uri}/{test_name}", ev.max_examples)
             turns, refs = zip(*(prompt_turns(r["conversations"]) for r in records))
-            base_dir = resolve_base_model(base_ref, settings)
+            trust = bool(ft_manifest.extra.get("trust_remote_code", config.trust_remote_code))  # as finetune ran it
+            base_dir = resolve_base_model(base_ref, settings, trust)
             log.info("generating answers to %d test question(s) with %s (+ adapter)", len(records), base_ref)
             answers = generate_answers(
                 base_dir, adapter, list(turns), ev.generation, backend=ev.backend, batch_size=ev.batch_size,
-                max_input_length=config.max_input_length, seed=config.seed,
+                max_input_length=config.max_input_length, seed=config.seed, trust_remote_code=trust,
             )
         base_metrics, base_rows = score_all(answers.base, refs)
         tuned_metrics, tuned_rows = score_all(answers.tuned, refs)

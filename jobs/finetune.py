@@ -78,7 +78,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         base_from = config.origin("base_model")
         log.info("base model %s (from %s)", config.base_model, base_from)
         splits = [split_file(data_manifest.extra, config.data_config, role, data_uri) for role in ("train", "dev")]
-        model_dir = resolve_base_model(config.base_model, settings)  # a bad model fails before the data is read
+        model_dir = resolve_base_model(config.base_model, settings, config.trust_remote_code)  # fails before the data is read
 
         from shared.train.fast.speedups import training_hooks
         from shared.train.training import CheckpointStore, export_best, precision, train

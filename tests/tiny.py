@@ -82,3 +82,38 @@ def tiny_data_dir(folder: Path, train: int, dev: int) -> Path:
     write_split(folder, "train.jsonl", [words_conversation(i) for i in range(train)])
     write_split(folder, "dev.jsonl", [words_conversation(100 + i) for i in range(dev)])
     return folder
+
+
+REMOTE_CONFIG_PY = '''from transformers import LlamaConfig
+
+
+class TinyRemoteConfig(LlamaConfig):
+    model_type = "lawtune_tiny_remote"
+'''
+REMOTE_MODELING_PY = '''from transformers import LlamaForCausalLM
+
+from .configuration_tiny_remote import TinyRemoteConfig
+
+
+class TinyRemoteForCausalLM(LlamaForCausalLM):
+    config_class = TinyRemoteConfig
+'''
+
+
+def remote_code_model_dir(path: Path, seed: int = 0) -> Path:
+    """The tiny Llama dressed as a model that needs its repository's code, as THUDM/chatglm3-6b
+    does: a ``model_type`` transformers does not know, ``auto_map`` naming classes in the
+    folder's own ``configuration_*.py`` / ``modeling_*.py``."""
+    if (path / "config.json").is_file():
+        return path
+    staging = tiny_model_dir(path.with_name(path.name + ".llama"), seed=seed)
+    shutil.copytree(staging, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="lawtune_tiny_remote", architectures=["TinyRemoteForCausalLM"], auto_map={
+        "AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+        "AutoModelForCausalLM": "modeling_tiny_remote.TinyRemoteForCausalLM",
+    })
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "configuration_tiny_remote.py").write_text(REMOTE_CONFIG_PY)
+    (path / "modeling_tiny_remote.py").write_text(REMOTE_MODELING_PY)
+    return path

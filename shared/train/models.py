@@ -58,8 +58,11 @@ BUNDLED: dict[str, BundledModel] = {
 }
 
 
-def resolve_base_model(ref: str, settings: Settings) -> Path:
-    """A local directory loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer``; ConfigError otherwise."""
+def resolve_base_model(ref: str, settings: Settings, trust_remote_code: bool = False) -> Path:
+    """A local directory loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer``; ConfigError otherwise.
+
+    A model whose config needs the repository's own code (``auto_map`` naming a class
+    transformers lacks, e.g. ``THUDM/chatglm3-6b``) is refused unless ``trust_remote_code``."""
     ref = ref.strip()
     if not ref:
         raise ConfigError("base_model is empty; expected a Hugging Face id, s3:// or file:// URI, local dir or bundled:<name>")
@@ -72,24 +75,46 @@ def resolve_base_model(ref: str, settings: Settings) -> Path:
         if not path.is_dir():
             raise ConfigError(f"base_model {ref!r}: no such directory")
     elif _HF_ID.match(ref):
-        path = _from_hf_hub(ref)
+        path = _from_hf_hub(ref, trust_remote_code)
     else:
         raise ConfigError(
             f"base_model {ref!r} is not a Hugging Face id, an s3:// or file:// URI, an existing directory "
             f"or one of {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}"
         )
-    check_model_dir(path, ref)
+    check_model_dir(path, ref, trust_remote_code)
     return path
 
 
-def check_model_dir(path: Path, ref: str) -> None:
+def needs_remote_code(path: Path) -> str | None:
+    """The repository code a model directory's config asks for (``auto_map`` entry), when
+    transformers has no class of its own for its ``model_type``; None when it needs none."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    auto_map = config.get("auto_map") or {}
+    if not auto_map or config.get("model_type") in CONFIG_MAPPING:
+        return None
+    return str(auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoConfig") or next(iter(auto_map.values())))
+
+
+def check_model_dir(path: Path, ref: str, trust_remote_code: bool = False) -> None:
     """Fail early (one line) unless ``path`` holds a config transformers can read and tokenizer files."""
     if not (path / "config.json").is_file():
         raise ConfigError(f"base_model {ref!r}: {path} has no config.json (not a transformers model directory)")
+    code = needs_remote_code(path)
+    if code and not trust_remote_code:
+        raise ConfigError(
+            f"base_model {ref!r} needs its repository's own code ({code}) and trust_remote_code is false; "
+            "set trust_remote_code: true in the config to run that Python code from the model repository, "
+            "or use a model transformers supports itself (e.g. THUDM/glm-4-9b-chat-hf)"
+        )
     try:
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(path)
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises ValueError/OSError/KeyError for unreadable configs
         raise ConfigError(f"base_model {ref!r}: {path}/config.json is unreadable: {_one_line(exc)}") from None
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -226,11 +251,13 @@ def _manifest_digest(folder: Path) -> str | None:
 # --- Hugging Face hub cache ----------------------------------------------------------------
 
 
-def _from_hf_hub(ref: str) -> Path:
+def _from_hf_hub(ref: str, trust_remote_code: bool = False) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(ref, allow_patterns=_HF_PATTERNS))
+        # The repository's code files only when they may run (and so the merged model keeps them).
+        patterns = [*_HF_PATTERNS, "*.py"] if trust_remote_code else _HF_PATTERNS
+        return Path(snapshot_download(ref, allow_patterns=patterns))
     except Exception as exc:  # hub errors: offline cache miss, repo not found, gated, network
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
         hint = " (HF_HUB_OFFLINE is set, so only the local Hugging Face cache is searched)" if offline else ""

@@ -75,7 +75,8 @@ def prepare_model(model_dir: Path, config: TrainConfig, prec: Precision):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=prec.dtype, attn_implementation=config.training_args.attn_implementation
+        model_dir, dtype=prec.dtype, attn_implementation=config.training_args.attn_implementation,
+        trust_remote_code=config.trust_remote_code,
     )
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
     peft = config.peft_config
@@ -301,7 +302,7 @@ def train(
 def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is_main, callback) -> TrainResult:
     from transformers import AutoTokenizer, PrinterCallback, ProgressCallback
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code)
     train_rows, dev_rows, reports = load_datasets(data_dir, config, tokenizer)
     if hooks.prepare_train_dataset is not None:
         train_rows = hooks.prepare_train_dataset(train_rows, config)
