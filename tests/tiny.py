@@ -41,6 +41,44 @@ def word_tokenizer(template: str | None = CHATML):
     return tok
 
 
+# GLM-4's template (THUDM/glm-4-9b-chat-hf's tokenizer_config.json, tool listing shortened) and
+# ChatGLM3's (THUDM/chatglm3-6b). Neither writes an end-of-turn token after an answer: the next
+# role token (<|user|>) ends it, and both models' generation configs stop on it.
+GLM4_TEMPLATE = (
+    "[gMASK]<sop>{% for item in messages %}{% if item['tools'] is defined %}<|system|>\ntools{% endif %}"
+    "{% if item['content'] %}<|{{ item['role'] }}|>{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CHATGLM3_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first %}[gMASK]sop<|{{ message['role'] }}|>\n {{ message['content'] }}"
+    "{% else %}<|{{ message['role'] }}|>\n {{ message['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+GLM_SPECIALS = {
+    "glm4": ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"],
+    "chatglm3": ["</s>", "[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"],
+}
+
+
+def glm_tokenizer(kind: str):
+    """A word-level tokenizer with GLM-4's ("glm4") or ChatGLM3's ("chatglm3") special tokens and chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = GLM_SPECIALS[kind]
+    vocab = {w: i for i, w in enumerate(["<unk>", *specials, *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(" ", "removed"), pre_tokenizers.Split("\n", "isolated")]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token=specials[0], pad_token=specials[0],
+        additional_special_tokens=specials[1:],
+    )
+    tok.chat_template = GLM4_TEMPLATE if kind == "glm4" else CHATGLM3_TEMPLATE
+    return tok
+
+
 def tiny_model_dir(path: Path, seed: int = 0, arch: str = "llama", hidden: int = 32, layers: int = 2) -> Path:
     """A small config-initialised Llama or Qwen2 (default: 2 layers, hidden 32) + the word
     tokenizer, saved like any HF model directory."""
