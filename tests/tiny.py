@@ -80,18 +80,22 @@ def glm_tokenizer(kind: str):
 
 
 def tiny_model_dir(path: Path, seed: int = 0, arch: str = "llama", hidden: int = 32, layers: int = 2) -> Path:
-    """A small config-initialised Llama or Qwen2 (default: 2 layers, hidden 32) + the word
-    tokenizer, saved like any HF model directory."""
+    """A small config-initialised Llama, Qwen2, GLM or GLM-4 (default: 2 layers, hidden 32) + the word
+    tokenizer (GLM-4's template for the GLM architectures), saved like any HF model directory."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, GlmConfig, Glm4Config, LlamaConfig, Qwen2Config
 
     if (path / "config.json").is_file():
         return path
-    tok = word_tokenizer()
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](
+    glm = arch in ("glm", "glm4")
+    # GLM models carry GLM-4's chat template and stop on <|user|> as well as <|endoftext|>, as glm-4-9b-chat-hf does.
+    tok = glm_tokenizer("glm4") if glm else word_tokenizer()
+    extra = {"head_dim": hidden // 4, "eos_token_id": [tok.eos_token_id, tok.convert_tokens_to_ids("<|user|>")]} if glm else {
+        "eos_token_id": tok.eos_token_id, "bos_token_id": tok.convert_tokens_to_ids("<|im_start|>")}
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "glm": GlmConfig, "glm4": Glm4Config}[arch](
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"), tie_word_embeddings=True,
+        tie_word_embeddings=not glm, **extra,
     )
     torch.manual_seed(seed)
     staging = path.with_name(path.name + ".partial")

@@ -262,3 +262,26 @@ def _from_hf_hub(ref: str, trust_remote_code: bool = False) -> Path:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
         hint = " (HF_HUB_OFFLINE is set, so only the local Hugging Face cache is searched)" if offline else ""
         raise ConfigError(f"base_model {ref!r}: cannot load it from the Hugging Face hub{hint}: {_one_line(exc)}") from None
+
+
+# --- LoRA targets ---------------------------------------------------------------------------
+
+
+def lora_targets(model, peft_config) -> list[str] | str:
+    """``peft_config.target_modules``; left at its default (q/k/v projections) on a model that has
+    none of those (ChatGLM3's fused ``query_key_value``), peft's own targets for that architecture,
+    so the ChatGLM3 demo's lora.yaml (which names no targets) adapts what the demo adapts."""
+    targets = peft_config.target_modules
+    if "target_modules" in peft_config.model_fields_set or targets == "all-linear":
+        return targets
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if leaves & set(targets):
+        return targets
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    mapped = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(getattr(model.config, "model_type", ""))
+    if mapped and leaves & set(mapped):
+        log.info("peft_config.target_modules not set and %s has no %s: adapting %s (peft's targets for %s)",
+                 model.config.model_type, ", ".join(targets), ", ".join(mapped), model.config.model_type)
+        return list(mapped)
+    return targets

@@ -74,3 +74,30 @@ def test_with_the_key_on_training_merge_and_serving_follow_it(tmp_path):
     assert json.loads((merged / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].endswith("TinyRemoteForCausalLM")
     assert "--trust-remote-code" in server_args(merged, gpu=False)
     assert "--trust-remote-code" not in server_args(tiny_model_dir(tmp_path / "plain"), gpu=True)
+
+
+@pytest.mark.parametrize(
+    ("peft", "model_type", "leaf", "want"),
+    [
+        pytest.param({}, "chatglm", "query_key_value", ["query_key_value"], id="chatglm3-default-targets"),
+        pytest.param({}, "llama", "q_proj", ["q_proj", "k_proj", "v_proj"], id="default-kept-where-it-exists"),
+        pytest.param({"target_modules": ["dense"]}, "chatglm", "query_key_value", ["dense"], id="explicit-wins"),
+    ],
+)
+def test_lora_targets_follow_the_architecture_when_the_config_names_none(peft, model_type, leaf, want):
+    """ChatGLM3's attention is one fused ``query_key_value`` linear (its modeling code, not
+    loadable here): the demo's lora.yaml names no targets, so peft's own ones for chatglm apply."""
+    import torch
+
+    from shared.core.config import PeftConfig
+    from shared.train.models import lora_targets
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            setattr(self, leaf, torch.nn.Linear(4, 4))
+            self.dense = torch.nn.Linear(4, 4)
+
+    model = torch.nn.Sequential(Attention())
+    model.config = type("Config", (), {"model_type": model_type})()
+    assert lora_targets(model, PeftConfig(**peft)) == want
