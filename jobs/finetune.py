@@ -63,7 +63,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         hooks=None) -> Result:
     from shared.store.artifacts import digest_inputs, read_manifest
     from shared.data.split_files import split_file
-    from shared.train.models import resolve_base_model
+    from shared.train.models import needs_remote_code, resolve_base_model
     from shared.store.stage import StageOutput, fetch_stage
     from shared.store.storage import open_location
 
@@ -81,10 +81,15 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         model_dir = resolve_base_model(config.base_model, settings, config.trust_remote_code)  # fails before the data is read
 
         from shared.train.fast.speedups import training_hooks
-        from shared.train.training import CheckpointStore, export_best, precision, train
+        from shared.train.training import CheckpointStore, Hooks, export_best, precision, train
 
-        # The GPU fast path unless training_args.fast_path says otherwise; plain on CPU.
-        hooks = hooks or training_hooks(config, precision(config).device)
+        # The GPU fast path unless training_args.fast_path says otherwise; plain on CPU. It patches
+        # transformers' own model classes, so a model running its repository's code (ChatGLM3) trains plain.
+        device = precision(config).device
+        if hooks is None and needs_remote_code(model_dir) and config.training_args.fast_path == "auto":
+            log.info("fast path off: %s runs its repository's own modeling code", config.base_model)
+            hooks = Hooks()
+        hooks = hooks or training_hooks(config, device)
 
         # Same path on every rank of a node (the Trainer's checkpoints); per inputs, so runs never mix.
         local = settings.cache_dir / "work" / f"{STAGE}-{settings.run_id}-{digest_inputs(out.inputs)[:12]}"
@@ -100,6 +105,15 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
             raise LawtuneError(f"no committed checkpoint under {store.root.uri} after training")
         export_best(store, result.best_step, out.workdir / "adapter")
         summary = result.summary(config.base_model)
+        summary["base_model_from"] = config.origin("base_model")
+        if device == "cuda":
+            import torch
+
+            # What a smaller card must hold: the peak of this process's training on its GPU.
+            summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+            summary["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 1024**3, 2)
+            log.info("peak GPU memory: %.2f GiB allocated, %.2f GiB reserved", summary["peak_gpu_memory_gib"],
+                     summary["peak_gpu_reserved_gib"])
         (out.workdir / "training_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         with open(out.workdir / "metrics.jsonl", "w", encoding="utf-8") as fh:
             for record in result.log_history:

@@ -159,3 +159,42 @@ def remote_code_model_dir(path: Path, seed: int = 0) -> Path:
     (path / "configuration_tiny_remote.py").write_text(REMOTE_CONFIG_PY)
     (path / "modeling_tiny_remote.py").write_text(REMOTE_MODELING_PY)
     return path
+
+
+GLM4_9B = dict(  # THUDM/glm-4-9b-chat-hf's published config (GlmForCausalLM)
+    hidden_size=4096, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2,
+    head_dim=128, partial_rotary_factor=0.5, attention_bias=True, rms_norm_eps=1.5625e-07, max_position_embeddings=131072,
+)
+
+
+def glm_model_dir(path: Path, tokenizer_dir: Path, *, layers: int | None = None, tiny: bool = False, arch: str = "glm",
+                  device: str = "cpu") -> Path:
+    """A config-initialised GLM-4 (GLM-4-9B's shape, or ``tiny``: hidden 64) carrying a real BPE
+    tokenizer (e.g. the bundled model's, from ``tokenizer_dir``) turned into GLM-4's: its special
+    tokens, chat template, <|endoftext|> as eos and the generation config's stop on <|user|>.
+    Stands in for THUDM/glm-4-9b-chat-hf where no model hub is reachable."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GlmConfig, Glm4Config
+
+    if (path / "config.json").is_file():
+        return path
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    specials = GLM_SPECIALS["glm4"]
+    tok.add_special_tokens({"eos_token": specials[0], "pad_token": specials[0], "additional_special_tokens": specials[1:]})
+    tok.chat_template = GLM4_TEMPLATE
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, partial_rotary_factor=0.5, attention_bias=True, max_position_embeddings=4096) if tiny else dict(GLM4_9B)
+    if layers:
+        dims["num_hidden_layers"] = layers
+    config = (Glm4Config if arch == "glm4" else GlmConfig)(
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=stops, tie_word_embeddings=False, **dims)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    staging = path.with_name(path.name + ".partial")
+    model.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    shutil.move(staging, path)
+    return path
