@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,25 +92,33 @@ def _empty_output(out_dir: Path) -> None:
         raise LawtuneError(f"{out_dir} is not empty; the merged model needs a folder of its own")
 
 
+def _copy_remote_code(base_dir: Path, out_dir: Path) -> None:
+    for code in sorted(base_dir.glob("*.py")):
+        if not (out_dir / code.name).exists():
+            shutil.copy2(code, out_dir / code.name)
+
+
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, max_shard_size: str = "2GB",
-                  method: str = "auto") -> MergeResult:
+                  trust_remote_code: bool = False, method: str = "auto") -> MergeResult:
     """Write the merged model into ``out_dir`` (absent or empty) after checking it.
 
     ``method``: "auto" (sharded when supported), "sharded" (refuse otherwise) or "memory".
     The sharded merge keeps the base's shards (``max_shard_size`` applies to the in-memory one).
-    """
+    With ``trust_remote_code`` the base repository's own ``*.py`` files are copied beside the
+    merged weights, so the folder loads (and vLLM serves it) the way the base model did."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from shared.publish.sharded_merge import unsupported_reason
 
-    config = AutoConfig.from_pretrained(base_dir)
+    remote = {"trust_remote_code": trust_remote_code}
+    config = AutoConfig.from_pretrained(base_dir, **remote)
     _check_full_precision(config, str(base_dir))
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
     save_dtype = stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, **remote)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"base model {base_dir} has no chat template; serving needs one")
     ids, mask = _prompt_batch(tokenizer)
@@ -117,14 +126,14 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, max_shard
     if method != "memory":
         reason = unsupported_reason(base_dir, adapter_dir)
         if reason is None:
-            return _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype, ids, mask)
+            return _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype, ids, mask, remote)
         if method == "sharded":
             raise ConfigError(f"sharded merge of {adapter_dir} into {base_dir} is not possible: {reason}")
         log.warning("merging in memory (the whole model in RAM): %s", reason)
-    return _merge_in_memory(base_dir, adapter_dir, out_dir, tokenizer, save_dtype, ids, mask, max_shard_size)
+    return _merge_in_memory(base_dir, adapter_dir, out_dir, tokenizer, save_dtype, ids, mask, max_shard_size, remote)
 
 
-def _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype, ids, mask) -> MergeResult:
+def _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype, ids, mask, remote) -> MergeResult:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -142,16 +151,18 @@ def _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype
     except OSError:
         generation = GenerationConfig.from_model_config(config)
     generation.save_pretrained(out_dir)
+    if remote["trust_remote_code"]:
+        _copy_remote_code(base_dir, out_dir)
 
     diff = None
     size = sum((base_dir / s).stat().st_size for s in result.shards)
     if size <= LOGIT_CHECK_MAX_BYTES:
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **remote).eval()
         expected = _logits(PeftModel.from_pretrained(base, adapter_dir).eval(), ids, mask)
         del base
-        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, **remote).eval()
         diff = (_logits(reloaded, ids, mask) - expected).abs().max().item()
         del reloaded
         gc.collect()
@@ -163,12 +174,12 @@ def _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype
     return MergeResult(diff, diff, str(save_dtype).removeprefix("torch."), files, "sharded", result.max_forward_rel_err)
 
 
-def _merge_in_memory(base_dir, adapter_dir, out_dir, tokenizer, save_dtype, ids, mask, max_shard_size) -> MergeResult:
+def _merge_in_memory(base_dir, adapter_dir, out_dir, tokenizer, save_dtype, ids, mask, max_shard_size, remote) -> MergeResult:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **remote).eval()
     peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
     expected = _logits(peft_model, ids, mask)
     merged = peft_model.merge_and_unload()
@@ -182,10 +193,12 @@ def _merge_in_memory(base_dir, adapter_dir, out_dir, tokenizer, save_dtype, ids,
     tokenizer.save_pretrained(out_dir)
     if not (out_dir / "generation_config.json").is_file() and merged.generation_config is not None:
         merged.generation_config.save_pretrained(out_dir)
+    if remote["trust_remote_code"]:
+        _copy_remote_code(base_dir, out_dir)
     del merged, peft_model, model
     gc.collect()
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, **remote).eval()
     saved_diff = (_logits(reloaded, ids, mask) - expected).abs().max().item()
     tolerance = LOGIT_ATOL if save_dtype == torch.float32 else HALF_LOGIT_ATOL
     log.info("merge check (reloaded %s): max |Δlogit| = %.2e (tolerance %.0e)", save_dtype, saved_diff, tolerance)
