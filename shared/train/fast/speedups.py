@@ -418,6 +418,7 @@ def enable_fast_path(
     fuse_lora: bool = True,
     compile_lora: bool = False,
     fp8: bool | None = False,
+    on_gpu: bool | None = None,
 ) -> FastPath:
     """Patch a transformers causal LM in place (before or after peft wraps it: pass the
     transformers model itself, e.g. ``peft_model.get_base_model()``).
@@ -426,11 +427,14 @@ def enable_fast_path(
     (auto) runs the frozen linear layers in FP8 where that was measured to pay: a GPU with FP8
     tensor cores and a hidden size of at least ``FP8_AUTO_MIN_HIDDEN`` (Qwen2.5-7B: +17 % tokens/s
     on an H100; Qwen2.5-1.5B: -7 %, its matmuls too small to repay the quantisation passes).
+    ``on_gpu`` says where the model will train; by default, where its weights are now. The
+    finetune job prepares the model on the CPU and Trainer moves it later, so it passes this.
     """
     register_attention()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     model.config.use_cache = False
-    on_gpu = next(model.parameters()).is_cuda
+    if on_gpu is None:
+        on_gpu = next(model.parameters()).is_cuda
     use_liger = (liger_available() and on_gpu) if liger is None else liger
     fast = FastPath(attention="varlen" if (on_gpu and _torch_varlen()) else "per-example sdpa", liger=False, gradient_checkpointing=False)
     if use_liger:
@@ -494,7 +498,8 @@ def training_hooks(config: Any, device: str, cache_dir: Any = None):
 
     def prepare(model_dir, cfg, prec):
         model = prepare_model(model_dir, cfg, prec)
-        enable_fast_path(model.get_base_model(), memory_profile=cfg.training_args.memory_profile, fp8=fp8_wanted(cfg))
+        enable_fast_path(model.get_base_model(), memory_profile=cfg.training_args.memory_profile, fp8=fp8_wanted(cfg),
+                         on_gpu=prec.device == "cuda")
         if cfg.training_args.tokens_per_batch is not None:
             from shared.train.fast.budget import resolve_token_budget
 

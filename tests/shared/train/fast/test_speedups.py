@@ -238,6 +238,32 @@ def test_finetune_hooks_pick_the_fast_path_where_configured(mode, device, fast):
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 
 
+def test_the_job_decides_liger_and_fp8_for_the_gpu_it_will_train_on_not_where_the_model_is_loaded(tmp_path, monkeypatch, caplog):
+    """jobs.finetune prepares the model on the CPU (Trainer moves it to the GPU later), so the
+    fast path must not judge "on a GPU?" from the weights' device: it did, and Liger and
+    `fp8: auto` never turned on in the job. No GPU here: Liger's patching and the FP8 support
+    check are replaced by stand-ins that report a capable card, which is all this test needs."""
+    import logging
+
+    from shared.core.config import TrainConfig
+    from shared.train.fast import fp8, speedups
+    from shared.train.training import Precision
+    from tests.tiny import tiny_model_dir
+
+    monkeypatch.setattr(speedups, "liger_available", lambda: True)
+    monkeypatch.setattr(speedups, "_apply_liger", lambda model: (lambda: None))
+    monkeypatch.setattr(fp8, "fp8_supported", lambda: True)
+    monkeypatch.setattr(speedups, "FP8_AUTO_MIN_HIDDEN", 16)
+    config = TrainConfig.model_validate({"training_args": {"fast_path": "auto", "fp8": "auto"},
+                                         "peft_config": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
+    hooks = speedups.training_hooks(config, "cuda")
+    with caplog.at_level(logging.INFO, logger=speedups.log.name):
+        model = hooks.prepare_model(tiny_model_dir(tmp_path / "model"), config, Precision("cuda", False))
+    assert not next(model.parameters()).is_cuda  # still where the job loaded it
+    described = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fast training path")]
+    assert described and "liger=on" in described[-1] and "fp8=frozen-linears" in described[-1], described
+
+
 @pytest.mark.parametrize(
     ("device", "rel", "fp8", "arch"),
     [
