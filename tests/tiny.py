@@ -79,9 +79,9 @@ def glm_tokenizer(kind: str):
     return tok
 
 
-def tiny_model_dir(path: Path, seed: int = 0, arch: str = "llama", hidden: int = 32, layers: int = 2) -> Path:
-    """A small config-initialised Llama, Qwen2, GLM or GLM-4 (default: 2 layers, hidden 32) + the word
-    tokenizer (GLM-4's template for the GLM architectures), saved like any HF model directory."""
+def tiny_model_dir(path: Path, seed: int = 0, arch: str = "llama", hidden: int = 32, layers: int = 2, heads: int = 4) -> Path:
+    """A small config-initialised Llama, Qwen2, GLM or GLM-4 (default: 2 layers, hidden 32, 4 heads) + the
+    word tokenizer (GLM-4's template for the GLM architectures), saved like any HF model directory."""
     import torch
     from transformers import AutoModelForCausalLM, GlmConfig, Glm4Config, LlamaConfig, Qwen2Config
 
@@ -90,11 +90,11 @@ def tiny_model_dir(path: Path, seed: int = 0, arch: str = "llama", hidden: int =
     glm = arch in ("glm", "glm4")
     # GLM models carry GLM-4's chat template and stop on <|user|> as well as <|endoftext|>, as glm-4-9b-chat-hf does.
     tok = glm_tokenizer("glm4") if glm else word_tokenizer()
-    extra = {"head_dim": hidden // 4, "eos_token_id": [tok.eos_token_id, tok.convert_tokens_to_ids("<|user|>")]} if glm else {
+    extra = {"head_dim": hidden // heads, "eos_token_id": [tok.eos_token_id, tok.convert_tokens_to_ids("<|user|>")]} if glm else {
         "eos_token_id": tok.eos_token_id, "bos_token_id": tok.convert_tokens_to_ids("<|im_start|>")}
     config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "glm": GlmConfig, "glm4": Glm4Config}[arch](
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+        num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=not glm, **extra,
     )
     torch.manual_seed(seed)

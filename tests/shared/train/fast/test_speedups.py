@@ -238,6 +238,36 @@ def test_finetune_hooks_pick_the_fast_path_where_configured(mode, device, fast):
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 
 
+@pytest.mark.gpu
+@GPU
+def test_gpu_the_finetune_jobs_hooks_turn_on_liger_and_fp8_and_train(tmp_path, caplog):
+    """On a GPU with FP8 tensor cores and Liger installed: the job's hooks (the model prepared on
+    the CPU, as jobs.finetune does) give Liger and FP8 frozen linears at a 7B-like hidden size,
+    and train() with them lowers the loss."""
+    import logging
+
+    from shared.core.config import parse_config
+    from shared.train.fast import fp8, speedups
+    from shared.train.training import train
+    from tests.tiny import tiny_data_dir, tiny_model_dir
+
+    if not (speedups.liger_available() and fp8.fp8_supported()):
+        pytest.skip(f"needs Liger ({speedups.liger_import_error()}) and FP8 tensor cores")
+    config = parse_config({"max_input_length": 32, "max_output_length": 16,
+                           "peft_config": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+                           "training_args": {"max_steps": 6, "save_steps": 6, "eval_steps": 6, "logging_steps": 1,
+                                             "per_device_train_batch_size": 2, "learning_rate": 1e-3}})
+    model_dir = tiny_model_dir(tmp_path / "model", arch="qwen2", hidden=speedups.FP8_AUTO_MIN_HIDDEN, layers=1,
+                               heads=speedups.FP8_AUTO_MIN_HIDDEN // 128)  # head_dim 128, as in Qwen2.5-7B
+    hooks = speedups.training_hooks(config, "cuda")
+    with caplog.at_level(logging.INFO, logger=speedups.log.name):
+        result = train(config, model_dir, tiny_data_dir(tmp_path / "data", 16, 2), tmp_path / "local", None, hooks)
+    described = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fast training path")]
+    assert described and "liger=on" in described[-1] and "fp8=frozen-linears" in described[-1], described
+    losses = [loss for _, loss in result.train_loss_curve]
+    assert all(loss == loss for loss in losses) and losses[-1] < losses[0], losses
+
+
 def test_the_job_decides_liger_and_fp8_for_the_gpu_it_will_train_on_not_where_the_model_is_loaded(tmp_path, monkeypatch, caplog):
     """jobs.finetune prepares the model on the CPU (Trainer moves it to the GPU later), so the
     fast path must not judge "on a GPU?" from the weights' device: it did, and Liger and
