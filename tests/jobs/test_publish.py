@@ -6,11 +6,11 @@ evaluate → publish → fetch → serve path on the bundled model lives in test
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from jobs import publish
+from shared.publish.registry import history
 from shared.store.artifacts import read_manifest
 from shared.core.settings import load_settings
 from shared.store.storage import open_location
@@ -57,8 +57,9 @@ def test_passed_gate_moves_promoted_and_republishing_is_a_no_op(run_artifacts):
     assert first.version.startswith("r1-") and len(first.version) == len("r1-") + 10
     assert first.promoted and not first.skipped
     assert _promoted(settings) == first.version
-    record = json.loads(open_location(settings.models_uri("legal"), settings).read_text("promotion.json"))
-    assert record["previous"] == "older-version" and record["forced"] is False
+    [record] = history(open_location(settings.models_uri("legal"), settings))
+    assert record["from"] == "older-version" and record["to"] == first.version and record["kind"] == "promote"
+    assert record["run_id"] == "r1" and record["gate"]["passed"] is True and record["actor"]
 
     files_before = open_location(first.version_uri, settings).list_files()
     second = publish.run(settings, "legal", max_shard_size="1MB")
@@ -74,8 +75,8 @@ def test_force_promotes_a_failed_gate_loudly(run_artifacts, caplog):
     result = publish.run(settings, "legal", force=True, max_shard_size="1MB")
     assert result.forced and result.promoted and not result.gate_passed
     assert "--force: PROMOTING" in caplog.text and "ALTHOUGH ITS QUALITY GATE FAILED" in caplog.text
-    record = json.loads(open_location(settings.models_uri("legal"), settings).read_text("promotion.json"))
-    assert record["forced"] is True and record["version"] == result.version == _promoted(settings)
+    [record] = history(open_location(settings.models_uri("legal"), settings))
+    assert record["kind"] == "forced" and record["to"] == result.version == _promoted(settings)
 
 
 def test_cli_prints_model_gate_and_promotion(run_artifacts, capsys):
