@@ -102,7 +102,12 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         (out.workdir / "config.yaml").write_text(
             yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8"
         )
-        out.commit(extra={"base_model": config.base_model, "best_step": result.best_step})
+        from shared.train.tracking import log_training, log_training_to_mlflow
+
+        log_training(out.workdir / "tensorboard", result.log_history)
+        log_training_to_mlflow(settings.run_id, _params(config), result.log_history, out.workdir)
+        out.commit(extra={"base_model": config.base_model, "best_step": result.best_step,
+                          "base_model_digest": _model_digest(model_dir), "config_digest": inputs["config"]})
         shutil.rmtree(local, ignore_errors=True)
         log.info(
             "best checkpoint step-%s (dev loss %s) exported as %s/adapter after %d steps",
@@ -110,6 +115,26 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
             result.steps_completed,
         )
         return Result(output_uri, False, result.best_step, result.best_dev_loss, result.steps_completed, result.resumed_from)
+
+
+def _params(config: TrainConfig) -> dict[str, object]:
+    a, p = config.training_args, config.peft_config
+    return {"base_model": config.base_model, "max_steps": a.max_steps, "learning_rate": a.learning_rate,
+            "per_device_train_batch_size": a.per_device_train_batch_size, "lora_r": p.r, "lora_alpha": p.lora_alpha,
+            "target_modules": p.target_modules, "seed": config.seed}
+
+
+def _model_digest(model_dir: Path) -> str:
+    """The base model's identity beyond its name: sha256 over its config and weight files' digests."""
+    import hashlib
+
+    from shared.store.artifacts import sha256_file
+
+    h = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf") or f.name == "config.json"):
+            h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def _leave_process_group() -> None:

@@ -38,7 +38,7 @@ def plan(config: str, input_uri: str, model_name: str) -> list[Step]:
     return [
         Step("preprocess", ("--input", input_uri, "--config", config)),
         Step("finetune", ("--config", config)),
-        Step("evaluate", ("--config", config)),
+        Step("evaluate", ("--config", config, "--model-name", model_name)),
         Step("publish", ("--model-name", model_name)),
     ]
 

@@ -106,3 +106,30 @@ def test_bad_input_exits_2_with_one_line(run_artifacts, capsys, args, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("publish: error: ") and needle in err[-1]
     assert _promoted(settings) is None
+
+
+def test_two_publishes_racing_end_with_one_winner(artifact_root, tiny_model, tmp_path):
+    """Two real `jobs.publish` processes of two runs, both evaluated against "nothing promoted", start together."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for run in ("r1", "r2"):
+        settings = load_settings(run_id=run)
+        ft = commit_finetune(settings, settings.run_uri("finetune"), tiny_model, str(tiny_model), tmp_path / run)
+        commit_verdict(settings, settings.run_uri("evaluate"), True, tmp_path / run, ft.digest, compared_with=None)
+    repo = Path(__file__).resolve().parents[2]
+    procs = {run: subprocess.Popen([sys.executable, "-m", "jobs.publish", "--model-name", "legal", "--max-shard-size", "1MB"],
+                                   cwd=repo, env={**os.environ, "LAWTUNE_RUN_ID": run}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for run in ("r1", "r2")}
+    outcome = {run: (p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for run, p in procs.items()}
+    codes = sorted(code for code, _, _ in outcome.values())
+    assert codes == [0, 1], outcome
+    winner = next(run for run, (code, _, _) in outcome.items() if code == 0)
+    loser_err = next(err for code, _, err in outcome.values() if code == 1).strip().splitlines()[-1]
+    promoted = _promoted(load_settings())
+    assert promoted.startswith(f"{winner}-")
+    assert loser_err.startswith("publish: error: ") and f"moved to {promoted}" in loser_err and "the other promotion won" in loser_err
+    events = history(open_location(load_settings().models_uri("legal"), load_settings()))
+    assert [(e["from"], e["to"]) for e in events] == [(None, promoted)]
