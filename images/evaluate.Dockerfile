@@ -47,5 +47,7 @@ RUN grep -v -E "^(torch|triton)==" constraints.txt > /tmp/constraints.txt \
  && python -c "import sys, torch; sys.exit(0 if torch.version.cuda else f\"torch {torch.__version__} is not a CUDA build\")" \
  && rm -rf /src /tmp/constraints.txt
 WORKDIR /home/lawtune
+# The shipped golden question set, at the relative path the configs name (evaluation.questions).
+COPY configs/data/legal_golden.csv configs/data/legal_golden.LICENSE configs/data/
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "jobs.evaluate"]

@@ -13,6 +13,7 @@ from typing import Any
 
 from shared.core.config import PreprocessConfig
 from shared.core.errors import DataError
+from shared.data.dedup import Candidate
 from shared.data.preprocessing import from_chat, from_csv
 from shared.data.readers import BadRow, CsvRow, Source
 
@@ -25,7 +26,7 @@ def load_golden(path: Path, name: str, cfg: PreprocessConfig) -> list[dict[str, 
             problems.append(f"line {row.line}: {row.reason} ({row.detail})")
             continue
         made = from_csv(row, cfg) if isinstance(row, CsvRow) else from_chat(row, cfg)
-        if isinstance(made, tuple):
+        if not isinstance(made, Candidate):  # (reason, detail)
             problems.append(f"line {row.line}: {made[0]} ({made[1]})")
             continue
         records.append(json.loads(made.record))
