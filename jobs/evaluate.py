@@ -136,7 +136,8 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
         base_metrics, tuned_metrics = scored["base"][0], scored["tuned"][0]
         prod_metrics = scored["production"][0] if production is not None else None
         gate = evaluate_gate(ev.gate, base_metrics, tuned_metrics, prod_metrics)
-        gate["promoted"] = champion.version if champion else None
+        if model_name:  # publish checks that PROMOTED still names the model this verdict compared with
+            gate["promoted"] = champion.version if champion else None
         _write_outputs(out.workdir, records, turns, refs, answers, production, {k: v[1] for k, v in scored.items()})
         metrics = {
             "base": base_metrics, "tuned": tuned_metrics, "production": prod_metrics,
@@ -163,7 +164,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
         write_report(ReportInput(base_metrics, tuned_metrics, gate, samples, summary, facts, production=prod_metrics,
                                  golden=metrics.get("golden")), out.workdir)
         log_scores(out.workdir / "tensorboard", metrics)
-        manifest = out.commit(extra={"gate": gate, "metrics": tuned_metrics, "production_version": gate["promoted"]})
+        manifest = out.commit(extra={"gate": gate, "metrics": tuned_metrics, "production_version": metrics["production_version"]})
         log_evaluation_to_mlflow(settings.run_id, out.workdir, metrics)
         return Result(manifest, False, output_uri, gate)
 

@@ -107,7 +107,8 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         log_training(out.workdir / "tensorboard", result.log_history)
         log_training_to_mlflow(settings.run_id, _params(config), result.log_history, out.workdir)
         out.commit(extra={"base_model": config.base_model, "best_step": result.best_step,
-                          "base_model_digest": _model_digest(model_dir), "config_digest": inputs["config"]})
+                          "base_model_digest": _model_digest(model_dir), "config_digest": inputs["config"],
+                          "data_uri": data_uri})
         shutil.rmtree(local, ignore_errors=True)
         log.info(
             "best checkpoint step-%s (dev loss %s) exported as %s/adapter after %d steps",

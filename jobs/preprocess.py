@@ -86,7 +86,8 @@ def run(settings: Settings, config: TrainConfig, input_uri: str, output_uri: str
                 return Result(out.skipped, True, None)
             log.info("reading %s (%s, %s)", input_uri, source.format, source.encoding)
             report = build(source, out.workdir, scratch / "spill", config.preprocess, path.stat().st_size)
-            manifest = out.commit(extra={"splits": report["splits"], "rejected": report["rejected"], "source": report["source"]})
+            manifest = out.commit(extra={"splits": report["splits"], "rejected": report["rejected"], "source": report["source"],
+                                         "input_uri": input_uri})
             return Result(manifest, False, report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -90,8 +90,7 @@ def test_single_question_smaller_than_the_batch(bundled_run):
     result = evaluate.run(settings, _config(max_examples=1, batch_size=8, gate=[]), output_uri=out)
     rows = open_location(out, settings).read_text("predictions.jsonl").splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["question"] == QA[0][0]
-    assert result.gate == {"passed": True, "reasons": ["no gate rules configured: passes by default"], "checks": [],
-                           "promoted": None}
+    assert result.gate == {"passed": True, "reasons": ["no gate rules configured: passes by default"], "checks": []}
 
 
 def test_missing_finetune_is_exit_2_and_leaves_no_manifest(bundled_run, monkeypatch, capsys):
