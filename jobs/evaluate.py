@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.publish.registry import check_name, read_pointer
-from shared.store.artifacts import Manifest, read_manifest, sha256_file
+from shared.store.artifacts import Manifest, find_manifest, read_manifest, sha256_file
 from shared.evaluate.golden import load_golden
 from shared.train.tracking import log_evaluation_to_mlflow, log_scores
 from shared.core.config import TrainConfig, load_config
@@ -91,7 +91,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
     ft_manifest = read_manifest(open_location(finetune_uri, settings))
     base_ref = ft_manifest.extra.get("base_model") or config.base_model
     ev = config.evaluation
-    champion = _champion(settings, model_name)
+    champion = _champion(settings, model_name, ft_manifest.digest, output_uri)
     golden = _golden_source(settings, ev.questions)
     inputs = {
         "data": data_manifest.digest,
@@ -175,13 +175,26 @@ class _Champion:
     uri: str
 
 
-def _champion(settings: Settings, model_name: str | None) -> _Champion | None:
-    """The PROMOTED version of ``model_name``: the model the candidate must not fall behind."""
+def _champion(settings: Settings, model_name: str | None, finetune_digest: str, output_uri: str) -> _Champion | None:
+    """The PROMOTED version of ``model_name``: the model the candidate must not fall behind.
+
+    When PROMOTED was published from this very finetune artifact (the same run again, after
+    its publish), the candidate would be compared with itself: keep the production model the
+    committed evaluation compared with, so the re-run is the usual skip.
+    """
     if not model_name:
         return None
     root = open_location(settings.models_uri(check_name(model_name)), settings)
     version = read_pointer(root).version
-    return _Champion(version, f"{root.uri}/{version}") if version else None
+    if version is None:
+        return None
+    published = find_manifest(root.child(version))
+    if published is not None and published.inputs.get("finetune") == finetune_digest:
+        earlier = find_manifest(open_location(output_uri, settings))
+        version = earlier.inputs.get("promoted") if earlier else None
+        if version is None:
+            return None
+    return _Champion(version, f"{root.uri}/{version}")
 
 
 def _golden_source(settings: Settings, questions: str | None) -> tuple[Path, str] | None:
