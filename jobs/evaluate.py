@@ -1,6 +1,6 @@
 """Evaluate: base vs fine-tuned answers on the test split, scores, report and quality gate.
 
-    python -m jobs.evaluate --config configs/smollm2-135m-cpu.yaml
+    python -m jobs.evaluate --config configs/smollm2-135m-cpu.yaml [--model-name legal-assistant]
     python -m jobs.evaluate --data s3://b/runs/r1/data --finetune s3://b/runs/r1/finetune \\
         --output s3://b/runs/r1/evaluate --config configs/x.yaml
 
@@ -11,11 +11,18 @@ Inputs: the committed ``data/`` (its test split, ``data_config.test_file``) and
 ``finetune/`` (``adapter/``, ``training_summary.json``; the base model is the one its
 manifest names). Both are verified against their manifests.
 
+With ``--model-name``, the model's PROMOTED version (production) answers the same prompts
+too (champion/challenger; gate rules with ``min_improvement_over: promoted`` compare with
+it). ``evaluation.questions`` names a golden set (CSV/JSONL) scored besides the test split.
+
 Output (default ``<artifact_root>/runs/<run_id>/evaluate/``): ``predictions.jsonl`` (id,
-question, reference, base and tuned answers, per-example scores), ``metrics.json``
-(``{"base", "tuned", "delta", "gate", ...}``), ``report.md``, ``report.html``,
-``loss_curves.png``, and ``MANIFEST.json`` last with ``extra = {"gate": {...}}``. Skipped
-when data, finetune, the evaluation-relevant config and the code version are unchanged.
+question, reference, base, tuned and production answers, per-example scores), ``metrics.json``
+(``{"base", "tuned", "production", "production_version", "delta", "delta_vs_production",
+"golden", "gate", ...}``), ``report.md``, ``report.html`` (loss plot embedded),
+``loss_curves.png``, ``tensorboard/`` (the scores), and ``MANIFEST.json`` last with
+``extra = {"gate": {...}, "metrics": {...}}``. Skipped when data, finetune, the
+evaluation-relevant config, the production version, the golden set and the code version are
+unchanged.
 
 Exit codes: 0 whatever the gate says (its verdict is data for publish); 1 storage/runtime
 failure (retry); 2 bad config, missing/corrupt inputs or an empty test split. The last

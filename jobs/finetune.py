@@ -13,9 +13,12 @@ Input (default ``<artifact_root>/runs/<run_id>/data/``): ``train.jsonl`` and ``d
 
 Output (default ``<artifact_root>/runs/<run_id>/finetune/``): ``adapter/`` (the checkpoint
 with the lowest dev loss, peft format), ``training_summary.json``, ``metrics.jsonl`` (one
-JSON per logging/eval event), ``config.yaml`` (the config used), ``checkpoints/step-<N>/``
-(each committed with its own manifest), and ``MANIFEST.json`` last, whose ``extra`` holds
-``base_model`` and ``best_step``. The stage is skipped when the data manifest, the training
+JSON per logging/eval event), ``tensorboard/`` (the same curves as TensorBoard events),
+``config.yaml`` (the config used), ``checkpoints/step-<N>/`` (each committed with its own
+manifest), and ``MANIFEST.json`` last, whose ``extra`` holds ``base_model``,
+``base_model_digest`` (sha256 over its weight files), ``config_digest``, ``data_uri`` and
+``best_step``. With ``MLFLOW_TRACKING_URI`` set and mlflow installed, params and curves also
+go to MLflow (shared/train/tracking.py). The stage is skipped when the data manifest, the training
 config sections and the code version match the committed manifest; otherwise it resumes
 from the newest committed checkpoint of the same inputs.
 

@@ -133,3 +133,21 @@ def test_two_publishes_racing_end_with_one_winner(artifact_root, tiny_model, tmp
     assert loser_err.startswith("publish: error: ") and f"moved to {promoted}" in loser_err and "the other promotion won" in loser_err
     events = history(open_location(load_settings().models_uri("legal"), load_settings()))
     assert [(e["from"], e["to"]) for e in events] == [(None, promoted)]
+
+
+def test_an_older_run_does_not_move_promoted_backwards_without_force(artifact_root, tiny_model, tmp_path, caplog):
+    runs = {}
+    for run in ("r1", "r2"):  # r1's finetune finishes first: it is the older run
+        settings = load_settings(run_id=run)
+        ft = commit_finetune(settings, settings.run_uri("finetune"), tiny_model, str(tiny_model), tmp_path / run)
+        commit_verdict(settings, settings.run_uri("evaluate"), True, tmp_path / run, ft.digest)
+        runs[run] = settings
+    newer = publish.run(runs["r2"], "legal", max_shard_size="1MB")
+    older = publish.run(runs["r1"], "legal", max_shard_size="1MB")
+    assert newer.promoted and older.gate_passed and not older.promoted
+    assert _promoted(runs["r1"]) == newer.version
+    assert f"{older.version} was trained before the promoted {newer.version}: PROMOTED stays" in caplog.text
+    forced = publish.run(runs["r1"], "legal", force=True, max_shard_size="1MB")
+    assert forced.promoted and _promoted(runs["r1"]) == older.version
+    events = history(open_location(runs["r1"].models_uri("legal"), runs["r1"]))
+    assert [(e["kind"], e["to"]) for e in events] == [("promote", newer.version), ("forced", older.version)]
