@@ -136,8 +136,11 @@ def test_two_publishes_racing_end_with_one_winner(artifact_root, tiny_model, tmp
 
 
 def test_an_older_run_does_not_move_promoted_backwards_without_force(artifact_root, tiny_model, tmp_path, caplog):
+    import time
+
     runs = {}
     for run in ("r1", "r2"):  # r1's finetune finishes first: it is the older run
+        time.sleep(1.1 if runs else 0)  # manifests' times have whole seconds
         settings = load_settings(run_id=run)
         ft = commit_finetune(settings, settings.run_uri("finetune"), tiny_model, str(tiny_model), tmp_path / run)
         commit_verdict(settings, settings.run_uri("evaluate"), True, tmp_path / run, ft.digest)
