@@ -170,18 +170,34 @@ class FileLocation(Location):
 
 
 class S3Location(Location):
-    def __init__(self, bucket: str, prefix: str, client, transfer_config):
+    """An S3 prefix. Its ``write_if`` serialises writers under an expiring lock object, then writes conditionally.
+
+    Measured on SeaweedFS 4.48 (tests/shared/publish/test_registry.py): it honours If-Match and
+    If-None-Match one request at a time (412 on a stale ETag), but of concurrent conditional PUTs
+    from the same ETag more than one succeeds. So the lock (``<rel>.lock``: owner and expiry,
+    taken by writing it and reading it back after a pause; a dead holder's lock expires) keeps
+    lawtune's own writers in line on any store, and the conditional PUT inside it (where
+    ``conditional`` is on: AWS S3, MinIO, SeaweedFS) still refuses a write the lock let through
+    by mistake on a store whose conditional writes are atomic.
+    """
+
+    LOCK_TTL_S = 30.0
+    SETTLE_S = 0.3
+    WAIT_S = 60.0
+
+    def __init__(self, bucket: str, prefix: str, client, transfer_config, *, conditional: bool = True, lock: bool = True):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._client = client
         self._transfer = transfer_config
+        self.conditional, self.lock = conditional, lock
         super().__init__(f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}")
 
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
     def child(self, rel: str) -> "S3Location":
-        return S3Location(self.bucket, self._key(rel), self._client, self._transfer)
+        return S3Location(self.bucket, self._key(rel), self._client, self._transfer, conditional=self.conditional, lock=self.lock)
 
     def _wrap(self, action: str, rel: str, exc: Exception) -> StorageError:
         # str(exc) from botocore names the operation and the error code, never credentials.
@@ -238,30 +254,6 @@ class S3Location(Location):
             self._client.delete_object(Bucket=self.bucket, Key=self._key(rel))
         except Exception as exc:
             raise self._wrap("delete", rel, exc) from exc
-
-
-class S3CasLocation(S3Location):
-    """S3 whose ``write_if`` serialises writers under an expiring lock object, then writes conditionally.
-
-    Measured on SeaweedFS 4.48 (tests/shared/publish/test_registry.py): it honours If-Match and
-    If-None-Match one request at a time (412 on a stale ETag), but of concurrent conditional PUTs
-    from the same ETag more than one succeeds. So the lock (``<rel>.lock``: owner and expiry,
-    taken by writing it and reading it back after a pause; a dead holder's lock expires) keeps
-    lawtune's own writers in line on any store, and the conditional PUT inside it (where
-    ``conditional`` is on: AWS S3, MinIO, SeaweedFS) still refuses a write the lock let through
-    by mistake on a store whose conditional writes are atomic.
-    """
-
-    LOCK_TTL_S = 30.0
-    SETTLE_S = 0.3
-    WAIT_S = 60.0
-
-    def __init__(self, bucket: str, prefix: str, client, transfer_config, *, conditional: bool = True, lock: bool = True):
-        super().__init__(bucket, prefix, client, transfer_config)
-        self.conditional, self.lock = conditional, lock
-
-    def child(self, rel: str) -> "S3CasLocation":
-        return type(self)(self.bucket, self._key(rel), self._client, self._transfer, conditional=self.conditional, lock=self.lock)
 
     def read_with_token(self, rel: str) -> tuple[bytes | None, str | None]:
         from botocore.exceptions import ClientError
@@ -359,5 +351,5 @@ def open_location(uri: str, settings: Settings) -> Location:
     key = (settings.s3_endpoint_url, settings.s3_region, settings.s3_addressing_style, settings.s3_max_concurrency)
     if key not in _CLIENTS:
         _CLIENTS[key] = s3_client(settings)
-    return S3CasLocation(parsed.bucket, parsed.path, _CLIENTS[key], transfer_config(settings),
-                         conditional=settings.s3_conditional_writes, lock=settings.s3_promotion_lock)
+    return S3Location(parsed.bucket, parsed.path, _CLIENTS[key], transfer_config(settings),
+                      conditional=settings.s3_conditional_writes, lock=settings.s3_promotion_lock)
