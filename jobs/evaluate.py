@@ -43,8 +43,9 @@ from shared.publish.registry import check_name, read_pointer
 from shared.store.artifacts import Manifest, find_manifest, read_manifest, sha256_file
 from shared.evaluate.golden import load_golden
 from shared.train.tracking import log_evaluation_to_mlflow, log_scores
-from shared.core.config import TrainConfig, load_config
+from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.data.conversation import SchemaError, load_jsonl
+from shared.data.split_files import split_file
 from shared.core.errors import DataError
 from shared.evaluate.gate import evaluate_gate
 from shared.evaluate.generation import generate_answers, prompt_turns
@@ -113,7 +114,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
             return Result(out.skipped, True, output_uri, out.skipped.extra.get("gate", {}))
         with tempfile.TemporaryDirectory(prefix="evaluate-in-", dir=out.workdir.parent) as scratch:
             scratch = Path(scratch)
-            test_name = config.data_config.test_file
+            test_name = split_file(data_manifest.extra, config.data_config, "test", data_uri)
             fetch_stage(settings, data_uri, scratch / "data", only=[test_name])
             wanted = [f.path for f in ft_manifest.files if f.path.startswith("adapter/") or f.path == "training_summary.json"]
             fetch_stage(settings, finetune_uri, scratch / "finetune", only=wanted)
@@ -126,11 +127,13 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
             records = _load_test(scratch / "data" / test_name, f"{data_uri}/{test_name}", ev.max_examples)
             golden_records = load_golden(golden[0], ev.questions, config.preprocess) if golden else []
             turns, refs = zip(*(prompt_turns(r["conversations"]) for r in [*records, *golden_records]))
-            base_dir = resolve_base_model(base_ref, settings)
+            trust = bool(ft_manifest.extra.get("trust_remote_code", config.trust_remote_code))  # as finetune ran it
+            base_dir = resolve_base_model(base_ref, settings, trust)
             log.info("generating answers to %d test and %d golden question(s) with %s (+ adapter)", len(records),
                      len(golden_records), base_ref)
             # One generate pass per model over both sets: the golden questions ride along in the same batches.
-            kwargs = dict(backend=ev.backend, batch_size=ev.batch_size, max_input_length=config.max_input_length, seed=config.seed)
+            kwargs = dict(backend=ev.backend, batch_size=ev.batch_size, max_input_length=config.max_input_length, seed=config.seed,
+                          trust_remote_code=trust)
             answers = generate_answers(base_dir, adapter, list(turns), ev.generation, **kwargs)
             production: list[str] | None = None
             if champion:
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
     parser.add_argument("--finetune", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
     parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/evaluate)")
-    parser.add_argument("--config", required=True, help="training config YAML (its evaluation section applies)")
+    add_config_arguments(parser, required=True)  # its evaluation section applies
     parser.add_argument("--force", action="store_true", help="run even when the same inputs are committed")
     parser.add_argument("--model-name", help="also score the PROMOTED version of this model (production) on the same questions")
     args = parser.parse_args(argv)
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         settings = load_settings()
         configure_logging(settings.log_level)
-        result = run(settings, load_config(args.config), args.data, args.finetune, args.output, force=args.force,
+        result = run(settings, config_from_args(args), args.data, args.finetune, args.output, force=args.force,
                      model_name=args.model_name)
         print(f"report: {result.report_uri}")
         print(f"gate: {'PASSED' if result.gate.get('passed') else 'FAILED'}")
