@@ -21,7 +21,8 @@ EXTRAS ?= $(if $(filter 1,$(GPU)),dev-gpu,dev)
 TARGET ?= local
 CONFIG ?= configs/smollm2-135m-cpu.yaml
 INPUT ?= configs/data/legal_qa_sample.csv
-RUN_ID ?= sample
+# Each `make train` is a new run, compared with the model in production; RUN_ID=<id> resumes one.
+RUN_ID ?= sample-$(shell date -u +%Y%m%d-%H%M%S)
 MODEL_NAME ?= legal-assistant
 # Overrides of the config for make train (local): the base model (else LAWTUNE_BASE_MODEL, else the
 # config's base_model) and space-separated KEY=VALUE settings, e.g. SET="training_args.max_steps=200".

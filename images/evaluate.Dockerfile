@@ -76,5 +76,7 @@ COPY jobs/__init__.py jobs/evaluate.py jobs/
 RUN pip install --no-deps . \
  && rm -rf /src /tmp/constraints.txt /tmp/requirements.txt
 WORKDIR /home/lawtune
+# The shipped golden question set, at the relative path the configs name (evaluation.questions).
+COPY configs/data/legal_golden.csv configs/data/legal_golden.LICENSE configs/data/
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "jobs.evaluate"]

@@ -1,6 +1,6 @@
 """Evaluate: base vs fine-tuned answers on the test split, scores, report and quality gate.
 
-    python -m jobs.evaluate --config configs/smollm2-135m-cpu.yaml
+    python -m jobs.evaluate --config configs/smollm2-135m-cpu.yaml [--model-name legal-assistant]
     python -m jobs.evaluate --data s3://b/runs/r1/data --finetune s3://b/runs/r1/finetune \\
         --output s3://b/runs/r1/evaluate --config configs/x.yaml
 
@@ -11,11 +11,18 @@ Inputs: the committed ``data/`` (its test split, ``data_config.test_file``) and
 ``finetune/`` (``adapter/``, ``training_summary.json``; the base model is the one its
 manifest names). Both are verified against their manifests.
 
+With ``--model-name``, the model's PROMOTED version (production) answers the same prompts
+too (champion/challenger; gate rules with ``min_improvement_over: promoted`` compare with
+it). ``evaluation.questions`` names a golden set (CSV/JSONL) scored besides the test split.
+
 Output (default ``<artifact_root>/runs/<run_id>/evaluate/``): ``predictions.jsonl`` (id,
-question, reference, base and tuned answers, per-example scores), ``metrics.json``
-(``{"base", "tuned", "delta", "gate", ...}``), ``report.md``, ``report.html``,
-``loss_curves.png``, and ``MANIFEST.json`` last with ``extra = {"gate": {...}}``. Skipped
-when data, finetune, the evaluation-relevant config and the code version are unchanged.
+question, reference, base, tuned and production answers, per-example scores), ``metrics.json``
+(``{"base", "tuned", "production", "production_version", "delta", "delta_vs_production",
+"golden", "gate", ...}``), ``report.md``, ``report.html`` (loss plot embedded),
+``loss_curves.png``, ``tensorboard/`` (the scores), and ``MANIFEST.json`` last with
+``extra = {"gate": {...}, "metrics": {...}}``. Skipped when data, finetune, the
+evaluation-relevant config, the production version, the golden set and the code version are
+unchanged.
 
 Exit codes: 0 whatever the gate says (its verdict is data for publish); 1 storage/runtime
 failure (retry); 2 bad config, missing/corrupt inputs or an empty test split. The last
@@ -32,7 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.store.artifacts import Manifest, read_manifest
+from shared.publish.registry import check_name, read_pointer
+from shared.store.artifacts import Manifest, find_manifest, read_manifest, sha256_file
+from shared.evaluate.golden import load_golden
+from shared.train.tracking import log_evaluation_to_mlflow, log_scores
 from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.data.conversation import SchemaError, load_jsonl
 from shared.data.split_files import split_file
@@ -79,7 +89,7 @@ def _question(turns: list[dict[str, str]]) -> str:
 
 
 def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, finetune_uri: str | None = None,
-        output_uri: str | None = None, *, force: bool = False) -> Result:
+        output_uri: str | None = None, *, force: bool = False, model_name: str | None = None) -> Result:
     from shared.train.models import resolve_base_model
 
     data_uri = data_uri or settings.run_uri("data")
@@ -88,15 +98,20 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
     data_manifest = read_manifest(open_location(data_uri, settings))
     ft_manifest = read_manifest(open_location(finetune_uri, settings))
     base_ref = ft_manifest.extra.get("base_model") or config.base_model
+    ev = config.evaluation
+    champion = _champion(settings, model_name, ft_manifest.digest, output_uri)
+    golden = _golden_source(settings, ev.questions)
     inputs = {
         "data": data_manifest.digest,
         "finetune": ft_manifest.digest,
         "config": config.section_digest("evaluation", "data_config", "max_input_length", "seed"),
+        # A new production model or an edited golden set is a new comparison.
+        "promoted": champion.version if champion else None,
+        "golden": golden[1] if golden else None,
     }
     with StageOutput(settings, STAGE, output_uri, inputs, force=force) as out:
         if out.skipped:
             return Result(out.skipped, True, output_uri, out.skipped.extra.get("gate", {}))
-        ev = config.evaluation
         with tempfile.TemporaryDirectory(prefix="evaluate-in-", dir=out.workdir.parent) as scratch:
             scratch = Path(scratch)
             test_name = split_file(data_manifest.extra, config.data_config, "test", data_uri)
@@ -110,42 +125,115 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
             summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
 
             records = _load_test(scratch / "data" / test_name, f"{data_uri}/{test_name}", ev.max_examples)
-            turns, refs = zip(*(prompt_turns(r["conversations"]) for r in records))
+            golden_records = load_golden(golden[0], ev.questions, config.preprocess) if golden else []
+            turns, refs = zip(*(prompt_turns(r["conversations"]) for r in [*records, *golden_records]))
             trust = bool(ft_manifest.extra.get("trust_remote_code", config.trust_remote_code))  # as finetune ran it
             base_dir = resolve_base_model(base_ref, settings, trust)
-            log.info("generating answers to %d test question(s) with %s (+ adapter)", len(records), base_ref)
-            answers = generate_answers(
-                base_dir, adapter, list(turns), ev.generation, backend=ev.backend, batch_size=ev.batch_size,
-                max_input_length=config.max_input_length, seed=config.seed, trust_remote_code=trust,
-            )
-        base_metrics, base_rows = score_all(answers.base, refs)
-        tuned_metrics, tuned_rows = score_all(answers.tuned, refs)
-        gate = evaluate_gate(ev.gate, base_metrics, tuned_metrics)
-        _write_outputs(out.workdir, records, turns, refs, answers, base_rows, tuned_rows)
+            log.info("generating answers to %d test and %d golden question(s) with %s (+ adapter)", len(records),
+                     len(golden_records), base_ref)
+            # One generate pass per model over both sets: the golden questions ride along in the same batches.
+            kwargs = dict(backend=ev.backend, batch_size=ev.batch_size, max_input_length=config.max_input_length, seed=config.seed,
+                          trust_remote_code=trust)
+            answers = generate_answers(base_dir, adapter, list(turns), ev.generation, **kwargs)
+            production: list[str] | None = None
+            if champion:
+                log.info("generating the production model's answers (%s)", champion.uri)
+                fetch_stage(settings, champion.uri, scratch / "production")
+                production = generate_answers(scratch / "production", None, list(turns), ev.generation, **kwargs).base
+        n = len(records)
+        scored = {label: score_all(texts[:n], refs[:n]) for label, texts in
+                  (("base", answers.base), ("tuned", answers.tuned), ("production", production)) if texts is not None}
+        base_metrics, tuned_metrics = scored["base"][0], scored["tuned"][0]
+        prod_metrics = scored["production"][0] if production is not None else None
+        gate = evaluate_gate(ev.gate, base_metrics, tuned_metrics, prod_metrics)
+        if model_name:  # publish checks that PROMOTED still names the model this verdict compared with
+            gate["promoted"] = champion.version if champion else None
+        _write_outputs(out.workdir, records, turns, refs, answers, production, {k: v[1] for k, v in scored.items()})
         metrics = {
-            "base": base_metrics, "tuned": tuned_metrics,
-            "delta": {k: tuned_metrics[k] - base_metrics[k] for k in tuned_metrics},
-            "gate": gate, "examples": len(records), "backend": answers.backend, "base_model": base_ref,
+            "base": base_metrics, "tuned": tuned_metrics, "production": prod_metrics,
+            "production_version": champion.version if champion else None,
+            "delta": _delta(tuned_metrics, base_metrics), "delta_vs_production": _delta(tuned_metrics, prod_metrics),
+            "gate": gate, "examples": n, "backend": answers.backend, "base_model": base_ref,
             "best_step": ft_manifest.extra.get("best_step", summary.get("best_step")),
             "generation": ev.generation.model_dump(), "metric_definitions": {m: "mean per-example score, 0-100" for m in METRICS},
         }
+        if golden_records:
+            g = {label: score_all(texts[n:], refs[n:])[0] for label, texts in
+                 (("base", answers.base), ("tuned", answers.tuned), ("production", production)) if texts is not None}
+            metrics["golden"] = {**g, "source": ev.questions, "sha256": golden[1], "examples": len(golden_records)}
         (out.workdir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        samples = [{"question": _question(t), "reference": r, "base": b, "tuned": u}
-                   for t, r, b, u in zip(turns, refs, answers.base, answers.tuned)][: ev.report_samples]
+        samples = [{"question": _question(t), "reference": r, "base": b, "tuned": u,
+                    **({"production": production[i]} if production is not None else {})}
+                   for i, (t, r, b, u) in enumerate(zip(turns[:n], refs[:n], answers.base, answers.tuned))][: ev.report_samples]
         facts = {"run": settings.run_id, "base model": base_ref, "adapter": f"{finetune_uri}/adapter",
-                 "test examples": len(records), "backend": answers.backend,
+                 "production model": champion.uri if champion else "none promoted yet",
+                 "test examples": n, "golden questions": f"{len(golden_records)} ({ev.questions})" if golden_records else "none",
+                 "backend": answers.backend,
                  "decoding": "sampling" if ev.generation.do_sample else "greedy",
                  "max new tokens": ev.generation.max_new_tokens}
-        write_report(ReportInput(base_metrics, tuned_metrics, gate, samples, summary, facts), out.workdir)
-        manifest = out.commit(extra={"gate": gate})
+        write_report(ReportInput(base_metrics, tuned_metrics, gate, samples, summary, facts, production=prod_metrics,
+                                 golden=metrics.get("golden")), out.workdir)
+        log_scores(out.workdir / "tensorboard", metrics)
+        manifest = out.commit(extra={"gate": gate, "metrics": tuned_metrics, "production_version": metrics["production_version"]})
+        log_evaluation_to_mlflow(settings.run_id, out.workdir, metrics)
         return Result(manifest, False, output_uri, gate)
 
 
-def _write_outputs(workdir: Path, records, turns, refs, answers, base_rows, tuned_rows) -> None:
+@dataclass(frozen=True)
+class _Champion:
+    version: str
+    uri: str
+
+
+def _champion(settings: Settings, model_name: str | None, finetune_digest: str, output_uri: str) -> _Champion | None:
+    """The PROMOTED version of ``model_name``: the model the candidate must not fall behind.
+
+    When PROMOTED was published from this very finetune artifact (the same run again, after
+    its publish), the candidate would be compared with itself: keep the production model the
+    committed evaluation compared with, so the re-run is the usual skip.
+    """
+    if not model_name:
+        return None
+    root = open_location(settings.models_uri(check_name(model_name)), settings)
+    version = read_pointer(root).version
+    if version is None:
+        return None
+    published = find_manifest(root.child(version))
+    if published is not None and published.inputs.get("finetune") == finetune_digest:
+        earlier = find_manifest(open_location(output_uri, settings))
+        version = earlier.inputs.get("promoted") if earlier else None
+        if version is None:
+            return None
+    return _Champion(version, f"{root.uri}/{version}")
+
+
+def _golden_source(settings: Settings, questions: str | None) -> tuple[Path, str] | None:
+    """(a local copy of the golden set, its sha256), or None when the config names none."""
+    if not questions:
+        return None
+    if "://" not in questions:
+        path = Path(questions)
+        if not path.is_file():
+            raise DataError(f"evaluation.questions: {questions} does not exist (relative paths resolve against {Path.cwd()})")
+    else:
+        parent, name = questions.rstrip("/").rsplit("/", 1)
+        path = settings.cache_dir / "golden" / name
+        open_location(parent, settings).download_file(name, path)
+    return path, sha256_file(path)
+
+
+def _delta(a: dict[str, float], b: dict[str, float] | None) -> dict[str, float] | None:
+    return None if b is None else {k: a[k] - b[k] for k in a}
+
+
+def _write_outputs(workdir: Path, records, turns, refs, answers, production, rows: dict[str, list]) -> None:
     with open(workdir / "predictions.jsonl", "w", encoding="utf-8") as fh:
-        for rec, t, ref, base, tuned, bs, ts in zip(records, turns, refs, answers.base, answers.tuned, base_rows, tuned_rows):
-            row = {"id": rec["id"], "question": _question(t), "prompt": t, "reference": ref, "base": base, "tuned": tuned,
-                   "scores": {"base": bs, "tuned": ts}}
+        for i, rec in enumerate(records):
+            row = {"id": rec["id"], "question": _question(turns[i]), "prompt": turns[i], "reference": refs[i],
+                   "base": answers.base[i], "tuned": answers.tuned[i],
+                   "scores": {label: per_example[i] for label, per_example in rows.items()}}
+            if production is not None:
+                row["production"] = production[i]
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -156,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/evaluate)")
     add_config_arguments(parser, required=True)  # its evaluation section applies
     parser.add_argument("--force", action="store_true", help="run even when the same inputs are committed")
+    parser.add_argument("--model-name", help="also score the PROMOTED version of this model (production) on the same questions")
     args = parser.parse_args(argv)
 
     def body() -> None:
         settings = load_settings()
         configure_logging(settings.log_level)
-        result = run(settings, config_from_args(args), args.data, args.finetune, args.output, force=args.force)
+        result = run(settings, config_from_args(args), args.data, args.finetune, args.output, force=args.force,
+                     model_name=args.model_name)
         print(f"report: {result.report_uri}")
         print(f"gate: {'PASSED' if result.gate.get('passed') else 'FAILED'}")
         for reason in result.gate.get("reasons", []):

@@ -13,10 +13,13 @@ Input (default ``<artifact_root>/runs/<run_id>/data/``): ``train.jsonl`` and ``d
 
 Output (default ``<artifact_root>/runs/<run_id>/finetune/``): ``adapter/`` (the checkpoint
 with the lowest dev loss, peft format), ``training_summary.json``, ``metrics.jsonl`` (one
-JSON per logging/eval event), ``config.yaml`` (the config used), ``checkpoints/step-<N>/``
-(each committed with its own manifest), and ``MANIFEST.json`` last, whose ``extra`` holds
-``base_model`` (and ``base_model_from``: ``--base-model``, ``LAWTUNE_BASE_MODEL``, ``config`` or
-``default``, whichever won), ``trust_remote_code`` and ``best_step``. The stage is skipped when the data manifest, the training
+JSON per logging/eval event), ``tensorboard/`` (the same curves as TensorBoard events),
+``config.yaml`` (the config used), ``checkpoints/step-<N>/`` (each committed with its own
+manifest), and ``MANIFEST.json`` last, whose ``extra`` holds ``base_model`` (and
+``base_model_from``: ``--base-model``, ``LAWTUNE_BASE_MODEL``, ``config`` or ``default``,
+whichever won), ``base_model_digest`` (sha256 over its weight files), ``config_digest``,
+``data_uri``, ``trust_remote_code`` and ``best_step``. With ``MLFLOW_TRACKING_URI`` set and
+mlflow installed, params and curves also go to MLflow (shared/train/tracking.py). The stage is skipped when the data manifest, the training
 config sections and the code version match the committed manifest; otherwise it resumes
 from the newest committed checkpoint of the same inputs.
 
@@ -121,8 +124,14 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         (out.workdir / "config.yaml").write_text(
             yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8"
         )
+        from shared.train.tracking import log_training, log_training_to_mlflow
+
+        log_training(out.workdir / "tensorboard", result.log_history)
+        log_training_to_mlflow(settings.run_id, _params(config), result.log_history, out.workdir)
         out.commit(extra={"base_model": config.base_model, "base_model_from": base_from,
-                          "trust_remote_code": config.trust_remote_code, "best_step": result.best_step})
+                          "trust_remote_code": config.trust_remote_code, "best_step": result.best_step,
+                          "base_model_digest": _model_digest(model_dir), "config_digest": inputs["config"],
+                          "data_uri": data_uri})
         shutil.rmtree(local, ignore_errors=True)
         log.info(
             "best checkpoint step-%s (dev loss %s) exported as %s/adapter after %d steps",
@@ -130,6 +139,26 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
             result.steps_completed,
         )
         return Result(output_uri, False, result.best_step, result.best_dev_loss, result.steps_completed, result.resumed_from)
+
+
+def _params(config: TrainConfig) -> dict[str, object]:
+    a, p = config.training_args, config.peft_config
+    return {"base_model": config.base_model, "max_steps": a.max_steps, "learning_rate": a.learning_rate,
+            "per_device_train_batch_size": a.per_device_train_batch_size, "lora_r": p.r, "lora_alpha": p.lora_alpha,
+            "target_modules": p.target_modules, "seed": config.seed}
+
+
+def _model_digest(model_dir: Path) -> str:
+    """The base model's identity beyond its name: sha256 over its config and weight files' digests."""
+    import hashlib
+
+    from shared.store.artifacts import sha256_file
+
+    h = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf") or f.name == "config.json"):
+            h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def _leave_process_group() -> None:

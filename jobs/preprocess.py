@@ -91,7 +91,7 @@ def run(settings: Settings, config: TrainConfig, input_uri: str, output_uri: str
             report = build(source, out.workdir, scratch / "spill", config.preprocess, path.stat().st_size)
             files = name_splits(out.workdir, config.data_config)
             manifest = out.commit(extra={"splits": report["splits"], "files": files, "rejected": report["rejected"],
-                                         "source": report["source"]})
+                                         "source": report["source"], "input_uri": input_uri})
             return Result(manifest, False, report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

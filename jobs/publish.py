@@ -18,10 +18,15 @@ template, generation config, ``lawtune-model.json`` provenance, ``MANIFEST.json`
 where ``<version>`` is ``<run_id>-<10 hex of the inputs digest>``: the same finetune and
 evaluate artifacts give the same version, so publishing a run twice is a no-op. Then
 ``models/<name>/PROMOTED`` (content: the version) is moved to it only when the gate passed,
-or with ``--force`` (logged loudly, recorded in ``models/<name>/promotion.json``).
+or with ``--force`` (logged loudly), by compare-and-swap (shared/publish/registry.py), and
+the move is recorded in ``models/<name>/history/``. A version trained before the promoted one
+does not move PROMOTED back without ``--force`` (or ``lawtune models promote/rollback``).
+``runs/<run_id>/PUBLISHED`` lists the versions made from the run, which then refuses to be
+overwritten.
 
 Exit codes: 0 published (promoted or not: stdout says which); 1 storage/runtime failure
-(retry); 2 missing/corrupt inputs, a quantised base, or a merge that fails its check.
+(retry), or another publish promoted first (the line names the winner); 2 missing/corrupt
+inputs, a quantised base, or a merge that fails its check.
 """
 
 from __future__ import annotations
@@ -39,12 +44,12 @@ from shared.evaluate.gate import gate_passed
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.core.settings import Settings, load_settings
-from shared.store.stage import StageOutput, fetch_stage
+from shared.store.stage import PUBLISHED, StageOutput, fetch_stage
 from shared.store.storage import Location, open_location
 from shared.core.uri import join
+from shared.publish.registry import PROMOTED, Pointer, PromotionConflict, move_pointer, read_pointer
 
 STAGE = "publish"
-PROMOTED = "PROMOTED"
 log = logging.getLogger("lawtune.publish")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -84,20 +89,31 @@ def run(settings: Settings, model_name: str, finetune_uri: str | None = None, ev
     version = f"{settings.run_id}-{digest_inputs(inputs)[:10]}"
     model_root = open_location(settings.models_uri(model_name), settings)
     version_uri = join(settings.models_uri(model_name), version)
+    # Read before the (long) merge: the swap below succeeds only if nobody promoted meanwhile.
+    pointer = read_pointer(model_root)
 
     with StageOutput(settings, STAGE, version_uri, inputs) as out:
         if out.skipped:
             log.info("version %s is already published with these inputs; nothing to merge", version)
             manifest = out.skipped
         else:
-            manifest = _merge_and_commit(settings, out, ft_manifest, finetune_uri, evaluate_uri, base_ref, gate, version,
-                                         max_shard_size)
-    promoted = _promote(model_root, version, passed, force, gate)
+            manifest = _merge_and_commit(settings, out, ft_manifest, ev_manifest, finetune_uri, evaluate_uri, base_ref,
+                                         gate, version, max_shard_size)
+    mark_published(settings, finetune_uri, version_uri)
+    promoted = _promote(model_root, pointer, version, manifest, passed, force, gate, settings.run_id)
     return Result(version, version_uri, manifest, out.skipped is not None, passed, promoted, force and not passed)
 
 
-def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, finetune_uri: str, evaluate_uri: str,
-                      base_ref: str, gate, version: str, max_shard_size: str) -> Manifest:
+def mark_published(settings: Settings, finetune_uri: str, version_uri: str) -> None:
+    """Leave ``PUBLISHED`` in the run folder: its stages may no longer be overwritten (StageOutput refuses)."""
+    run_root = open_location(finetune_uri.rstrip("/").rsplit("/", 1)[0], settings)
+    known = json.loads(run_root.read_text(PUBLISHED)) if run_root.exists(PUBLISHED) else []
+    if version_uri not in known:
+        run_root.write_text(PUBLISHED, json.dumps([*known, version_uri], indent=2) + "\n")
+
+
+def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, ev_manifest: Manifest, finetune_uri: str,
+                      evaluate_uri: str, base_ref: str, gate, version: str, max_shard_size: str) -> Manifest:
     from shared.publish.merge import merge_adapter
     from shared.train.models import resolve_base_model
 
@@ -117,31 +133,43 @@ def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, finetun
                         "max_forward_rel_err": result.max_forward_rel_err},
     }
     (model_dir / "lawtune-model.json").write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return out.commit(extra={"gate": gate, "base_model": base_ref, "best_step": ft_manifest.extra.get("best_step"),
-                             "merge_check": provenance["merge_check"]})
+    return out.commit(extra={
+        "gate": gate, "base_model": base_ref, "best_step": ft_manifest.extra.get("best_step"),
+        "merge_check": provenance["merge_check"], "run_id": settings.run_id, "trained_at": ft_manifest.finished_at,
+        "metrics": ev_manifest.extra.get("metrics", {}), "data": ft_manifest.inputs.get("data"),
+        # URI and digest of each upstream artifact: lineage follows these and notices changed content.
+        "lineage": {"finetune": {"uri": finetune_uri, "digest": ft_manifest.digest},
+                    "evaluate": {"uri": evaluate_uri, "digest": ev_manifest.digest}},
+    })
 
 
-def _promote(model_root: Location, version: str, passed: bool, force: bool, gate) -> bool:
-    current = model_root.read_text(PROMOTED).strip() if model_root.exists(PROMOTED) else None
+def _promote(model_root: Location, pointer: Pointer, version: str, manifest: Manifest, passed: bool, force: bool,
+             gate, run_id: str) -> bool:
+    current = pointer.version
     if not passed and not force:
         reasons = "; ".join(gate.get("reasons", [])) if isinstance(gate, dict) else "no verdict recorded"
         log.warning("gate FAILED (%s): PROMOTED stays at %s", reasons, current or "<none>")
         return current == version
-    if find_manifest(model_root.child(version)) is None:
-        from shared.core.errors import IntegrityError
-
-        raise IntegrityError(f"{model_root.uri}/{version} has no manifest; refusing to promote an incomplete version")
+    if current == version:
+        log.info("PROMOTED already names %s", version)
+        return True
+    compared = gate.get("promoted", current) if isinstance(gate, dict) else current
+    if compared != current:
+        # The verdict compared this candidate with another production model than the one serving now.
+        raise PromotionConflict(f"{model_root.uri}/{PROMOTED} moved to {current or '<none>'} after evaluate compared "
+                                f"{version} with {compared or '<none>'}; the other promotion won (re-run evaluate)")
+    if current is not None and not force:
+        champion = find_manifest(model_root.child(current))
+        if champion is not None and (champion.extra.get("trained_at") or "") > (manifest.extra.get("trained_at") or ""):
+            log.warning("%s was trained before the promoted %s: PROMOTED stays (use --force, or lawtune models "
+                        "promote/rollback, to move it back)", version, current)
+            return False
     if not passed:
         banner = "!" * 72
         log.warning("%s\n--force: PROMOTING %s ALTHOUGH ITS QUALITY GATE FAILED (%s)\n%s", banner, version,
                     "; ".join(gate.get("reasons", [])) if isinstance(gate, dict) else "no verdict recorded", banner)
-    if current == version:
-        log.info("PROMOTED already names %s", version)
-        return True
-    model_root.write_text("promotion.json", json.dumps(
-        {"version": version, "previous": current, "forced": not passed, "gate": gate, "at": now_iso()}, indent=2) + "\n")
-    # The version is complete (manifest checked above) before PROMOTED points at it.
-    model_root.write_text(PROMOTED, version)
+    kind = "promote" if passed and not force else "forced"
+    move_pointer(model_root, pointer, version, {"kind": kind, "gate": gate, "run_id": run_id})
     log.info("PROMOTED: %s -> %s", current or "<none>", version)
     return True
 

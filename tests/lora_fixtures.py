@@ -86,11 +86,20 @@ def commit_finetune(settings: Settings, uri: str, model_dir: Path, base_ref: str
                       extra={"base_model": base_ref, "best_step": 4})
 
 
-def commit_verdict(settings: Settings, uri: str, passed: bool, scratch: Path, finetune_digest: str) -> Manifest:
-    """An evaluate artifact of the finetune artifact ``finetune_digest`` names, holding only a gate verdict."""
+_UNSET = object()
+
+
+def commit_verdict(settings: Settings, uri: str, passed: bool, scratch: Path, finetune_digest: str, *,
+                   compared_with=_UNSET) -> Manifest:
+    """An evaluate artifact of the finetune artifact ``finetune_digest`` names, holding only a gate verdict.
+
+    ``compared_with``: the PROMOTED version evaluate scored as production (None: there was none).
+    """
     folder = scratch / f"evaluate-{passed}"
     folder.mkdir(parents=True, exist_ok=True)
     gate = {"passed": passed, "reasons": [f"{'ok' if passed else 'FAIL'} rouge-l: set by the test"], "checks": []}
+    if compared_with is not _UNSET:
+        gate["promoted"] = compared_with
     (folder / "metrics.json").write_text(json.dumps({"gate": gate}), encoding="utf-8")
     return commit_dir(folder, open_location(uri, settings), stage="evaluate", inputs={"finetune": finetune_digest, "passed": passed},
                       started_at=now_iso(), extra={"gate": gate})

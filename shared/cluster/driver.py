@@ -43,7 +43,7 @@ def plan(config: str, input_uri: str, model_name: str, base_model: str | None = 
     return [
         Step("preprocess", ("--input", input_uri, "--config", config, *overrides)),
         Step("finetune", ("--config", config, *overrides)),
-        Step("evaluate", ("--config", config, *overrides)),
+        Step("evaluate", ("--config", config, *overrides, "--model-name", model_name)),
         Step("publish", ("--model-name", model_name)),
     ]
 

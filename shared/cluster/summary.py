@@ -17,6 +17,9 @@ def summarize(settings: Settings, model_name: str) -> None:
     report = f"{settings.run_uri('evaluate')}/report.html"
     print(f"\nReport:       {report}")
     print(f"              {settings.run_uri('evaluate')}/report.md")
+    production = evaluate.extra.get("production_version")
+    if production:
+        print(f"Compared with production: {settings.models_uri(model_name)}/{production}")
     print(f"Quality gate: {verdict}")
     for reason in gate.get("reasons", []):
         print(f"  - {reason}")

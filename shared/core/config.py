@@ -202,6 +202,10 @@ class GateRule(_Strict):
     min: float | None = Field(default=None, description="Absolute minimum of the tuned model's score.")
     max: float | None = Field(default=None, description="Absolute maximum of the tuned model's score (e.g. empty_share).")
     min_improvement: float | None = Field(default=None, description="Minimum of tuned minus base; negative allows a bounded regression.")
+    min_improvement_over: Literal["base", "promoted"] = Field(
+        default="base",
+        description="What min_improvement compares with: the base model, or the PROMOTED (production) model of --model-name.",
+    )
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "GateRule":
@@ -213,8 +217,11 @@ class GateRule(_Strict):
 
 
 def _default_gate() -> list[GateRule]:
-    # Tuning must not make ROUGE-L worse, and must not leave a fifth of the answers empty.
-    return [GateRule(metric="rouge-l", min_improvement=0.0), GateRule(metric="empty_share", max=0.2)]
+    # Tuning must not make ROUGE-L worse, nor more than 2 points worse than production, and must
+    # not leave a fifth of the answers empty.
+    return [GateRule(metric="rouge-l", min_improvement=0.0),
+            GateRule(metric="rouge-l", min_improvement=-2.0, min_improvement_over="promoted"),
+            GateRule(metric="empty_share", max=0.2)]
 
 
 class EvaluationConfig(_Strict):
@@ -227,6 +234,10 @@ class EvaluationConfig(_Strict):
     )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     report_samples: int = Field(default=10, ge=0, description="Rows of the side-by-side table in the report.")
+    questions: str | None = Field(
+        default=None,
+        description="Golden question set (CSV or JSONL, path or URI) scored on every run besides the test split.",
+    )
     gate: list[GateRule] = Field(default_factory=_default_gate, description="Every rule must pass; [] passes always.")
 
 

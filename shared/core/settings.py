@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_addressing_style: str = Field(default="path", description="'path' suits MinIO/SeaweedFS; 'virtual' suits AWS.")
     s3_max_concurrency: int = Field(default=8, ge=1, le=64)
+    s3_conditional_writes: bool = Field(
+        default=True,
+        description="Move PROMOTED with If-Match/If-None-Match (AWS S3, MinIO, SeaweedFS); false where the store lacks them.",
+    )
+    s3_promotion_lock: bool = Field(
+        default=True,
+        description="Serialise PROMOTED writers under an expiring lock object (SeaweedFS's conditional writes race).",
+    )
     run_id: str = "dev"
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     log_level: str = "INFO"

@@ -3,7 +3,8 @@
 Rules come from the config's ``evaluation.gate`` list; each names a metric of
 ``shared.evaluate.metrics`` and any of ``min`` (tuned score at least this), ``max`` (tuned score at
 most this, e.g. for ``empty_share``) and ``min_improvement`` (tuned minus base at least this;
-negative allows a bounded regression). The gate passes when every check passes; no rules
+negative allows a bounded regression; with ``min_improvement_over: promoted`` tuned minus the
+production model's score, a check that passes while nothing is promoted yet). The gate passes when every check passes; no rules
 pass by default, and the reasons say so.
 
 The verdict is plain JSON, written into ``metrics.json`` and the evaluate manifest's
@@ -25,7 +26,8 @@ def _check(metric: str, kind: str, threshold: float, value: float, passed: bool,
     return {"metric": metric, "kind": kind, "threshold": threshold, "value": round(value, 4), "passed": passed, "text": text}
 
 
-def _checks(rule: GateRule, base: dict[str, float], tuned: dict[str, float]) -> Iterable[dict[str, Any]]:
+def _checks(rule: GateRule, base: dict[str, float], tuned: dict[str, float],
+            production: dict[str, float] | None) -> Iterable[dict[str, Any]]:
     name, value = rule.metric, tuned[rule.metric]
     if rule.min is not None:
         ok = value >= rule.min
@@ -33,7 +35,19 @@ def _checks(rule: GateRule, base: dict[str, float], tuned: dict[str, float]) -> 
     if rule.max is not None:
         ok = value <= rule.max
         yield _check(name, "max", rule.max, value, ok, f"{name}: tuned {value:.2f} {'<=' if ok else '>'} max {rule.max:.2f}")
-    if rule.min_improvement is not None:
+    if rule.min_improvement is not None and rule.min_improvement_over == "promoted":
+        if production is None:
+            yield _check(name, "min_improvement_over_promoted", rule.min_improvement, 0.0, True,
+                         f"{name}: no promoted model to compare with yet")
+        else:
+            delta = value - production[name]
+            ok = delta >= rule.min_improvement
+            yield _check(
+                name, "min_improvement_over_promoted", rule.min_improvement, delta, ok,
+                f"{name}: tuned - production = {value:.2f} - {production[name]:.2f} = {delta:+.2f} "
+                f"{'>=' if ok else '<'} min_improvement {rule.min_improvement:+.2f}",
+            )
+    elif rule.min_improvement is not None:
         delta = value - base[name]
         ok = delta >= rule.min_improvement
         yield _check(
@@ -43,9 +57,10 @@ def _checks(rule: GateRule, base: dict[str, float], tuned: dict[str, float]) -> 
         )
 
 
-def evaluate_gate(rules: list[GateRule], base: dict[str, float], tuned: dict[str, float]) -> dict[str, Any]:
-    """The verdict of ``rules`` on corpus metrics of the base and the tuned model."""
-    checks = [c for rule in rules for c in _checks(rule, base, tuned)]
+def evaluate_gate(rules: list[GateRule], base: dict[str, float], tuned: dict[str, float],
+                  production: dict[str, float] | None = None) -> dict[str, Any]:
+    """The verdict of ``rules`` on corpus metrics of the base, the tuned and the production (PROMOTED) model."""
+    checks = [c for rule in rules for c in _checks(rule, base, tuned, production)]
     if not checks:
         return {"passed": True, "reasons": ["no gate rules configured: passes by default"], "checks": []}
     failed = [c for c in checks if not c["passed"]]

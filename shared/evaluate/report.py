@@ -8,6 +8,7 @@ questions with the reference answer and both models' answers.
 
 from __future__ import annotations
 
+import base64
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ class ReportInput:
     samples: list[dict[str, str]]  # question, reference, base, tuned
     summary: dict[str, Any] = field(default_factory=dict)  # finetune's training_summary.json
     facts: dict[str, Any] = field(default_factory=dict)  # run id, base model, backend, examples…
+    production: dict[str, float] | None = None  # the PROMOTED model's scores, when there is one
+    golden: dict[str, Any] | None = None  # {"base", "tuned", ["production"], "examples", "source"}
 
 
 def _fmt(name: str, value: float) -> str:
@@ -46,9 +49,35 @@ def _delta(name: str, base: float, tuned: float) -> str:
     return f"{diff:+.1%}" if name == "empty_share" else f"{diff:+.2f}"
 
 
-def metric_rows(data: ReportInput) -> list[tuple[str, str, str, str]]:
-    names = [n for n in (*METRICS, "answer_chars", "empty_share") if n in data.base and n in data.tuned]
-    return [(_LABELS.get(n, n), _fmt(n, data.base[n]), _fmt(n, data.tuned[n]), _delta(n, data.base[n], data.tuned[n])) for n in names]
+def metric_header(production: bool) -> list[str]:
+    cols = ["Metric", "Base (微调前)"]
+    cols += ["Production (PROMOTED)"] if production else []
+    cols += ["Candidate (微调后)", "Δ vs base"]
+    return cols + (["Δ vs production"] if production else [])
+
+
+def metric_rows(base: dict[str, float], tuned: dict[str, float], production: dict[str, float] | None = None) -> list[list[str]]:
+    """One row per metric: label, base, [production], candidate, delta vs base, [delta vs production]."""
+    names = [n for n in (*METRICS, "answer_chars", "empty_share") if n in base and n in tuned]
+    rows = []
+    for n in names:
+        row = [_LABELS.get(n, n), _fmt(n, base[n])]
+        row += [_fmt(n, production[n])] if production is not None else []
+        row += [_fmt(n, tuned[n]), _delta(n, base[n], tuned[n])]
+        row += [_delta(n, production[n], tuned[n])] if production is not None else []
+        rows.append(row)
+    return rows
+
+
+def _tables(data: ReportInput) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of the test split's table and, when scored, the golden set's."""
+    out = [("Metrics (test split)", metric_header(data.production is not None),
+            metric_rows(data.base, data.tuned, data.production))]
+    if data.golden:
+        prod = data.golden.get("production")
+        out.append((f"Metrics (golden set: {data.golden.get('examples')} questions, {data.golden.get('source')})",
+                    metric_header(prod is not None), metric_rows(data.golden["base"], data.golden["tuned"], prod)))
+    return out
 
 
 def plot_loss_curves(summary: dict[str, Any], path: Path) -> bool:
@@ -82,6 +111,13 @@ def plot_loss_curves(summary: dict[str, Any], path: Path) -> bool:
     return bool(train or dev)
 
 
+def _sample_columns(data: ReportInput) -> tuple[list[str], list[str]]:
+    keys = ["question", "reference", "base"] + (["production"] if data.production is not None else []) + ["tuned"]
+    names = {"question": "Question", "reference": "Reference", "base": "Base (微调前)", "production": "Production",
+             "tuned": "Candidate (微调后)"}
+    return keys, [names[k] for k in keys]
+
+
 def _md_cell(text: str) -> str:
     text = text if len(text) <= _MD_CELL_CHARS else text[:_MD_CELL_CHARS] + "…"
     return (text or "*(empty)*").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
@@ -93,17 +129,19 @@ def render_markdown(data: ReportInput, has_plot: bool) -> str:
     lines += [f"- **{k}**: {v}" for k, v in data.facts.items()]
     lines += ["", f"## Quality gate: {verdict}", ""]
     lines += [f"- {r}" for r in data.gate.get("reasons", [])]
-    lines += ["", "## Metrics", "", "| Metric | Base (微调前) | Tuned (微调后) | Δ |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metric_rows(data)]
+    for title, header, rows in _tables(data):
+        lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "## Loss curves", ""]
     lines += [f"![training and dev loss]({PLOT_NAME})" if has_plot else "*No loss curve was recorded by the fine-tuning run.*"]
     best = data.summary.get("best_step")
     if best is not None:
         lines += ["", f"Best checkpoint: step {best}, dev loss {data.summary.get('best_dev_loss', float('nan')):.4f}."]
+    keys, names = _sample_columns(data)
     lines += ["", f"## Sample answers ({len(data.samples)})", "",
-              "| # | Question | Reference | Base (微调前) | Tuned (微调后) |", "| ---: | --- | --- | --- | --- |"]
+              "| # | " + " | ".join(names) + " |", "| ---: |" + " --- |" * len(names)]
     for i, s in enumerate(data.samples, 1):
-        cells = [_md_cell(s[k]) for k in ("question", "reference", "base", "tuned")]
+        cells = [_md_cell(s[k]) for k in keys]
         lines.append(f"| {i} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -118,7 +156,8 @@ def _td_text(text: str) -> str:
     return f'<td class="text">{html.escape(text)}</td>' if text else '<td class="text empty">(empty)</td>'
 
 
-def render_html(data: ReportInput, has_plot: bool) -> str:
+def render_html(data: ReportInput, plot_png: str | None) -> str:
+    """The HTML report; ``plot_png`` is the loss plot as base64 PNG (None: no curve was recorded)."""
     e = html.escape
     passed = bool(data.gate.get("passed"))
     parts = [
@@ -128,17 +167,20 @@ def render_html(data: ReportInput, has_plot: bool) -> str:
         "<ul>" + "".join(f"<li><b>{e(str(k))}</b>: {e(str(v))}</li>" for k, v in data.facts.items()) + "</ul>",
         f'<h2>Quality gate: <span class="{"pass" if passed else "fail"}">{"PASSED" if passed else "FAILED"}</span></h2>',
         "<ul>" + "".join(f"<li>{e(r)}</li>" for r in data.gate.get("reasons", [])) + "</ul>",
-        "<h2>Metrics</h2>", "<table><tr><th>Metric</th><th>Base (微调前)</th><th>Tuned (微调后)</th><th>Δ</th></tr>",
     ]
-    parts += [f'<tr><td>{e(a)}</td><td class="num">{b}</td><td class="num">{c}</td><td class="num">{d}</td></tr>'
-              for a, b, c, d in metric_rows(data)]
-    parts += ["</table>", "<h2>Loss curves</h2>"]
-    parts.append(f'<img src="{PLOT_NAME}" alt="training and dev loss">' if has_plot
+    for title, header, rows in _tables(data):
+        parts += [f"<h2>{e(title)}</h2>", "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
+        parts += ["<tr><td>" + e(row[0]) + "</td>" + "".join(f'<td class="num">{c}</td>' for c in row[1:]) + "</tr>" for row in rows]
+        parts.append("</table>")
+    parts.append("<h2>Loss curves</h2>")
+    # Embedded, so the page still shows the plot when opened from a download or a mail.
+    parts.append(f'<img src="data:image/png;base64,{plot_png}" alt="training and dev loss">' if plot_png
                  else "<p><i>No loss curve was recorded by the fine-tuning run.</i></p>")
+    keys, names = _sample_columns(data)
     parts += [f"<h2>Sample answers ({len(data.samples)})</h2>",
-              "<table><tr><th>#</th><th>Question</th><th>Reference</th><th>Base (微调前)</th><th>Tuned (微调后)</th></tr>"]
+              "<table><tr><th>#</th>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>"]
     for i, s in enumerate(data.samples, 1):
-        parts.append(f'<tr><td class="num">{i}</td>' + "".join(_td_text(s[k]) for k in ("question", "reference", "base", "tuned")) + "</tr>")
+        parts.append(f'<tr><td class="num">{i}</td>' + "".join(_td_text(s[k]) for k in keys) + "</tr>")
     parts += ["</table>", "</body></html>"]
     return "\n".join(parts) + "\n"
 
@@ -148,5 +190,6 @@ def write_report(data: ReportInput, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     has_plot = plot_loss_curves(data.summary, out_dir / PLOT_NAME)
     (out_dir / "report.md").write_text(render_markdown(data, has_plot), encoding="utf-8")
-    (out_dir / "report.html").write_text(render_html(data, has_plot), encoding="utf-8")
+    plot_png = base64.b64encode((out_dir / PLOT_NAME).read_bytes()).decode("ascii") if has_plot else None
+    (out_dir / "report.html").write_text(render_html(data, plot_png), encoding="utf-8")
     return [out_dir / n for n in ("report.md", "report.html", PLOT_NAME)]

@@ -18,11 +18,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from shared.store.artifacts import Manifest, commit_dir, fetch_dir, now_iso, should_skip
+from shared.store.artifacts import Manifest, commit_dir, fetch_dir, find_manifest, now_iso, should_skip
 from shared.core.settings import Settings
 from shared.store.storage import Location, open_location
 
 log = logging.getLogger(__name__)
+# Written by publish into runs/<run_id>/: this run's stages are part of published models' lineage.
+PUBLISHED = "PUBLISHED"
 
 
 class StageOutput:
@@ -33,6 +35,8 @@ class StageOutput:
         self.inputs = {**inputs, "code_version": settings.resolved_code_version}
         self.started_at = now_iso()
         self.skipped: Manifest | None = None if force else should_skip(self.location, self.inputs)
+        if not self.skipped:
+            _refuse_rewriting_published(self.location, output_uri, settings)
         self.workdir: Path | None = None
         self.manifest: Manifest | None = None
 
@@ -64,6 +68,19 @@ class StageOutput:
     def __exit__(self, *exc_info) -> None:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _refuse_rewriting_published(location: Location, output_uri: str, settings: Settings) -> None:
+    """A committed stage of a published run keeps its content: published versions' lineage points at it."""
+    from shared.core.errors import ConfigError
+
+    if find_manifest(location) is None:
+        return
+    run_root = open_location(output_uri.rstrip("/").rsplit("/", 1)[0], settings)
+    if run_root.exists(PUBLISHED):
+        raise ConfigError(
+            f"{output_uri} belongs to a published run ({run_root.uri}/{PUBLISHED}) and its inputs changed; "
+            "re-running it would change what published models' lineage points at: use a new run id (LAWTUNE_RUN_ID / --run-id)")
 
 
 def fetch_stage(settings: Settings, uri: str, dest: Path, only: list[str] | None = None) -> Manifest:

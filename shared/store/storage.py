@@ -8,9 +8,14 @@ boto3's business and never pass through here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import random
 import shutil
 import tempfile
+import time
+import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -62,6 +67,17 @@ class Location(ABC):
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
+
+    @abstractmethod
+    def read_with_token(self, rel: str) -> tuple[bytes | None, str | None]:
+        """(content, a token naming this exact content) or (None, None) when the file is missing."""
+
+    @abstractmethod
+    def write_if(self, rel: str, data: bytes, token: str | None) -> bool:
+        """Compare-and-swap: write only while the file still has ``token`` (None: does not exist yet).
+
+        False when someone else changed it first; then nothing was written.
+        """
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
@@ -128,20 +144,60 @@ class FileLocation(Location):
     def delete(self, rel: str) -> None:
         (self.path / rel).unlink(missing_ok=True)
 
+    def read_with_token(self, rel: str) -> tuple[bytes | None, str | None]:
+        try:
+            data = (self.path / rel).read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_if(self, rel: str, data: bytes, token: str | None) -> bool:
+        import fcntl
+
+        target = self.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # flock serialises the compare and the rename among every process on this host (and on
+        # NFSv4 clients); the rename keeps readers from ever seeing a half-written file.
+        with open(target.parent / f".{target.name}.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.read_with_token(rel)[1] != token:
+                    return False
+                self.write_bytes(rel, data)
+                return True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
 
 class S3Location(Location):
-    def __init__(self, bucket: str, prefix: str, client, transfer_config):
+    """An S3 prefix. Its ``write_if`` serialises writers under an expiring lock object, then writes conditionally.
+
+    Measured on SeaweedFS 4.48 (tests/shared/publish/test_registry.py): it honours If-Match and
+    If-None-Match one request at a time (412 on a stale ETag), but of concurrent conditional PUTs
+    from the same ETag more than one succeeds. So the lock (``<rel>.lock``: owner and expiry,
+    taken by writing it and reading it back after a pause; a dead holder's lock expires) keeps
+    lawtune's own writers in line on any store, and the conditional PUT inside it (where
+    ``conditional`` is on: AWS S3, MinIO, SeaweedFS) still refuses a write the lock let through
+    by mistake on a store whose conditional writes are atomic.
+    """
+
+    LOCK_TTL_S = 30.0
+    SETTLE_S = 0.3
+    WAIT_S = 60.0
+
+    def __init__(self, bucket: str, prefix: str, client, transfer_config, *, conditional: bool = True, lock: bool = True):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._client = client
         self._transfer = transfer_config
+        self.conditional, self.lock = conditional, lock
         super().__init__(f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}")
 
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
     def child(self, rel: str) -> "S3Location":
-        return S3Location(self.bucket, self._key(rel), self._client, self._transfer)
+        return S3Location(self.bucket, self._key(rel), self._client, self._transfer, conditional=self.conditional, lock=self.lock)
 
     def _wrap(self, action: str, rel: str, exc: Exception) -> StorageError:
         # str(exc) from botocore names the operation and the error code, never credentials.
@@ -199,6 +255,65 @@ class S3Location(Location):
         except Exception as exc:
             raise self._wrap("delete", rel, exc) from exc
 
+    def read_with_token(self, rel: str) -> tuple[bytes | None, str | None]:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self._client.get_object(Bucket=self.bucket, Key=self._key(rel))
+            return obj["Body"].read(), obj["ETag"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None, None
+            raise self._wrap("get", rel, exc) from exc
+        except Exception as exc:
+            raise self._wrap("get", rel, exc) from exc
+
+    def write_if(self, rel: str, data: bytes, token: str | None) -> bool:
+        if not self.lock:
+            return self._swap(rel, data, token)
+        owner = self._acquire(f"{rel}.lock")
+        try:
+            return self._swap(rel, data, token)
+        finally:
+            held, _ = self.read_with_token(f"{rel}.lock")
+            if held is not None and json.loads(held).get("owner") == owner:
+                self.delete(f"{rel}.lock")
+
+    def _swap(self, rel: str, data: bytes, token: str | None) -> bool:
+        from botocore.exceptions import ClientError
+
+        if not self.conditional:
+            if self.read_with_token(rel)[1] != token:
+                return False
+            self.write_bytes(rel, data)
+            return True
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, **condition)
+            return True
+        except ClientError as exc:
+            # 412: the object changed (or appeared); 409: a concurrent conditional write won.
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return False
+            raise self._wrap("conditional put", rel, exc) from exc
+        except Exception as exc:
+            raise self._wrap("conditional put", rel, exc) from exc
+
+    def _acquire(self, lock: str) -> str:
+        me = uuid.uuid4().hex
+        deadline = time.monotonic() + self.WAIT_S
+        while True:
+            held, _ = self.read_with_token(lock)
+            if held is None or json.loads(held).get("expires", 0) < time.time():
+                self.write_bytes(lock, json.dumps({"owner": me, "expires": time.time() + self.LOCK_TTL_S}).encode())
+                time.sleep(self.SETTLE_S)  # a writer that read "free" with us has written by now: last one owns it
+                mine, _ = self.read_with_token(lock)
+                if mine is not None and json.loads(mine).get("owner") == me:
+                    return me
+            if time.monotonic() > deadline:
+                raise StorageError(f"{join(self.uri, lock)} stayed locked for {self.WAIT_S:.0f}s; is another promotion stuck?")
+            time.sleep(self.SETTLE_S * (0.5 + random.random()))
+
 
 def s3_client(settings: Settings):
     import boto3
@@ -236,4 +351,5 @@ def open_location(uri: str, settings: Settings) -> Location:
     key = (settings.s3_endpoint_url, settings.s3_region, settings.s3_addressing_style, settings.s3_max_concurrency)
     if key not in _CLIENTS:
         _CLIENTS[key] = s3_client(settings)
-    return S3Location(parsed.bucket, parsed.path, _CLIENTS[key], transfer_config(settings))
+    return S3Location(parsed.bucket, parsed.path, _CLIENTS[key], transfer_config(settings),
+                      conditional=settings.s3_conditional_writes, lock=settings.s3_promotion_lock)

@@ -209,7 +209,8 @@ def test_stage_arguments_follow_the_stage_interface(rendered):
     jobs = _jobs(rendered({"modelName": "legal", "stages": {"publish": {"force": True}}}))
     assert _container(jobs["preprocess"])["args"] == ["--input", BASE["input"]["uri"], "--config", "/etc/lawtune/config.yaml"]
     assert _container(jobs["finetune"])["args"] == ["--config", "/etc/lawtune/config.yaml"]
-    assert _container(jobs["evaluate"])["args"] == ["--config", "/etc/lawtune/config.yaml"]
+    # Champion/challenger: evaluate scores the PROMOTED version of the model too.
+    assert _container(jobs["evaluate"])["args"] == ["--config", "/etc/lawtune/config.yaml", "--model-name", "legal"]
     assert _container(jobs["publish"])["args"] == ["--model-name", "legal", "--force"]
     # No command: each image's ENTRYPOINT (python -m jobs.<stage>) runs.
     assert not any("command" in _container(j) for j in jobs.values())

@@ -59,9 +59,13 @@ def test_report_shows_both_models_and_the_failed_gate(bundled_run, monkeypatch, 
     loc = open_location(uri, settings)
     manifest = read_manifest(loc)
     assert manifest.extra["gate"]["passed"] is False
-    assert {f.path for f in manifest.files} == {"predictions.jsonl", "metrics.json", "report.md", "report.html", "loss_curves.png"}
+    files = {f.path for f in manifest.files}
+    assert {f for f in files if not f.startswith("tensorboard/")} == {"predictions.jsonl", "metrics.json", "report.md",
+                                                                       "report.html", "loss_curves.png"}
+    assert any(f.startswith("tensorboard/events.out.tfevents.") for f in files), "evaluate's scores go to TensorBoard too"
     metrics = json.loads(read_verified(loc, "metrics.json", manifest))
     assert metrics["gate"] == manifest.extra["gate"] and metrics["examples"] == len(QA) and metrics["backend"] == "transformers"
+    assert metrics["production"] is None and metrics["production_version"] is None and "golden" not in metrics
     for side in ("base", "tuned"):
         assert set(metrics[side]) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "answer_chars", "empty_share"}
         assert all(0 <= v <= 100 for k, v in metrics[side].items() if k != "answer_chars")
@@ -70,10 +74,10 @@ def test_report_shows_both_models_and_the_failed_gate(bundled_run, monkeypatch, 
     assert all(set(r["scores"]) == {"base", "tuned"} for r in rows)
     assert any(r["base"] != r["tuned"] for r in rows), "the adapter changes answers"
     md = read_verified(loc, "report.md", manifest).decode()
-    assert "| Metric | Base (微调前) | Tuned (微调后) | Δ |" in md and "## Quality gate: FAILED" in md
+    assert "| Metric | Base (微调前) | Candidate (微调后) | Δ vs base |" in md and "## Quality gate: FAILED" in md
     assert all(q in md for q, _ in QA) and "![training and dev loss](loss_curves.png)" in md
     html = read_verified(loc, "report.html", manifest).decode()
-    assert "<th>Base (微调前)</th><th>Tuned (微调后)</th>" in html
+    assert "<th>Base (微调前)</th><th>Candidate (微调后)</th>" in html and 'src="data:image/png;base64,' in html
 
     # Same inputs again: skipped, nothing regenerated.
     again = evaluate.run(settings, parse_config(json.loads(config.read_text())))
@@ -99,3 +103,48 @@ def test_missing_finetune_is_exit_2_and_leaves_no_manifest(bundled_run, monkeypa
     assert code == 2
     assert "nope has no MANIFEST.json" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not open_location(out, settings).exists("MANIFEST.json")
+
+
+GOLDEN_CSV = """title,question,reply,is_best
+试用期内公司可以随时辞退员工吗？,,不可以随时辞退。用人单位在试用期内解除劳动合同，须证明劳动者不符合录用条件并说明理由。,1
+劳动仲裁的时效是多久？,,劳动争议申请仲裁的时效期间为一年，从当事人知道或者应当知道其权利被侵害之日起计算。,1
+"""
+
+
+def test_production_model_and_golden_set_are_scored_beside_base_and_candidate(bundled_model_dir, tmp_path, monkeypatch):
+    """A PROMOTED version of the model (here the base model itself, published as v0) gets its own column and gate rule."""
+    from shared.publish.registry import read_pointer
+    from shared.store.artifacts import commit_dir, now_iso
+
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path / 'artifacts'}")
+    monkeypatch.setenv("LAWTUNE_RUN_ID", "r2")
+    from shared.core.settings import load_settings
+
+    settings = load_settings()
+    commit_data(settings, settings.run_uri("data"), records(), tmp_path)
+    commit_finetune(settings, settings.run_uri("finetune"), bundled_model_dir, str(bundled_model_dir), tmp_path, std=0.2)
+    models = open_location(settings.models_uri("legal"), settings)
+    commit_dir(bundled_model_dir, models.child("v0"), stage="publish", inputs={}, started_at=now_iso(), extra={"gate": {"passed": True}})
+    models.write_text("PROMOTED", "v0")
+    golden = tmp_path / "golden.csv"
+    golden.write_text(GOLDEN_CSV, encoding="utf-8")
+    config = _config(questions=str(golden), max_examples=2,
+                     gate=[{"metric": "rouge-l", "min_improvement": -100, "min_improvement_over": "promoted"}])
+
+    result = evaluate.run(settings, config, model_name="legal")
+    loc = open_location(result.output_uri, settings)
+    metrics = json.loads(loc.read_text("metrics.json"))
+    assert metrics["production_version"] == "v0" and result.gate["promoted"] == "v0"
+    # The production model is the base model, greedy decoding: the same answers, so the same scores.
+    assert metrics["production"] == metrics["base"]
+    assert metrics["delta_vs_production"] == metrics["delta"]
+    assert result.gate["checks"][0]["kind"] == "min_improvement_over_promoted" and result.gate["passed"]
+    assert metrics["golden"]["examples"] == 2 and set(metrics["golden"]) >= {"base", "tuned", "production", "sha256"}
+    rows = [json.loads(line) for line in loc.read_text("predictions.jsonl").splitlines()]
+    assert len(rows) == 2 and all(r["production"] == r["base"] for r in rows), "golden rows are scored, not mixed in"
+    md = loc.read_text("report.md")
+    assert "| Metric | Base (微调前) | Production (PROMOTED) | Candidate (微调后) | Δ vs base | Δ vs production |" in md
+    assert "## Metrics (golden set: 2 questions" in md
+    assert read_pointer(models).version == "v0"
+    # The production version is an input: once another version is promoted, evaluate runs again instead of skipping.
+    assert result.manifest.inputs["promoted"] == "v0" and result.manifest.inputs["golden"] == metrics["golden"]["sha256"]

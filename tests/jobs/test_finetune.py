@@ -129,10 +129,14 @@ def test_finetune_on_s3_lowers_the_loss_commits_every_artifact_and_skips_a_rerun
     assert not result.skipped and result.steps_completed == 4 and result.resumed_from is None
     out = open_location(settings.run_uri("finetune"), settings)
     manifest = read_manifest(out)
-    assert manifest.extra == {"base_model": "bundled:smollm2-135m-instruct", "best_step": result.best_step}
-    assert {f.path for f in manifest.files} == {
+    assert manifest.extra["base_model"] == "bundled:smollm2-135m-instruct" and manifest.extra["best_step"] == result.best_step
+    assert len(manifest.extra["base_model_digest"]) == 64, "the base model's identity includes its weights' digest"
+    assert manifest.extra["config_digest"] == manifest.inputs["config"] and manifest.extra["data_uri"] == settings.run_uri("data")
+    files = {f.path for f in manifest.files}
+    assert {f for f in files if not f.startswith("tensorboard/")} == {
         "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml", "metrics.jsonl", "training_summary.json",
     }
+    assert any(f.startswith("tensorboard/events.out.tfevents.") for f in files)
     for step in (1, 2, 3, 4):
         checkpoint = read_manifest(out.child(f"checkpoints/step-{step}"))
         assert checkpoint.extra["step"] == step
@@ -150,6 +154,12 @@ def test_finetune_on_s3_lowers_the_loss_commits_every_artifact_and_skips_a_rerun
     metrics = [json.loads(line) for line in (local / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "grad_norm", "learning_rate", "epoch", "tokens_per_s", "eta_s"} <= metrics[0].keys()
     assert any("eval_loss" in m for m in metrics)
+    # TensorBoard has the same curves, by step.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(local / "tensorboard")).Reload()
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "dev/loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("dev/loss")] == [1, 2, 3, 4]
     assert yaml.safe_load((local / "config.yaml").read_text())["training_args"]["max_steps"] == 4
 
     # The exported adapter fits the training slice better than the base model does.

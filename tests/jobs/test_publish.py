@@ -6,11 +6,11 @@ evaluate → publish → fetch → serve path on the bundled model lives in test
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from jobs import publish
+from shared.publish.registry import history
 from shared.store.artifacts import read_manifest
 from shared.core.settings import load_settings
 from shared.store.storage import open_location
@@ -57,8 +57,9 @@ def test_passed_gate_moves_promoted_and_republishing_is_a_no_op(run_artifacts):
     assert first.version.startswith("r1-") and len(first.version) == len("r1-") + 10
     assert first.promoted and not first.skipped
     assert _promoted(settings) == first.version
-    record = json.loads(open_location(settings.models_uri("legal"), settings).read_text("promotion.json"))
-    assert record["previous"] == "older-version" and record["forced"] is False
+    [record] = history(open_location(settings.models_uri("legal"), settings))
+    assert record["from"] == "older-version" and record["to"] == first.version and record["kind"] == "promote"
+    assert record["run_id"] == "r1" and record["gate"]["passed"] is True and record["actor"]
 
     files_before = open_location(first.version_uri, settings).list_files()
     second = publish.run(settings, "legal", max_shard_size="1MB")
@@ -74,8 +75,8 @@ def test_force_promotes_a_failed_gate_loudly(run_artifacts, caplog):
     result = publish.run(settings, "legal", force=True, max_shard_size="1MB")
     assert result.forced and result.promoted and not result.gate_passed
     assert "--force: PROMOTING" in caplog.text and "ALTHOUGH ITS QUALITY GATE FAILED" in caplog.text
-    record = json.loads(open_location(settings.models_uri("legal"), settings).read_text("promotion.json"))
-    assert record["forced"] is True and record["version"] == result.version == _promoted(settings)
+    [record] = history(open_location(settings.models_uri("legal"), settings))
+    assert record["kind"] == "forced" and record["to"] == result.version == _promoted(settings)
 
 
 def test_cli_prints_model_gate_and_promotion(run_artifacts, capsys):
@@ -105,3 +106,51 @@ def test_bad_input_exits_2_with_one_line(run_artifacts, capsys, args, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("publish: error: ") and needle in err[-1]
     assert _promoted(settings) is None
+
+
+def test_two_publishes_racing_end_with_one_winner(artifact_root, tiny_model, tmp_path):
+    """Two real `jobs.publish` processes of two runs, both evaluated against "nothing promoted", start together."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for run in ("r1", "r2"):
+        settings = load_settings(run_id=run)
+        ft = commit_finetune(settings, settings.run_uri("finetune"), tiny_model, str(tiny_model), tmp_path / run)
+        commit_verdict(settings, settings.run_uri("evaluate"), True, tmp_path / run, ft.digest, compared_with=None)
+    repo = Path(__file__).resolve().parents[2]
+    procs = {run: subprocess.Popen([sys.executable, "-m", "jobs.publish", "--model-name", "legal", "--max-shard-size", "1MB"],
+                                   cwd=repo, env={**os.environ, "LAWTUNE_RUN_ID": run}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for run in ("r1", "r2")}
+    outcome = {run: (p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for run, p in procs.items()}
+    codes = sorted(code for code, _, _ in outcome.values())
+    assert codes == [0, 1], outcome
+    winner = next(run for run, (code, _, _) in outcome.items() if code == 0)
+    loser_err = next(err for code, _, err in outcome.values() if code == 1).strip().splitlines()[-1]
+    promoted = _promoted(load_settings())
+    assert promoted.startswith(f"{winner}-")
+    assert loser_err.startswith("publish: error: ") and f"moved to {promoted}" in loser_err and "the other promotion won" in loser_err
+    events = history(open_location(load_settings().models_uri("legal"), load_settings()))
+    assert [(e["from"], e["to"]) for e in events] == [(None, promoted)]
+
+
+def test_an_older_run_does_not_move_promoted_backwards_without_force(artifact_root, tiny_model, tmp_path, caplog):
+    import time
+
+    runs = {}
+    for run in ("r1", "r2"):  # r1's finetune finishes first: it is the older run
+        time.sleep(1.1 if runs else 0)  # manifests' times have whole seconds
+        settings = load_settings(run_id=run)
+        ft = commit_finetune(settings, settings.run_uri("finetune"), tiny_model, str(tiny_model), tmp_path / run)
+        commit_verdict(settings, settings.run_uri("evaluate"), True, tmp_path / run, ft.digest)
+        runs[run] = settings
+    newer = publish.run(runs["r2"], "legal", max_shard_size="1MB")
+    older = publish.run(runs["r1"], "legal", max_shard_size="1MB")
+    assert newer.promoted and older.gate_passed and not older.promoted
+    assert _promoted(runs["r1"]) == newer.version
+    assert f"{older.version} was trained before the promoted {newer.version}: PROMOTED stays" in caplog.text
+    forced = publish.run(runs["r1"], "legal", force=True, max_shard_size="1MB")
+    assert forced.promoted and _promoted(runs["r1"]) == older.version
+    events = history(open_location(runs["r1"].models_uri("legal"), runs["r1"]))
+    assert [(e["kind"], e["to"]) for e in events] == [("promote", newer.version), ("forced", older.version)]

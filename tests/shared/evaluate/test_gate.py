@@ -59,7 +59,8 @@ def test_anything_but_explicit_true_is_a_failure(verdict):
 
 def test_default_gate_guards_against_regression_and_empty_answers():
     rules = parse_config({}).evaluation.gate
-    assert {(r.metric, r.min_improvement, r.max) for r in rules} == {("rouge-l", 0.0, None), ("empty_share", None, 0.2)}
+    assert {(r.metric, r.min_improvement, r.max, r.min_improvement_over) for r in rules} == {
+        ("rouge-l", 0.0, None, "base"), ("rouge-l", -2.0, None, "promoted"), ("empty_share", None, 0.2, "base")}
 
 
 def test_bad_gate_rules_are_all_reported_with_their_keys():
@@ -71,3 +72,18 @@ def test_bad_gate_rules_are_all_reported_with_their_keys():
     assert "evaluation.gate.0" in text and "'rouge' is unknown" in text
     assert "evaluation.gate.1" in text and "sets none of 'min', 'max', 'min_improvement'" in text
     assert "evaluation.gate.2.minimum: unknown key" in text
+
+
+def test_rule_over_promoted_compares_with_production_and_passes_without_one():
+    from shared.core.config import GateRule
+    from shared.evaluate.gate import evaluate_gate
+
+    rule = GateRule(metric="rouge-l", min_improvement=-2.0, min_improvement_over="promoted")
+    base, tuned = {"rouge-l": 5.0}, {"rouge-l": 20.0}
+    first = evaluate_gate([rule], base, tuned, None)
+    assert first["passed"] and "no promoted model to compare with yet" in first["reasons"][0]
+    ok = evaluate_gate([rule], base, tuned, {"rouge-l": 21.5})
+    assert ok["passed"] and ok["checks"][0]["kind"] == "min_improvement_over_promoted" and ok["checks"][0]["value"] == -1.5
+    worse = evaluate_gate([rule], base, tuned, {"rouge-l": 22.5})
+    assert not worse["passed"]
+    assert worse["reasons"] == ["FAIL rouge-l: tuned - production = 20.00 - 22.50 = -2.50 < min_improvement -2.00"]

@@ -1,0 +1,117 @@
+"""Models in production: list published versions, promote one, roll back to the previous one.
+
+    lawtune models list legal-assistant
+    lawtune models promote legal-assistant sample-1a2b3c4d5e [--force]
+    lawtune models rollback legal-assistant
+
+Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_S3_ENDPOINT_URL`` (shared/core/settings.py),
+``LAWTUNE_ACTOR`` (who is recorded in the history; default the host user).
+
+``list`` prints each version with its created time, gate verdict, key metrics, data digest
+and a ``*`` on the PROMOTED one, then the history. ``promote`` moves PROMOTED to a version
+(``--force`` for one whose gate failed); ``rollback`` moves it to the version promoted before
+the current one. Both swap PROMOTED atomically and record the event
+(shared/publish/registry.py).
+
+Exit codes: 0 done; 1 storage failure or another promotion moved PROMOTED first (the line
+names it); 2 an unknown model or version (the line lists the known ones), nothing to roll
+back to, or a failed gate without ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from shared.core.errors import ConfigError
+from shared.core.job import run_main
+from shared.core.log import configure_logging
+from shared.core.settings import Settings, load_settings
+from shared.evaluate.gate import gate_passed
+from shared.publish import registry
+from shared.store.storage import Location, open_location
+
+log = logging.getLogger("lawtune.models")
+_KEY_METRICS = ("rouge-l", "bleu-4")
+
+
+def _model_root(settings: Settings, name: str) -> Location:
+    registry.check_name(name)
+    root = open_location(settings.models_uri(name), settings)
+    if not registry.versions(root):
+        known = registry.known_models(open_location(f"{settings.artifact_root}/models", settings))
+        raise ConfigError(f"no published model named {name!r} under {settings.artifact_root}/models; "
+                          f"known: {', '.join(known) or '<none>'}")
+    return root
+
+
+def list_versions(settings: Settings, name: str) -> list[str]:
+    root = _model_root(settings, name)
+    current = registry.read_pointer(root).version
+    lines = [f"{'':2}{'VERSION':<28} {'CREATED':<27} {'GATE':<7} {'ROUGE-L':>8} {'BLEU-4':>8}  DATA"]
+    for v in registry.versions(root):
+        metrics = v.manifest.extra.get("metrics") or {}
+        scores = [f"{metrics[m]:8.2f}" if isinstance(metrics.get(m), (int, float)) else f"{'-':>8}" for m in _KEY_METRICS]
+        gate = "passed" if gate_passed(v.gate) else "FAILED"
+        data = (v.manifest.extra.get("data") or "-")[:12]
+        lines.append(f"{'*' if v.name == current else ' ':2}{v.name:<28} {v.created:<27} {gate:<7} {' '.join(scores)}  {data}")
+    lines += ["", f"PROMOTED: {current or '<none>'}", "history:"]
+    for e in registry.history(root):
+        lines.append(f"  {e['at']}  {e.get('kind', '?'):<8} {e.get('from') or '<none>'} -> {e['to']}  "
+                     f"by {e.get('actor', '?')}  run {e.get('run_id') or '-'}")
+    return lines
+
+
+def promote(settings: Settings, name: str, version: str, *, force: bool = False) -> dict:
+    root = _model_root(settings, name)
+    target = registry.require_version(root, name, version)
+    pointer = registry.read_pointer(root)
+    if pointer.version == version:
+        log.info("PROMOTED already names %s", version)
+        return {"from": version, "to": version}
+    passed = gate_passed(target.gate)
+    if not passed and not force:
+        raise ConfigError(f"{name}/{version} failed its quality gate; promote it anyway with --force")
+    kind = "promote" if passed else "forced"
+    return registry.move_pointer(root, pointer, version, {"kind": kind, "gate": target.gate,
+                                                          "run_id": target.manifest.extra.get("run_id")})
+
+
+def rollback(settings: Settings, name: str) -> dict:
+    root = _model_root(settings, name)
+    pointer = registry.read_pointer(root)
+    target = registry.rollback_target(registry.history(root))
+    if target is None:
+        raise ConfigError(f"model {name!r}: the history has no version promoted before {pointer.version or '<none>'}; "
+                          "nothing to roll back to (use lawtune models promote)")
+    version = registry.require_version(root, name, target)
+    return registry.move_pointer(root, pointer, target, {"kind": "rollback", "gate": version.gate,
+                                                         "run_id": version.manifest.extra.get("run_id")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lawtune models", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="versions, gate, key metrics, which is PROMOTED, and the history").add_argument("name")
+    p = sub.add_parser("promote", help="move PROMOTED to a published version")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--force", action="store_true", help="promote a version whose quality gate failed")
+    sub.add_parser("rollback", help="move PROMOTED back to the version promoted before it").add_argument("name")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        if args.action == "list":
+            print("\n".join(list_versions(settings, args.name)))
+            return
+        event = promote(settings, args.name, args.version, force=args.force) if args.action == "promote" \
+            else rollback(settings, args.name)
+        print(f"PROMOTED: {event['from'] or '<none>'} -> {event['to']}: {settings.models_uri(args.name)}/{registry.PROMOTED}")
+
+    return run_main("models", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""The model registry on the artifact store: which version is PROMOTED, how it got there, what exists.
+
+    models/<name>/<version>/MANIFEST.json   a published version (jobs/publish.py)
+    models/<name>/PROMOTED                  the version serving pulls (its name, nothing else)
+    models/<name>/history/<time>-<id>.json  one object per promotion, forced promotion or rollback
+
+PROMOTED only moves by compare-and-swap (``Location.write_if``): a writer names the content it
+read, and the store refuses the write when someone else moved PROMOTED in between. On S3 that
+is a conditional PUT (If-Match on the ETag read, If-None-Match for the first promotion); on
+file:// an atomic rename under a lock. Of two racing promotions exactly one wins; the other
+gets ``PromotionConflict`` (exit 1) naming the winner. Events are one object each, so writers
+never append to a shared file; one is written after its swap won, so history never names a
+promotion that did not happen.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from shared.core.errors import ConfigError, LawtuneError
+from shared.store.artifacts import Manifest, find_manifest, now_iso
+from shared.store.storage import Location
+
+PROMOTED = "PROMOTED"
+HISTORY = "history"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class PromotionConflict(LawtuneError):
+    """Another promotion moved PROMOTED between our read and our write (retry decides again)."""
+
+
+@dataclass(frozen=True)
+class Pointer:
+    version: str | None  # what PROMOTED names (None: nothing promoted yet)
+    token: str | None  # the store's name for that exact content, for the swap
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ConfigError(f"model name {name!r}: expected 1-63 lowercase letters, digits, '.', '_' or '-'")
+    return name
+
+
+def actor() -> str:
+    """Who moves PROMOTED: ``LAWTUNE_ACTOR`` (a CI job, a person) or the host user."""
+    if os.environ.get("LAWTUNE_ACTOR"):
+        return os.environ["LAWTUNE_ACTOR"]
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry for the uid, as in many containers
+        return f"uid-{os.getuid()}"
+
+
+def read_pointer(model_root: Location) -> Pointer:
+    data, token = model_root.read_with_token(PROMOTED)
+    return Pointer(data.decode("utf-8").strip() if data is not None else None, token)
+
+
+def move_pointer(model_root: Location, expected: Pointer, to: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Swap PROMOTED from ``expected`` to ``to`` and record the event; PromotionConflict when it moved first."""
+    if find_manifest(model_root.child(to)) is None:
+        from shared.core.errors import IntegrityError
+
+        raise IntegrityError(f"{model_root.uri}/{to} has no manifest; refusing to promote an incomplete version")
+    if not model_root.write_if(PROMOTED, to.encode("utf-8"), expected.token):
+        winner = read_pointer(model_root).version
+        raise PromotionConflict(
+            f"{model_root.uri}/{PROMOTED} moved to {winner or '<none>'} while this promotion of {to} was deciding "
+            f"(it read {expected.version or '<none>'}); the other promotion won")
+    record = {"at": now_iso(), "from": expected.version, "to": to, "actor": actor(), **event}
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    model_root.write_text(f"{HISTORY}/{stamp}-{uuid.uuid4().hex[:8]}.json", json.dumps(record, ensure_ascii=False) + "\n")
+    return record
+
+
+def history(model_root: Location) -> list[dict[str, Any]]:
+    """Every recorded event, oldest first (object names start with a UTC time stamp)."""
+    names = [n for n in model_root.child(HISTORY).list_files() if n.endswith(".json")]
+    return [json.loads(model_root.child(HISTORY).read_text(n)) for n in sorted(names)]
+
+
+def rollback_target(events: list[dict[str, Any]]) -> str | None:
+    """The version promoted before the current one, skipping versions that were rolled back."""
+    stack: list[str] = []
+    for e in events:
+        if e.get("kind") == "rollback":
+            while stack and stack[-1] != e["to"]:
+                stack.pop()
+        elif e.get("to"):
+            stack.append(e["to"])
+    return stack[-2] if len(stack) >= 2 else None
+
+
+@dataclass
+class Version:
+    name: str
+    manifest: Manifest
+
+    @property
+    def created(self) -> str:
+        return self.manifest.finished_at
+
+    @property
+    def gate(self) -> dict[str, Any]:
+        return self.manifest.extra.get("gate") or {}
+
+    @property
+    def trained_at(self) -> str:
+        return self.manifest.extra.get("trained_at") or ""
+
+
+def versions(model_root: Location) -> list[Version]:
+    """Published (committed) versions, oldest first."""
+    names = sorted({f.split("/", 1)[0] for f in model_root.list_files() if f.endswith("/MANIFEST.json") and f.count("/") == 1})
+    found = [Version(n, m) for n in names if (m := find_manifest(model_root.child(n))) is not None]
+    return sorted(found, key=lambda v: (v.created, v.name))
+
+
+def known_models(models_root: Location) -> list[str]:
+    return sorted({f.split("/", 1)[0] for f in models_root.list_files() if f.endswith("/MANIFEST.json") and f.count("/") == 2})
+
+
+def require_version(model_root: Location, name: str, version: str) -> Version:
+    found = {v.name: v for v in versions(model_root)}
+    if version not in found:
+        raise ConfigError(f"model {name!r} has no version {version!r}; known: {', '.join(found) or '<none>'}")
+    return found[version]
