@@ -21,6 +21,12 @@ SAMPLE = REPO / "configs" / "data" / "legal_qa_sample.csv"
 FIXTURES = REPO / "tests" / "fixtures" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _root_in_tmp(tmp_path, monkeypatch):
+    """Stages write only below the artifact root; these tests write to folders of tmp_path."""
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path}")
+
+
 def job(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "jobs.preprocess", *args],
