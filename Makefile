@@ -46,6 +46,18 @@ train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here; TAR
 test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
 	$(PY) -m pytest -m "not kind and not gpu" tests
 
+# The fault campaign's long form: FAULTS_KILL_POINTS SIGKILLs per stage and backend (make test: 1),
+# plus the storage, lease and harmful-input faults; one JSON line per kill trial in FAULTS_REPORT.
+FAULTS_KILL_POINTS ?= 3
+FAULTS_SEED ?= 15
+FAULTS_REPORT ?= $(CURDIR)/.cache/faults-report.jsonl
+.PHONY: test-faults
+test-faults: $(VENV)/.installed ## Fault soak: kill every stage at FAULTS_KILL_POINTS seeded points on file:// and S3, storage faults, leases (docs/reliability.md)
+	mkdir -p $(dir $(FAULTS_REPORT)) && rm -f $(FAULTS_REPORT)
+	FAULTS_KILL_POINTS=$(FAULTS_KILL_POINTS) FAULTS_SEED=$(FAULTS_SEED) FAULTS_REPORT=$(FAULTS_REPORT) \
+	  $(PY) -m pytest tests/faults tests/shared/store/test_storage_faults.py tests/shared/store/test_lease.py
+	$(PY) tests/faults/summarise.py $(FAULTS_REPORT)
+
 ##@ Development
 .PHONY: venv unit system-deps tools clean
 venv: $(VENV)/.installed ## Create the virtual environment (once; re-run when pyproject.toml changes)
