@@ -14,6 +14,8 @@ def main(path: str) -> int:
     rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
+        if "stage" not in row:  # serving rows: printed as they are below
+            continue
         groups[(row["stage"], row["backend"])].append(row)
     print("| stage | backend | kills | survived | data lost | killed at (s) | committed before kill | reference run (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -21,6 +23,9 @@ def main(path: str) -> int:
         print(f"| {stage} | {backend} | {len(trials)} | {sum(t['survived'] for t in trials)} | "
               f"{sum(t['lost_files'] for t in trials)} | {', '.join(str(t['kill_at_s']) for t in trials)} | "
               f"{sum(t['after_kill'] == 'committed' for t in trials)} | {trials[0]['reference_s']} |")
+    for row in rows:
+        if "stage" not in row:
+            print(f"\n{json.dumps(row)}")
     return 0
 
 
