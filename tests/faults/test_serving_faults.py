@@ -31,7 +31,7 @@ from shared.train.models import BUNDLED_DEFAULT, resolve_base_model
 from tests.helm_utils import helm_path
 from tests.servers import free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]  # make test-faults, not make test
 KEY = "sk-faults-0123456789"
 NAME = "legal-assistant"
 VLLM_ARGS = ["--enforce-eager", *CPU_SERVER_ARGS]
