@@ -39,8 +39,9 @@ CONFIG = {
                    "gate": []},
 }
 # Files whose bytes legitimately differ between two runs (timings, timestamps); compared otherwise.
+# adapter_config.json: peft writes target_modules from a set, in the process's string-hash order.
 VOLATILE = {
-    "finetune": {"training_summary.json", "metrics.jsonl", "adapter/adapter_model.safetensors"},
+    "finetune": {"training_summary.json", "metrics.jsonl", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"},
     "publish": {"lawtune-model.json"},
 }
 

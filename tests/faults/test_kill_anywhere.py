@@ -28,7 +28,7 @@ import time
 import pytest
 
 from shared.core.errors import IntegrityError
-from shared.store.artifacts import MANIFEST, fetch_dir, read_manifest
+from shared.store.artifacts import MANIFEST, fetch_dir, read_manifest, read_verified
 from shared.store.storage import S3Location
 from tests.faults.pipeline import STAGES, committed, file_digests, kill_points, pipeline
 
@@ -63,7 +63,7 @@ def reference(request, tmp_path_factory, model_cache_dir):
             manifests[stage] = _manifest_of(p, stage)
         adapter = _adapter(p, work / "reference-adapter")
         yield {"backend": request.param, "pipeline": p, "durations": durations, "manifests": manifests, "adapter": adapter,
-               "work": work}
+               "adapter_config": _adapter_config(p.output("finetune")), "work": work}
     finally:
         for k, v in saved.items():
             if v is None:
@@ -90,6 +90,12 @@ def _adapter(p, dest):
     shutil.rmtree(dest, ignore_errors=True)
     fetch_dir(p.output("finetune"), dest, only=["adapter/adapter_model.safetensors"])
     return load_file(dest / "adapter" / "adapter_model.safetensors")
+
+
+def _adapter_config(loc) -> dict:
+    """The adapter's peft config, target_modules sorted (peft writes them in set order)."""
+    config = json.loads(read_verified(loc, "adapter/adapter_config.json"))
+    return {**config, "target_modules": sorted(config["target_modules"])}
 
 
 def _reader_invariant(p, stage) -> str:
@@ -161,6 +167,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_output(reference, stage):
             a, b = reference["adapter"], _adapter(p, work / f"adapter-{i}")
             worst = max((a[k] - b[k]).abs().max().item() for k in a)
             assert a.keys() == b.keys() and worst <= TOLERANCE, f"adapter differs by {worst}"
+            assert _adapter_config(p.output("finetune")) == reference["adapter_config"]
         _no_orphans(p, stage)
         _record({"backend": reference["backend"], "stage": stage, "seed": SEED + STAGES.index(stage), "kill_at_s": at,
                  "reference_s": round(reference["durations"][stage], 1), "ended_before_kill": code is not None,
