@@ -50,13 +50,17 @@ class StageOutput:
     def __enter__(self) -> "StageOutput":
         if not self.skipped and os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
             self.lease = Lease(self.location).acquire()
-            # The writer we may have waited behind could have committed these very inputs.
-            self.skipped = should_skip(self.location, self.inputs)
-            if not self.skipped:
-                swept = self.location.sweep_temporaries()
-                if swept:
-                    log.info("%s: removed %d temporary object(s) an interrupted writer left in %s", self.stage, swept,
-                             self.location.uri)
+            try:
+                # The writer we may have waited behind could have committed these very inputs.
+                self.skipped = should_skip(self.location, self.inputs)
+                if not self.skipped:
+                    swept = self.location.sweep_temporaries()
+                    if swept:
+                        log.info("%s: removed %d temporary object(s) an interrupted writer left in %s", self.stage,
+                                 swept, self.location.uri)
+            except BaseException:
+                self._release()  # __exit__ does not run when __enter__ raises
+                raise
         if self.skipped:
             self._release()
             log.info("%s: inputs unchanged since %s, skipping (%s)", self.stage, self.skipped.finished_at, self.location.uri)
