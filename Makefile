@@ -76,11 +76,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 unit: $(VENV)/.installed ## Unit tests only (fast, no servers)
 	$(PY) -m pytest -m "not integration and not kind and not gpu" tests
 
-system-deps: ## Install nginx (Debian) for the gateway tests, when missing and allowed
+system-deps: ## Install nginx and chromium (Debian) for the gateway and page tests, when missing and allowed
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
 	  else echo "nginx is missing: install it (e.g. apt-get install nginx-light) for the gateway tests"; exit 1; fi; }
+	@# The assistant page's browser tests drive Debian's chromium with Playwright (its own browser download cannot work offline).
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing: install it (e.g. apt-get install chromium) for the assistant page tests"; exit 1; fi; }
 
 tools: $(TOOLS)/helm ## Unpack pinned helm and kubectl into .tools/
 

