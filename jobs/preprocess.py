@@ -11,7 +11,8 @@ is_best``) or a chat JSONL (ChatGLM3, OpenAI or ShareGPT) — see shared/data/re
 
 Output (default ``<artifact_root>/runs/<run_id>/data/``): ``train.jsonl``, ``dev.jsonl``,
 ``test.jsonl`` (``{"id", "conversations"}`` per line), ``rejected.jsonl`` (source, line,
-reason, detail, raw row), ``report.json`` (counts by reason, lengths in characters), and
+reason, detail, raw row), ``rejected.csv`` (the same for a spreadsheet, formula-like cells
+prefixed with ``'``), ``report.json`` (counts by reason, lengths in characters), and
 ``MANIFEST.json`` last. The stage is skipped when the input's sha256, the ``preprocess``
 config section and the code version match the committed manifest.
 
