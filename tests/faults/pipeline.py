@@ -85,11 +85,19 @@ class Pipeline:
             raise AssertionError(f"{stage} exited {code}:\n{log.read_text(errors='replace')[-3000:]}")
         return time.monotonic() - t0
 
-    def kill_after(self, stage: str, seconds: float, log: Path) -> int | None:
-        """Start the stage and SIGKILL its whole process group after ``seconds``; its exit code if it ended first."""
+    def kill_at(self, stage: str, marker: str, delay: float, log: Path, timeout: float = 900) -> int | None:
+        """Start the stage, wait for ``marker`` in its log, ``delay`` seconds more, then SIGKILL its
+        whole process group; its exit code instead if it ended first."""
         proc = self.start(stage, log)
+        deadline = time.monotonic() + timeout
+        while marker.encode() not in log.read_bytes():
+            if proc.poll() is not None:
+                return proc.returncode
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         try:
-            return proc.wait(seconds)
+            return proc.wait(delay)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
@@ -118,10 +126,27 @@ def pipeline(root_uri: str, env: dict[str, str], workdir: Path) -> Pipeline:
     return Pipeline(settings, env, config, workdir / "serving" / "model")
 
 
-def kill_points(duration: float, n: int, seed: int) -> list[float]:
-    """``n`` kill times spread over ``duration``: one drawn in each of n equal slices (seeded)."""
+# Where each stage is killed: a line of its own log, then up to so many seconds more. In run order,
+# each before the stage's commit, so the kills spread over the work rather than over wall time
+# (which shifts with the machine's load).
+MARKERS = {
+    "preprocess": [("reading ", 0.3), ("pass 1 (read, clean, spill) done", 0.2)],
+    "finetune": [("trainable params", 5.0), ("checkpoint step-1 committed", 1.0), ("step 2/4", 2.0),
+                 ("checkpoint step-3 committed", 1.0), ("step 4/4", 1.0)],
+    "evaluate": [("generating answers", 2.0), ("generating answers", 10.0)],
+    "publish": [("merge check (float32, in memory)", 3.0), ("merge check (reloaded", 0.5),
+                ("merge check (reloaded", 2.0)],
+    "fetch_model": [("fetching ", 0.5), ("fetching ", 2.0)],
+}
+
+
+def kill_points(stage: str, n: int, seed: int) -> list[tuple[str, float]]:
+    """``n`` (marker, delay) pairs spread over the stage's markers, the delays drawn (seeded)."""
     rng = random.Random(seed)
-    return [round(duration * (i + rng.uniform(0.1, 0.9)) / n, 2) for i in range(n)]
+    markers = MARKERS[stage]
+    picks = [markers[(i * len(markers)) // n + rng.randrange(max(1, len(markers) // n)) if n < len(markers)
+                     else i % len(markers)] for i in range(n)]
+    return [(marker, round(rng.uniform(0, most), 2)) for marker, most in picks]
 
 
 def committed(loc) -> Manifest | None:

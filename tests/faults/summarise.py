@@ -17,11 +17,11 @@ def main(path: str) -> int:
         if "stage" not in row:  # serving rows: printed as they are below
             continue
         groups[(row["stage"], row["backend"])].append(row)
-    print("| stage | backend | kills | survived | data lost | killed at (s) | committed before kill | reference run (s) |")
+    print("| stage | backend | kills | survived | data lost | killed at (log line + delay) | committed before kill | reference run (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for (stage, backend), trials in sorted(groups.items()):
         print(f"| {stage} | {backend} | {len(trials)} | {sum(t['survived'] for t in trials)} | "
-              f"{sum(t['lost_files'] for t in trials)} | {', '.join(str(t['kill_at_s']) for t in trials)} | "
+              f"{sum(t['lost_files'] for t in trials)} | {', '.join(repr(t['marker']) + ' +' + str(t['delay_s']) + 's' for t in trials)} | "
               f"{sum(t['after_kill'] == 'committed' for t in trials)} | {trials[0]['reference_s']} |")
     for row in rows:
         if "stage" not in row:

@@ -3,10 +3,12 @@
 For each backend (file://, SeaweedFS S3) one uninterrupted pipeline is the reference. Then,
 stage by stage (downstream first, so an upstream re-run never changes what a later trial
 reads), the stage's output is removed, the stage is started and its whole process group is
-SIGKILLed at a time drawn from the reference run's duration (seeded: ``FAULTS_SEED``; the
-number of points per stage is ``FAULTS_KILL_POINTS``; ``FAULTS_BACKENDS`` picks backends:
-``make test`` runs 1 point on S3, ``make test-faults`` 3 points on file and S3), and the
-same command is run again. Each trial checks:
+SIGKILLed at a point of its own progress: a line of its log (tests/faults/pipeline.py
+``MARKERS``: model loaded, a checkpoint committed, a training step, generation started, the
+merge checked, the download started) plus a seeded delay (``FAULTS_SEED``). The number of
+points per stage is ``FAULTS_KILL_POINTS``; ``FAULTS_BACKENDS`` picks backends: ``make test``
+runs 1 point on S3, ``make test-faults`` 3 points on file and S3. Then the same command
+runs again. Each trial checks:
 
 - right after the kill, the output is either committed and verifies file by file, or has no
   manifest and a reader (``fetch_dir``, ``fetch_model``'s target) refuses it;
@@ -152,15 +154,16 @@ def _record(entry: dict) -> None:
 def test_sigkill_then_rerun_gives_the_uninterrupted_output(reference, stage):
     p, work = reference["pipeline"], reference["work"]
     expected = reference["manifests"][stage]
-    for i, at in enumerate(kill_points(reference["durations"][stage], POINTS, SEED + STAGES.index(stage))):
+    for i, (marker, delay) in enumerate(kill_points(stage, POINTS, SEED + STAGES.index(stage))):
         p.reset(stage)
-        code = p.kill_after(stage, at, work / f"kill-{stage}-{i}.log")
+        code = p.kill_at(stage, marker, delay, work / f"kill-{stage}-{i}.log")
         state = _reader_invariant(p, stage)
         t0 = time.monotonic()
         p.run(stage, work / f"rerun-{stage}-{i}.log")
         rerun_s = time.monotonic() - t0
         got = _manifest_of(p, stage)
-        assert file_digests(got, stage) == file_digests(expected, stage), f"{stage} killed at {at}s: outputs differ"
+        at = f"{marker!r} + {delay}s"
+        assert file_digests(got, stage) == file_digests(expected, stage), f"{stage} killed at {at}: outputs differ"
         assert {f.path for f in got.files} == {f.path for f in expected.files}
         worst = None
         if stage == "finetune":
@@ -169,7 +172,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_output(reference, stage):
             assert a.keys() == b.keys() and worst <= TOLERANCE, f"adapter differs by {worst}"
             assert _adapter_config(p.output("finetune")) == reference["adapter_config"]
         _no_orphans(p, stage)
-        _record({"backend": reference["backend"], "stage": stage, "seed": SEED + STAGES.index(stage), "kill_at_s": at,
+        _record({"backend": reference["backend"], "stage": stage, "seed": SEED + STAGES.index(stage), "marker": marker, "delay_s": delay,
                  "reference_s": round(reference["durations"][stage], 1), "ended_before_kill": code is not None,
                  "after_kill": state, "rerun_s": round(rerun_s, 1), "adapter_max_diff": worst, "survived": True,
                  "lost_files": 0})
