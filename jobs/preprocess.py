@@ -9,8 +9,10 @@ Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_RUN_ID``, ``LAWTUNE_S3_ENDPOIN
 Input: a local path or an s3:// / file:// URI of a lawzhidao CSV (``title,question,reply,
 is_best``) or a chat JSONL (ChatGLM3, OpenAI or ShareGPT) — see shared/data/readers.py.
 
-Output (default ``<artifact_root>/runs/<run_id>/data/``): ``train.jsonl``, ``dev.jsonl``,
-``test.jsonl`` (``{"id", "conversations"}`` per line), ``rejected.jsonl`` (source, line,
+Output (default ``<artifact_root>/runs/<run_id>/data/``): the train, dev and test splits
+(``{"id", "conversations"}`` per line) under the names ``data_config`` gives them (default
+``train.jsonl``, ``dev.jsonl``, ``test.jsonl``; the ChatGLM3 demo's ``train.json``/``dev.json``
+work as they are; the manifest's ``extra.files`` maps role -> name), ``rejected.jsonl`` (source, line,
 reason, detail, raw row), ``rejected.csv`` (the same for a spreadsheet, formula-like cells
 prefixed with ``'``), ``report.json`` (counts by reason, lengths in characters), and
 ``MANIFEST.json`` last. The stage is skipped when the input's sha256, the ``preprocess``
@@ -31,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from shared.store.artifacts import Manifest, sha256_file
-from shared.core.config import TrainConfig, load_config
+from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.core.errors import DataError
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.data.preprocessing import build
+from shared.data.split_files import name_splits
 from shared.data.readers import Source
 from shared.core.settings import Settings, load_settings
 from shared.store.stage import StageOutput
@@ -80,14 +83,16 @@ def run(settings: Settings, config: TrainConfig, input_uri: str, output_uri: str
         source = Source(path, name)  # refuses non-datasets before anything is written
         inputs = {
             "input": {"name": name, "sha256": sha256_file(path)},
-            "preprocess_config": config.section_digest("preprocess"),
+            "preprocess_config": config.section_digest("preprocess", "data_config"),
         }
         with StageOutput(settings, STAGE, output_uri, inputs, force=force) as out:
             if out.skipped:
                 return Result(out.skipped, True, None)
             log.info("reading %s (%s, %s)", input_uri, source.format, source.encoding)
             report = build(source, out.workdir, scratch / "spill", config.preprocess, path.stat().st_size)
-            manifest = out.commit(extra={"splits": report["splits"], "rejected": report["rejected"], "source": report["source"]})
+            files = name_splits(out.workdir, config.data_config)
+            manifest = out.commit(extra={"splits": report["splits"], "files": files, "rejected": report["rejected"],
+                                         "source": report["source"]})
             return Result(manifest, False, report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -97,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.preprocess", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="CSV/JSONL file or URI")
     parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/data)")
-    parser.add_argument("--config", help="training config YAML (its preprocess section applies)")
+    add_config_arguments(parser)  # its preprocess and data_config sections apply
     parser.add_argument("--force", action="store_true", help="run even when the same inputs are committed")
     args = parser.parse_args(argv)
 
     def body() -> None:
         settings = load_settings()
         configure_logging(settings.log_level)
-        result = run(settings, load_config(args.config), args.input, args.output, force=args.force)
+        result = run(settings, config_from_args(args), args.input, args.output, force=args.force)
         if result.skipped:
             log.info("skipped: %s already holds this input's output", args.output or settings.run_uri(STAGE))
 

@@ -2,6 +2,7 @@
 
     python -m shared.cluster.driver --target local --config configs/smollm2-135m-cpu.yaml \
         --input configs/data/legal_qa_sample.csv --run-id sample --model-name legal-assistant
+    python -m shared.cluster.driver --config lora.yaml --base-model ./chatglm3-6b --set training_args.max_steps=200 ...
 
 Locally each stage is the same ``python -m jobs.<stage>`` its image runs, with the same
 environment (``LAWTUNE_*``), so what works here works as a Job. Stages whose inputs are
@@ -19,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.core.errors import EXIT_CONFIG, EXIT_OK
+from shared.core.config import add_config_arguments, config_from_args
+from shared.core.errors import EXIT_CONFIG, EXIT_OK, ConfigError
 from shared.core.log import configure_logging
 from shared.cluster.summary import summarize
 from shared.core.settings import Settings, load_settings
@@ -33,12 +35,15 @@ class Step:
     args: tuple[str, ...]
 
 
-def plan(config: str, input_uri: str, model_name: str) -> list[Step]:
-    """The stages of one run, in order, with the flags each takes (design.md's stage interface)."""
+def plan(config: str, input_uri: str, model_name: str, base_model: str | None = None, sets: tuple[str, ...] = ()) -> list[Step]:
+    """The stages of one run, in order, with the flags each takes (design.md's stage interface).
+
+    ``base_model`` and ``sets`` (``KEY=VALUE``) override the config in every stage that reads it."""
+    overrides = (*(("--base-model", base_model) if base_model else ()), *(a for s in sets for a in ("--set", s)))
     return [
-        Step("preprocess", ("--input", input_uri, "--config", config)),
-        Step("finetune", ("--config", config)),
-        Step("evaluate", ("--config", config)),
+        Step("preprocess", ("--input", input_uri, "--config", config, *overrides)),
+        Step("finetune", ("--config", config, *overrides)),
+        Step("evaluate", ("--config", config, *overrides)),
         Step("publish", ("--model-name", model_name)),
     ]
 
@@ -66,7 +71,7 @@ def run_local(settings: Settings, steps: list[Step]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.cluster.driver", description=__doc__.splitlines()[0])
     parser.add_argument("--target", choices=("local", "k8s"), default="local")
-    parser.add_argument("--config", required=True, help="training config YAML")
+    add_config_arguments(parser, required=True)
     parser.add_argument("--input", required=True, help="CSV/JSONL path or URI")
     parser.add_argument("--run-id", default=None, help="default: LAWTUNE_RUN_ID or 'dev'")
     parser.add_argument("--model-name", default="legal-assistant")
@@ -80,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("run %s → %s", settings.run_id, settings.run_uri())
 
     if args.target == "k8s":
+        if args.base_model or args.set:
+            # The pipeline chart ships the config file as it is; an override would be lost on the way.
+            log.error("--base-model/--set (BASE_MODEL/SET) apply to TARGET=local only; write them into %s for k8s", args.config)
+            return EXIT_CONFIG
         from shared.cluster.k8s import run_pipeline
 
         return run_pipeline(
@@ -92,7 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             namespace=args.namespace,
         )
 
-    code = run_local(settings, plan(_absolute(args.config), _absolute(args.input), args.model_name))
+    try:
+        config = config_from_args(args)  # a bad config or override fails here, before any stage starts
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    log.info("base model %s (from %s)", config.base_model, config.origin("base_model"))
+    steps = plan(_absolute(args.config), _absolute(args.input), args.model_name, args.base_model, tuple(args.set))
+    code = run_local(settings, steps)
     if code == EXIT_OK:
         summarize(settings, args.model_name)
     return code
