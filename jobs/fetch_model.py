@@ -79,12 +79,23 @@ def run(settings: Settings, uri: str, target: Path) -> Result:
     # Replicas sharing one ReadWriteMany claim start together: one downloads, the others wait
     # and then find the version in place, instead of replacing a folder a server is loading.
     with _exclusive(target.parent / f".{target.name}.lock"):
+        _sweep_partials(target)
         if _same_version(target, manifest):
             log.info("%s already holds %s; nothing to download", target, version_uri)
             return Result(version_uri, manifest, target, False)
         log.info("fetching %d file(s) of %s into %s", len(manifest.files), version_uri, target)
         fetch_dir(loc, target, max_workers=settings.s3_max_concurrency)
     return Result(version_uri, manifest, target, True)
+
+
+def _sweep_partials(target: Path) -> None:
+    """Half-built siblings a fetch killed mid-download left (build_atomically's staging folders);
+    under the lock, so none of them belongs to a live fetch."""
+    import shutil
+
+    for stale in target.parent.glob(f".{target.name}.partial-*"):
+        log.info("removing %s, left by an interrupted fetch", stale)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ Output (default ``<artifact_root>/runs/<run_id>/data/``): the train, dev and tes
 (``{"id", "conversations"}`` per line) under the names ``data_config`` gives them (default
 ``train.jsonl``, ``dev.jsonl``, ``test.jsonl``; the ChatGLM3 demo's ``train.json``/``dev.json``
 work as they are; the manifest's ``extra.files`` maps role -> name), ``rejected.jsonl`` (source, line,
-reason, detail, raw row), ``report.json`` (counts by reason, lengths in characters), and
+reason, detail, raw row), ``rejected.csv`` (the same for a spreadsheet, formula-like cells
+prefixed with ``'``), ``report.json`` (counts by reason, lengths in characters), and
 ``MANIFEST.json`` last. The stage is skipped when the input's sha256, the ``preprocess``
 config section and the code version match the committed manifest.
 

@@ -57,6 +57,7 @@ class SeaweedS3:
     secret_key: str
     process: subprocess.Popen
     log_path: Path
+    cmd: tuple[str, ...] = ()
 
     def client(self):
         import boto3
@@ -83,6 +84,13 @@ class SeaweedS3:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start again on the same ports and data dir (after ``stop``), as a store coming back."""
+        self.stop()
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(list(self.cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_ready(self, timeout)
 
 
 def start_seaweedfs(workdir: Path, timeout: float = 60.0) -> SeaweedS3:
@@ -121,7 +129,13 @@ def start_seaweedfs(workdir: Path, timeout: float = 60.0) -> SeaweedS3:
     ]
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = SeaweedS3(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, proc, log_path)
+    server = SeaweedS3(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, proc, log_path, tuple(cmd))
+    _wait_ready(server, timeout)
+    return server
+
+
+def _wait_ready(server: SeaweedS3, timeout: float) -> None:
+    proc, log_path = server.process, server.log_path
     deadline = time.monotonic() + timeout
     client = server.client()
     last: Exception | None = None
@@ -130,10 +144,11 @@ def start_seaweedfs(workdir: Path, timeout: float = 60.0) -> SeaweedS3:
             raise RuntimeError(f"SeaweedFS exited with {proc.returncode}; log:\n{log_path.read_text()[-3000:]}")
         try:
             # A bucket round-trip proves master, volume, filer and S3 gateway are all up.
-            client.create_bucket(Bucket="lawtune-probe")
+            if "lawtune-probe" not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+                client.create_bucket(Bucket="lawtune-probe")
             client.put_object(Bucket="lawtune-probe", Key="probe", Body=b"ok")
             client.delete_object(Bucket="lawtune-probe", Key="probe")
-            return server
+            return
         except Exception as exc:  # not ready yet
             last = exc
             time.sleep(0.5)

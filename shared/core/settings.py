@@ -11,6 +11,7 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,11 @@ class Settings(BaseSettings):
         default=True,
         description="Serialise PROMOTED writers under an expiring lock object (SeaweedFS's conditional writes race).",
     )
+    # How S3 calls ride out faults; shared/store/storage.py turns these into boto3's Config.
+    s3_retry_mode: Literal["standard", "adaptive"] = "standard"
+    s3_max_attempts: int = Field(default=10, ge=1, le=50, description="Attempts per S3 call, the first included.")
+    s3_connect_timeout: float = Field(default=10.0, gt=0)
+    s3_read_timeout: float = Field(default=60.0, gt=0, description="Seconds without a byte before a call is retried.")
     run_id: str = "dev"
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     log_level: str = "INFO"

@@ -40,6 +40,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterable
 
+from shared.data.export import export_rejected_csv
 from shared.data.cleaning import clean_text, length_problem
 from shared.core.config import PreprocessConfig
 from shared.data.conversation import SchemaError, dumps, normalise_key, question_key, validate
@@ -426,6 +427,7 @@ def build(
     minimum = {"dev": cfg.min_dev, "test": cfg.min_test}
     moved = top_up(counts, minimum, [item for r in results for item in r.reserve])
     _concatenate(spill, outdir, ctx.buckets, moved)
+    export_rejected_csv(outdir / "rejected.jsonl", outdir / "rejected.csv")
 
     question_chars, answer_chars = array("l"), array("l")
     for r in results:

@@ -233,6 +233,8 @@ class Source:
                     return
                 cut = _record_boundary(text, quoted)
                 if cut <= 0:
+                    if not quoted and len(text) > _FIELD_LIMIT:
+                        raise self._fail(_too_long(line + 1, len(text)))
                     if len(text) > _FIELD_LIMIT:
                         raise CannotCut(f"{self.name}: no record boundary within {_FIELD_LIMIT} characters")
                     carry = text
@@ -310,6 +312,11 @@ def csv_records(
         yield CsvRow(start, row[t], row[q] if q is not None else "", row[r], row[b] if b is not None else "", row)
 
 
+def _too_long(line: int, chars: int) -> str:
+    return (f"line {line} is over {chars // 2**20} Mi characters, more than one record may hold "
+            f"({_FIELD_LIMIT // 2**20} Mi); split it or remove it")
+
+
 def jsonl_records(lines: Iterable[str], offset: int, *, name: str = "") -> Iterator[ChatRow | BadRow]:
     """Rows of JSON Lines text whose first line is line ``offset + 1`` of the file."""
     for number, line in enumerate(lines, offset + 1):
@@ -317,6 +324,8 @@ def jsonl_records(lines: Iterable[str], offset: int, *, name: str = "") -> Itera
             continue
         if number == 1 and line.lstrip().startswith("["):
             raise DataError(f"{name}: a JSON array; expected JSON Lines (one conversation object per line)")
+        if len(line) > _FIELD_LIMIT:
+            raise DataError(f"{name}: {_too_long(number, len(line))}")
         raw = line.rstrip("\r\n")
         try:
             obj = json.loads(line)

@@ -8,18 +8,27 @@
 
 Leaving the block without ``commit`` (an exception, a bad row count) commits nothing, so a
 failed stage leaves no manifest a later stage could read.
+
+Entering the block (when not skipped) takes the folder's writer lease (shared/store/lease.py:
+a second process on the same folder exits 1 naming the holder) and then sweeps what a writer
+killed mid-write left there (temp files, unfinished multipart uploads). The output must lie
+inside the artifact root: a URI elsewhere, or one with a ``..`` segment, is exit 2.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from shared.store.artifacts import Manifest, commit_dir, fetch_dir, find_manifest, now_iso, should_skip
+from shared.core.errors import ConfigError
 from shared.core.settings import Settings
+from shared.core.uri import parse_uri
+from shared.store.artifacts import Manifest, commit_dir, fetch_dir, find_manifest, now_iso, should_skip
+from shared.store.lease import Lease
 from shared.store.storage import Location, open_location
 
 log = logging.getLogger(__name__)
@@ -31,6 +40,7 @@ class StageOutput:
     def __init__(self, settings: Settings, stage: str, output_uri: str, inputs: dict[str, Any], *, force: bool = False):
         self.settings = settings
         self.stage = stage
+        check_inside_root(settings, output_uri)
         self.location: Location = open_location(output_uri, settings)
         self.inputs = {**inputs, "code_version": settings.resolved_code_version}
         self.started_at = now_iso()
@@ -39,9 +49,24 @@ class StageOutput:
             _refuse_rewriting_published(self.location, output_uri, settings)
         self.workdir: Path | None = None
         self.manifest: Manifest | None = None
+        self.lease: Lease | None = None
 
     def __enter__(self) -> "StageOutput":
+        if not self.skipped and os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
+            self.lease = Lease(self.location).acquire()
+            try:
+                # The writer we may have waited behind could have committed these very inputs.
+                self.skipped = should_skip(self.location, self.inputs)
+                if not self.skipped:
+                    swept = self.location.sweep_temporaries()
+                    if swept:
+                        log.info("%s: removed %d temporary object(s) an interrupted writer left in %s", self.stage,
+                                 swept, self.location.uri)
+            except BaseException:
+                self._release()  # __exit__ does not run when __enter__ raises
+                raise
         if self.skipped:
+            self._release()
             log.info("%s: inputs unchanged since %s, skipping (%s)", self.stage, self.skipped.finished_at, self.location.uri)
             return self
         work_root = self.settings.cache_dir / "work"
@@ -51,6 +76,8 @@ class StageOutput:
 
     def commit(self, extra: dict[str, Any] | None = None) -> Manifest:
         assert self.workdir is not None, "commit() on a skipped stage"
+        if self.lease is not None:
+            self.lease.check()
         self.manifest = commit_dir(
             self.workdir,
             self.location,
@@ -65,15 +92,19 @@ class StageOutput:
         log.info("%s: committed %d file(s) to %s", self.stage, len(self.manifest.files), self.location.uri)
         return self.manifest
 
+    def _release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
     def __exit__(self, *exc_info) -> None:
+        self._release()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _refuse_rewriting_published(location: Location, output_uri: str, settings: Settings) -> None:
     """A committed stage of a published run keeps its content: published versions' lineage points at it."""
-    from shared.core.errors import ConfigError
-
     if find_manifest(location) is None:
         return
     run_root = open_location(output_uri.rstrip("/").rsplit("/", 1)[0], settings)
@@ -81,6 +112,19 @@ def _refuse_rewriting_published(location: Location, output_uri: str, settings: S
         raise ConfigError(
             f"{output_uri} belongs to a published run ({run_root.uri}/{PUBLISHED}) and its inputs changed; "
             "re-running it would change what published models' lineage points at: use a new run id (LAWTUNE_RUN_ID / --run-id)")
+
+
+def check_inside_root(settings: Settings, uri: str) -> None:
+    """Refuse (exit 2) an output that escapes ``<artifact_root>``: nothing is written outside it."""
+    raw = uri.split("://", 1)[-1]
+    if ".." in raw.replace("\\", "/").split("/"):
+        raise ConfigError(f"output URI {uri!r} has a '..' segment; artifact URIs name folders below {settings.artifact_root}")
+    root, target = parse_uri(settings.artifact_root), parse_uri(uri)
+    inside = (root.scheme, root.bucket) == (target.scheme, target.bucket) and (
+        target.path == root.path or target.path.startswith(root.path.rstrip("/") + "/") or not root.path)
+    if not inside:
+        raise ConfigError(f"output URI {uri!r} is outside the artifact root {settings.artifact_root} "
+                          "(LAWTUNE_ARTIFACT_ROOT); stages write only below it")
 
 
 def fetch_stage(settings: Settings, uri: str, dest: Path, only: list[str] | None = None) -> Manifest:

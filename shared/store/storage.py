@@ -4,6 +4,14 @@ Both backends speak the same small vocabulary (list, read, write, upload, downlo
 in paths relative to the location, so stages and tests never care which one they have.
 S3 goes through boto3's transfer manager (parallel multipart) with retries; credentials are
 boto3's business and never pass through here.
+
+Fault handling lives here and nowhere else (docs/reliability.md has the table of what was
+tried): every S3 call retries under botocore's ``standard`` (or ``adaptive``) mode —
+throttling (503 SlowDown), 500/502/504, connection resets and read timeouts — up to
+``LAWTUNE_S3_MAX_ATTEMPTS`` with exponential backoff; a connection that sends nothing for
+``LAWTUNE_S3_READ_TIMEOUT`` seconds counts as failed. A body cut off *after* the call
+returned (botocore's retries end at the headers) is re-read here, as the transfer manager
+does for downloads. What still fails becomes a ``StorageError`` (exit 1: the Job retries).
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ from shared.core.settings import Settings
 from shared.core.uri import ParsedURI, join, parse_uri
 
 MULTIPART_CHUNK = 8 * 1024 * 1024
+# Names starting with this are the store's bookkeeping (temp files, the writer lease), never artifact files.
+HIDDEN_PREFIX = ".lawtune-"
+TMP_PREFIX = ".lawtune-tmp-"
 
 
 class Location(ABC):
@@ -61,6 +72,11 @@ class Location(ABC):
     def delete(self, rel: str) -> None:
         """Remove one file; missing is fine."""
 
+    @abstractmethod
+    def sweep_temporaries(self) -> int:
+        """Remove what a writer killed mid-write left behind (temp files, unfinished multipart
+        uploads) below this location; the count removed. Only the lease holder calls it."""
+
     def delete_all(self) -> None:
         for rel in self.list_files():
             self.delete(rel)
@@ -97,8 +113,16 @@ class FileLocation(Location):
         return sorted(
             p.relative_to(self.path).as_posix()
             for p in self.path.rglob("*")
-            if p.is_file() and not p.name.startswith(".lawtune-tmp-")
+            if p.is_file() and not p.name.startswith(HIDDEN_PREFIX)
         )
+
+    def sweep_temporaries(self) -> int:
+        if not self.path.is_dir():
+            return 0
+        stale = [p for p in self.path.rglob(f"{TMP_PREFIX}*") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
 
     def exists(self, rel: str) -> bool:
         return (self.path / rel).is_file()
@@ -112,7 +136,7 @@ class FileLocation(Location):
     def _atomic_target(self, rel: str) -> tuple[Path, Path]:
         target = self.path / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".lawtune-tmp-", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=target.parent)
         # mkstemp makes 0600 files; artifacts must stay readable by other users of the volume.
         os.fchmod(fd, 0o644)
         os.close(fd)
@@ -208,7 +232,8 @@ class S3Location(Location):
         out: list[str] = []
         try:
             for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
-                out.extend(obj["Key"][len(base):] for obj in page.get("Contents", []))
+                out.extend(obj["Key"][len(base):] for obj in page.get("Contents", [])
+                           if not obj["Key"].rpartition("/")[2].startswith(HIDDEN_PREFIX))
         except Exception as exc:  # botocore raises many unrelated types
             raise self._wrap("list", "", exc) from exc
         return sorted(out)
@@ -225,10 +250,22 @@ class S3Location(Location):
             raise self._wrap("head", rel, exc) from exc
 
     def read_bytes(self, rel: str) -> bytes:
-        try:
-            return self._client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
-        except Exception as exc:
-            raise self._wrap("get", rel, exc) from exc
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+        # botocore retries a call until its headers arrive; a body cut off after that is ours to re-read.
+        streaming = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, BotoConnectionError)
+        attempts = self._client.meta.config.retries.get("total_max_attempts", 3)
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
+            except streaming as exc:
+                if attempt == attempts:
+                    raise self._wrap("get", rel, exc) from exc
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+            except Exception as exc:
+                raise self._wrap("get", rel, exc) from exc
+        raise AssertionError("unreachable")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         try:
@@ -248,6 +285,63 @@ class S3Location(Location):
             self._client.download_file(self.bucket, self._key(rel), str(local), Config=self._transfer)
         except Exception as exc:
             raise self._wrap("download", rel, exc) from exc
+
+    def sweep_temporaries(self) -> int:
+        base = f"{self.prefix}/" if self.prefix else ""
+        aborted = 0
+        try:
+            for page in self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=base):
+                for upload in page.get("Uploads", []):
+                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    aborted += 1
+        except Exception as exc:
+            raise self._wrap("abort unfinished uploads under", "", exc) from exc
+        return aborted
+
+    # Conditional writes (S3 If-None-Match / If-Match): what the run-folder lease is built on.
+    def put_if_absent(self, rel: str, data: bytes) -> str | None:
+        """Create ``rel`` only if it does not exist: its ETag, or None when someone else's is there."""
+        return self._conditional_put(rel, data, IfNoneMatch="*")
+
+    def put_if_match(self, rel: str, data: bytes, etag: str) -> str | None:
+        """Overwrite ``rel`` only if it still has ``etag``: the new ETag, or None when it changed."""
+        return self._conditional_put(rel, data, IfMatch=etag)
+
+    def read_with_etag(self, rel: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self._client.get_object(Bucket=self.bucket, Key=self._key(rel))
+            return obj["Body"].read(), obj["ETag"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._wrap("get", rel, exc) from exc
+        except Exception as exc:
+            raise self._wrap("get", rel, exc) from exc
+
+    def delete_if_match(self, rel: str, etag: str) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(rel), IfMatch=etag)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "404", "NoSuchKey"):
+                raise self._wrap("delete", rel, exc) from exc
+        except Exception as exc:
+            raise self._wrap("delete", rel, exc) from exc
+
+    def _conditional_put(self, rel: str, data: bytes, **condition) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, **condition)["ETag"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return None
+            raise self._wrap("put", rel, exc) from exc
+        except Exception as exc:
+            raise self._wrap("put", rel, exc) from exc
 
     def delete(self, rel: str) -> None:
         try:
@@ -321,11 +415,11 @@ def s3_client(settings: Settings):
 
     config = Config(
         region_name=settings.s3_region,
-        retries={"max_attempts": 10, "mode": "standard"},
+        retries={"total_max_attempts": settings.s3_max_attempts, "mode": settings.s3_retry_mode},
         s3={"addressing_style": settings.s3_addressing_style},
         max_pool_connections=max(10, settings.s3_max_concurrency * 2),
-        connect_timeout=10,
-        read_timeout=120,
+        connect_timeout=settings.s3_connect_timeout,
+        read_timeout=settings.s3_read_timeout,
     )
     return boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
 
@@ -348,7 +442,8 @@ def open_location(uri: str, settings: Settings) -> Location:
     parsed: ParsedURI = parse_uri(uri)
     if parsed.scheme == "file":
         return FileLocation(parsed.path)
-    key = (settings.s3_endpoint_url, settings.s3_region, settings.s3_addressing_style, settings.s3_max_concurrency)
+    key = (settings.s3_endpoint_url, settings.s3_region, settings.s3_addressing_style, settings.s3_max_concurrency,
+           settings.s3_retry_mode, settings.s3_max_attempts, settings.s3_connect_timeout, settings.s3_read_timeout)
     if key not in _CLIENTS:
         _CLIENTS[key] = s3_client(settings)
     return S3Location(parsed.bucket, parsed.path, _CLIENTS[key], transfer_config(settings),

@@ -163,7 +163,7 @@ def main() -> int:
     size_mb = csv_path.stat().st_size / 2**20
 
     env = {**os.environ, "LAWTUNE_NO_PROGRESS": "1", "LAWTUNE_CACHE_DIR": str(args.workdir / "cache")}
-    env.pop("LAWTUNE_ARTIFACT_ROOT", None)
+    env["LAWTUNE_ARTIFACT_ROOT"] = f"file://{args.workdir}"  # stages write only below the artifact root
     results = []
     out = args.workdir / "lawtune-out"
     cmd = [sys.executable, "-m", "jobs.preprocess", "--input", str(csv_path), "--output", f"file://{out}", "--force"]

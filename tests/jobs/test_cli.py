@@ -16,7 +16,7 @@ LAWTUNE = Path(sys.executable).with_name("lawtune")  # installed by `make venv` 
 
 
 def run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LAWTUNE_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "LAWTUNE_CACHE_DIR": str(tmp_path / "cache"), "LAWTUNE_ARTIFACT_ROOT": f"file://{tmp_path}"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -124,3 +124,15 @@ def test_resolve_version_rejects_path_in_promoted(artifact_root):
     open_location(root, settings).write_text("PROMOTED", "../../etc")
     with pytest.raises(ConfigError, match="expected a version name"):
         fetch_model.resolve_version(settings, root)
+
+
+def test_a_fetch_killed_mid_download_leaves_nothing_after_the_next_one(published):
+    """SIGKILL skips build_atomically's cleanup: its staging folder stays beside the target
+    until the next fetch (under the lock) removes it."""
+    settings, root, tmp = published
+    target = tmp / "out" / "model"
+    leftover = target.parent / ".model.partial-k1ll3d"
+    (leftover / "sub").mkdir(parents=True)
+    (leftover / "sub" / "weights.bin").write_bytes(b"half")
+    fetch_model.run(settings, root, target)
+    assert sorted(p.name for p in target.parent.iterdir()) == [".model.lock", "model"]

@@ -21,6 +21,12 @@ SAMPLE = REPO / "configs" / "data" / "legal_qa_sample.csv"
 FIXTURES = REPO / "tests" / "fixtures" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _root_in_tmp(tmp_path, monkeypatch):
+    """Stages write only below the artifact root; these tests write to folders of tmp_path."""
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path}")
+
+
 def job(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "jobs.preprocess", *args],
@@ -33,7 +39,7 @@ def test_subprocess_success_then_skip(tmp_path):
     first = job("--input", str(SAMPLE), "--output", f"file://{out}")
     assert first.returncode == 0, first.stderr
     manifest = json.loads((out / MANIFEST).read_text())
-    assert sorted(f["path"] for f in manifest["files"]) == ["dev.jsonl", "rejected.jsonl", "report.json", "test.jsonl", "train.jsonl"]
+    assert sorted(f["path"] for f in manifest["files"]) == ["dev.jsonl", "rejected.csv", "rejected.jsonl", "report.json", "test.jsonl", "train.jsonl"]
     assert manifest["inputs"]["input"]["name"] == "legal_qa_sample.csv"
     report = json.loads((out / "report.json").read_text())
     assert report["kept"] >= 40 and report["rejected_by_reason"]["not_best_reply"] >= 3
