@@ -88,7 +88,8 @@ def match(names: Iterable[str], columns: ColumnsConfig | None, *, where: str, wh
         return CHAT
     for name, kind, roles, required in DEFAULT_LAYOUTS:
         if all(roles[r] in folded for r in required):
-            return Layout(kind, tuple((r, folded[n]) for r, n in roles.items() if n in folded), name)
+            # JSON objects may carry optional keys (system, history) the first one lacked; a CSV has its header.
+            return Layout(kind, tuple((r, folded.get(n, n)) for r, n in roles.items() if n in folded or chat), name)
     shown = ", ".join(found)[:200] or "none"
     mapped = ""
     if columns is not None:
