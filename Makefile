@@ -15,6 +15,7 @@ TORCH_INDEX_URL ?=
 EXTRAS ?= dev
 TARGET ?= local
 CONFIG ?= configs/smollm2-135m-cpu.yaml
+# One or more inputs, space-separated (PATH:WEIGHT samples one); empty: the config's preprocess.inputs.
 INPUT ?= configs/data/legal_qa_sample.csv
 RUN_ID ?= sample
 MODEL_NAME ?= legal-assistant
@@ -41,7 +42,7 @@ help: ## Show this help
 ##@ Quickstart
 .PHONY: train test
 train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here; TARGET=k8s: Jobs on a cluster)
-	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG) --input $(INPUT) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG)$(foreach i,$(INPUT), --input $(i)) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
 
 test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
 	$(PY) -m pytest -m "not kind and not gpu" tests
@@ -111,8 +112,8 @@ kind-test: $(VENV)/.installed tools ## kind cluster + images + in-cluster S3: ru
 
 ##@ Data
 .PHONY: preprocess bench-preprocess
-preprocess: $(VENV)/.installed ## Only the data stage: INPUT (CSV/JSONL, path or URI) -> <artifact_root>/runs/RUN_ID/data
-	LAWTUNE_RUN_ID=$(RUN_ID) $(PY) -m jobs.preprocess --input $(INPUT) --config $(CONFIG)
+preprocess: $(VENV)/.installed ## Only the data stage: INPUT (CSV/JSON/JSONL/Parquet/dataset folder; several: "a.csv b.jsonl:0.5") -> runs/RUN_ID/data
+	LAWTUNE_RUN_ID=$(RUN_ID) $(PY) -m jobs.preprocess$(foreach i,$(INPUT), --input $(i)) --config $(CONFIG)
 
 bench-preprocess: $(VENV)/.installed ## Benchmark preprocess on a synthetic 1,000,000-row CSV vs a pandas baseline (needs ../shared/data)
 	$(PY) tests/benchmarks/bench_preprocess.py $(BENCH_ARGS)
