@@ -115,7 +115,7 @@ kind-test: $(VENV)/.installed tools ## kind cluster + images + in-cluster S3: ru
 preprocess: $(VENV)/.installed ## Only the data stage: INPUT (CSV/JSON/JSONL/Parquet/dataset folder; several: "a.csv b.jsonl:0.5") -> runs/RUN_ID/data
 	LAWTUNE_RUN_ID=$(RUN_ID) $(PY) -m jobs.preprocess$(foreach i,$(INPUT), --input $(i)) --config $(CONFIG)
 
-bench-preprocess: $(VENV)/.installed ## Benchmark preprocess on a synthetic 1,000,000-row CSV vs a pandas baseline (needs ../shared/data)
+bench-preprocess: $(VENV)/.installed ## Benchmark preprocess on a 1,000,000-row CSV built from the sample vs a pandas baseline
 	$(PY) tests/benchmarks/bench_preprocess.py $(BENCH_ARGS)
 
 ##@ GPU training speed
@@ -123,7 +123,7 @@ bench-preprocess: $(VENV)/.installed ## Benchmark preprocess on a synthetic 1,00
 bench-train: ## On a GPU: tutorial recipe vs the fast path (7B/1.5B, memory profile), table into docs/benchmarks.md
 	$(PYTHON) tests/benchmarks/train_speed.py $(BENCH_ARGS)
 
-bench-finetune-ddp: ## On N GPUs: the finetune job on one GPU vs torchrun on N (BENCH_ARGS="--csv FILE --gpus N")
+bench-finetune-ddp: ## On N GPUs: the finetune job on one GPU vs torchrun on N on the sample (BENCH_ARGS="--gpus N [--csv FILE]")
 	$(PYTHON) tests/benchmarks/bench_finetune_ddp.py $(BENCH_ARGS)
 
 test-gpu: ## On a GPU: the gpu-marked tests (FP8 layers, varlen kernel, the fast path, bf16 LoRA training + resume)
