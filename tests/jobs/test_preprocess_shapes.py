@@ -211,3 +211,21 @@ def test_cli_takes_several_inputs_and_config_columns(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     assert [s["kept"] for s in report["sources"]] == [3, 3]
+
+
+def test_worker_processes_read_the_new_shapes_as_one_process_does(tmp_path):
+    """Pieces parsed in spawned workers (the path for large files) carry the layout with them."""
+    from shared.core.config import PreprocessConfig
+    from shared.data.inputs import open_source
+    from shared.data.preprocessing import build
+
+    columns = parse_config({"preprocess": {"columns": {"prompt": "question", "response": "answer"}}}).preprocess.columns
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        out.mkdir()
+        sources = [open_source(SHAPES / "alpaca.jsonl"), open_source(SHAPES / "question_answer.csv", columns=columns),
+                   open_source(SHAPES / "mapped_qa.csv", columns=parse_config({"preprocess": {"columns": MAPPED_QA}}).preprocess.columns)]
+        build(sources, out, tmp_path / f"spill{workers}", PreprocessConfig(), [40 << 20, 1, 1], workers=workers)
+        outputs.append({name: (out / name).read_bytes() for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "rejected.jsonl")})
+    assert outputs[0] == outputs[1] and outputs[0]["train.jsonl"]
