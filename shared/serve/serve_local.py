@@ -170,7 +170,7 @@ def curl_command(url: str, model_name: str, key: str) -> str:
     ``key`` is the key itself or ``$LAWTUNE_API_KEY``: inside double quotes the shell expands
     the variable (single quotes would send the literal text, and the gateway answers 401).
     """
-    body = json.dumps({"model": model_name, "messages": [{"role": "user", "content": "What is a contract?"}]})
+    body = json.dumps({"model": model_name, "max_tokens": 64, "messages": [{"role": "user", "content": "What is a contract?"}]})
     return (f"  curl {url}/v1/chat/completions -H \"Authorization: Bearer {key}\" \\\n"
             f"    -H 'Content-Type: application/json' -d {shlex.quote(body)}")
 

@@ -116,7 +116,7 @@ def test_the_printed_curl_command_works_when_pasted(served, from_env):
     """The curl line `make serve` prints, run through bash exactly as printed, against the real gateway."""
     command = curl_command(served["gateway"].url, NAME, "$LAWTUNE_API_KEY" if from_env else KEY)
     env = {"PATH": "/usr/bin:/bin", **({"LAWTUNE_API_KEY": KEY} if from_env else {})}
-    pasted = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=180)
+    pasted = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300)
     assert pasted.returncode == 0, pasted.stderr
     reply = json.loads(pasted.stdout)  # a 401 would be an error object without choices
     assert reply["model"] == NAME and reply["choices"][0]["message"]["content"].strip(), pasted.stdout
