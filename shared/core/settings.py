@@ -15,7 +15,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# A Kubernetes label value: the charts label every Job and pod with it.
+_RUN_ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 
 def _default_cache_dir() -> Path:
@@ -45,8 +46,8 @@ class Settings(BaseSettings):
     def _run_id_is_a_path_segment(cls, value: str) -> str:
         if not _RUN_ID.match(value):
             raise ValueError(
-                f"run_id {value!r} must be 1-63 characters of letters, digits, '.', '_' or '-' "
-                "(it becomes a path segment and a Kubernetes label)"
+                f"run_id {value!r} must be 1-63 characters of letters, digits, '.', '_' or '-', starting and ending "
+                "with a letter or digit (it becomes a path segment and a Kubernetes label)"
             )
         return value
 

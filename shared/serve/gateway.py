@@ -67,7 +67,6 @@ def local_gateway_values(*, port: int, upstream: str, runtime_dir: Path, overrid
             "upstream": upstream,
             "runtimeDir": str(runtime_dir),
             "apiKeysFile": str(runtime_dir / "api-keys.map"),
-            "workerProcesses": 1,
         },
     }
     return _merge(values, overrides or {})

@@ -227,11 +227,24 @@ def _manifest_digest(folder: Path) -> str | None:
 
 
 def _from_hf_hub(ref: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
+    """Download (or find in the cache). Only what no retry can change is a configuration error (exit
+    2: the pipeline chart fails the Job at once): a repository or revision that does not exist, a
+    gated one without access, an offline cache miss. Network trouble and 5xx answers exit 1, so the
+    Job retries them."""
+    from huggingface_hub import errors, snapshot_download
 
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    permanent = (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.EntryNotFoundError,
+                 errors.DisabledRepoError, errors.HFValidationError)  # GatedRepoError is a RepositoryNotFoundError
+    try:
         return Path(snapshot_download(ref, allow_patterns=_HF_PATTERNS))
-    except Exception as exc:  # hub errors: offline cache miss, repo not found, gated, network
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-        hint = " (HF_HUB_OFFLINE is set, so only the local Hugging Face cache is searched)" if offline else ""
-        raise ConfigError(f"base_model {ref!r}: cannot load it from the Hugging Face hub{hint}: {_one_line(exc)}") from None
+    except Exception as exc:
+        # A cache miss is permanent only offline; online it means the hub could not be reached.
+        cache_miss = isinstance(exc, errors.LocalEntryNotFoundError)  # an EntryNotFoundError too
+        if (offline and cache_miss) or (isinstance(exc, permanent) and not cache_miss):
+            hint = " (HF_HUB_OFFLINE is set, so only the local Hugging Face cache is searched)" if offline else ""
+            raise ConfigError(f"base_model {ref!r}: cannot load it from the Hugging Face hub{hint}: {_one_line(exc)}") from None
+        raise LawtuneError(
+            f"base_model {ref!r}: the Hugging Face hub did not answer usefully ({type(exc).__name__}: {_one_line(exc)}); "
+            "worth retrying"
+        ) from None

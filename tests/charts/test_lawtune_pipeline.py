@@ -4,6 +4,7 @@ failure policy, security and the distributed finetune shapes."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -63,8 +64,13 @@ def rendered(config_file):
     return _render
 
 
+def stage_jobs(objects) -> list[dict]:
+    """The stage Jobs (the pre-delete cleanup hook is a Job too)."""
+    return [j for j in by_kind(objects, "Job") if "lawtune.io/stage" in j["metadata"]["labels"]]
+
+
 def _jobs(objects) -> dict[str, dict]:
-    return {j["metadata"]["labels"]["lawtune.io/stage"]: j for j in by_kind(objects, "Job")}
+    return {j["metadata"]["labels"]["lawtune.io/stage"]: j for j in stage_jobs(objects)}
 
 
 def _container(job) -> dict:
@@ -75,7 +81,7 @@ def _container(job) -> dict:
 @pytest.mark.parametrize("overrides", VALUE_SETS)
 def test_every_manifest_passes_strict_schemas_for_129_and_133(rendered, overrides):
     objects = rendered(overrides)
-    assert len(by_kind(objects, "Job")) == 4
+    assert len(stage_jobs(objects)) == 4
     assert validate(objects) == []
 
 
@@ -83,7 +89,7 @@ def test_kind_test_values_render_valid(config_file):
     values = yaml.safe_load(KIND_VALUES.read_text())
     objects = render(CHART, _merge(values, {"runId": "kind", "input": {"uri": "s3://lawtune/inputs/sample.csv"}}), set_files={"config": config_file})
     assert validate(objects) == []
-    assert all("nvidia.com/gpu" not in str(_container(j)["resources"]) for j in by_kind(objects, "Job"))
+    assert all("nvidia.com/gpu" not in str(_container(j)["resources"]) for j in stage_jobs(objects))
 
 
 @pytest.mark.parametrize(
@@ -110,7 +116,8 @@ def test_hook_weights_and_sync_waves_order_the_stages(rendered, hooks):
     jobs = _jobs(objects)
     waves = [int(jobs[s]["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) for s in STAGES]
     assert waves == sorted(set(waves)), f"sync waves not strictly increasing: {waves}"
-    setup_waves = [int(o["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) for o in objects if o["kind"] != "Job"]
+    setup_waves = [int(o["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) for o in objects
+                   if o["kind"] != "Job" and "helm.sh/hook" not in o["metadata"].get("annotations", {})]
     assert max(setup_waves) < waves[0], "ConfigMap/ServiceAccount must sync before the first stage"
     annotations = [jobs[s]["metadata"]["annotations"] for s in STAGES]
     if hooks:
@@ -158,13 +165,13 @@ def test_backoff_and_deadline_defaults_and_per_stage_overrides(rendered):
 def test_credentials_come_only_from_the_existing_secret(rendered):
     objects = rendered({"s3": {"existingSecret": "lawtune-s3", "accessKeyIdKey": "ak", "secretAccessKeyKey": "sk"}})
     assert not by_kind(objects, "Secret")
-    for job in by_kind(objects, "Job"):
+    for job in stage_jobs(objects):
         env = {e["name"]: e for e in _container(job)["env"]}
         assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "lawtune-s3", "key": "ak"}
         assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "lawtune-s3", "key": "sk"}
         assert "value" not in env["AWS_SECRET_ACCESS_KEY"]
     # Without a secret no credential variable is set at all (IRSA / workload identity).
-    for job in by_kind(rendered(), "Job"):
+    for job in stage_jobs(rendered()):
         assert not any(e["name"].startswith("AWS_ACCESS") or e["name"].startswith("AWS_SECRET") for e in _container(job)["env"])
 
 
@@ -238,7 +245,7 @@ def test_multi_gpu_runs_torchrun_standalone_across_the_pods_gpus(rendered):
     job = _jobs(objects)["finetune"]
     container = _container(job)
     assert container["command"] == ["torchrun"]
-    assert container["args"] == ["--nnodes=1", "--nproc-per-node=4", "--standalone", "-m", "jobs.finetune",
+    assert container["args"] == ["--nnodes=1", "--nproc-per-node=4", "--max-restarts=3", "--standalone", "-m", "jobs.finetune",
                                  "--config", "/etc/lawtune/config.yaml"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert "completionMode" not in job["spec"] and not by_kind(objects, "Service")
@@ -270,7 +277,7 @@ def test_names_fit_dns_labels_for_the_longest_run_id(rendered):
     for obj in objects:
         name = obj["metadata"]["name"]
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
-    for job in by_kind(objects, "Job"):
+    for job in stage_jobs(objects):
         assert len(job["metadata"]["name"]) + len("-99") <= 63  # indexed pod hostnames
         assert job["metadata"]["labels"]["lawtune.io/run-id"] == run_id
     assert validate(objects, versions=["1.33"]) == []
@@ -368,3 +375,207 @@ def test_helm_lint_strict_passes(config_file, tmp_path):
         cmd += ["--set", item]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert proc.returncode == 0 and "0 chart(s) failed" in proc.stdout, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- cluster-readiness (issue 12) and CPU mode (issue 19)
+
+
+def _names(objects) -> dict[str, str]:
+    return {s: j["metadata"]["name"] for s, j in _jobs(objects).items()}
+
+
+def test_plain_mode_takes_a_config_change_under_the_same_run_id(rendered, tmp_path):
+    """A Job's pod template is immutable: without hooks a new config must make new Jobs (new names),
+    which Helm and Argo CD then create while pruning the old ones; the same config keeps the names."""
+    other = tmp_path / "other.yaml"
+    other.write_text(CONFIG_TEXT + "training_args:\n  max_steps: 7\n", encoding="utf-8")
+    plain = {"hooks": {"enabled": False}}
+    before, again = _names(rendered(plain)), _names(rendered(plain))
+    after = _names(render(CHART, _merge(BASE, plain), set_files={"config": other}))
+    assert before == again
+    assert all(before[s] != after[s] for s in STAGES)
+    assert all(re.fullmatch(rf"t-sample-{s}-[0-9a-f]{{8}}", before[s]) for s in STAGES), before
+    # A change to one stage's values re-creates that stage only.
+    tuned = _names(rendered(_merge(plain, {"stages": {"publish": {"force": True}}})))
+    assert [s for s in STAGES if tuned[s] != before[s]] == ["publish"]
+
+
+def test_hook_mode_keeps_the_names_and_records_the_spec(rendered, tmp_path):
+    """With hooks Helm deletes the Job before re-creating it (before-hook-creation), so the name
+    stays; the spec hash annotation is what an upgrade compares to skip a completed stage."""
+    other = tmp_path / "other.yaml"
+    other.write_text(CONFIG_TEXT + "seed: 1\n", encoding="utf-8")
+    one, two = _jobs(rendered()), _jobs(render(CHART, BASE, set_files={"config": other}))
+    for stage in STAGES:
+        assert one[stage]["metadata"]["name"] == two[stage]["metadata"]["name"] == f"t-sample-{stage}"
+        h1, h2 = (j[stage]["metadata"]["annotations"]["lawtune.io/spec-hash"] for j in (one, two))
+        assert len(h1) == 16 and h1 != h2
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "plain"])
+def test_names_fit_indexed_pod_hostnames_in_both_modes(rendered, hooks):
+    objects = rendered({"runId": "R" * 63, "hooks": {"enabled": hooks},
+                        "stages": {"finetune": {"gpus": 2, "distributed": {"nprocPerNode": 2, "nodes": 12}}}},
+                       release="a-long-release-name-of-forty-characters")
+    for name in _names(objects).values():
+        assert len(name) + len("-11") <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+
+
+def _multinode(rendered, **dist):
+    values = {"stages": {"finetune": {"gpus": 8, "distributed": {"nprocPerNode": 8, "nodes": 3, **dist}}}}
+    return _jobs(rendered(values))["finetune"]
+
+
+@pytest.mark.parametrize("index", ["0", "1", "2"])
+def test_multi_node_rendezvous_host_is_index_0_by_its_completion_index(rendered, tmp_path, index):
+    """The container's command runs for real in sh, with a stand-in `torchrun` on PATH that prints
+    its arguments: index 0 hosts the c10d store, every other index joins it."""
+    import os
+    import subprocess
+
+    container = _container(_multinode(rendered))
+    fake = tmp_path / "torchrun"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "JOB_COMPLETION_INDEX": index}
+    proc = subprocess.run([*container["command"], *container["args"]], env=env, capture_output=True, text=True, timeout=10)
+    argv = proc.stdout.splitlines()
+    assert proc.returncode == 0, proc.stderr
+    assert argv[0] == f"--rdzv-conf=is_host={1 if index == '0' else 0},join_timeout=2400"
+    assert argv[1:] == container["args"]
+
+
+def test_multi_node_restarts_workers_waits_for_gpu_scheduling_and_budgets_whole_attempts(rendered):
+    from shared.cluster.k8s_explain import DEFAULT_UNSCHEDULABLE_GRACE_S
+
+    job = _multinode(rendered)
+    args = _container(job)["args"]
+    assert "--max-restarts=3" in args
+    join = int(re.search(r"join_timeout=(\d+)", _container(job)["command"][2]).group(1))
+    assert join > DEFAULT_UNSCHEDULABLE_GRACE_S  # a node still being provisioned can still join
+    # Losing the rendezvous host fails every node's pod once: the budget counts attempts, not pods.
+    assert job["spec"]["backoffLimit"] == 3 * 3
+    assert _jobs(rendered())["finetune"]["spec"]["backoffLimit"] == 3
+
+
+def test_scratch_space_is_requested_and_gpu_stages_request_their_memory_limit(rendered):
+    jobs = _jobs(rendered({"cache": {"sizeLimit": "20Gi"}, "tmp": {"sizeLimit": "512Mi"}}))
+    for stage, job in jobs.items():
+        resources = _container(job)["resources"]
+        cache = 2 * 1024 if stage == "preprocess" else 20 * 1024  # preprocess has its own, smaller cache
+        assert resources["requests"]["ephemeral-storage"] == f"{cache + 512 + 1024}Mi", stage
+        volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["cache"]["emptyDir"]["sizeLimit"] == f"{cache // 1024}Gi"
+        if "nvidia.com/gpu" in resources.get("limits", {}):
+            assert resources["requests"]["memory"] == resources["limits"]["memory"], stage
+    assert {s for s, j in jobs.items() if "nvidia.com/gpu" in _container(j)["resources"].get("limits", {})} == {"finetune", "evaluate"}
+
+
+def test_disruptions_can_be_counted(rendered):
+    """podFailurePolicy matches a condition's type, never its reason: ignoring DisruptionTarget also
+    ignores kubelet evictions, so an operator can choose to count them all."""
+    for job in _jobs(rendered({"countDisruptions": True})).values():
+        assert not [r for r in job["spec"]["podFailurePolicy"]["rules"] if r["action"] == "Ignore"]
+
+
+@pytest.mark.parametrize("run_id", ["run-", "run.", "run_", "-run", "_run", "a" * 64])
+def test_run_ids_a_label_cannot_hold_are_rejected(config_file, run_id):
+    with pytest.raises(RenderError, match="runId"):
+        render(CHART, {**BASE, "runId": run_id}, set_files={"config": config_file})
+
+
+@pytest.mark.parametrize("run_id", ["a", "Run_2026.11-28", "a" * 63])
+def test_run_ids_a_label_can_hold_render(rendered, run_id):
+    assert all(j["metadata"]["labels"]["lawtune.io/run-id"] == run_id for j in stage_jobs(rendered({"runId": run_id})))
+
+
+def _selector_matches(selector: str, labels: dict) -> bool:
+    for term in selector.split(","):
+        key, _, value = term.partition("=")
+        if key not in labels or (value and labels[key] != value):
+            return False
+    return True
+
+
+def test_uninstall_cleans_up_the_hook_jobs(rendered):
+    objects = rendered()
+    hooks = [o for o in objects if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"]
+    assert sorted(o["kind"] for o in hooks) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
+    assert all(o["metadata"]["annotations"]["argocd.argoproj.io/hook"] == "PreDelete" for o in hooks)
+    (role,) = [o for o in hooks if o["kind"] == "Role"]
+    assert role["rules"] == [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["deletecollection"]}]
+    (job,) = [o for o in hooks if o["kind"] == "Job"]
+    selector = re.search(r'labelSelector="\s*\+ urllib.parse.quote\("([^"]+)"\)', _container(job)["args"][0]).group(1)
+    assert all(_selector_matches(selector, j["metadata"]["labels"]) for j in stage_jobs(objects))
+    assert not _selector_matches(selector, job["metadata"]["labels"])  # it does not delete itself mid-run
+    assert validate(hooks) == []
+    assert not [o for o in rendered({"hooks": {"enabled": False}}) if "helm.sh/hook" in o["metadata"].get("annotations", {})]
+
+
+def test_the_cleanup_script_compiles():
+    import ast
+
+    objects = render(CHART, BASE, set_files={"config": REPO / "configs" / "smollm2-135m-cpu.yaml"})
+    (job,) = [j for j in by_kind(objects, "Job") if j not in stage_jobs(objects)]
+    ast.parse(_container(job)["args"][0])
+
+
+def test_gpu_stages_tolerate_the_gpu_taint_and_cpu_stages_do_not(rendered):
+    taint = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    jobs = _jobs(rendered({"tolerations": [{"key": "pool", "operator": "Exists"}]}))
+    for stage, job in jobs.items():
+        tolerations = job["spec"]["template"]["spec"].get("tolerations", [])
+        assert (taint in tolerations) == (stage in ("finetune", "evaluate")), stage
+        assert {"key": "pool", "operator": "Exists"} in tolerations
+
+
+def test_images_can_be_pinned_by_digest(rendered):
+    digest = "sha256:" + "ab" * 32
+    objects = rendered({"image": {"digests": {"finetune": digest}},
+                        "stages": {"finetune": {"gpus": 2, "distributed": {"nprocPerNode": 2}}}})
+    jobs = _jobs(objects)
+    assert _container(jobs["finetune"])["image"] == f"ghcr.io/lawtune/finetune@{digest}"
+    assert jobs["finetune"]["spec"]["template"]["spec"]["initContainers"][0]["image"] == f"ghcr.io/lawtune/finetune@{digest}"
+    assert _container(jobs["evaluate"])["image"] == "ghcr.io/lawtune/evaluate:0.1.0"
+    assert validate(objects) == []
+
+
+def test_a_digest_that_is_not_one_is_rejected(config_file):
+    with pytest.raises(RenderError, match="digests"):
+        render(CHART, {**BASE, "image": {"digests": {"finetune": "latest"}}}, set_files={"config": config_file})
+
+
+def test_cpu_mode_requests_no_gpu_and_runs_the_cpu_images(rendered):
+    objects = rendered({"device": "cpu"})
+    assert validate(objects) == []
+    for stage, job in _jobs(objects).items():
+        pod = job["spec"]["template"]["spec"]
+        container = _container(job)
+        assert "gpu" not in json.dumps(container["resources"]) and "gpu" not in json.dumps(pod.get("tolerations", [])), stage
+        assert container["image"] == f"ghcr.io/lawtune/{stage}:0.1.0-cpu"
+    jobs = _jobs(objects)
+    values = yaml.safe_load((REPO / CHART / "values.yaml").read_text())
+    for stage in ("finetune", "evaluate"):
+        want = values["stages"][stage]["cpuResources"]
+        got = _container(jobs[stage])["resources"]
+        assert got["limits"] == want["limits"] and got["requests"]["memory"] == want["requests"]["memory"]
+
+
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_helm_lint_strict_passes_in_both_modes(config_file, tmp_path, device):
+    import subprocess
+
+    from tests.helm_utils import helm_path
+
+    cmd = [str(helm_path()), "lint", "--strict", str(REPO / CHART), "--set-file", f"config={config_file}",
+           "--set", f"runId=r,artifactRoot=s3://b/a,input.uri=s3://b/x.csv,device={device}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert proc.returncode == 0 and "0 chart(s) failed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_driver_rbac_is_optional_and_binds_the_driver_service_account(rendered):
+    assert not by_kind(rendered(), "Role") or all("cleanup" in r["metadata"]["name"] for r in by_kind(rendered(), "Role"))
+    objects = rendered({"driverRbac": {"create": True, "serviceAccountName": "ci-runner"}})
+    (binding,) = [b for b in by_kind(objects, "RoleBinding") if b["metadata"]["name"].endswith("-driver")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ci-runner", "namespace": "lawtune"}]
+    assert validate(objects) == []

@@ -24,6 +24,7 @@ CRD_KINDS = {"ServiceMonitor", "ScaledObject"}
 RELEASE = "t"
 
 BASE = yaml.safe_load((CHART_DIR / "ci" / "test-values.yaml").read_text())
+DEFAULTS = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
 VALUE_SETS = [
     pytest.param({}, id="defaults"),
     pytest.param({"autoscaling": {"type": "keda"}, "serviceMonitor": {"enabled": True}}, id="keda"),
@@ -38,7 +39,9 @@ VALUE_SETS = [
     pytest.param({"ingress": {"enabled": True, "className": "nginx", "tls": [{"secretName": "tls", "hosts": ["a.example.com"]}],
                               "hosts": [{"host": "a.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}]},
                   "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
-                  "networkPolicy": {"extraIngressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+                  "networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+                                                     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+                                    "extraIngressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "batch"}}}]},
                   "vllm": {"nodeSelector": {"pool": "h100"}, "runtimeClassName": "nvidia", "priorityClassName": "inference",
                            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
@@ -46,6 +49,12 @@ VALUE_SETS = [
                   "gateway": {"rateLimit": {"key": "apiKey"}, "realIp": {"trustedCidrs": ["10.0.0.0/8"]}},
                   "imagePullSecrets": [{"name": "regcred"}], "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}}},
                  id="everything-on"),
+    pytest.param({"vllm": {"device": "cpu"}}, id="cpu"),
+    pytest.param({"vllm": {"device": "cpu", "tensorParallelSize": 2, "cpu": {"threads": 8, "resources": {
+        "requests": {"cpu": "16", "memory": "32Gi"}, "limits": {"cpu": "16", "memory": "32Gi"}}}},
+        "model": {"version": "v3"}, "autoscaling": {"enabled": False}, "networkPolicy": {"metricsFrom": []}}, id="cpu-tp2-pinned"),
+    pytest.param({"vllm": {"image": {"cudaVariant": "cu129"}, "gpuMemoryUtilization": 0.85,
+                           "updateStrategy": {"maxSurge": "25%", "maxUnavailable": 0}}}, id="cu129-surge"),
 ]
 
 
@@ -96,8 +105,10 @@ def helm_home():
         yield {**os.environ, "HOME": home, "HELM_CACHE_HOME": f"{home}/c", "HELM_CONFIG_HOME": f"{home}/f", "HELM_DATA_HOME": f"{home}/d"}
 
 
-def test_helm_lint_strict(helm_home):
-    proc = subprocess.run([str(helm_path()), "lint", "--strict", str(CHART_DIR), "-f", str(CHART_DIR / "ci" / "test-values.yaml")],
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_helm_lint_strict(helm_home, device):
+    proc = subprocess.run([str(helm_path()), "lint", "--strict", str(CHART_DIR), "-f", str(CHART_DIR / "ci" / "test-values.yaml"),
+                           "--set", f"vllm.device={device}"],
                           capture_output=True, text=True, env=helm_home, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 chart(s) failed" in proc.stdout
@@ -175,8 +186,11 @@ def test_rendered_invariants(overrides):
     assert bool(shm_mounts) == (tp * pp > 1) == bool(shm_volumes)
     if shm_mounts:
         assert shm_mounts[0]["name"] == shm_volumes[0]["name"]
-    assert server["resources"]["limits"]["nvidia.com/gpu"] == tp * pp
-    assert server["resources"]["requests"]["nvidia.com/gpu"] == tp * pp
+    if values.get("vllm", {}).get("device") == "cpu":
+        assert "nvidia.com/gpu" not in json.dumps(server["resources"]) and server["resources"]["limits"]["cpu"]
+    else:
+        assert server["resources"]["limits"]["nvidia.com/gpu"] == tp * pp
+        assert server["resources"]["requests"]["nvidia.com/gpu"] == tp * pp
     tp_in_extra = any(a.startswith(("--tensor-parallel-size", "-tp")) for a in extra)
     # One source of the flag: the value's, unless extraArgs carry it (they pass through as given).
     assert ([f"--tensor-parallel-size={tp}"] if not tp_in_extra else []) == [a for a in args if a.startswith("--tensor-parallel-size=")
@@ -190,22 +204,27 @@ def test_rendered_invariants(overrides):
     assert {e["name"] for e in server["env"]} >= {"VLLM_API_KEY", "HF_HUB_OFFLINE"}
     (fetch,) = pod["initContainers"]
     assert fetch["command"] == ["python", "-m", "jobs.fetch_model"]
-    assert fetch["args"] == ["s3://lawtune/prod/models/legal-assistant", "/models/legal-assistant"]
+    version = values.get("model", {}).get("version")
+    suffix = f"/{version}" if version else ""
+    assert fetch["args"] == [f"s3://lawtune/prod/models/legal-assistant{suffix}", f"/models/legal-assistant{suffix}"]
+    assert _flag(args, "--model") == fetch["args"][1]
     models = next(v for v in pod["volumes"] if v["name"] == "models")
     if values.get("modelStorage", {}).get("type") == "existingClaim":
         assert models == {"name": "models", "persistentVolumeClaim": {"claimName": "models-rwx"}}
     else:
         assert "emptyDir" in models
 
-    # Only the gateway reaches vLLM.
+    # Only the gateway (and the metrics scraper, and extra peers) reach vLLM.
     (policy,) = by_kind(objects, "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"] == vllm["spec"]["selector"]["matchLabels"]
-    (rule,) = policy["spec"]["ingress"]
+    rule, *metrics_rules = policy["spec"]["ingress"]
     peers = rule["from"]
     assert _selects(peers[0]["podSelector"]["matchLabels"], _pod_labels(gateway))
     assert not _selects(peers[0]["podSelector"]["matchLabels"], _pod_labels(vllm))
     assert peers[1:] == values.get("networkPolicy", {}).get("extraIngressFrom", [])
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    metrics_from = values.get("networkPolicy", {}).get("metricsFrom", DEFAULTS["networkPolicy"]["metricsFrom"])
+    assert [r["from"] for r in metrics_rules] == ([metrics_from] if metrics_from else [])
 
     # The gateway mounts the rendered config and the key file written by its init container.
     gw_pod = gateway["spec"]["template"]["spec"]
@@ -325,6 +344,15 @@ def test_long_release_names_are_cut_to_63():
     pytest.param({"gateway": {"rateLimit": {"key": "cookie"}}}, "gateway.rateLimit.key", id="bad-rate-limit-key"),
     pytest.param({"maintenance": {"message": "costs $5"}}, "maintenance.message", id="dollar-in-message"),
     pytest.param({"vllm": {"replicas": 2}}, "replicas", id="unknown-key"),
+    pytest.param({"networkPolicy": {"metricsFrom": []}}, "networkPolicy.metricsFrom is empty while autoscaling", id="autoscaling-without-scraper"),
+    pytest.param({"networkPolicy": {"metricsFrom": []}, "autoscaling": {"type": "keda"}}, "networkPolicy.metricsFrom is empty", id="keda-without-scraper"),
+    pytest.param({"networkPolicy": {"metricsFrom": []}, "autoscaling": {"enabled": False}, "serviceMonitor": {"enabled": True}},
+                 "networkPolicy.metricsFrom is empty", id="servicemonitor-without-scraper"),
+    pytest.param({"gateway": {"workerProcesses": "auto"}}, "gateway.workerProcesses", id="worker-processes-auto"),
+    pytest.param({"gateway": {"upstreamKeepaliveSeconds": 290}}, "gateway.upstreamKeepaliveSeconds (290) must stay below the drain window",
+                 id="keepalive-beyond-drain-window"),
+    pytest.param({"vllm": {"device": "tpu"}}, "vllm.device", id="unknown-device"),
+    pytest.param({"vllm": {"image": {"cudaVariant": "12.9"}}}, "vllm.image.cudaVariant", id="bad-cuda-variant"),
 ])
 def test_bad_values_fail_naming_the_key(overrides, message):
     with pytest.raises(RenderError, match=re.escape(message)):
@@ -372,3 +400,225 @@ def test_values_and_schema_in_sync_and_every_key_documented():
         if not prev.startswith("# --"):
             undocumented.append(path)
     assert undocumented == []
+
+
+# ---- issue 12: what a real cluster would break ----------------------------------------------
+
+def _matches(selector: dict | None, labels: dict) -> bool:
+    """Kubernetes LabelSelector semantics (matchLabels and matchExpressions); {} selects everything."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, vals = expr["key"], expr["operator"], expr.get("values", [])
+        if (op == "In" and labels.get(key) not in vals) or (op == "NotIn" and key in labels and labels[key] in vals) \
+                or (op == "Exists" and key not in labels) or (op == "DoesNotExist" and key in labels):
+            return False
+    return True
+
+
+def _admitted(policy: dict, *, namespace: str, ns_labels: dict, pod_labels: dict, policy_namespace: str = "lawtune") -> bool:
+    """Whether a NetworkPolicy's ingress rules let a pod reach the policed pods' `http` port
+    (NetworkPolicyPeer semantics: podSelector alone = same namespace; namespaceSelector [+ podSelector])."""
+    for rule in policy["spec"].get("ingress", []):
+        if not any(p.get("port") == "http" for p in rule.get("ports", [{"port": "http"}])):
+            continue
+        for peer in rule.get("from", []):
+            if "namespaceSelector" in peer:
+                ns_ok = _matches(peer["namespaceSelector"], ns_labels)
+            else:
+                ns_ok = namespace == policy_namespace
+            if ns_ok and ("podSelector" not in peer or _matches(peer["podSelector"], pod_labels)):
+                return True
+    return False
+
+
+def test_prometheus_in_the_monitoring_namespace_reaches_vllm_metrics_by_default():
+    """Item 1: with default values the HPA's metric source (Prometheus, which kube-prometheus-stack
+    installs into `monitoring`) is admitted to vLLM's port; an arbitrary pod elsewhere is not."""
+    (policy,) = by_kind(_render(), "NetworkPolicy")
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    assert _admitted(policy, namespace="monitoring", ns_labels=monitoring, pod_labels={"app.kubernetes.io/name": "prometheus"})
+    gateway = _pod_labels(_deployment(_render(), "gateway"))
+    assert _admitted(policy, namespace="lawtune", ns_labels={"kubernetes.io/metadata.name": "lawtune"}, pod_labels=gateway)
+    assert not _admitted(policy, namespace="default", ns_labels={"kubernetes.io/metadata.name": "default"}, pod_labels={"app": "x"})
+    assert not _admitted(policy, namespace="lawtune", ns_labels={"kubernetes.io/metadata.name": "lawtune"}, pod_labels={"app": "x"})
+    # Autoscaling off: an empty metricsFrom is allowed and then nothing but the gateway gets in.
+    (closed,) = by_kind(_render({"autoscaling": {"enabled": False}, "networkPolicy": {"metricsFrom": []}}), "NetworkPolicy")
+    assert not _admitted(closed, namespace="monitoring", ns_labels=monitoring, pod_labels={"app.kubernetes.io/name": "prometheus"})
+
+
+def test_vllm_env_gives_a_user_name_to_a_uid_without_passwd_entry(tmp_path):
+    """Item 2: the upstream vLLM image has no passwd entry for the chart's uid, and
+    getpass.getuser() (Triton's and Inductor's cache paths) raises KeyError there. Run it with the
+    rendered container env as a uid this machine has no entry for either."""
+    import pwd
+
+    uid = next(u for u in range(54321, 60000) if not _has_passwd_entry(pwd, u))
+    vllm = _deployment(_render({"vllm": {"podSecurityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid}}}), "vllm")
+    (server,) = vllm["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in server["env"] if "value" in e}
+    env["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a process as a uid without a passwd entry")
+    ctx = vllm["spec"]["template"]["spec"]["securityContext"]
+    proc = subprocess.run(["python3", "-c", "import getpass, os; print(getpass.getuser(), os.path.expanduser('~'))"],
+                          env=env, user=ctx["runAsUser"], group=ctx["runAsGroup"], extra_groups=[], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    user, home = proc.stdout.split()
+    assert user and home == env["HOME"]
+
+
+def _has_passwd_entry(pwd, uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.mark.parametrize(("overrides", "image"), [
+    pytest.param({}, "vllm/vllm-openai:v0.32.0", id="cuda13-default"),
+    pytest.param({"vllm": {"image": {"cudaVariant": "cu129"}}}, "vllm/vllm-openai:v0.32.0-cu129", id="cuda12-one-value"),
+    pytest.param({"vllm": {"device": "cpu"}}, "vllm/vllm-openai-cpu:v0.32.0", id="cpu-same-release"),
+    pytest.param({"vllm": {"device": "cpu", "image": {"tag": "v0.33.1"}}}, "vllm/vllm-openai-cpu:v0.33.1", id="cpu-follows-the-tag"),
+])
+def test_vllm_image_per_device_and_cuda_variant(overrides, image):
+    """Item 3 and issue 19: the CUDA-12 build is one value; CPU mode serves the same release's CPU image."""
+    (server,) = _deployment(_render(overrides), "vllm")["spec"]["template"]["spec"]["containers"]
+    assert server["image"] == image
+    assert DEFAULTS["vllm"]["image"]["tag"] == f"v{yaml.safe_load((CHART_DIR / 'Chart.yaml').read_text())['appVersion'].lstrip('v')}"
+
+
+def test_rollout_needs_no_spare_gpu_by_default():
+    """Item 4: the default 25% surge would need a spare GPU on a full pool; the default replaces in place."""
+    strategy = _deployment(_render(), "vllm")["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    surge = _deployment(_render({"vllm": {"updateStrategy": {"maxSurge": 1, "maxUnavailable": 0}}}), "vllm")["spec"]["strategy"]
+    assert surge["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+def _pod_template(objects: list[dict], component: str) -> dict:
+    return _deployment(objects, component)["spec"]["template"]
+
+
+def test_model_version_and_api_key_roll_every_pod_and_show_to_clients():
+    """Item 5: a pinned version reaches the fetch, vLLM's model path (/v1/models' `root`), a pod
+    annotation and the gateway's response header; a new version or key revision changes the pod
+    templates (so every pod rolls) and nothing else changes them."""
+    v1, v2 = _render({"model": {"version": "sample-aaaa"}}), _render({"model": {"version": "sample-bbbb"}})
+    vllm = _pod_template(v1, "vllm")
+    assert vllm["metadata"]["annotations"]["lawtune.io/model-version"] == "sample-aaaa"
+    (server,) = vllm["spec"]["containers"]
+    assert _flag(server["args"], "--model") == "/models/legal-assistant/sample-aaaa"
+    assert _flag(server["args"], "--served-model-name") == "legal-assistant"
+    assert vllm["spec"]["initContainers"][0]["args"][0].endswith("/models/legal-assistant/sample-aaaa")
+    conf = next(c for c in by_kind(v1, "ConfigMap") if "nginx.conf" in c["data"])["data"]["nginx.conf"]
+    assert 'add_header X-Lawtune-Model-Version "sample-aaaa" always;' in conf
+    assert _pod_template(v1, "vllm") != _pod_template(v2, "vllm")
+    assert _pod_template(v1, "gateway") != _pod_template(v2, "gateway")  # its config carries the header
+
+    # A key rotation: same Secret name, new revision -> both Deployments roll.
+    rotated = _render({"model": {"version": "sample-aaaa"}, "apiKey": {"revision": "2"}})
+    for component in ("vllm", "gateway"):
+        before = _pod_template(v1, component)["metadata"]["annotations"]["checksum/api-key"]
+        after = _pod_template(rotated, component)["metadata"]["annotations"]["checksum/api-key"]
+        assert before != after, component
+    assert _pod_template(_render({"model": {"version": "sample-aaaa"}}), "vllm") == vllm  # stable across renders
+    floating = _pod_template(_render(), "vllm")["metadata"]["annotations"]["lawtune.io/model-version"]
+    assert floating == "PROMOTED-at-pod-start"
+
+
+@pytest.mark.parametrize(("cpu", "workers"), [
+    pytest.param("100m", 1, id="100m"), pytest.param("1", 1, id="1"), pytest.param("2500m", 2, id="2500m"),
+    pytest.param(4, 4, id="4-int"), pytest.param(None, 1, id="no-request"),
+])
+def test_gateway_workers_follow_the_cpu_request(cpu, workers):
+    """Item 7: `auto` counts the node's cores; the count now follows the pod's CPU request."""
+    requests = {"memory": "64Mi"} | ({"cpu": cpu} if cpu is not None else {})
+    objects = _render({"gateway": {"resources": {"requests": requests, "limits": {"memory": "256Mi"}}}})
+    conf = next(c for c in by_kind(objects, "ConfigMap") if "nginx.conf" in c["data"])["data"]["nginx.conf"]
+    assert re.search(r"^worker_processes (\S+);", conf, re.M).group(1) == str(workers)
+    pinned = _render({"gateway": {"workerProcesses": 3}})
+    assert "worker_processes 3;" in next(c for c in by_kind(pinned, "ConfigMap") if "nginx.conf" in c["data"])["data"]["nginx.conf"]
+
+
+def test_drain_waits_for_the_gateway_keepalive_bound():
+    """Item 6 (render side): the gateway retires upstream connections within upstreamKeepaliveSeconds,
+    and vLLM's preStop waits the endpoint delay plus that bound before it trusts zero in-flight
+    (tests/charts/test_lawtune_serving_drain.py runs it with real nginx)."""
+    objects = _render({"gateway": {"upstreamKeepaliveSeconds": 7}, "vllm": {"preStopDelaySeconds": 4}})
+    conf = next(c for c in by_kind(objects, "ConfigMap") if "nginx.conf" in c["data"])["data"]["nginx.conf"]
+    upstream = re.search(r"upstream lawtune_vllm \{(.*?)\}", conf, re.S).group(1)
+    assert "keepalive_time 7s;" in upstream and "keepalive_timeout 7s;" in upstream
+    (server,) = _deployment(objects, "vllm")["spec"]["template"]["spec"]["containers"]
+    assert server["lifecycle"]["preStop"]["exec"]["command"][2:] == ["8000", "11", "290"]
+
+
+# ---- issue 19: CPU mode -----------------------------------------------------------------------
+
+def test_cpu_mode_runs_the_engine_settings_of_make_serve():
+    """vllm.device=cpu: the CPU image, CPU/memory resources, no GPU request, no GPU memory
+    fraction, and the flags and environment shared/serve/serve_local.py uses for `make serve`."""
+    from shared.serve.serve_local import CPU_SERVER_ARGS
+
+    objects = _render({"vllm": {"device": "cpu"}})
+    pod = _pod_template(objects, "vllm")["spec"]
+    (server,) = pod["containers"]
+    args = server["args"]
+    local = dict(zip(CPU_SERVER_ARGS[::2], CPU_SERVER_ARGS[1::2]))
+    for flag, value in local.items():
+        assert _flag(args, flag) == value, flag
+    assert not any(a.startswith("--gpu-memory-utilization") for a in args)
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    cpu = DEFAULTS["vllm"]["cpu"]
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == str(cpu["kvCacheSpaceGiB"])
+    assert env["VLLM_USE_AOT_COMPILE"] == "0" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert env["OMP_NUM_THREADS"] == "4" == str(cpu["resources"]["limits"]["cpu"])
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # a 4-core pod: the uni executor, as make serve on small hosts
+    assert server["resources"] == cpu["resources"]
+    assert "tolerations" not in pod and "runtimeClassName" not in pod
+    # A bigger pod keeps vLLM's multiprocessing; vllm.cpu.threads overrides the count.
+    big = _pod_template(_render({"vllm": {"device": "cpu", "cpu": {"resources": {"requests": {"cpu": "16", "memory": "32Gi"},
+                                                                                  "limits": {"cpu": "16", "memory": "32Gi"}}}}}), "vllm")
+    big_env = {e["name"]: e.get("value") for e in big["spec"]["containers"][0]["env"]}
+    assert big_env["OMP_NUM_THREADS"] == "16" and "VLLM_ENABLE_V1_MULTIPROCESSING" not in big_env
+    threads = _pod_template(_render({"vllm": {"device": "cpu", "cpu": {"threads": 6}}}), "vllm")["spec"]["containers"][0]["env"]
+    assert {e["name"]: e.get("value") for e in threads}["OMP_NUM_THREADS"] == "6"
+    # GPU mode is unchanged by the CPU block.
+    (gpu_server,) = _pod_template(_render(), "vllm")["spec"]["containers"]
+    assert gpu_server["resources"]["limits"]["nvidia.com/gpu"] == 1 and "VLLM_CPU_KVCACHE_SPACE" not in str(gpu_server["env"])
+
+
+def _gpu_only_cases() -> list:
+    return [
+        pytest.param({"gpuMemoryUtilization": 0.8}, "vllm.gpuMemoryUtilization", id="gpu-memory-fraction"),
+        pytest.param({"gpu": {"count": 2}}, "vllm.gpu.count", id="gpu-count"),
+        pytest.param({"gpu": {"resourceName": "cpu"}}, "vllm.gpu.resourceName", id="resource-name-trick"),
+        pytest.param({"image": {"cudaVariant": "cu129"}}, "vllm.image.cudaVariant", id="cuda-variant"),
+        pytest.param({"runtimeClassName": "nvidia"}, "vllm.runtimeClassName", id="nvidia-runtime"),
+        pytest.param({"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+                     "vllm.tolerations.0.key", id="gpu-toleration"),
+    ]
+
+
+@pytest.mark.parametrize(("vllm", "key"), _gpu_only_cases())
+def test_cpu_mode_rejects_gpu_only_values_naming_them(vllm, key):
+    with pytest.raises(RenderError, match=re.escape(key)) as err:
+        _render({"vllm": {"device": "cpu", **vllm}})
+    assert "GPU-only" in str(err.value) or "Must not validate" in str(err.value)
+    _render({"vllm": vllm})  # the same value is fine on GPU
+
+
+def gpu_only_paths() -> set[str]:
+    """The vllm.* keys the schema refuses in CPU mode (its `if device=cpu then` clause)."""
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    (rule,) = schema["properties"]["vllm"]["allOf"]
+    assert rule["if"]["properties"]["device"] == {"const": "cpu"}
+    return {p for p in _schema_paths(rule["then"], "vllm.") if not any(q.startswith(p + ".") for q in _schema_paths(rule["then"], "vllm."))}
+
+
+def test_every_gpu_only_key_is_refused_in_cpu_mode():
+    assert gpu_only_paths() == {"vllm.gpuMemoryUtilization", "vllm.gpu.count", "vllm.gpu.resourceName", "vllm.image.cudaVariant",
+                                "vllm.runtimeClassName", "vllm.tolerations"}

@@ -1,5 +1,7 @@
-"""End to end on a real kind cluster (make kind-test): images, in-cluster S3, the pipeline as Jobs
-on CPU, the serving chart with vLLM's CPU image, one chat completion through the gateway.
+"""End to end on a real kind cluster (make kind-test): CPU images, in-cluster S3, the pipeline as Jobs
+in the chart's CPU mode, the serving chart with vLLM's CPU image, one chat completion through the
+gateway. Fits a 4-core / 16 GB machine; tests/kind/plan.py prints what it builds and pulls and how
+long it takes.
 
 Skipped, with the reason, where docker (with a running engine) or kind is missing. Runs as is
 where they exist. Set LAWTUNE_KIND_KEEP=1 to keep the cluster afterwards (and to reuse it), and
@@ -27,9 +29,9 @@ REPO = Path(__file__).resolve().parent.parent.parent
 HERE = Path(__file__).resolve().parent
 CLUSTER = os.environ.get("LAWTUNE_KIND_CLUSTER", "lawtune-test")
 NS = "lawtune"
-REGISTRY, TAG = "localhost/lawtune", "kind"
-STAGE_IMAGES = ["preprocess", "finetune", "evaluate", "publish", "fetch-model"]
-VLLM_IMAGE = "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.32.0"
+from tests.kind.plan import DEVICE, REGISTRY, TAG, built, pulled  # the same lists make kind-test prints
+
+VLLM_IMAGE = pulled()[0]
 S3_HOST = "http://127.0.0.1:30833"
 ACCESS, SECRET = "lawtune-test-access", "lawtune-test-secret-0123456789"
 API_KEY = "kind-test-key-0123456789"
@@ -68,10 +70,12 @@ def kube(tmp_path_factory):
     env = {"KUBECONFIG": str(kubeconfig), "HOME": str(home)}
 
     if os.environ.get("LAWTUNE_KIND_SKIP_BUILD") != "1":
-        sh("make", "images", f"IMAGE_REGISTRY={REGISTRY}", f"IMAGE_TAG={TAG}", cwd=REPO, timeout=7200)
+        sh("make", "images", f"DEVICE={DEVICE}", f"IMAGE_REGISTRY={REGISTRY}", f"IMAGE_TAG={TAG}", cwd=REPO, timeout=7200)
+    # The serving values name fetch-model by the plain tag.
+    sh("docker", "tag", f"{REGISTRY}/fetch-model:{TAG}-{DEVICE}", f"{REGISTRY}/fetch-model:{TAG}")
     if subprocess.run(["docker", "image", "inspect", VLLM_IMAGE], capture_output=True).returncode != 0:
         sh("docker", "pull", VLLM_IMAGE, timeout=3600)
-    for image in [f"{REGISTRY}/{s}:{TAG}" for s in STAGE_IMAGES] + [VLLM_IMAGE]:
+    for image in built() + [f"{REGISTRY}/fetch-model:{TAG}", VLLM_IMAGE]:
         sh("kind", "load", "docker-image", image, "--name", CLUSTER, timeout=1800)
 
     k = lambda *a, **kw: sh(str(kubectl), *a, env=env, **kw)  # noqa: E731

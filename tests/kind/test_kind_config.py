@@ -43,4 +43,104 @@ def test_kind_values_render_valid_manifests_without_gpus(chart, tmp_path):
         for container in pod.get("initContainers", []) + pod["containers"]:
             assert "nvidia.com/gpu" not in str(container.get("resources", {})), container["name"]
             if container["image"].startswith("localhost/lawtune/"):
-                assert container["image"].endswith(":kind") and container["imagePullPolicy"] == "Never"
+                assert container["image"].endswith((":kind", ":kind-cpu")) and container["imagePullPolicy"] == "Never"
+
+
+# ---------------------------------------------------------------- CPU mode, a laptop's size, what it pulls
+
+PIPELINE_VALUES = yaml.safe_load((HERE / "values-pipeline.yaml").read_text())
+
+
+def _pipeline_objects(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("seed: 1\n")
+    values = PIPELINE_VALUES | {"runId": "kind", "input": {"uri": "s3://lawtune/artifacts/runs/kind/input/sample.csv"}}
+    return render("charts/lawtune-pipeline", values, set_files={"config": config})
+
+
+def _gpu_only_keys(values: dict) -> list[str]:
+    """Keys that only mean something with GPUs: the GPU count and resource name, GPU tolerations,
+    and finetune/evaluate `resources` (CPU mode reads `cpuResources` instead)."""
+    found = [k for k in ("gpuResourceName", "gpuTolerations") if k in values]
+    for stage, spec in (values.get("stages") or {}).items():
+        found += [f"stages.{stage}.gpus" for k in spec if k == "gpus"]
+        if stage in ("finetune", "evaluate") and "resources" in spec:
+            found.append(f"stages.{stage}.resources")
+        found += [f"stages.{stage}.distributed.nprocPerNode" for k in (spec.get("distributed") or {}) if k == "nprocPerNode"]
+    return found
+
+
+def test_the_kind_pipeline_runs_in_cpu_mode_with_no_gpu_only_key():
+    assert PIPELINE_VALUES["device"] == "cpu"
+    assert _gpu_only_keys(PIPELINE_VALUES) == []
+    assert _gpu_only_keys({"stages": {"finetune": {"gpus": 0, "resources": {}}}}) == ["stages.finetune.gpus", "stages.finetune.resources"]
+
+
+def _quantity(value: str) -> float:
+    units = {"m": 1e-3, "Mi": 2**20, "Gi": 2**30}
+    for suffix, factor in units.items():
+        if str(value).endswith(suffix):
+            return float(str(value)[: -len(suffix)]) * factor
+    return float(value)
+
+
+def test_the_kind_pipeline_fits_a_4_core_16_gb_machine(tmp_path):
+    """One stage runs at a time: the largest, plus SeaweedFS, must leave a core and 4 GB for the
+    control plane, Docker and the system."""
+    jobs = [o for o in _pipeline_objects(tmp_path) if o["kind"] == "Job" and "lawtune.io/stage" in o["metadata"]["labels"]]
+    seaweed = [c["resources"] for o in yaml.safe_load_all((HERE / "seaweedfs.yaml").read_text()) if o and o["kind"] == "Deployment"
+               for c in o["spec"]["template"]["spec"]["containers"]]
+    stages = [job["spec"]["template"]["spec"]["containers"][0]["resources"] for job in jobs]
+    cpu = max(_quantity(r["requests"]["cpu"]) for r in stages) + sum(_quantity(r["requests"]["cpu"]) for r in seaweed)
+    memory = max(_quantity(r["limits"]["memory"]) for r in stages) + sum(_quantity(r["limits"]["memory"]) for r in seaweed)
+    assert cpu <= 3 and memory <= 12 * 2**30, (cpu, memory / 2**30)
+    assert all(j["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":kind-cpu") for j in jobs)
+
+
+def test_make_kind_test_says_what_it_builds_and_pulls_first(tmp_path):
+    """The plan names every image the test loads and every image the kind manifests run."""
+    import subprocess
+    import sys
+
+    from tests.kind import plan
+
+    recipe = subprocess.run(["make", "-n", "kind-test"], cwd=HERE.parent.parent, capture_output=True, text=True, check=True).stdout
+    lines = [line for line in recipe.splitlines() if "plan.py" in line or "pytest" in line]
+    assert "tests/kind/plan.py" in lines[0] and "-m kind" in lines[1]
+    printed = subprocess.run([sys.executable, str(HERE / "plan.py")], capture_output=True, text=True, check=True).stdout
+    used = {c["image"] for o in _pipeline_objects(tmp_path) if o["kind"] == "Job" and "lawtune.io/stage" in o["metadata"]["labels"]
+            for c in o["spec"]["template"]["spec"]["containers"]}
+    used |= {c["image"] for o in yaml.safe_load_all((HERE / "seaweedfs.yaml").read_text()) if o and o["kind"] == "Deployment"
+             for c in o["spec"]["template"]["spec"]["containers"]}
+    for image in used | set(plan.built()) | set(plan.pulled()):
+        assert image in printed, image
+    assert "minutes" in printed and plan.bases() == ["python:3.11.14-slim-bookworm"]
+
+
+
+def test_kind_serving_values_use_cpu_mode_without_gpu_only_keys():
+    """The kind serving values run vLLM in CPU mode and set none of the keys the chart's schema
+    calls GPU-only (the list comes from the schema itself, so a new GPU-only key is checked too)."""
+    from tests.charts.test_lawtune_serving import gpu_only_paths
+
+    values = yaml.safe_load((HERE / "values-serving.yaml").read_text())
+    assert values["vllm"]["device"] == "cpu"
+
+    def paths(node, prefix=""):
+        for key, value in node.items():
+            yield prefix + key
+            if isinstance(value, dict):
+                yield from paths(value, f"{prefix}{key}.")
+
+    set_keys = set(paths(values))
+    gpu_only = gpu_only_paths() | {"vllm.gpu", "vllm.resources"}  # vllm.resources is the GPU mode's; CPU mode reads vllm.cpu.resources
+    assert set_keys & gpu_only == set()
+    assert "nvidia" not in yaml.safe_dump(values)
+
+
+def test_the_vllm_image_the_kind_test_preloads_is_the_one_the_chart_runs():
+    from tests.kind.test_kind import VLLM_IMAGE
+
+    objects = render("charts/lawtune-serving", yaml.safe_load((HERE / "values-serving.yaml").read_text()))
+    (vllm,) = [d for d in by_kind(objects, "Deployment") if d["metadata"]["name"].endswith("-vllm")]
+    assert vllm["spec"]["template"]["spec"]["containers"][0]["image"] == VLLM_IMAGE

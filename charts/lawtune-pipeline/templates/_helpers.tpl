@@ -15,7 +15,7 @@ the run id is lower-cased with '_' and '.' turned into '-' because names are DNS
 {{- end }}
 
 {{- define "lawtune-pipeline.runId" -}}
-{{- required "runId is required: --set runId=<id> (1-63 letters, digits, '.', '_' or '-'; the same id resumes that run)" .Values.runId }}
+{{- required "runId is required: --set runId=<id> (1-63 letters, digits, '.', '_' or '-', starting and ending with a letter or digit; the same id resumes that run)" .Values.runId }}
 {{- end }}
 
 {{/* <release>-<runId>, at most 42 characters so "-<stage>" and an index suffix fit a 63-character label. */}}
@@ -24,8 +24,62 @@ the run id is lower-cased with '_' and '.' turned into '-' because names are DNS
 {{- printf "%s-%s" .Release.Name $run | trunc 42 | trimSuffix "-" }}
 {{- end }}
 
+{{/*
+Job name (dict: root, stage). With hooks, Helm deletes the old Job before creating the new one
+(before-hook-creation), so the name stays. Without hooks (Argo CD / GitOps plain mode) a Job's pod
+template is immutable: a changed config or stage spec must make a new Job, so the name carries
+the spec hash (8 hex) and Helm / Argo CD prune the old one. <= 60 characters: "-<index>" fits.
+*/}}
 {{- define "lawtune-pipeline.jobName" -}}
+{{- if .root.Values.hooks.enabled }}
 {{- printf "%s-%s" (include "lawtune-pipeline.runName" .root) .stage }}
+{{- else }}
+{{- $run := include "lawtune-pipeline.runName" .root | trunc 40 | trimSuffix "-" }}
+{{- printf "%s-%s-%s" $run .stage (include "lawtune-pipeline.specHash" . | trunc 8) }}
+{{- end }}
+{{- end }}
+
+{{/*
+What one stage Job runs (dict: root, stage): the config, this stage's values, the global values
+(other stages' values left out) and the chart version. A change re-creates the Job in plain mode
+and is what "completed with the same spec" compares in hook mode.
+*/}}
+{{- define "lawtune-pipeline.specHash" -}}
+{{- $values := omit .root.Values "stages" }}
+{{- $stage := get .root.Values.stages .stage }}
+{{- printf "%s|%s|%s|%s" (toJson $values) .stage (toJson $stage) .root.Chart.Version | sha256sum }}
+{{- end }}
+
+{{/* Image of a stage (dict: root, s): <registry>/<repository>@<digest> when pinned, else :<tag>. */}}
+{{- define "lawtune-pipeline.image" -}}
+{{- $v := .root.Values }}
+{{- $digest := get ($v.image.digests | default dict) .s.repository }}
+{{- if $digest }}
+{{- printf "%s/%s@%s" $v.image.registry .s.repository $digest }}
+{{- else }}
+{{- printf "%s/%s:%s" $v.image.registry .s.repository (include "lawtune-pipeline.stageTag" .root) }}
+{{- end }}
+{{- end }}
+
+{{/* The stage images' tag: CPU mode runs the `make images DEVICE=cpu` build (<tag><cpuTagSuffix>). */}}
+{{- define "lawtune-pipeline.stageTag" -}}
+{{- $tag := include "lawtune-pipeline.imageTag" . }}
+{{- if eq .Values.device "cpu" }}{{ printf "%s%s" $tag .Values.image.cpuTagSuffix }}{{ else }}{{ $tag }}{{ end }}
+{{- end }}
+
+{{/* "50Gi" / "512Mi" -> mebibytes (the schema allows only these two units for sizes). */}}
+{{- define "lawtune-pipeline.mebibytes" -}}
+{{- if hasSuffix "Gi" . }}{{ mul (trimSuffix "Gi" . | int) 1024 }}{{ else }}{{ trimSuffix "Mi" . | int }}{{ end }}
+{{- end }}
+
+{{/* Size of a stage's cache emptyDir (dict: root, s): its own cacheSizeLimit, else cache.sizeLimit. */}}
+{{- define "lawtune-pipeline.cacheSize" -}}
+{{- .s.cacheSizeLimit | default .root.Values.cache.sizeLimit }}
+{{- end }}
+
+{{/* Ephemeral storage a stage's scratch emptyDirs may fill (dict: root, s): cache + tmp + home (1Gi). */}}
+{{- define "lawtune-pipeline.scratchMi" -}}
+{{- add (include "lawtune-pipeline.mebibytes" (include "lawtune-pipeline.cacheSize" .) | int) (include "lawtune-pipeline.mebibytes" .root.Values.tmp.sizeLimit | int) 1024 }}
 {{- end }}
 
 {{- define "lawtune-pipeline.rendezvousName" -}}
@@ -72,10 +126,12 @@ Ordering annotations of one stage Job (dict: root, stage).
 {{- define "lawtune-pipeline.orderAnnotations" -}}
 {{- $weight := get (include "lawtune-pipeline.stageOrder" .root | fromYaml) .stage | toString -}}
 argocd.argoproj.io/sync-wave: {{ $weight | quote }}
+lawtune.io/spec-hash: {{ include "lawtune-pipeline.specHash" . | trunc 16 | quote }}
 {{- if .root.Values.hooks.enabled }}
 helm.sh/hook: post-install,post-upgrade
 helm.sh/hook-weight: {{ $weight | quote }}
-{{- /* A re-install with the same runId replaces the Job; the stage skips committed work. */}}
+{{- /* A re-install with the same runId replaces the Job; the stage skips committed work.
+`helm uninstall` removes hook Jobs through the pre-delete cleanup hook (cleanup.yaml). */}}
 helm.sh/hook-delete-policy: before-hook-creation
 {{- end }}
 {{- end }}
@@ -156,21 +212,23 @@ credentials by secretKeyRef only.
   mountPath: /dev/shm
 {{- end }}
 
+{{- /* (dict: root, s) */}}
 {{- define "lawtune-pipeline.volumes" -}}
+{{- $v := .root.Values }}
 - name: config
   configMap:
-    name: {{ include "lawtune-pipeline.configMapName" . }}
+    name: {{ include "lawtune-pipeline.configMapName" .root }}
 - name: cache
   emptyDir:
-    sizeLimit: {{ .Values.cache.sizeLimit }}
+    sizeLimit: {{ include "lawtune-pipeline.cacheSize" . }}
 - name: tmp
   emptyDir:
-    sizeLimit: {{ .Values.tmp.sizeLimit }}
+    sizeLimit: {{ $v.tmp.sizeLimit }}
 - name: home
   emptyDir:
     sizeLimit: 1Gi
 - name: dshm
   emptyDir:
     medium: Memory
-    sizeLimit: {{ .Values.shm.sizeLimit }}
+    sizeLimit: {{ $v.shm.sizeLimit }}
 {{- end }}

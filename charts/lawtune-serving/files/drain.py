@@ -1,8 +1,10 @@
 """preStop drain for vLLM: wait until no request is running or waiting, then let SIGTERM come.
 
-Usage: python3 drain.py <port> <delay_s> <deadline_s>. Waits delay_s first (endpoints drop
-the pod, so no new requests arrive), then polls /metrics until vllm:num_requests_running and
-vllm:num_requests_waiting are both 0, or deadline_s passes. Standard library only: it runs in
+Usage: python3 drain.py <port> <delay_s> <deadline_s>. Waits delay_s first: the chart passes
+vllm.preStopDelaySeconds (endpoints drop the pod, so no new connection arrives) plus
+gateway.upstreamKeepaliveSeconds (the gateway retires the keep-alive connections it already
+had to this pod), so afterwards no new request arrives. Then polls /metrics until
+vllm:num_requests_running and vllm:num_requests_waiting are both 0, or deadline_s passes. Standard library only: it runs in
 the upstream vLLM image. Always exits 0 (a failed drain must not block the shutdown).
 """
 

@@ -87,8 +87,74 @@ app.kubernetes.io/component: gateway
 {{- $uri }}
 {{- end }}
 
+{{/* A pinned version gets its own folder, so vLLM's /v1/models shows it (`root`) and a shared
+claim never swaps files under a running server. */}}
 {{- define "lawtune-serving.modelDir" -}}
+{{- if .Values.model.version }}
+{{- printf "/models/%s/%s" .Values.model.name .Values.model.version }}
+{{- else }}
 {{- printf "/models/%s" .Values.model.name }}
+{{- end }}
+{{- end }}
+
+{{/* The version this release serves, as the pods' annotation carries it. */}}
+{{- define "lawtune-serving.modelVersionLabel" -}}
+{{- default "PROMOTED-at-pod-start" .Values.model.version }}
+{{- end }}
+
+{{/*
+Changes whenever the key would: the Secret's name and key, the key's value where Helm can read
+the Secret (helm install/upgrade; `helm template` and Argo CD cannot, and then
+apiKey.revision is what rolls the pods), and apiKey.revision.
+*/}}
+{{- define "lawtune-serving.apiKeyChecksum" -}}
+{{- $name := include "lawtune-serving.apiKeySecret" . }}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace $name }}
+{{- $value := "" }}
+{{- if $secret }}{{ $value = index (default dict $secret.data) .Values.apiKey.secretKey | default "" }}{{ end }}
+{{- printf "%s/%s/%s/%s" $name .Values.apiKey.secretKey $value (toString .Values.apiKey.revision) | sha256sum }}
+{{- end }}
+
+{{/* vLLM's image: the CUDA build (with its variant suffix) or, with vllm.device=cpu, the CPU build of the same release. */}}
+{{- define "lawtune-serving.vllmImage" -}}
+{{- $v := .Values.vllm }}
+{{- if eq $v.device "cpu" }}
+{{- printf "%s:%s" $v.cpu.image.repository (default $v.image.tag $v.cpu.image.tag) }}
+{{- else if $v.image.cudaVariant }}
+{{- printf "%s:%s-%s" $v.image.repository $v.image.tag $v.image.cudaVariant }}
+{{- else }}
+{{- printf "%s:%s" $v.image.repository $v.image.tag }}
+{{- end }}
+{{- end }}
+
+{{/* Whole cores of a CPU quantity, at least 1: "100m" -> 1, "2500m" -> 2, 4 -> 4. */}}
+{{- define "lawtune-serving.wholeCores" -}}
+{{- $q := toString . }}
+{{- $milli := 0 }}
+{{- if hasSuffix "m" $q }}{{ $milli = trimSuffix "m" $q | atoi }}
+{{- else if $q }}{{ $milli = mulf (float64 $q) 1000 | int }}{{ end }}
+{{- max 1 (div $milli 1000) }}
+{{- end }}
+
+{{/* OpenMP threads of vLLM on CPU: vllm.cpu.threads, else the whole cores of the CPU limit (or request). */}}
+{{- define "lawtune-serving.cpuThreads" -}}
+{{- $c := .Values.vllm.cpu }}
+{{- if gt (int $c.threads) 0 }}{{ int $c.threads }}
+{{- else }}
+{{- $res := default dict $c.resources }}
+{{- $cpu := (default dict $res.limits).cpu | default (default dict $res.requests).cpu }}
+{{- include "lawtune-serving.wholeCores" $cpu }}
+{{- end }}
+{{- end }}
+
+{{/* nginx workers: gateway.workerProcesses, else one per whole core of the gateway's CPU request
+(never `auto`, which counts the node's cores and multiplies memory on a large node). */}}
+{{- define "lawtune-serving.gatewayWorkers" -}}
+{{- $g := .Values.gateway }}
+{{- if gt (int $g.workerProcesses) 0 }}{{ int $g.workerProcesses }}
+{{- else }}
+{{- include "lawtune-serving.wholeCores" (default dict (default dict $g.resources).requests).cpu }}
+{{- end }}
 {{- end }}
 
 {{/*

@@ -16,7 +16,7 @@ answer a bad key with 401, and only a valid key reaches vLLM.
 {{- $rl := $g.rateLimit -}}
 {{- $m := .Values.maintenance -}}
 # Rendered by the lawtune-serving chart ({{ include "lawtune-serving.chart" . }}); edit values, not this file.
-worker_processes {{ $g.workerProcesses }};
+worker_processes {{ include "lawtune-serving.gatewayWorkers" . }};
 pid {{ $g.runtimeDir }}/nginx.pid;
 error_log stderr warn;
 
@@ -82,6 +82,10 @@ http {
     upstream lawtune_vllm {
         server {{ include "lawtune-serving.upstream" . }};
         keepalive {{ $g.upstreamKeepalive }};
+        # A kept-alive connection through the vLLM Service stays on one pod, also after that pod
+        # left the endpoints to drain: retire connections early, so new requests reach other pods.
+        keepalive_time {{ $g.upstreamKeepaliveSeconds }}s;
+        keepalive_timeout {{ $g.upstreamKeepaliveSeconds }}s;
     }
 
     server {
@@ -126,6 +130,10 @@ http {
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_set_header X-Request-Id $request_id;
+            {{- if .Values.model.version }}
+            # The model version this release serves (pinned per release: lawtune deploy / model.version).
+            add_header X-Lawtune-Model-Version {{ .Values.model.version | quote }} always;
+            {{- end }}
             # Server-sent events: pass every token on at once.
             proxy_buffering off;
             proxy_cache off;

@@ -146,6 +146,11 @@ class ReplayCluster:
         self.calls.append(("delete", self.jobs[name]["metadata"]["labels"]["lawtune.io/stage"]))
         del self.jobs[name]
 
+    def list_jobs(self, selector):
+        wanted = dict(term.split("=", 1) for term in selector.split(","))
+        return [copy.deepcopy(j) for j in self.jobs.values()
+                if all(j["metadata"]["labels"].get(k) == v for k, v in wanted.items())]
+
     def job_pods(self, name):
         return self.scripted[name]["pods"]
 
@@ -256,3 +261,120 @@ def test_drive_stops_at_the_first_failure_and_says_why(rendered_jobs, failing, o
     err = capsys.readouterr().err
     for word in words:
         assert word in err
+
+
+@pytest.mark.parametrize(
+    ("delete", "fate"),
+    [
+        pytest.param(True, "The driver deleted the Job", id="deletes"),
+        pytest.param(False, "delete it with `kubectl -n lawtune delete job/lawtune-sample-finetune`", id="says-how"),
+    ],
+)
+@pytest.mark.timeout(30)
+def test_drive_removes_a_job_it_gave_up_on(rendered_jobs, delete, fate, capsys):
+    """An unschedulable pod never fails its Job: left alone it would take a GPU hours later."""
+    cluster = ReplayCluster({s: "succeeded" for s in STAGES} | {"finetune": "unschedulable"})
+    driver = k8s.DriverSettings(delete_abandoned=delete)
+    assert k8s.drive(cluster, rendered_jobs, poll_s=0, driver=driver) == EXIT_RETRY
+    assert (("delete", "finetune") in cluster.calls) is delete
+    err = capsys.readouterr().err
+    assert fate in err and ("left in place" in err) is False
+
+
+@pytest.mark.timeout(30)
+def test_drive_leaves_a_job_kubernetes_failed_for_inspection(rendered_jobs, capsys):
+    cluster = ReplayCluster({s: "succeeded" for s in STAGES} | {"finetune": "oomkilled"})
+    assert k8s.drive(cluster, rendered_jobs, poll_s=0) == EXIT_RETRY
+    assert ("delete", "finetune") not in cluster.calls and "left in place" in capsys.readouterr().err
+
+
+def test_the_unschedulable_grace_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LAWTUNE_K8S_UNSCHEDULABLE_GRACE_S", "3600")
+    monkeypatch.setenv("LAWTUNE_K8S_POLL_S", "2")
+    settings = k8s.DriverSettings()
+    assert (settings.unschedulable_grace_s, settings.poll_s, settings.delete_abandoned) == (3600, 2, True)
+
+
+@pytest.mark.timeout(30)
+def test_drive_fails_at_once_on_an_init_container_exit_2_and_shows_its_log(rendered_jobs, capsys):
+    cluster = ReplayCluster({s: "succeeded" for s in STAGES} | {"finetune": "indexed_init_config_error"})
+    seen = []
+    cluster.log_tail = lambda pod, container, lines=20: seen.append((pod, container)) or ["bad key"]
+    assert k8s.drive(cluster, rendered_jobs, poll_s=0) == EXIT_CONFIG
+    assert seen == [("lawtune-sample-finetune-1-x7rk2", "check-config")]
+    assert "init container check-config" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+def test_drive_deletes_the_jobs_of_an_older_spec_of_the_same_run(config_file, monkeypatch):
+    """Plain mode names Jobs by their spec: a config change under the same run id makes new names,
+    and the Job made for the old config must not keep running beside the new one."""
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", "s3://lawtune/artifacts")
+    settings = load_settings(run_id="sample")
+    plain = config_file.parent / "plain.yaml"
+    plain.write_text("hooks:\n  enabled: false\n")
+    old = k8s.stage_jobs(k8s.render_chart(settings, config_path=str(config_file), input_uri="s3://l/in.csv", run_id="sample",
+                                          model_name="m", values_files=[str(plain)], namespace="lawtune"))
+    config_file.write_text(config_file.read_text() + "seed: 8\n")
+    new = k8s.stage_jobs(k8s.render_chart(settings, config_path=str(config_file), input_uri="s3://l/in.csv", run_id="sample",
+                                          model_name="m", values_files=[str(plain)], namespace="lawtune"))
+    assert all(o["metadata"]["name"] != n["metadata"]["name"] for (_, o), (_, n) in zip(old, new))
+    cluster = ReplayCluster({s: "succeeded" for s in STAGES}, existing={"preprocess": "succeeded", "finetune": "running"}, jobs=old)
+    assert k8s.drive(cluster, new, poll_s=0) == EXIT_OK
+    assert [c for c in cluster.calls if c[0] != "logs"] == [("delete", "preprocess"), ("create", "preprocess"),
+                                                           ("delete", "finetune"), ("create", "finetune"),
+                                                           ("create", "evaluate"), ("create", "publish")]
+    assert sorted(cluster.jobs) == sorted(j["metadata"]["name"] for _, j in new)
+
+
+def test_the_driver_applies_no_hooks_and_no_rbac(config_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", "s3://lawtune/artifacts")
+    values = tmp_path / "v.yaml"
+    values.write_text("driverRbac:\n  create: true\nstages:\n  finetune:\n    distributed: {nodes: 2}\n")
+    objects = k8s.render_chart(load_settings(run_id="r"), config_path=str(config_file), input_uri="s3://l/in.csv", run_id="r",
+                               model_name="m", values_files=[str(values)], namespace="lawtune")
+    assert {o["kind"] for o in objects} >= {"Role", "RoleBinding", "Job"}
+    assert sorted(o["kind"] for o in k8s.applied_objects(objects)) == ["ConfigMap", "Service", "ServiceAccount"]
+
+
+# ---------------------------------------------------------------- the driver's RBAC
+
+
+_VERBS = {"read": "get", "list": "list", "create": "create", "delete": "delete", "patch": "patch", "replace": "update"}
+_KIND_RESOURCES = {"ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts", "Service": "services"}
+
+
+def _driver_api_calls() -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every API call in shared/cluster/k8s.py, read from its source:
+    ``self.batch.<verb>_namespaced_<kind>`` / ``self.core...`` calls, and server-side apply (a
+    PATCH that creates a missing object) of each kind in APPLIED_KINDS."""
+    import ast
+    import re
+
+    tree = ast.parse(Path(k8s.__file__).read_text())
+    calls = set()
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        owner = node.func.value
+        if isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) and owner.value.id == "self":
+            group = {"batch": "batch", "core": ""}.get(owner.attr)
+            if owner.attr == "dynamic" and node.func.attr == "server_side_apply":
+                calls |= {("", _KIND_RESOURCES[kind], verb) for kind in k8s.APPLIED_KINDS for verb in ("create", "patch")}
+            elif group is not None:
+                match = re.fullmatch(r"(read|list|create|delete|patch|replace)_namespaced_([a-z_]+?)(_log)?", node.func.attr)
+                assert match, f"unmapped API call {owner.attr}.{node.func.attr}"
+                resource = match.group(2) + "s" + ("/log" if match.group(3) else "")
+                calls.add((group, resource, _VERBS[match.group(1)]))
+    return calls
+
+
+def test_the_driver_role_grants_exactly_the_calls_the_driver_makes(config_file):
+    from tests.helm_utils import by_kind, render
+
+    assert ("batch", "jobs", "create") in _driver_api_calls()  # the reader works
+    objects = render("charts/lawtune-pipeline", {"runId": "r", "artifactRoot": "s3://b/a", "input": {"uri": "s3://b/x.csv"},
+                                                 "driverRbac": {"create": True}}, set_files={"config": config_file})
+    (role,) = [r for r in by_kind(objects, "Role") if r["metadata"]["name"].endswith("-driver")]
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert granted == _driver_api_calls()

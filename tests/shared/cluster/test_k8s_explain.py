@@ -53,11 +53,19 @@ def _stage(fx: dict) -> str:
         pytest.param("image_pull_backoff", -590, "waiting", None, None, ["pulling image", "ImagePullBackOff"], id="image-pull-within-grace"),
         pytest.param("image_never_pull", 0, "failed", "ImagePullBackOff", EXIT_CONFIG, ["ErrImageNeverPull", "not present"], id="image-never-pull"),
         pytest.param("unschedulable", 0, "failed", "Unschedulable", EXIT_RETRY,
-                     ["for 1320 s", "2 Insufficient nvidia.com/gpu", "tolerations"], id="unschedulable"),
-        pytest.param("unschedulable", -1000, "waiting", None, None, ["unschedulable for 320 s", "Insufficient nvidia.com/gpu"],
+                     ["for 1920 s", "2 Insufficient nvidia.com/gpu", "tolerations", "LAWTUNE_K8S_UNSCHEDULABLE_GRACE_S"], id="unschedulable"),
+        pytest.param("unschedulable", -1000, "waiting", None, None, ["unschedulable for 920 s", "Insufficient nvidia.com/gpu"],
                      id="unschedulable-within-grace"),
         pytest.param("missing_secret", 0, "failed", "CreateContainerConfigError", EXIT_CONFIG, ['secret "lawtune-s3" not found'],
                      id="missing-secret"),
+        pytest.param("indexed_init_config_error", 0, "failed", "ConfigError", EXIT_CONFIG,
+                     ["init container check-config", "finetune-1-x7rk2", "exited with code 2"], id="indexed-init-exit-2"),
+        pytest.param("init_image_pull", 0, "failed", "ImagePullBackOff", EXIT_RETRY, ["could not pull image", "not found", "for 629 s"],
+                     id="init-container-image-pull"),
+        pytest.param("init_image_pull", -400, "waiting", None, None, ["pulling image", "ImagePullBackOff"], id="init-image-pull-within-grace"),
+        pytest.param("kubelet_evicted", 0, "failed", "Evicted", EXIT_RETRY,
+                     ["evicted by the kubelet", 'EmptyDir volume "cache" exceeds the limit "50Gi"', "4 kubelet eviction(s)", "backoffLimit 3"],
+                     id="kubelet-evictions-count"),
     ],
 )
 def test_assess(fixture, shift_s, state, reason, exit_code, words):
@@ -142,6 +150,78 @@ def test_explain_is_one_paragraph_with_the_log_tail(fixture, must_contain):
     assert "re-running the same run id resumes" in paragraph
     for words in must_contain:
         assert words in text, f"{words!r} not in {text!r}"
+
+
+@pytest.mark.parametrize(
+    ("fixture", "abandoned"),
+    [
+        pytest.param("unschedulable", True, id="unschedulable"),
+        pytest.param("image_pull_backoff", True, id="image-pull"),
+        pytest.param("init_image_pull", True, id="init-image-pull"),
+        pytest.param("kubelet_evicted", True, id="evicted"),
+        pytest.param("oomkilled", False, id="failed-by-kubernetes"),
+        pytest.param("indexed_init_config_error", False, id="failed-by-policy"),
+    ],
+)
+def test_a_job_the_driver_gives_up_on_is_marked_abandoned(fixture, abandoned):
+    """Kubernetes never fails these Jobs itself: the driver must remove what it gave up on."""
+    fx = load(fixture)
+    assert assess(fx["job"], fx["pods"], now=_now(fx), container=_stage(fx)).abandoned is abandoned
+
+
+def test_the_unschedulable_grace_is_a_setting():
+    fx = load("unschedulable")
+    assert assess(fx["job"], fx["pods"], now=_now(fx), container="finetune", unschedulable_grace_s=3600).state == "waiting"
+
+
+def test_the_job_condition_speaks_when_the_pods_are_gone():
+    """Pods garbage-collected (or never listed): the PodFailurePolicy message still says exit code 2."""
+    fx = load("indexed_init_config_error")
+    verdict = assess(fx["job"], [], now=_now(fx), container="finetune")
+    assert (verdict.reason, verdict.exit_code) == ("ConfigError", EXIT_CONFIG)
+    assert "check-config for pod lawtune/lawtune-sample-finetune-1-x7rk2 failed with exit code 2" in verdict.detail
+
+
+def test_explain_names_the_init_container_whose_log_it_shows():
+    fx = load("indexed_init_config_error")
+    verdict = assess(fx["job"], fx["pods"], now=_now(fx), container="finetune")
+    assert verdict.container == "check-config"
+    text = explain("finetune", fx["job"], verdict, fx["logs"], namespace="lawtune", job_fate="The Job was deleted")
+    assert "(container check-config)" in text and "The Job was deleted;" in text and "left in place" not in text
+
+
+def _patterned(hexid: str) -> bool:
+    """'a1b2c3'-style runs: two interleaved ascending sequences, the mark of a typed-in id."""
+    h = hexid.replace("-", "")
+    step = lambda a, b: int(b, 16) - int(a, 16) == 1  # noqa: E731
+    return any(step(h[i], h[i + 2]) and step(h[i + 2], h[i + 4]) and step(h[i + 1], h[i + 3]) and step(h[i + 3], h[i + 5])
+               for i in range(len(h) - 5))
+
+
+def test_fixtures_look_like_what_the_api_server_returns():
+    """What the control plane writes: UUIDs for uids, real container names in condition messages,
+    the scheduler's name first in a preemption message, a deletionTimestamp on pods the scheduler or
+    the eviction API deleted and none on pods the kubelet evicted (it only marks them Failed)."""
+    import re
+
+    for path in sorted(FIXTURES.glob("*.json")):
+        text = path.read_text()
+        fx = json.loads(text)
+        for uid in re.findall(r'"uid": "([^"]+)"', text):
+            assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", uid), (path.name, uid)
+        for hexid in re.findall(r"(?:containerd://|sha256:)([0-9a-f]{64})", text) + re.findall(r'"uid": "([^"]+)"', text):
+            assert not _patterned(hexid), (path.name, hexid)
+        for pod in fx["pods"]:
+            names = {c["name"] for c in pod["spec"]["containers"] + pod["spec"].get("initContainers", [])}
+            for cond in pod["status"].get("conditions", []):
+                listed = re.search(r"status: \[([^\]]*)\]", cond.get("message", ""))
+                if listed:
+                    assert set(listed.group(1).split()) <= names, (path.name, cond)
+                if cond["type"] == "DisruptionTarget":
+                    if cond["reason"] == "PreemptionByScheduler":
+                        assert cond["message"].startswith("default-scheduler: "), path.name
+                    deleted = cond["reason"] in ("PreemptionByScheduler", "EvictionByEvictionAPI", "DeletionByTaintManager")
+                    assert ("deletionTimestamp" in pod["metadata"]) is deleted, (path.name, pod["metadata"]["name"])
 
 
 def test_every_fixture_is_used_and_well_formed():

@@ -23,6 +23,7 @@ def test_defaults_are_a_local_artifact_folder(monkeypatch, tmp_path):
         pytest.param({"LAWTUNE_ARTIFACT_ROOT": "s3://bucket/some/prefix/"}, "artifact_root", "s3://bucket/some/prefix", id="s3-trailing-slash"),
         pytest.param({"LAWTUNE_ARTIFACT_ROOT": "file:///srv/art"}, "artifact_root", "file:///srv/art", id="file-abs"),
         pytest.param({"LAWTUNE_RUN_ID": "run-2026.11_a"}, "run_id", "run-2026.11_a", id="run-id"),
+        pytest.param({"LAWTUNE_RUN_ID": "a"}, "run_id", "a", id="run-id-one-character"),
         pytest.param({"LAWTUNE_S3_ENDPOINT_URL": "http://127.0.0.1:8333"}, "s3_endpoint_url", "http://127.0.0.1:8333", id="endpoint"),
         pytest.param({"LAWTUNE_S3_MAX_CONCURRENCY": "16"}, "s3_max_concurrency", 16, id="concurrency-typed"),
         pytest.param({"LAWTUNE_CACHE_DIR": "/tmp/lt-cache"}, "cache_dir", Path("/tmp/lt-cache"), id="cache-dir"),
@@ -39,6 +40,10 @@ def test_environment_is_read_and_typed(monkeypatch, env, field, value):
     [
         pytest.param({"LAWTUNE_RUN_ID": "has space"}, "LAWTUNE_RUN_ID", id="run-id-path-segment"),
         pytest.param({"LAWTUNE_RUN_ID": "x" * 64}, "LAWTUNE_RUN_ID", id="run-id-too-long"),
+        # The charts put the run id in a label, whose value must end with a letter or digit.
+        pytest.param({"LAWTUNE_RUN_ID": "run-"}, "starting and ending with a letter or digit", id="run-id-ends-with-dash"),
+        pytest.param({"LAWTUNE_RUN_ID": "run."}, "LAWTUNE_RUN_ID", id="run-id-ends-with-dot"),
+        pytest.param({"LAWTUNE_RUN_ID": "run_"}, "LAWTUNE_RUN_ID", id="run-id-ends-with-underscore"),
         pytest.param({"LAWTUNE_S3_MAX_CONCURRENCY": "0"}, "LAWTUNE_S3_MAX_CONCURRENCY", id="concurrency-range"),
         pytest.param({"LAWTUNE_ARTIFACT_ROOT": "gs://bucket"}, "unsupported scheme 'gs'", id="scheme"),
         pytest.param({"LAWTUNE_ARTIFACT_ROOT": "s3:///nobucket"}, "has no bucket", id="s3-no-bucket"),

@@ -10,6 +10,9 @@ from __future__ import annotations
 import http.client
 import json
 import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,65 @@ def test_keys_nginx_cannot_hold_safely_are_refused(gateway_factory, key, tmp_pat
     with pytest.raises(ConfigError, match="characters outside"):
         write_keys_file(rendered, key)
     assert not (tmp_path / "api-keys.map").exists()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.parametrize(("resources", "workers"), [
+    pytest.param(None, 1, id="chart-default-100m"),
+    pytest.param({"requests": {"cpu": "3", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}, 3, id="3-cpus"),
+])
+def test_worker_count_follows_the_cpu_request_not_the_host(gateway_factory, resources, workers):
+    """issue 12 item 7: `worker_processes auto` would start one worker per host core."""
+    gateway = gateway_factory({"gateway": {"resources": resources}} if resources else None)
+    deadline = time.monotonic() + 10
+    while len(_children(gateway.process.pid)) != workers and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_children(gateway.process.pid)) == workers
+
+
+class _Models(BaseHTTPRequestHandler):
+    """Stands in for vLLM's /v1/models (the header comes from nginx, whatever the upstream says)."""
+
+    def do_GET(self):
+        body = b'{"object":"list","data":[]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_responses_name_the_model_version_the_release_serves(tmp_path):
+    """issue 12 item 5: clients see the pinned version on every API answer."""
+    helm_path()
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    runtime = prepare_runtime_dir(tmp_path / "gw")
+    port = free_port()
+    rendered = render_gateway(local_gateway_values(port=port, upstream=f"127.0.0.1:{upstream.server_address[1]}", runtime_dir=runtime,
+                                                   overrides={"model": {"version": "sample-0123abcd45"}}))
+    write_keys_file(rendered, KEY)
+    gateway = start_gateway(rendered.nginx_conf, runtime, port)
+    try:
+        got, headers, _ = _request(gateway.url, "/v1/models", key=KEY)
+        assert got == 200 and headers["x-lawtune-model-version"] == "sample-0123abcd45"
+        got, headers, _ = _request(gateway.url, "/v1/models", key="sk-wrong")
+        assert got == 401
+    finally:
+        gateway.stop()
+        upstream.shutdown()
+        upstream.server_close()

@@ -1,0 +1,83 @@
+"""shared/serve/deploy.py (``lawtune deploy``): PROMOTED is resolved once, on the deploying
+machine, and the release's pods all get that version (file and S3 artifact roots; real helm)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from shared.core.settings import load_settings
+from shared.serve import deploy
+from shared.store.artifacts import commit_dir, now_iso
+from shared.store.storage import open_location
+from tests.helm_utils import helm_path
+
+VALUES = {"apiKey": {"existingSecret": "lawtune-api-key"}, "artifactStore": {"root": "s3://elsewhere/ignored"}}
+
+
+@pytest.fixture
+def published(artifact_root, tmp_path):
+    """models/legal-assistant/{v1,v2} committed, PROMOTED -> v2; v3 uploaded but never committed."""
+    settings = load_settings()
+    root = settings.models_uri("legal-assistant")
+    for version in ("v1", "v2"):
+        src = tmp_path / f"src-{version}"
+        src.mkdir()
+        (src / "config.json").write_text("{}")
+        commit_dir(src, open_location(f"{root}/{version}", settings), stage="publish", inputs={}, started_at=now_iso())
+    open_location(f"{root}/v3", settings).write_text("config.json", "{}")
+    open_location(root, settings).write_text("PROMOTED", "v2")
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(VALUES))
+    return settings, values
+
+
+def _rendered(capfd, argv: list[str]) -> list[dict]:
+    assert deploy.main(argv) == 0
+    return [d for d in yaml.safe_load_all(capfd.readouterr().out) if d]
+
+
+def test_dry_run_pins_the_promoted_version_for_every_pod(published, capfd):
+    settings, values = published
+    helm_path()
+    objects = _rendered(capfd, ["--release", "assistant", "-f", str(values), "--dry-run"])
+    (vllm,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-vllm")]
+    template = vllm["spec"]["template"]
+    assert template["metadata"]["annotations"]["lawtune.io/model-version"] == "v2"
+    fetch = template["spec"]["initContainers"][0]
+    # The artifact root deployed is the one PROMOTED was read from, whatever the values file said.
+    assert fetch["args"] == [f"{settings.artifact_root}/models/legal-assistant/v2", "/models/legal-assistant/v2"]
+    # A later promotion changes nothing already deployed: the version is in the release, not read at pod start.
+    open_location(settings.models_uri("legal-assistant"), settings).write_text("PROMOTED", "v1")
+    assert fetch["args"][0].endswith("/v2")
+    pinned = _rendered(capfd, ["--release", "assistant", "-f", str(values), "--dry-run", "--version", "v1"])
+    (vllm1,) = [o for o in pinned if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-vllm")]
+    assert vllm1["spec"]["template"] != template  # a new version rolls every pod
+
+
+@pytest.mark.parametrize(("setup", "argv", "message"), [
+    pytest.param(None, [], "PROMOTED is missing", id="nothing-promoted"),
+    pytest.param("v3", [], "has no MANIFEST.json", id="promoted-version-not-committed"),
+    pytest.param("../v1", [], "expected a version name", id="path-in-promoted"),
+    pytest.param("v2", ["--version", "v9"], "has no MANIFEST.json", id="unknown-version"),
+])
+def test_refuses_what_it_cannot_pin_with_one_line(published, capfd, setup, argv, message):
+    settings, values = published
+    models = open_location(settings.models_uri("legal-assistant"), settings)
+    if setup is None:
+        models.delete("PROMOTED")
+    else:
+        models.write_text("PROMOTED", setup)
+    assert deploy.main(["--release", "assistant", "-f", str(values), "--dry-run", *argv]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deploy: error:") and message in err[0], err
+
+
+def test_helm_command_upgrades_with_the_version_set_last(tmp_path):
+    helm_path()
+    cmd = deploy.helm_command(release="r", model_name="m", version="20261128", artifact_root="s3://b/p", values=[tmp_path / "a.yaml"],
+                              namespace="serving", extra=["--wait"])
+    assert cmd[1:5] == ["upgrade", "--install", "r", str(deploy.CHART)]
+    assert cmd[-7:] == ["--set-string", "model.name=m", "--set-string", "model.version=20261128",
+                        "--set-string", "artifactStore.root=s3://b/p", "--wait"]
+    assert cmd.index("--values") < cmd.index("--set-string") and ["--namespace", "serving"] == cmd[5:7]
