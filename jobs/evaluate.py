@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from shared.store.artifacts import Manifest, read_manifest
-from shared.core.config import TrainConfig, load_config
+from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.data.conversation import SchemaError, load_jsonl
+from shared.data.split_files import split_file
 from shared.core.errors import DataError
 from shared.evaluate.gate import evaluate_gate
 from shared.evaluate.generation import generate_answers, prompt_turns
@@ -98,7 +99,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
         ev = config.evaluation
         with tempfile.TemporaryDirectory(prefix="evaluate-in-", dir=out.workdir.parent) as scratch:
             scratch = Path(scratch)
-            test_name = config.data_config.test_file
+            test_name = split_file(data_manifest.extra, config.data_config, "test", data_uri)
             fetch_stage(settings, data_uri, scratch / "data", only=[test_name])
             wanted = [f.path for f in ft_manifest.files if f.path.startswith("adapter/") or f.path == "training_summary.json"]
             fetch_stage(settings, finetune_uri, scratch / "finetune", only=wanted)
@@ -110,11 +111,12 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
 
             records = _load_test(scratch / "data" / test_name, f"{data_uri}/{test_name}", ev.max_examples)
             turns, refs = zip(*(prompt_turns(r["conversations"]) for r in records))
-            base_dir = resolve_base_model(base_ref, settings)
+            trust = bool(ft_manifest.extra.get("trust_remote_code", config.trust_remote_code))  # as finetune ran it
+            base_dir = resolve_base_model(base_ref, settings, trust)
             log.info("generating answers to %d test question(s) with %s (+ adapter)", len(records), base_ref)
             answers = generate_answers(
                 base_dir, adapter, list(turns), ev.generation, backend=ev.backend, batch_size=ev.batch_size,
-                max_input_length=config.max_input_length, seed=config.seed,
+                max_input_length=config.max_input_length, seed=config.seed, trust_remote_code=trust,
             )
         base_metrics, base_rows = score_all(answers.base, refs)
         tuned_metrics, tuned_rows = score_all(answers.tuned, refs)
@@ -152,14 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
     parser.add_argument("--finetune", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
     parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/evaluate)")
-    parser.add_argument("--config", required=True, help="training config YAML (its evaluation section applies)")
+    add_config_arguments(parser, required=True)  # its evaluation section applies
     parser.add_argument("--force", action="store_true", help="run even when the same inputs are committed")
     args = parser.parse_args(argv)
 
     def body() -> None:
         settings = load_settings()
         configure_logging(settings.log_level)
-        result = run(settings, load_config(args.config), args.data, args.finetune, args.output, force=args.force)
+        result = run(settings, config_from_args(args), args.data, args.finetune, args.output, force=args.force)
         print(f"report: {result.report_uri}")
         print(f"gate: {'PASSED' if result.gate.get('passed') else 'FAILED'}")
         for reason in result.gate.get("reasons", []):

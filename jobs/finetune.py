@@ -15,7 +15,8 @@ Output (default ``<artifact_root>/runs/<run_id>/finetune/``): ``adapter/`` (the 
 with the lowest dev loss, peft format), ``training_summary.json``, ``metrics.jsonl`` (one
 JSON per logging/eval event), ``config.yaml`` (the config used), ``checkpoints/step-<N>/``
 (each committed with its own manifest), and ``MANIFEST.json`` last, whose ``extra`` holds
-``base_model`` and ``best_step``. The stage is skipped when the data manifest, the training
+``base_model`` (and ``base_model_from``: ``--base-model``, ``LAWTUNE_BASE_MODEL``, ``config`` or
+``default``, whichever won), ``trust_remote_code`` and ``best_step``. The stage is skipped when the data manifest, the training
 config sections and the code version match the committed manifest; otherwise it resumes
 from the newest committed checkpoint of the same inputs.
 
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from shared.core.config import TrainConfig, load_config
+from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.core.errors import LawtuneError
 from shared.core.job import run_main
 from shared.core.log import configure_logging
@@ -44,7 +45,7 @@ from shared.core.settings import Settings, load_settings
 
 STAGE = "finetune"
 # Sections that change what training produces; editing evaluation/preprocess keys does not re-train.
-CONFIG_SECTIONS = ("base_model", "seed", "max_input_length", "max_output_length", "data_config", "training_args", "peft_config")
+CONFIG_SECTIONS = ("base_model", "trust_remote_code", "seed", "max_input_length", "max_output_length", "data_config", "training_args", "peft_config")
 log = logging.getLogger("lawtune.finetune")
 
 
@@ -61,7 +62,8 @@ class Result:
 def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, output_uri: str | None = None,
         hooks=None) -> Result:
     from shared.store.artifacts import digest_inputs, read_manifest
-    from shared.train.models import resolve_base_model
+    from shared.data.split_files import split_file
+    from shared.train.models import needs_remote_code, resolve_base_model
     from shared.store.stage import StageOutput, fetch_stage
     from shared.store.storage import open_location
 
@@ -73,19 +75,27 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
     with StageOutput(settings, STAGE, output_uri, inputs) as out:
         if out.skipped:
             return Result(output_uri, True, out.skipped.extra.get("best_step"))
-        model_dir = resolve_base_model(config.base_model, settings)  # a bad model fails before the data is read
+        base_from = config.origin("base_model")
+        log.info("base model %s (from %s)", config.base_model, base_from)
+        splits = [split_file(data_manifest.extra, config.data_config, role, data_uri) for role in ("train", "dev")]
+        model_dir = resolve_base_model(config.base_model, settings, config.trust_remote_code)  # fails before the data is read
 
         from shared.train.fast.speedups import training_hooks
-        from shared.train.training import CheckpointStore, export_best, precision, train
+        from shared.train.training import CheckpointStore, Hooks, export_best, precision, train
 
-        # The GPU fast path unless training_args.fast_path says otherwise; plain on CPU.
-        hooks = hooks or training_hooks(config, precision(config).device)
+        # The GPU fast path unless training_args.fast_path says otherwise; plain on CPU. It patches
+        # transformers' own model classes, so a model running its repository's code (ChatGLM3) trains plain.
+        device = precision(config).device
+        if hooks is None and needs_remote_code(model_dir) and config.training_args.fast_path == "auto":
+            log.info("fast path off: %s runs its repository's own modeling code", config.base_model)
+            hooks = Hooks()
+        hooks = hooks or training_hooks(config, device)
 
         # Same path on every rank of a node (the Trainer's checkpoints); per inputs, so runs never mix.
         local = settings.cache_dir / "work" / f"{STAGE}-{settings.run_id}-{digest_inputs(out.inputs)[:12]}"
         with tempfile.TemporaryDirectory(prefix="finetune-data-", dir=out.workdir.parent) as scratch:
             data_dir = Path(scratch) / "data"
-            fetch_stage(settings, data_uri, data_dir, only=[config.data_config.train_file, config.data_config.val_file])
+            fetch_stage(settings, data_uri, data_dir, only=splits)
             store = CheckpointStore(out.location, out.inputs, run_id=settings.run_id, code_version=settings.resolved_code_version)
             result = train(config, model_dir, data_dir, local, store, hooks)
         if not result.is_main:
@@ -95,6 +105,15 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
             raise LawtuneError(f"no committed checkpoint under {store.root.uri} after training")
         export_best(store, result.best_step, out.workdir / "adapter")
         summary = result.summary(config.base_model)
+        summary["base_model_from"] = config.origin("base_model")
+        if device == "cuda":
+            import torch
+
+            # What a smaller card must hold: the peak of this process's training on its GPU.
+            summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+            summary["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 1024**3, 2)
+            log.info("peak GPU memory: %.2f GiB allocated, %.2f GiB reserved", summary["peak_gpu_memory_gib"],
+                     summary["peak_gpu_reserved_gib"])
         (out.workdir / "training_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         with open(out.workdir / "metrics.jsonl", "w", encoding="utf-8") as fh:
             for record in result.log_history:
@@ -102,7 +121,8 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         (out.workdir / "config.yaml").write_text(
             yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8"
         )
-        out.commit(extra={"base_model": config.base_model, "best_step": result.best_step})
+        out.commit(extra={"base_model": config.base_model, "base_model_from": base_from,
+                          "trust_remote_code": config.trust_remote_code, "best_step": result.best_step})
         shutil.rmtree(local, ignore_errors=True)
         log.info(
             "best checkpoint step-%s (dev loss %s) exported as %s/adapter after %d steps",
@@ -123,14 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
     parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/finetune)")
-    parser.add_argument("--config", required=True, help="training config YAML (configs/*.yaml)")
+    add_config_arguments(parser, required=True)
     args = parser.parse_args(argv)
 
     def body() -> None:
         settings = load_settings()
         configure_logging(settings.log_level)
         try:
-            result = run(settings, load_config(args.config), args.data, args.output)
+            result = run(settings, config_from_args(args), args.data, args.output)
         finally:
             _leave_process_group()
         if result.skipped:

@@ -14,8 +14,10 @@ Input: one or more local paths or s3:// / file:// URIs (``PATH:WEIGHT`` samples 
 ``preprocess.columns`` — a Parquet file, or a local folder saved by ``datasets``
 (docs/data.md; shared/data/readers.py, shapes.py, hf_datasets.py).
 
-Output (default ``<artifact_root>/runs/<run_id>/data/``): ``train.jsonl``, ``dev.jsonl``,
-``test.jsonl`` (``{"id", "conversations"}`` per line), ``rejected.jsonl`` (source, line,
+Output (default ``<artifact_root>/runs/<run_id>/data/``): the train, dev and test splits
+(``{"id", "conversations"}`` per line) under the names ``data_config`` gives them (default
+``train.jsonl``, ``dev.jsonl``, ``test.jsonl``; the ChatGLM3 demo's ``train.json``/``dev.json``
+work as they are; the manifest's ``extra.files`` maps role -> name), ``rejected.jsonl`` (source, line,
 reason, detail, raw row), ``report.json`` (counts by reason, lengths in characters), and
 ``MANIFEST.json`` last. The stage is skipped when the inputs' sha256, the ``preprocess``
 config section and the code version match the committed manifest.
@@ -35,12 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from shared.store.artifacts import Manifest
-from shared.core.config import TrainConfig, load_config
+from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.core.errors import DataError
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.data.preprocessing import build
 from shared.data.inputs import InputSpec, input_bytes, input_digest, input_specs, open_source
+from shared.data.split_files import name_splits
 from shared.core.settings import Settings, load_settings
 from shared.store.stage import StageOutput
 from shared.store.storage import open_location
@@ -95,7 +98,7 @@ def run(settings: Settings, config: TrainConfig, input_uri: str | list[str] | No
             described.append({"name": sources[-1].name, "sha256": input_digest(path), **_weight(spec)})
         inputs = {
             **({"input": described[0]} if len(described) == 1 else {"inputs": described}),
-            "preprocess_config": config.section_digest("preprocess"),
+            "preprocess_config": config.section_digest("preprocess", "data_config"),
         }
         with StageOutput(settings, STAGE, output_uri, inputs, force=force) as out:
             if out.skipped:
@@ -103,7 +106,9 @@ def run(settings: Settings, config: TrainConfig, input_uri: str | list[str] | No
             for spec, source in zip(specs, sources):
                 log.info("reading %s (%s, %s; %s)", spec.uri, source.format, source.encoding, source.layout.describe())
             report = build(sources, out.workdir, scratch / "spill", config.preprocess, sizes)
-            manifest = out.commit(extra={"splits": report["splits"], "rejected": report["rejected"], "source": report["source"]})
+            files = name_splits(out.workdir, config.data_config)
+            manifest = out.commit(extra={"splits": report["splits"], "files": files, "rejected": report["rejected"],
+                                         "source": report["source"]})
             return Result(manifest, False, report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -127,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="CSV, JSON, JSONL, Parquet file, saved dataset folder, or URI; repeat for several "
                              "(default: the config's preprocess.inputs)")
     parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/data)")
-    parser.add_argument("--config", help="training config YAML (its preprocess section applies)")
+    add_config_arguments(parser)  # its preprocess and data_config sections apply
     parser.add_argument("--force", action="store_true", help="run even when the same inputs are committed")
     args = parser.parse_args(argv)
 
     def body() -> None:
         settings = load_settings()
         configure_logging(settings.log_level)
-        result = run(settings, load_config(args.config), args.input, args.output, force=args.force)
+        result = run(settings, config_from_args(args), args.input, args.output, force=args.force)
         if result.skipped:
             log.info("skipped: %s already holds this input's output", args.output or settings.run_uri(STAGE))
 

@@ -100,12 +100,14 @@ def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, finetun
     from shared.publish.merge import merge_adapter
     from shared.train.models import resolve_base_model
 
-    base_dir = resolve_base_model(base_ref, settings)
+    trust = bool(ft_manifest.extra.get("trust_remote_code", False))  # finetune ran the model's code with it on
+    base_dir = resolve_base_model(base_ref, settings, trust)
     with tempfile.TemporaryDirectory(prefix="publish-in-", dir=out.workdir.parent) as scratch:
         adapter_files = [f.path for f in ft_manifest.files if f.path.startswith("adapter/")]
         fetch_stage(settings, finetune_uri, Path(scratch) / "finetune", only=adapter_files)
         model_dir = out.workdir
-        result = merge_adapter(base_dir, Path(scratch) / "finetune" / "adapter", model_dir, max_shard_size=max_shard_size)
+        result = merge_adapter(base_dir, Path(scratch) / "finetune" / "adapter", model_dir, max_shard_size=max_shard_size,
+                               trust_remote_code=trust)
     provenance = {
         "version": version, "run_id": settings.run_id, "base_model": base_ref, "best_step": ft_manifest.extra.get("best_step"),
         "finetune": finetune_uri, "evaluate": evaluate_uri, "gate": gate, "published_at": now_iso(),

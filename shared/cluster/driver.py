@@ -3,6 +3,7 @@
     python -m shared.cluster.driver --target local --config configs/smollm2-135m-cpu.yaml \
         --input configs/data/legal_qa_sample.csv --run-id sample --model-name legal-assistant
     make train INPUT="a.csv b.jsonl:0.5"        # several inputs (PATH:WEIGHT samples one)
+    python -m shared.cluster.driver --config lora.yaml --base-model ./chatglm3-6b --set training_args.max_steps=200 ...
 
 Locally each stage is the same ``python -m jobs.<stage>`` its image runs, with the same
 environment (``LAWTUNE_*``), so what works here works as a Job. Stages whose inputs are
@@ -20,7 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.core.errors import EXIT_CONFIG, EXIT_OK
+from shared.core.config import add_config_arguments, config_from_args
+from shared.core.errors import EXIT_CONFIG, EXIT_OK, ConfigError
 from shared.data.inputs import parse_input
 from shared.core.log import configure_logging
 from shared.cluster.summary import summarize
@@ -35,14 +37,18 @@ class Step:
     args: tuple[str, ...]
 
 
-def plan(config: str, input_uri: str | list[str], model_name: str) -> list[Step]:
+def plan(config: str, input_uri: str | list[str], model_name: str, base_model: str | None = None,
+         sets: tuple[str, ...] = ()) -> list[Step]:
     """The stages of one run, in order, with the flags each takes (design.md's stage interface).
+
+    ``base_model`` and ``sets`` (``KEY=VALUE``) override the config in every stage that reads it.
     No input: preprocess reads the config's ``preprocess.inputs``."""
     inputs = [input_uri] if isinstance(input_uri, str) else input_uri
+    overrides = (*(("--base-model", base_model) if base_model else ()), *(a for s in sets for a in ("--set", s)))
     return [
-        Step("preprocess", (*(a for i in inputs for a in ("--input", i)), "--config", config)),
-        Step("finetune", ("--config", config)),
-        Step("evaluate", ("--config", config)),
+        Step("preprocess", (*(a for i in inputs for a in ("--input", i)), "--config", config, *overrides)),
+        Step("finetune", ("--config", config, *overrides)),
+        Step("evaluate", ("--config", config, *overrides)),
         Step("publish", ("--model-name", model_name)),
     ]
 
@@ -74,7 +80,7 @@ def run_local(settings: Settings, steps: list[Step]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.cluster.driver", description=__doc__.splitlines()[0])
     parser.add_argument("--target", choices=("local", "k8s"), default="local")
-    parser.add_argument("--config", required=True, help="training config YAML")
+    add_config_arguments(parser, required=True)
     parser.add_argument("--input", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="CSV, JSON(L), Parquet, saved dataset folder, or URI; repeat for several "
                              "(default: the config's preprocess.inputs)")
@@ -90,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("run %s → %s", settings.run_id, settings.run_uri())
 
     if args.target == "k8s":
+        if args.base_model or args.set:
+            # The pipeline chart ships the config file as it is; an override would be lost on the way.
+            log.error("--base-model/--set (BASE_MODEL/SET) apply to TARGET=local only; write them into %s for k8s", args.config)
+            return EXIT_CONFIG
         from shared.cluster.k8s import run_pipeline
 
         if len(args.input) != 1:
@@ -106,7 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             namespace=args.namespace,
         )
 
-    code = run_local(settings, plan(_absolute(args.config), [_absolute(i) for i in args.input], args.model_name))
+    try:
+        config = config_from_args(args)  # a bad config or override fails here, before any stage starts
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    log.info("base model %s (from %s)", config.base_model, config.origin("base_model"))
+    steps = plan(_absolute(args.config), [_absolute(i) for i in args.input], args.model_name, args.base_model,
+                 tuple(args.set))
+    code = run_local(settings, steps)
     if code == EXIT_OK:
         summarize(settings, args.model_name)
     return code

@@ -9,12 +9,14 @@ reported at once, each naming the key, the value found and what was expected.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from shared.core.errors import ConfigError
 
@@ -23,11 +25,43 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+# Files the data stage writes beside the splits; a split may not take one of these names.
+DATA_STAGE_FILES = ("rejected.jsonl", "report.json", "MANIFEST.json")
+
+
 class DataConfig(_Strict):
-    train_file: str = "train.jsonl"
-    val_file: str = "dev.jsonl"
-    test_file: str = "test.jsonl"
+    """The split files' names, as the ChatGLM3 demo's ``data_config``: preprocess writes each
+    split (train, dev, test) under the name given here and finetune/evaluate read it by that
+    name. ``test_file`` may name the ``val_file`` (the demo's own lora.yaml does: it has no
+    test set); the dev and test rows then share that one file, as in the demo."""
+
+    train_file: str = Field(default="train.jsonl", description="The training split's file name.")
+    val_file: str = Field(default="dev.jsonl", description="The dev split (dev loss, best checkpoint).")
+    test_file: str = Field(default="test.jsonl", description="The test split (evaluate); may equal val_file.")
     num_proc: int | None = Field(default=None, description="Accepted from ChatGLM3 configs; unused.")
+
+    @field_validator("train_file", "val_file", "test_file")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        if not value or value in (".", "..") or value.startswith(".") or "/" in value or "\\" in value:
+            raise ValueError(f"a plain file name such as train.json (the split is a file in the data stage's folder), not {value!r}")
+        if value in DATA_STAGE_FILES:
+            raise ValueError(f"a name other than {', '.join(DATA_STAGE_FILES)} (the data stage writes those itself)")
+        return value
+
+    @model_validator(mode="after")
+    def _train_apart(self) -> "DataConfig":
+        for key in ("val_file", "test_file"):
+            if getattr(self, key) == self.train_file:
+                raise ValueError(
+                    f"train_file and {key} both name {self.train_file!r}; the model would be scored on its own "
+                    "training rows (only val_file and test_file may share a file)"
+                )
+        return self
+
+    def files(self) -> dict[str, str]:
+        """Split role -> file name (dev and test may share one)."""
+        return {"train": self.train_file, "dev": self.val_file, "test": self.test_file}
 
 
 # ---- the user's own data: column mapping and several inputs (issue 18) -------------------------
@@ -252,7 +286,14 @@ class EvaluationConfig(_Strict):
 class TrainConfig(_Strict):
     """One model × recipe. See configs/ for annotated examples."""
 
-    base_model: str = "bundled:smollm2-135m-instruct"
+    base_model: str = Field(
+        default="bundled:smollm2-135m-instruct",
+        description="Overridden by --base-model / make train BASE_MODEL=... / LAWTUNE_BASE_MODEL (that order).",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run the base model repository's own Python code (e.g. THUDM/chatglm3-6b needs it); off by default.",
+    )
     seed: int = 42
     max_input_length: int = Field(default=512, ge=8)
     max_output_length: int = Field(default=512, ge=8)
@@ -261,6 +302,14 @@ class TrainConfig(_Strict):
     training_args: TrainingArgs = Field(default_factory=TrainingArgs)
     peft_config: PeftConfig = Field(default_factory=PeftConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    # Where overridden keys came from ("--base-model", "LAWTUNE_BASE_MODEL", "--set"); not part of the digest.
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def origin(self, key: str) -> str:
+        """Which source set a top-level key: an override's name, "config" (the YAML) or "default"."""
+        if key in self._origins:
+            return self._origins[key]
+        return "config" if key in self.model_fields_set else "default"
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
@@ -300,10 +349,70 @@ def parse_config(data: Any, source: str = "<config>") -> TrainConfig:
         raise ConfigError(format_validation_error(source, exc)) from None
 
 
-def load_config(path: str | Path | None) -> TrainConfig:
-    """Load and validate a YAML config; ``None`` gives the embedded defaults."""
-    if path is None:
-        return TrainConfig()
+def load_config(path: str | Path | None, *, base_model: str | None = None, overrides: Sequence[str] = (),
+                env: Mapping[str, str] | None = None) -> TrainConfig:
+    """Load and validate a YAML config; ``None`` gives the embedded defaults.
+
+    On top of the file, in rising precedence: ``overrides`` (``KEY=VALUE`` with dotted keys,
+    the value read as YAML: ``training_args.max_steps=20``), ``LAWTUNE_BASE_MODEL`` from ``env``,
+    then ``base_model``. ``config.origin(key)`` says which one set a key.
+    """
+    data = _read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    origins: dict[str, str] = {}
+    for assignment in overrides:
+        key = _assign(data, assignment)
+        origins[key.split(".")[0]] = "--set"
+    env_model = (env or {}).get(BASE_MODEL_ENV, "").strip()
+    for value, name in ((env_model, BASE_MODEL_ENV), ((base_model or "").strip(), "--base-model")):
+        if value:
+            data["base_model"] = value
+            origins["base_model"] = name
+    config = parse_config(data, source)
+    config._origins = origins
+    return config
+
+
+BASE_MODEL_ENV = "LAWTUNE_BASE_MODEL"
+
+
+def _assign(data: dict[str, Any], assignment: str) -> str:
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key, e.g. training_args.max_steps=20")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    node = data
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(parents[: depth + 1])} is a value, not a section of keys")
+        node = child
+    node[leaf] = value
+    return key
+
+
+def add_config_arguments(parser: "argparse.ArgumentParser", required: bool = False) -> None:
+    """``--config``, ``--base-model`` and ``--set`` for a stage (and the driver), read by ``config_from_args``."""
+    parser.add_argument("--config", required=required, help="training config YAML (configs/*.yaml)")
+    parser.add_argument(
+        "--base-model", help=f"overrides the config's base_model (and {BASE_MODEL_ENV}): HF id, s3:// URI, directory, bundled:<name>"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, dotted (repeatable): --set training_args.max_steps=20",
+    )
+
+
+def config_from_args(args: "argparse.Namespace") -> TrainConfig:
+    return load_config(args.config, base_model=args.base_model, overrides=args.set, env=os.environ)
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -317,4 +426,8 @@ def load_config(path: str | Path | None) -> TrainConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         raise ConfigError(f"{path}: not valid YAML at {where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_config(data, str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data

@@ -104,26 +104,30 @@ def generate_answers(
     batch_size: int = 8,
     max_input_length: int = 512,
     seed: int = 42,
+    trust_remote_code: bool = False,
 ) -> Answers:
-    """Base answers (and tuned ones when ``adapter_dir`` is given) to each prompt, in order."""
+    """Base answers (and tuned ones when ``adapter_dir`` is given) to each prompt, in order.
+    ``trust_remote_code``: the model repository's own code runs (tokenizer, model, vLLM)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     prompts = render_prompts(tokenizer, turns, max_input_length)
     chosen = choose_backend(backend)
     if chosen == "vllm":
         try:
-            return _VLLM(model_dir, adapter_dir, gen, max_input_length, seed).run(prompts, tokenizer)
+            return _VLLM(model_dir, adapter_dir, gen, max_input_length, seed, trust_remote_code).run(prompts, tokenizer)
         except Exception as exc:
             if backend == "vllm":
                 raise
             log.warning("vLLM failed (%s: %s); falling back to transformers", type(exc).__name__, str(exc).splitlines()[0])
-    return _Transformers(model_dir, adapter_dir, gen, batch_size, seed).run(prompts, tokenizer)
+    return _Transformers(model_dir, adapter_dir, gen, batch_size, seed, trust_remote_code).run(prompts, tokenizer)
 
 
 class _Transformers:
-    def __init__(self, model_dir: Path, adapter_dir: Path | None, gen: GenerationConfig, batch_size: int, seed: int):
+    def __init__(self, model_dir: Path, adapter_dir: Path | None, gen: GenerationConfig, batch_size: int, seed: int,
+                 trust_remote_code: bool = False):
         self.model_dir, self.adapter_dir, self.gen, self.batch_size, self.seed = model_dir, adapter_dir, gen, batch_size, seed
+        self.trust_remote_code = trust_remote_code
 
     def run(self, prompts: list[list[int]], tokenizer) -> Answers:
         import torch
@@ -131,7 +135,8 @@ class _Transformers:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=dtype, trust_remote_code=self.trust_remote_code).to(device).eval()
         base = self._generate(model, tokenizer, prompts, "base")
         tuned: list[str] = []
         if self.adapter_dir is not None:
@@ -179,9 +184,11 @@ def _hf_kwargs(gen: GenerationConfig, model_gen, pad_id: int) -> dict:
 
 
 class _VLLM:
-    def __init__(self, model_dir: Path, adapter_dir: Path | None, gen: GenerationConfig, max_input_length: int, seed: int):
+    def __init__(self, model_dir: Path, adapter_dir: Path | None, gen: GenerationConfig, max_input_length: int, seed: int,
+                 trust_remote_code: bool = False):
         self.model_dir, self.adapter_dir, self.gen, self.max_input_length, self.seed = (
             model_dir, adapter_dir, gen, max_input_length, seed)
+        self.trust_remote_code = trust_remote_code
 
     def run(self, prompts: list[list[int]], tokenizer) -> Answers:
         # In-process engine core: no spawned worker that would re-import the caller's __main__.
@@ -194,6 +201,7 @@ class _VLLM:
         engine_args = {
             "model": str(self.model_dir),
             "seed": self.seed,
+            "trust_remote_code": self.trust_remote_code,
             "max_model_len": self.max_input_length + self.gen.max_new_tokens,
             "enforce_eager": not torch.cuda.is_available(),
             # float32 on CPU, as the transformers backend, so the two agree within tolerance.

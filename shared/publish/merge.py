@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,24 +78,29 @@ def _logits(model, ids, mask):
     return out * mask.unsqueeze(-1)  # padded positions carry no meaning
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, max_shard_size: str = "2GB") -> MergeResult:
-    """Write the merged model into ``out_dir`` (absent or empty) after checking it."""
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, max_shard_size: str = "2GB",
+                  trust_remote_code: bool = False) -> MergeResult:
+    """Write the merged model into ``out_dir`` (absent or empty) after checking it.
+
+    With ``trust_remote_code`` the base repository's own ``*.py`` files are copied beside the
+    merged weights, so the folder loads (and vLLM serves it) the way the base model did."""
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(base_dir)
+    remote = {"trust_remote_code": trust_remote_code}
+    config = AutoConfig.from_pretrained(base_dir, **remote)
     _check_full_precision(config, str(base_dir))
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
     save_dtype = stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, **remote)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"base model {base_dir} has no chat template; serving needs one")
     ids, mask = _prompt_batch(tokenizer)
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **remote).eval()
     peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
     expected = _logits(peft_model, ids, mask)
     merged = peft_model.merge_and_unload()
@@ -110,10 +116,14 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, max_shard
     tokenizer.save_pretrained(out_dir)
     if not (out_dir / "generation_config.json").is_file() and merged.generation_config is not None:
         merged.generation_config.save_pretrained(out_dir)
+    if trust_remote_code:
+        for code in sorted(base_dir.glob("*.py")):
+            if not (out_dir / code.name).exists():
+                shutil.copy2(code, out_dir / code.name)
     del merged, peft_model, model
     gc.collect()
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, **remote).eval()
     saved_diff = (_logits(reloaded, ids, mask) - expected).abs().max().item()
     tolerance = LOGIT_ATOL if save_dtype == torch.float32 else HALF_LOGIT_ATOL
     log.info("merge check (reloaded %s): max |Δlogit| = %.2e (tolerance %.0e)", save_dtype, saved_diff, tolerance)

@@ -4,7 +4,8 @@
 templates/gateway-configmap.yaml`` (and the gateway Deployment, for its key-file init
 script) on charts/lawtune-serving, so ``make serve`` and the gateway tests run exactly what
 the cluster runs; only addresses and paths differ, and those are chart values
-(``local_gateway_values``). ``start_gateway`` runs nginx (Debian's
+(``local_gateway_values``). With ``ui.enabled`` the assistant page's ConfigMap is rendered too
+and ``write_ui_files`` lays it out where nginx serves it. ``start_gateway`` runs nginx (Debian's
 nginx-light here) in the foreground in its own process group.
 """
 
@@ -19,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "lawtune-serving"
 GATEWAY_TEMPLATE = "templates/gateway-configmap.yaml"
 GATEWAY_DEPLOYMENT = "templates/gateway-deployment.yaml"
+UI_TEMPLATE = "templates/ui-configmap.yaml"
 
 
 def helm_binary() -> str:
@@ -48,10 +50,10 @@ def nginx_binary() -> str:
     raise ConfigError("nginx not found: install it (make system-deps: apt-get install nginx-light) or set LAWTUNE_NGINX")
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_values(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_values(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -68,14 +70,18 @@ def local_gateway_values(*, port: int, upstream: str, runtime_dir: Path, overrid
             "runtimeDir": str(runtime_dir),
             "apiKeysFile": str(runtime_dir / "api-keys.map"),
         },
+        # The assistant page's files (when ui.enabled), written there by write_ui_files.
+        "ui": {"filesDir": str(runtime_dir / "ui")},
     }
-    return _merge(values, overrides or {})
+    return merge_values(values, overrides or {})
 
 
 @dataclass(frozen=True)
 class RenderedGateway:
     nginx_conf: str  # the ConfigMap's nginx.conf
     keys_script: str  # the init container's script: API key (env) -> the map file nginx includes
+    ui_files: dict[str, str] = field(default_factory=dict)  # the assistant page's ConfigMap (ui.enabled)
+    ui_dir: Path | None = None  # where nginx serves them from (ui.filesDir)
 
 
 def render_gateway(values: dict[str, Any], chart: Path = CHART) -> RenderedGateway:
@@ -83,17 +89,34 @@ def render_gateway(values: dict[str, Any], chart: Path = CHART) -> RenderedGatew
     with tempfile.TemporaryDirectory(prefix="lawtune-helm-") as home:
         values_file = Path(home) / "values.yaml"
         values_file.write_text(yaml.safe_dump(values), encoding="utf-8")
+        ui = (values.get("ui") or {}).get("enabled", False)
         cmd = [helm_binary(), "template", "lawtune", str(chart), "-f", str(values_file),
-               "--show-only", GATEWAY_TEMPLATE, "--show-only", GATEWAY_DEPLOYMENT]
+               "--show-only", GATEWAY_TEMPLATE, "--show-only", GATEWAY_DEPLOYMENT, *(["--show-only", UI_TEMPLATE] if ui else [])]
         # helm writes caches under HOME; a scratch HOME keeps the user's untouched.
         env = {**os.environ, "HOME": home, "HELM_CACHE_HOME": f"{home}/cache",
                "HELM_CONFIG_HOME": f"{home}/config", "HELM_DATA_HOME": f"{home}/data"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     if proc.returncode != 0:
         raise ConfigError(f"helm template {chart.name} failed: {proc.stderr.strip()}")
-    docs = {doc["kind"]: doc for doc in yaml.safe_load_all(proc.stdout) if doc}
-    init = next(c for c in docs["Deployment"]["spec"]["template"]["spec"]["initContainers"] if c["name"] == "api-keys")
-    return RenderedGateway(nginx_conf=docs["ConfigMap"]["data"]["nginx.conf"], keys_script=init["command"][-1])
+    docs = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    init = next(c for c in deployment["spec"]["template"]["spec"]["initContainers"] if c["name"] == "api-keys")
+    conf = next(d for d in docs if d["kind"] == "ConfigMap" and "nginx.conf" in d["data"])
+    ui_map = next((d for d in docs if d["kind"] == "ConfigMap" and "index.html" in d["data"]), None)
+    ui_dir = Path(values["ui"].get("filesDir", "/etc/nginx/lawtune-ui")) if ui_map else None
+    return RenderedGateway(nginx_conf=conf["data"]["nginx.conf"], keys_script=init["command"][-1],
+                           ui_files=dict(ui_map["data"]) if ui_map else {}, ui_dir=ui_dir)
+
+
+def write_ui_files(rendered: RenderedGateway) -> None:
+    """The assistant page's ConfigMap as the pod mounts it: one file per key, readable by nginx's workers."""
+    if rendered.ui_dir is None:
+        return
+    prepare_runtime_dir(rendered.ui_dir)
+    for name, text in rendered.ui_files.items():
+        path = rendered.ui_dir / name
+        path.write_text(text, encoding="utf-8")
+        path.chmod(0o644)
 
 
 def write_keys_file(rendered: RenderedGateway, api_key: str) -> None:

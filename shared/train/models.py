@@ -58,8 +58,11 @@ BUNDLED: dict[str, BundledModel] = {
 }
 
 
-def resolve_base_model(ref: str, settings: Settings) -> Path:
-    """A local directory loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer``; ConfigError otherwise."""
+def resolve_base_model(ref: str, settings: Settings, trust_remote_code: bool = False) -> Path:
+    """A local directory loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer``; ConfigError otherwise.
+
+    A model whose config needs the repository's own code (``auto_map`` naming a class
+    transformers lacks, e.g. ``THUDM/chatglm3-6b``) is refused unless ``trust_remote_code``."""
     ref = ref.strip()
     if not ref:
         raise ConfigError("base_model is empty; expected a Hugging Face id, s3:// or file:// URI, local dir or bundled:<name>")
@@ -72,24 +75,46 @@ def resolve_base_model(ref: str, settings: Settings) -> Path:
         if not path.is_dir():
             raise ConfigError(f"base_model {ref!r}: no such directory")
     elif _HF_ID.match(ref):
-        path = _from_hf_hub(ref)
+        path = _from_hf_hub(ref, trust_remote_code)
     else:
         raise ConfigError(
             f"base_model {ref!r} is not a Hugging Face id, an s3:// or file:// URI, an existing directory "
             f"or one of {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}"
         )
-    check_model_dir(path, ref)
+    check_model_dir(path, ref, trust_remote_code)
     return path
 
 
-def check_model_dir(path: Path, ref: str) -> None:
+def needs_remote_code(path: Path) -> str | None:
+    """The repository code a model directory's config asks for (``auto_map`` entry), when
+    transformers has no class of its own for its ``model_type``; None when it needs none."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    auto_map = config.get("auto_map") or {}
+    if not auto_map or config.get("model_type") in CONFIG_MAPPING:
+        return None
+    return str(auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoConfig") or next(iter(auto_map.values())))
+
+
+def check_model_dir(path: Path, ref: str, trust_remote_code: bool = False) -> None:
     """Fail early (one line) unless ``path`` holds a config transformers can read and tokenizer files."""
     if not (path / "config.json").is_file():
         raise ConfigError(f"base_model {ref!r}: {path} has no config.json (not a transformers model directory)")
+    code = needs_remote_code(path)
+    if code and not trust_remote_code:
+        raise ConfigError(
+            f"base_model {ref!r} needs its repository's own code ({code}) and trust_remote_code is false; "
+            "set trust_remote_code: true in the config to run that Python code from the model repository, "
+            "or use a model transformers supports itself (e.g. THUDM/glm-4-9b-chat-hf)"
+        )
     try:
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(path)
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises ValueError/OSError/KeyError for unreadable configs
         raise ConfigError(f"base_model {ref!r}: {path}/config.json is unreadable: {_one_line(exc)}") from None
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -226,7 +251,7 @@ def _manifest_digest(folder: Path) -> str | None:
 # --- Hugging Face hub cache ----------------------------------------------------------------
 
 
-def _from_hf_hub(ref: str) -> Path:
+def _from_hf_hub(ref: str, trust_remote_code: bool = False) -> Path:
     """Download (or find in the cache). Only what no retry can change is a configuration error (exit
     2: the pipeline chart fails the Job at once): a repository or revision that does not exist, a
     gated one without access, an offline cache miss. Network trouble and 5xx answers exit 1, so the
@@ -236,8 +261,10 @@ def _from_hf_hub(ref: str) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
     permanent = (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.EntryNotFoundError,
                  errors.DisabledRepoError, errors.HFValidationError)  # GatedRepoError is a RepositoryNotFoundError
+    # The repository's code files only when they may run (and so the merged model keeps them).
+    patterns = [*_HF_PATTERNS, "*.py"] if trust_remote_code else _HF_PATTERNS
     try:
-        return Path(snapshot_download(ref, allow_patterns=_HF_PATTERNS))
+        return Path(snapshot_download(ref, allow_patterns=patterns))
     except Exception as exc:
         # A cache miss is permanent only offline; online it means the hub could not be reached.
         cache_miss = isinstance(exc, errors.LocalEntryNotFoundError)  # an EntryNotFoundError too
@@ -248,3 +275,26 @@ def _from_hf_hub(ref: str) -> Path:
             f"base_model {ref!r}: the Hugging Face hub did not answer usefully ({type(exc).__name__}: {_one_line(exc)}); "
             "worth retrying"
         ) from None
+
+
+# --- LoRA targets ---------------------------------------------------------------------------
+
+
+def lora_targets(model, peft_config) -> list[str] | str:
+    """``peft_config.target_modules``; left at its default (q/k/v projections) on a model that has
+    none of those (ChatGLM3's fused ``query_key_value``), peft's own targets for that architecture,
+    so the ChatGLM3 demo's lora.yaml (which names no targets) adapts what the demo adapts."""
+    targets = peft_config.target_modules
+    if "target_modules" in peft_config.model_fields_set or targets == "all-linear":
+        return targets
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if leaves & set(targets):
+        return targets
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    mapped = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(getattr(model.config, "model_type", ""))
+    if mapped and leaves & set(mapped):
+        log.info("peft_config.target_modules not set and %s has no %s: adapting %s (peft's targets for %s)",
+                 model.config.model_type, ", ".join(targets), ", ".join(mapped), model.config.model_type)
+        return list(mapped)
+    return targets

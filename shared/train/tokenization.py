@@ -3,7 +3,11 @@
 Only what the model should learn to say carries loss: every assistant turn's content and the
 end-of-turn token that closes it (so the tuned model learns to stop). System and user turns,
 the template's role headers and whatever the template puts after the end-of-turn token
-(e.g. the ``\\n`` after ``<|im_end|>``) are masked with -100.
+(e.g. the ``\\n`` after ``<|im_end|>``) are masked with -100. What a template writes after
+the generation prompt but before the content (GLM's ``\\n`` after ``<|assistant|>``) the model
+writes itself, so it is trained too. Templates that close an answer with nothing (GLM-4,
+ChatGLM3: the next ``<|user|>`` ends it, and generation stops on it) get that token trained
+where the next turn begins and appended after the final answer, as GLM-4's own finetune does.
 
 How the template is split into pieces: each turn is rendered twice, once with its content and
 once with a placeholder in its place; the text around the placeholder is the template's own
@@ -46,6 +50,7 @@ class Turn:
     content: list[int]
     tail: list[int]  # template text after the content (end-of-turn marker, newline...)
     trained_tail: int = 0  # leading tail tokens that carry loss (assistant: through the end-of-turn token)
+    trained_head: int = 0  # trailing head tokens that carry loss: what the model writes after the generation prompt
 
     def __len__(self) -> int:
         return len(self.head) + len(self.content) + len(self.tail)
@@ -112,6 +117,28 @@ class ChatEncoder:
         self.max_input_length = max_input_length
         self.max_output_length = max_output_length
         self.end_of_turn = _end_of_turn_ids(tokenizer)
+        # GLM-4 and ChatGLM3 templates write nothing after an answer: the next turn's role token
+        # (<|user|>) ends it, and generation stops there. That token is then trained as the answer's end.
+        self.closing = self._closing_token()
+        if self.closing is not None:
+            self.end_of_turn.add(self.closing)
+
+    def _closing_token(self) -> int | None:
+        """The token that ends an assistant turn when the template itself closes it with nothing."""
+        pair = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _PLACEHOLDER}]
+        try:
+            two = self._render(pair)
+            three = self._render([*pair, {"role": "user", "content": "q"}])
+        except Exception:  # noqa: BLE001 - a template that refuses the probe closes its turns itself
+            return None
+        if _PLACEHOLDER not in two or not three.startswith(two):
+            return None
+        if any(t in self.end_of_turn for t in self._ids(two.rpartition(_PLACEHOLDER)[2])):
+            return None  # the template writes its own end-of-turn token (ChatML's <|im_end|>, Llama 3's <|eot_id|>)
+        following = self._ids(three[len(two):])
+        if following and self.tokenizer.convert_ids_to_tokens(following[0]) in self.tokenizer.get_added_vocab():
+            return following[0]
+        return self.tokenizer.eos_token_id
 
     # --- rendering -----------------------------------------------------------------------
 
@@ -144,9 +171,12 @@ class ChatEncoder:
                 content_text = body[len(head_text): len(body) - len(tail_text)]
             else:  # content-dependent template logic: keep the whole body as content
                 head_text, content_text, tail_text = "", body, ""
-            head_text = start[len(before):] + head_text
-            turn = Turn(message["role"], self._ids(head_text), self._ids(content_text), self._ids(tail_text))
+            # The generation prompt is given at inference; what the template adds after it (GLM's "\n"
+            # after <|assistant|>) the model writes itself, so it is trained with the answer.
+            prompt_ids, written_ids = self._ids(start[len(before):]), self._ids(head_text)
+            turn = Turn(message["role"], prompt_ids + written_ids, self._ids(content_text), self._ids(tail_text))
             if message["role"] == "assistant":
+                turn.trained_head = len(written_ids)
                 turn.trained_tail = _through_end_of_turn(turn.tail, self.end_of_turn)
             turns.append(turn)
             before = full
@@ -175,11 +205,14 @@ class ChatEncoder:
             if overflow > 0:
                 return None, "too_long"
         answer = turns[-1]
-        if len(answer.content) + len(answer.tail) > self.max_output_length:
+        if self.closing is not None and not any(t in self.end_of_turn for t in answer.tail):
+            answer.tail = [*answer.tail, self.closing]
+            answer.trained_tail = len(answer.tail)
+        if answer.trained_head + len(answer.content) + len(answer.tail) > self.max_output_length:
             flags.append("truncated_output")
-            answer.content = answer.content[: self.max_output_length]
+            answer.content = answer.content[: max(0, self.max_output_length - answer.trained_head)]
             answer.tail, answer.trained_tail = [], 0
-        encoded = _assemble(turns, tuple(flags))
+        encoded = _assemble(turns, tuple(flags), self.end_of_turn)
         if encoded.trained_tokens == 0:
             return None, "no_target"
         return encoded, None
@@ -212,7 +245,7 @@ def _through_end_of_turn(tail: list[int], end_of_turn: set[int]) -> int:
 
 
 def _context_len(turns: list[Turn]) -> int:
-    return sum(len(t) for t in turns[:-1]) + len(turns[-1].head)
+    return sum(len(t) for t in turns[:-1]) + len(turns[-1].head) - turns[-1].trained_head
 
 
 def _droppable_pair(conversations: list[dict[str, str]]) -> int | None:
@@ -231,15 +264,20 @@ def _cut_middle(turn: Turn, overflow: int, keep_at_least: int) -> int:
     return overflow - cut
 
 
-def _assemble(turns: list[Turn], flags: tuple[str, ...]) -> Encoded:
+def _assemble(turns: list[Turn], flags: tuple[str, ...], end_of_turn: set[int] = frozenset()) -> Encoded:
     input_ids: list[int] = []
     labels: list[int] = []
+    open_answer = False  # the previous answer's end-of-turn token is the start of this turn's head
     for turn in turns:
         trained = turn.role == "assistant"
         input_ids += turn.head + turn.content + turn.tail
-        labels += [IGNORE_INDEX] * len(turn.head)
+        head_labels = [IGNORE_INDEX] * (len(turn.head) - turn.trained_head) + turn.head[len(turn.head) - turn.trained_head:]
+        if open_answer and turn.head and turn.head[0] in end_of_turn:
+            head_labels[0] = turn.head[0]
+        labels += head_labels
         labels += list(turn.content) if trained else [IGNORE_INDEX] * len(turn.content)
         labels += turn.tail[: turn.trained_tail] + [IGNORE_INDEX] * (len(turn.tail) - turn.trained_tail)
+        open_answer = trained and not any(t in end_of_turn for t in turn.tail)
     return Encoded(input_ids, labels, flags)
 
 

@@ -74,8 +74,11 @@ def prepare_model(model_dir: Path, config: TrainConfig, prec: Precision):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from shared.train.models import lora_targets
+
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=prec.dtype, attn_implementation=config.training_args.attn_implementation
+        model_dir, dtype=prec.dtype, attn_implementation=config.training_args.attn_implementation,
+        trust_remote_code=config.trust_remote_code,
     )
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
     peft = config.peft_config
@@ -83,7 +86,7 @@ def prepare_model(model_dir: Path, config: TrainConfig, prec: Precision):
         r=peft.r,
         lora_alpha=peft.lora_alpha,
         lora_dropout=peft.lora_dropout,
-        target_modules=peft.target_modules,
+        target_modules=lora_targets(model, peft),
         task_type="CAUSAL_LM",
     )
     try:
@@ -301,7 +304,7 @@ def train(
 def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is_main, callback) -> TrainResult:
     from transformers import AutoTokenizer, PrinterCallback, ProgressCallback
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code)
     train_rows, dev_rows, reports = load_datasets(data_dir, config, tokenizer)
     if hooks.prepare_train_dataset is not None:
         train_rows = hooks.prepare_train_dataset(train_rows, config)
@@ -409,7 +412,9 @@ def _training_arguments(config: TrainConfig, output_dir: Path, prec: Precision):
         bf16=prec.bf16,
         use_cpu=prec.device == "cpu",
         seed=a.seed if a.seed is not None else config.seed,
-        dataloader_num_workers=a.dataloader_num_workers,
+        # Rows are tokenized in memory before training; workers beyond the cores only add processes
+        # (the ChatGLM3 demo's lora.yaml asks for 16).
+        dataloader_num_workers=min(a.dataloader_num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1),
         remove_unused_columns=False,
         label_names=["labels"],
         report_to="none",

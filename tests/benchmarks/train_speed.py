@@ -12,7 +12,7 @@ linear layers), DataCollatorForSeq2Seq dynamic padding, per-device batch 4, bf16
 packing, no gradient checkpointing. Ours: the same Trainer and LoRA with
 ``shared.train.fast.speedups.enable_fast_path`` (varlen attention over padding-free packed rows, chunked
 fused head+loss, Liger kernels when installed) and rows of a token budget instead of 4
-examples. Models are Qwen2.5 architectures, config-initialised (random weights, no hub);
+examples. Models are Qwen2.5 and GLM-4-9B architectures, config-initialised (random weights, no hub);
 data are seeded synthetic token ids with the legal-QA length mix (120-1,020 tokens, the
 first 20-50% a masked prompt).
 
@@ -61,7 +61,22 @@ TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
 )
-ARCHS = {"7B": QWEN_7B, "1.5B": QWEN_1_5B, "tiny": TINY}
+# THUDM/glm-4-9b-chat-hf's published config (transformers' GlmForCausalLM): partial rotary, q/k/v bias,
+# 2 KV heads, fused gate_up_proj. The ChatGLM3 tutorial's successor, measured in the 24 GB profile too.
+GLM4_9B = dict(
+    vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
+    num_attention_heads=32, num_key_value_heads=2, head_dim=128, partial_rotary_factor=0.5,
+    attention_bias=True, rms_norm_eps=1.5625e-07, max_position_embeddings=131072, pad_token_id=151329,
+    eos_token_id=[151329, 151336, 151338], tie_word_embeddings=False,
+)
+ARCHS = {"7B": QWEN_7B, "1.5B": QWEN_1_5B, "tiny": TINY, "GLM-4-9B": GLM4_9B}
+CONFIG_CLASS = {"GLM-4-9B": "GlmConfig"}  # the rest are Qwen2 architectures
+
+
+def arch_config(arch: str):
+    import transformers
+
+    return getattr(transformers, CONFIG_CLASS.get(arch, "Qwen2Config"))(**ARCHS[arch])
 QKV = ["q_proj", "k_proj", "v_proj"]
 
 
@@ -144,9 +159,9 @@ def device() -> torch.device:
 
 
 def build_model(arch: str, seed: int):
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM
 
-    cfg = Qwen2Config(**ARCHS[arch])
+    cfg = arch_config(arch)
     # The previous variant's model dies with its Trainer's reference cycles: collect it before
     # the peak counter starts, or its weights count towards this variant's peak.
     free()
@@ -415,6 +430,11 @@ def cases_for(args) -> list[Case]:
         "7b-all-compiled": Case("7B", "all-linear", 16, args.tokens_7b_all, compile_lora=True),
         "7b-qkv-compiled": Case("7B", QKV, 8, args.tokens_7b, compile_lora=True),
         "7b-mem": Case("7B", QKV, 8, args.tokens_mem, min_len=2048, max_len=2048, memory_profile=True, baseline=False),
+        # GLM-4-9B: the tutorial's recipe (ChatGLM3 finetune_demo: LoRA r8 on the attention
+        # projections, batch 4, padded) vs ours; then configs/glm-4-9b-chat-lora.yaml's 24 GB
+        # profile (per-layer recompute, one 2,048-token row a micro-batch).
+        "glm4-9b-qkv": Case("GLM-4-9B", QKV, 8, args.tokens_7b),
+        "glm4-9b-24gb": Case("GLM-4-9B", QKV, 8, 2048, min_len=2048, max_len=2048, memory_profile=True, baseline=False),
     }
     return [all_cases[k] for k in args.cases.split(",")]
 
@@ -555,10 +575,10 @@ _PARAMS: dict[str, int] = {}
 def non_embedding_params_for(arch: str) -> int:
     """Non-embedding parameter count of the base model (meta device: no memory)."""
     if arch not in _PARAMS:
-        from transformers import AutoModelForCausalLM, Qwen2Config
+        from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            m = AutoModelForCausalLM.from_config(Qwen2Config(**ARCHS[arch]))
+            m = AutoModelForCausalLM.from_config(arch_config(arch))
         _PARAMS[arch] = non_embedding_params(m)
     return _PARAMS[arch]
 

@@ -49,6 +49,8 @@ VALUE_SETS = [
                   "gateway": {"rateLimit": {"key": "apiKey"}, "realIp": {"trustedCidrs": ["10.0.0.0/8"]}},
                   "imagePullSecrets": [{"name": "regcred"}], "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}}},
                  id="everything-on"),
+    pytest.param({"ui": {"enabled": True, "auth": "ingress"}}, id="page-ingress"),
+    pytest.param({"ui": {"enabled": True, "auth": "pasteKey"}, "maintenance": {"enabled": True}}, id="page-paste-key-maintenance"),
     pytest.param({"vllm": {"device": "cpu"}}, id="cpu"),
     pytest.param({"vllm": {"device": "cpu", "tensorParallelSize": 2, "cpu": {"threads": 8, "resources": {
         "requests": {"cpu": "16", "memory": "32Gi"}, "limits": {"cpu": "16", "memory": "32Gi"}}}},
@@ -344,6 +346,8 @@ def test_long_release_names_are_cut_to_63():
     pytest.param({"gateway": {"rateLimit": {"key": "cookie"}}}, "gateway.rateLimit.key", id="bad-rate-limit-key"),
     pytest.param({"maintenance": {"message": "costs $5"}}, "maintenance.message", id="dollar-in-message"),
     pytest.param({"vllm": {"replicas": 2}}, "replicas", id="unknown-key"),
+    pytest.param({"ui": {"enabled": True}}, "ui.auth is required with ui.enabled", id="page-without-auth-mode"),
+    pytest.param({"ui": {"enabled": True, "auth": "none"}}, "ui.auth", id="page-unknown-auth-mode"),
     pytest.param({"networkPolicy": {"metricsFrom": []}}, "networkPolicy.metricsFrom is empty while autoscaling", id="autoscaling-without-scraper"),
     pytest.param({"networkPolicy": {"metricsFrom": []}, "autoscaling": {"type": "keda"}}, "networkPolicy.metricsFrom is empty", id="keda-without-scraper"),
     pytest.param({"networkPolicy": {"metricsFrom": []}, "autoscaling": {"enabled": False}, "serviceMonitor": {"enabled": True}},
@@ -400,6 +404,54 @@ def test_values_and_schema_in_sync_and_every_key_documented():
         if not prev.startswith("# --"):
             undocumented.append(path)
     assert undocumented == []
+
+
+def _nginx_conf(objects: list[dict]) -> str:
+    return next(c for c in by_kind(objects, "ConfigMap") if "nginx.conf" in c["data"])["data"]["nginx.conf"]
+
+
+def test_page_is_off_by_default():
+    objects = _render()
+    assert [c for c in by_kind(objects, "ConfigMap") if "index.html" in c["data"]] == []
+    conf = _nginx_conf(objects)
+    assert "location = / {" not in conf and "/ui/" not in conf and "lawtune_ui" not in conf
+    assert "ui-upstream-auth" not in _deployment(objects, "gateway")["spec"]["template"]["spec"]["initContainers"][0]["command"][-1]
+
+
+@pytest.mark.parametrize("auth", ["ingress", "pasteKey"])
+def test_page_files_config_and_auth_mode(auth):
+    objects = _render({"ui": {"enabled": True, "auth": auth, "notice": "Not legal advice.", "statusPollSeconds": 7},
+                       "model": {"version": "v3"}})
+    (page,) = [c for c in by_kind(objects, "ConfigMap") if "index.html" in c["data"]]
+    assert set(page["data"]) == {"index.html", "app.js", "app.css", "config.json"}
+    config = json.loads(page["data"]["config.json"])
+    assert config == {"title": "Legal assistant", "notice": "Not legal advice.", "auth": auth, "model": "legal-assistant",
+                      "modelVersion": "v3", "statusPollSeconds": 7, "maxTokens": 512,
+                      "apiPath": "/ui/api/v1/chat/completions" if auth == "ingress" else "/v1/chat/completions"}
+    gateway = _deployment(objects, "gateway")
+    pod = gateway["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "ui")["configMap"]["name"] == page["metadata"]["name"]
+    assert {"name": "ui", "mountPath": "/etc/nginx/lawtune-ui", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert "checksum/ui" in gateway["spec"]["template"]["metadata"]["annotations"]
+    conf = _nginx_conf(objects)
+    assert "location = / {" in conf and "location /ui/ {" in conf and "location = /ui/status {" in conf
+    script = pod["initContainers"][0]["command"][-1]
+    if auth == "ingress":
+        # The key reaches nginx through the init container's file, never through values or the page.
+        assert 'proxy_set_header Authorization "Bearer %s"' in script
+        assert "include /etc/nginx/keys/ui-upstream-auth.conf;" in conf
+        assert "limit_req_zone $binary_remote_addr zone=lawtune_ui:10m rate=20r/m;" in conf
+        assert "limit_req zone=lawtune_ui burst=5 nodelay;" in conf
+    else:
+        assert "ui-upstream-auth" not in script and "/ui/api/" not in conf and "lawtune_ui" not in conf
+
+
+def test_page_changes_roll_only_the_gateway():
+    base = {"ui": {"enabled": True, "auth": "pasteKey"}}
+    one, two = _render(base), _render(_merge(base, {"ui": {"notice": "Another notice."}}))
+    annotations = lambda objs: _deployment(objs, "gateway")["spec"]["template"]["metadata"]["annotations"]  # noqa: E731
+    assert annotations(one)["checksum/ui"] != annotations(two)["checksum/ui"]
+    assert _deployment(one, "vllm") == _deployment(two, "vllm")
 
 
 # ---- issue 12: what a real cluster would break ----------------------------------------------

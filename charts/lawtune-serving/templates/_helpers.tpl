@@ -229,3 +229,28 @@ wins, as in vLLM's argparse). Usage: include "lawtune-serving.parallelArg" (list
 {{- $body := dict "error" (dict "message" (index . 0) "type" (index . 1) "param" nil "code" (index . 2)) | toJson }}
 {{- printf "'%s'" ($body | replace "\\" "\\\\" | replace "'" "\\'") }}
 {{- end }}
+
+{{/* The assistant page (ui.*): its auth mode, refused when missing, so ui.enabled alone never opens a proxy. */}}
+{{- define "lawtune-serving.uiAuth" -}}
+{{- if .Values.ui.enabled }}
+{{- if not (has .Values.ui.auth (list "ingress" "pasteKey")) }}
+{{- fail "ui.auth is required with ui.enabled: `ingress` (your ingress authenticates users; the gateway adds the API key to page calls) or `pasteKey` (users paste a key, kept in the tab only); see the chart README, \"The assistant page\"" }}
+{{- end }}
+{{- .Values.ui.auth }}
+{{- end }}
+{{- end }}
+
+{{- define "lawtune-serving.ui.fullname" -}}
+{{- printf "%s-ui" (include "lawtune-serving.gateway.fullname" . | trunc 60 | trimSuffix "-") }}
+{{- end }}
+
+{{/* nginx include holding `proxy_set_header Authorization "Bearer <key>"`, written by the api-keys init container (ui.auth=ingress). */}}
+{{- define "lawtune-serving.uiUpstreamAuthFile" -}}
+{{- printf "%s/ui-upstream-auth.conf" (dir .Values.gateway.apiKeysFile) }}
+{{- end }}
+
+{{/* What the page reads at start (/ui/config.json): nothing secret. */}}
+{{- define "lawtune-serving.uiConfig" -}}
+{{- $ui := .Values.ui -}}
+{{- dict "title" $ui.title "notice" $ui.notice "auth" $ui.auth "model" (include "lawtune-serving.servedModelName" .) "modelVersion" .Values.model.version "statusPollSeconds" $ui.statusPollSeconds "maxTokens" $ui.maxTokens "apiPath" (ternary "/ui/api/v1/chat/completions" "/v1/chat/completions" (eq $ui.auth "ingress")) | toPrettyJson }}
+{{- end }}

@@ -15,6 +15,8 @@ answer a bad key with 401, and only a valid key reaches vLLM.
 {{- $g := .Values.gateway -}}
 {{- $rl := $g.rateLimit -}}
 {{- $m := .Values.maintenance -}}
+{{- $ui := .Values.ui -}}
+{{- $uiAuth := include "lawtune-serving.uiAuth" . -}}
 # Rendered by the lawtune-serving chart ({{ include "lawtune-serving.chart" . }}); edit values, not this file.
 worker_processes {{ include "lawtune-serving.gatewayWorkers" . }};
 pid {{ $g.runtimeDir }}/nginx.pid;
@@ -79,6 +81,11 @@ http {
     limit_req_log_level warn;
     {{- end }}
 
+    {{- if eq $uiAuth "ingress" }}
+    # The assistant page (ui.auth=ingress): page calls carry no key, so they are limited per client IP.
+    limit_req_zone $binary_remote_addr zone=lawtune_ui:{{ $rl.zoneSize }} rate={{ $ui.rateLimit.requestsPerMinute }}r/m;
+    {{- end }}
+
     upstream lawtune_vllm {
         server {{ include "lawtune-serving.upstream" . }};
         keepalive {{ $g.upstreamKeepalive }};
@@ -98,6 +105,10 @@ http {
             access_log off;
             return 200 '{"status":"ok","maintenance":{{ $m.enabled }}}';
         }
+
+        {{- if $ui.enabled }}
+        {{- include "lawtune-serving.uiLocations" . | nindent 8 }}
+        {{- end }}
 
         {{- if $m.enabled }}
 
@@ -172,4 +183,93 @@ http {
         }
     }
 }
+{{- end }}
+
+
+{{/*
+The assistant page (ui.enabled): `/` and `/ui/*` from ui.filesDir, `/ui/status` for the page's
+poll of the switch, and with ui.auth=ingress `/ui/api/v1/chat/completions`, where the gateway
+adds the API key itself. These exact and longer-prefix locations win over the catch-all
+`location /`, so the page still loads in maintenance (and shows the message).
+*/}}
+{{- define "lawtune-serving.uiLocations" -}}
+{{- $g := .Values.gateway -}}
+{{- $m := .Values.maintenance -}}
+{{- $ui := .Values.ui -}}
+{{- $uiAuth := include "lawtune-serving.uiAuth" . -}}
+{{- $headers := list
+  "add_header Content-Security-Policy \"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'\" always;"
+  "add_header X-Content-Type-Options nosniff always;"
+  "add_header Referrer-Policy no-referrer always;"
+  "add_header Cache-Control no-cache always;" -}}
+
+# The assistant page. No inline script or style anywhere, so the CSP allows only the page's own files.
+location = / {
+    root {{ $ui.filesDir }};
+    try_files /index.html =404;
+    types { text/html html; }
+    {{- range $headers }}
+    {{ . }}
+    {{- end }}
+}
+location /ui/ {
+    alias {{ $ui.filesDir }}/;
+    types { text/html html; text/css css; text/javascript js; application/json json; }
+    charset_types text/css text/javascript application/json;
+    limit_except GET { deny all; }
+    {{- range $headers }}
+    {{ . }}
+    {{- end }}
+}
+# The switch, cheap enough to poll: the page hides its input while maintenance is on.
+location = /ui/status {
+    access_log off;
+    default_type application/json;
+    add_header Cache-Control no-store always;
+    return 200 {{ printf "'%s'" ((dict "maintenance" $m.enabled "message" (ternary $m.message "" $m.enabled) "retryAfterSeconds" $m.retryAfterSeconds) | toJson | replace "\\" "\\\\" | replace "'" "\\'") }};
+}
+{{- if eq $uiAuth "ingress" }}
+# Page calls: the ingress has authenticated the user, the gateway adds the key. Only chat
+# completions, only POST, only with the page's header (a cross-site form or fetch cannot send
+# it without a CORS preflight, which nothing here approves).
+location = /ui/api/v1/chat/completions {
+    {{- if $m.enabled }}
+    add_header Retry-After {{ $m.retryAfterSeconds }} always;
+    return 503 {{ include "lawtune-serving.openaiError" (list $m.message "service_unavailable" "maintenance") }};
+    {{- else }}
+    if ($http_x_lawtune_page != "1") {
+        return 403 {{ include "lawtune-serving.openaiError" (list "Page calls only: send X-Lawtune-Page: 1" "invalid_request_error" "forbidden") }};
+    }
+    limit_except POST { deny all; }
+    limit_req zone=lawtune_ui{{ if gt (int $ui.rateLimit.burst) 0 }} burst={{ $ui.rateLimit.burst }}{{ end }} nodelay;
+    error_page 413 = @too_large;
+    error_page 429 = @ui_rate_limited;
+    error_page 502 503 504 = @upstream_unavailable;
+
+    proxy_pass http://lawtune_vllm/v1/chat/completions;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $host;
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_set_header X-Request-Id $request_id;
+    # The SSO session cookie stays at the gateway; vLLM gets the key instead.
+    proxy_set_header Cookie "";
+    include {{ include "lawtune-serving.uiUpstreamAuthFile" . }};
+    {{- if .Values.model.version }}
+    add_header X-Lawtune-Model-Version {{ .Values.model.version | quote }} always;
+    {{- end }}
+    proxy_buffering off;
+    proxy_cache off;
+    proxy_request_buffering on;
+    proxy_connect_timeout {{ $g.timeouts.connect }};
+    proxy_read_timeout {{ $g.timeouts.read }};
+    proxy_send_timeout {{ $g.timeouts.send }};
+    {{- end }}
+}
+location @ui_rate_limited {
+    add_header Retry-After {{ $ui.rateLimit.retryAfterSeconds }} always;
+    return 429 {{ include "lawtune-serving.openaiError" (list "Too many questions: wait for the Retry-After seconds" "rate_limit_exceeded" "rate_limit_exceeded") }};
+}
+{{- end }}
 {{- end }}

@@ -13,7 +13,7 @@ import pytest
 
 from shared.core.errors import ConfigError, DataError
 from shared.train.tokenization import IGNORE_INDEX, ChatEncoder, load_split
-from tests.tiny import word_tokenizer
+from tests.tiny import glm_tokenizer, word_tokenizer
 
 def conv(*pairs: str, system: str | None = None) -> list[dict[str, str]]:
     turns = [{"role": "system", "content": system}] if system else []
@@ -50,6 +50,42 @@ def test_two_turn_conversation_trains_exactly_the_assistant_tokens_and_their_end
     # and the pieces equal tokenizing the whole rendered conversation at once
     whole = tok.apply_chat_template(conv("hi there", "hello", "how are you", "fine thanks"), tokenize=False)
     assert tok(whole, add_special_tokens=False)["input_ids"] == encoded.input_ids
+
+
+@pytest.mark.parametrize(
+    ("kind", "prefix"),
+    [pytest.param("glm4", ["[gMASK]", "<sop>"], id="glm-4"), pytest.param("chatglm3", ["[gMASK]", "sop"], id="chatglm3")],
+)
+def test_glm_templates_train_each_answer_its_newline_and_the_user_token_that_ends_it(kind, prefix):
+    """GLM-4 / ChatGLM3 write nothing after an answer: the next <|user|> ends it, and generation
+    stops on it (both models' generation configs list it). So that token is trained where the next
+    turn begins, and appended (trained) after the final answer, as GLM-4's own finetune script does.
+    The "\n" after <|assistant|> is not part of the generation prompt: the model writes it, so it
+    is trained too. [gMASK]<sop>, the system and user turns and the role headers are masked."""
+    tok = glm_tokenizer(kind)
+    conversation = conv("hi there", "hello", "how are you", "fine thanks", system="be brief")
+    encoded, reason = ChatEncoder(tok, 64, 64).encode(conversation)
+    assert reason is None
+    U, A = "<|user|>", "<|assistant|>"
+    expected = [
+        *[(t, False) for t in prefix],
+        ("<|system|>", False), ("\n", False), ("be", False), ("brief", False),
+        (U, False), ("\n", False), ("hi", False), ("there", False),
+        (A, False), ("\n", True), ("hello", True),
+        (U, True), ("\n", False), ("how", False), ("are", False), ("you", False),  # <|user|> ends the first answer
+        (A, False), ("\n", True), ("fine", True), ("thanks", True),
+        (U, True),  # appended: the final answer's end
+    ]
+    assert table(tok, encoded) == expected
+    whole = tok.apply_chat_template(conversation, tokenize=False)
+    assert tok(whole, add_special_tokens=False)["input_ids"] == encoded.input_ids[:-1]
+    # the prompt evaluation and serving give the model ends exactly where the trained tokens begin
+    prompt = tok.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert encoded.labels[n - 1] == IGNORE_INDEX and encoded.labels[n] != IGNORE_INDEX
+
+    cut, _ = ChatEncoder(tok, 64, 2).encode(conv("hi", "w1 w2 w3 w4"))
+    assert _trained_words(tok, cut) == ["\n", "w1"], "a cut answer is not taught to stop"
 
 
 def _trained_words(tok, encoded) -> list[str]:

@@ -22,6 +22,10 @@ from shared.train.fast.speedups import (
 ARCHS = {
     "llama": dict(cls="LlamaConfig", tie_word_embeddings=True),
     "qwen2": dict(cls="Qwen2Config", tie_word_embeddings=False),
+    # GLM-4 in transformers' own classes: GlmForCausalLM (THUDM/glm-4-9b-chat-hf: partial rotary,
+    # q/k/v bias, fused gate_up_proj) and Glm4ForCausalLM (THUDM/GLM-4-9B-0414: plus post-norms).
+    "glm": dict(cls="GlmConfig", tie_word_embeddings=False, head_dim=8, pad_token_id=0, eos_token_id=1),
+    "glm4": dict(cls="Glm4Config", tie_word_embeddings=False, head_dim=8, pad_token_id=0, eos_token_id=1),
 }
 
 
@@ -80,6 +84,9 @@ def loss_and_grads(model, batch):
         pytest.param("llama", ["q_proj", "k_proj", "v_proj"], False, id="llama-qkv"),
         pytest.param("qwen2", "all-linear", False, id="qwen2-all-linear"),
         pytest.param("qwen2", ["q_proj", "k_proj", "v_proj"], True, id="qwen2-memory-profile"),
+        pytest.param("glm", "all-linear", False, id="glm-all-linear"),
+        pytest.param("glm", ["q_proj", "k_proj", "v_proj"], True, id="glm-memory-profile"),
+        pytest.param("glm4", "all-linear", False, id="glm4-all-linear"),
     ],
 )
 def test_packed_fast_path_equals_padded_baseline(arch, targets, memory_profile):
@@ -100,10 +107,11 @@ def test_packed_fast_path_equals_padded_baseline(arch, targets, memory_profile):
         assert torch.allclose(g, want_grads[name], rtol=1e-4, atol=1e-6), name
 
 
-def test_no_attention_leaks_across_packed_examples():
+@pytest.mark.parametrize("arch", ["qwen2", "glm", "glm4"])
+def test_no_attention_leaks_across_packed_examples(arch):
     """Each example's hidden states in a packed row equal those of the example run alone;
     the same row without per-example boundaries does differ (so the check can fail)."""
-    model = tiny_model("qwen2")
+    model = tiny_model(arch)
     enable_fast_path(model)
     model.eval()
     exs = examples((11, 23, 7))
@@ -231,15 +239,18 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 
 @pytest.mark.parametrize(
-    ("device", "rel", "fp8"),
+    ("device", "rel", "fp8", "arch"),
     [
-        pytest.param("cpu", 1e-4, "off", id="cpu-fp32"),
-        pytest.param("cpu", 2e-2, "on", id="cpu-fp8-frozen-linears"),
-        pytest.param("cuda", 2e-2, "on", id="gpu-bf16-varlen-liger-fp8", marks=[pytest.mark.gpu, GPU]),
-        pytest.param("cuda", 2e-2, "auto", id="gpu-bf16-varlen-liger", marks=[pytest.mark.gpu, GPU]),
+        pytest.param("cpu", 1e-4, "off", "llama", id="cpu-fp32"),
+        pytest.param("cpu", 1e-4, "off", "glm4", id="cpu-fp32-glm4"),
+        pytest.param("cpu", 2e-2, "on", "llama", id="cpu-fp8-frozen-linears"),
+        pytest.param("cuda", 2e-2, "on", "llama", id="gpu-bf16-varlen-liger-fp8", marks=[pytest.mark.gpu, GPU]),
+        pytest.param("cuda", 2e-2, "auto", "llama", id="gpu-bf16-varlen-liger", marks=[pytest.mark.gpu, GPU]),
+        pytest.param("cuda", 2e-2, "on", "glm", id="gpu-bf16-varlen-fp8-glm", marks=[pytest.mark.gpu, GPU]),
+        pytest.param("cuda", 2e-2, "on", "glm4", id="gpu-bf16-varlen-fp8-glm4", marks=[pytest.mark.gpu, GPU]),
     ],
 )
-def test_finetune_training_on_the_fast_path_matches_the_plain_recipe(tmp_path, device, rel, fp8):
+def test_finetune_training_on_the_fast_path_matches_the_plain_recipe(tmp_path, device, rel, fp8, arch):
     """The job's own train() with the fast hooks logs the same train and dev losses as with
     the plain padded recipe: same data, seed and steps (dropout off, since padded and packed
     layouts draw different dropout masks). On CPU the fast path is forced on; on a GPU it is
@@ -250,7 +261,7 @@ def test_finetune_training_on_the_fast_path_matches_the_plain_recipe(tmp_path, d
     from shared.train.training import train
     from tests.tiny import tiny_data_dir, tiny_model_dir
 
-    model_dir = tiny_model_dir(tmp_path / "model")
+    model_dir = tiny_model_dir(tmp_path / "model", arch=arch)
     data = tiny_data_dir(tmp_path / "data", 6, 3)
 
     def run(fast: str):
