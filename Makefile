@@ -20,6 +20,7 @@ CONSTRAINTS := $(if $(filter 1,$(GPU)),constraints-gpu.txt,constraints.txt)
 EXTRAS ?= $(if $(filter 1,$(GPU)),dev-gpu,dev)
 TARGET ?= local
 CONFIG ?= configs/smollm2-135m-cpu.yaml
+# One or more inputs, space-separated (PATH:WEIGHT samples one); empty: the config's preprocess.inputs.
 INPUT ?= configs/data/legal_qa_sample.csv
 # Each `make train` is a new run, compared with the model in production; RUN_ID=<id> resumes one.
 RUN_ID ?= sample-$(shell date -u +%Y%m%d-%H%M%S)
@@ -51,7 +52,7 @@ help: ## Show this help
 ##@ Quickstart
 .PHONY: train test
 train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here, on the GPU when GPU=1; TARGET=k8s: Jobs on a cluster)
-	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG) --input $(INPUT) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(if $(BASE_MODEL), --base-model $(BASE_MODEL))$(if $(SET), $(patsubst %,--set %,$(SET)))$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG)$(foreach i,$(INPUT), --input $(i)) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(if $(BASE_MODEL), --base-model $(BASE_MODEL))$(if $(SET), $(patsubst %,--set %,$(SET)))$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
 
 test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
 	$(PY) -m pytest -m "not kind and not gpu and not soak" tests
@@ -161,10 +162,10 @@ flux-values: ## Print CONFIG as a pipeline chart values file (`config: |`), for 
 
 ##@ Data
 .PHONY: preprocess bench-preprocess
-preprocess: $(VENV)/.installed ## Only the data stage: INPUT (CSV/JSONL, path or URI) -> <artifact_root>/runs/RUN_ID/data
-	LAWTUNE_RUN_ID=$(RUN_ID) $(PY) -m jobs.preprocess --input $(INPUT) --config $(CONFIG)
+preprocess: $(VENV)/.installed ## Only the data stage: INPUT (CSV/JSON/JSONL/Parquet/dataset folder; several: "a.csv b.jsonl:0.5") -> runs/RUN_ID/data
+	LAWTUNE_RUN_ID=$(RUN_ID) $(PY) -m jobs.preprocess$(foreach i,$(INPUT), --input $(i)) --config $(CONFIG)
 
-bench-preprocess: $(VENV)/.installed ## Benchmark preprocess on a synthetic 1,000,000-row CSV vs a pandas baseline (needs ../shared/data)
+bench-preprocess: $(VENV)/.installed ## Benchmark preprocess on a 1,000,000-row CSV built from the sample vs a pandas baseline
 	$(PY) tests/benchmarks/bench_preprocess.py $(BENCH_ARGS)
 
 ##@ GPU training speed
@@ -172,7 +173,7 @@ bench-preprocess: $(VENV)/.installed ## Benchmark preprocess on a synthetic 1,00
 bench-train: ## On a GPU: tutorial recipe vs the fast path (7B/1.5B, memory profile), table into docs/benchmarks.md
 	$(PYTHON) tests/benchmarks/train_speed.py $(BENCH_ARGS)
 
-bench-finetune-ddp: ## On N GPUs: the finetune job on one GPU vs torchrun on N (BENCH_ARGS="--csv FILE --gpus N")
+bench-finetune-ddp: ## On N GPUs: the finetune job on one GPU vs torchrun on N on the sample (BENCH_ARGS="--gpus N [--csv FILE]")
 	$(PYTHON) tests/benchmarks/bench_finetune_ddp.py $(BENCH_ARGS)
 
 test-gpu: ## On a GPU: the gpu-marked tests (FP8 layers, varlen kernel, the fast path, bf16 LoRA training + resume)

@@ -19,7 +19,7 @@ import sys
 # name -> (module whose main(argv) runs it, one line for --help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("shared.cluster.driver", "run the whole pipeline, here (local) or as Kubernetes Jobs (--target k8s)"),
-    "preprocess": ("jobs.preprocess", "CSV/JSONL -> cleaned, de-duplicated train/dev/test chat JSONL"),
+    "preprocess": ("jobs.preprocess", "CSV/JSON/JSONL/Parquet (one or more) -> cleaned, de-duplicated train/dev/test chat JSONL"),
     "finetune": ("jobs.finetune", "LoRA fine-tuning with checkpoints, resume and the best checkpoint"),
     "evaluate": ("jobs.evaluate", "base vs fine-tuned answers, ROUGE/BLEU, report and quality gate"),
     "publish": ("jobs.publish", "merge the adapter, publish a model version, promote it if the gate passed"),

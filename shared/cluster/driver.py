@@ -2,6 +2,7 @@
 
     python -m shared.cluster.driver --target local --config configs/smollm2-135m-cpu.yaml \
         --input configs/data/legal_qa_sample.csv --run-id sample --model-name legal-assistant
+    make train INPUT="a.csv b.jsonl:0.5"        # several inputs (PATH:WEIGHT samples one)
     python -m shared.cluster.driver --config lora.yaml --base-model ./chatglm3-6b --set training_args.max_steps=200 ...
 
 Locally each stage is the same ``python -m jobs.<stage>`` its image runs, with the same
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from shared.core.config import add_config_arguments, config_from_args
 from shared.core.errors import EXIT_CONFIG, EXIT_OK, ConfigError
+from shared.data.inputs import parse_input
 from shared.core.log import configure_logging
 from shared.cluster.summary import summarize
 from shared.core.settings import Settings, load_settings
@@ -35,13 +37,16 @@ class Step:
     args: tuple[str, ...]
 
 
-def plan(config: str, input_uri: str, model_name: str, base_model: str | None = None, sets: tuple[str, ...] = ()) -> list[Step]:
+def plan(config: str, input_uri: str | list[str], model_name: str, base_model: str | None = None,
+         sets: tuple[str, ...] = ()) -> list[Step]:
     """The stages of one run, in order, with the flags each takes (design.md's stage interface).
 
-    ``base_model`` and ``sets`` (``KEY=VALUE``) override the config in every stage that reads it."""
+    ``base_model`` and ``sets`` (``KEY=VALUE``) override the config in every stage that reads it.
+    No input: preprocess reads the config's ``preprocess.inputs``."""
+    inputs = [input_uri] if isinstance(input_uri, str) else input_uri
     overrides = (*(("--base-model", base_model) if base_model else ()), *(a for s in sets for a in ("--set", s)))
     return [
-        Step("preprocess", ("--input", input_uri, "--config", config, *overrides)),
+        Step("preprocess", (*(a for i in inputs for a in ("--input", i)), "--config", config, *overrides)),
         Step("finetune", ("--config", config, *overrides)),
         Step("evaluate", ("--config", config, *overrides, "--model-name", model_name)),
         Step("publish", ("--model-name", model_name)),
@@ -49,7 +54,11 @@ def plan(config: str, input_uri: str, model_name: str, base_model: str | None = 
 
 
 def _absolute(path_or_uri: str) -> str:
-    return path_or_uri if "://" in path_or_uri else str(Path(path_or_uri).resolve())
+    """A local input as an absolute path (stages may run elsewhere), its ``:WEIGHT`` kept."""
+    if "://" in path_or_uri:
+        return path_or_uri
+    spec = parse_input(path_or_uri)
+    return str(Path(spec.uri).resolve()) + (f":{spec.weight:g}" if spec.weight != 1.0 else "")
 
 
 def run_local(settings: Settings, steps: list[Step]) -> int:
@@ -72,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.cluster.driver", description=__doc__.splitlines()[0])
     parser.add_argument("--target", choices=("local", "k8s"), default="local")
     add_config_arguments(parser, required=True)
-    parser.add_argument("--input", required=True, help="CSV/JSONL path or URI")
+    parser.add_argument("--input", action="append", default=[], metavar="PATH[:WEIGHT]",
+                        help="CSV, JSON(L), Parquet, saved dataset folder, or URI; repeat for several "
+                             "(default: the config's preprocess.inputs)")
     parser.add_argument("--run-id", default=None, help="default: LAWTUNE_RUN_ID or 'dev'")
     parser.add_argument("--model-name", default="legal-assistant")
     parser.add_argument("--values", action="append", default=[], help="extra pipeline chart values (k8s)")
@@ -91,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         from shared.cluster.k8s import run_pipeline
 
+        if len(args.input) != 1:
+            print(f"driver: error: --target k8s takes one --input (got {len(args.input)}); list several as s3:// URIs "
+                  "in the config's preprocess.inputs", file=sys.stderr)
+            return EXIT_CONFIG
         return run_pipeline(
             settings,
             config_path=args.config,
-            input_uri=args.input,
+            input_uri=args.input[0],
             run_id=settings.run_id,
             model_name=args.model_name,
             values_files=args.values,
@@ -107,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_CONFIG
     log.info("base model %s (from %s)", config.base_model, config.origin("base_model"))
-    steps = plan(_absolute(args.config), _absolute(args.input), args.model_name, args.base_model, tuple(args.set))
+    steps = plan(_absolute(args.config), [_absolute(i) for i in args.input], args.model_name, args.base_model,
+                 tuple(args.set))
     code = run_local(settings, steps)
     if code == EXIT_OK:
         summarize(settings, args.model_name)

@@ -353,7 +353,7 @@ def _run(settings: Settings, *, config_path, input_uri, run_id, model_name, valu
         from shared.cluster.summary import summarize
 
         try:  # the same summary as a local run; the store is reachable from here (the input went up)
-            summarize(settings, model_name)
+            summarize(settings, model_name, target="k8s")
         except LawtuneError as exc:
             log.warning("could not read the run's summary: %s", exc)
     return code

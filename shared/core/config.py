@@ -64,8 +64,62 @@ class DataConfig(_Strict):
         return {"train": self.train_file, "dev": self.val_file, "test": self.test_file}
 
 
+# ---- the user's own data: column mapping and several inputs (issue 18) -------------------------
+QA_ROLES = ("title", "question", "reply", "is_best")
+PROMPT_ROLES = ("prompt", "query", "response", "system", "history")
+
+
+class ColumnsConfig(_Strict):
+    """Role → the user's column (CSV) or key (JSON, JSONL, Parquet) name, as LLaMA-Factory's
+    dataset_info ``columns``. One family: a Q&A table (title, question, reply, is_best) or a
+    prompt/response table (prompt, query, response, system, history)."""
+
+    title: str | None = Field(default=None, description="Q&A table: the question's title (required in this family).")
+    question: str | None = Field(default=None, description="Q&A table: the question's detail, joined to the title.")
+    reply: str | None = Field(default=None, description="Q&A table: the answer (required in this family).")
+    is_best: str | None = Field(default=None, description="Q&A table: the best-reply flag (1/0/true/false/是/否).")
+    prompt: str | None = Field(default=None, description="Prompt/response: the user turn (Alpaca 'instruction'; required).")
+    query: str | None = Field(default=None, description="Prompt/response: appended to the prompt on a new line (Alpaca 'input').")
+    response: str | None = Field(default=None, description="Prompt/response: the assistant turn (Alpaca 'output'; required).")
+    system: str | None = Field(default=None, description="Prompt/response: a system turn.")
+    history: str | None = Field(default=None, description="Prompt/response: earlier turns, a list of [question, answer] pairs.")
+
+    @model_validator(mode="after")
+    def _one_family(self) -> "ColumnsConfig":
+        set_roles = [r for r in (*QA_ROLES, *PROMPT_ROLES) if getattr(self, r)]
+        qa = [r for r in set_roles if r in QA_ROLES]
+        if qa and len(qa) < len(set_roles):
+            raise ValueError(f"mixes Q&A roles ({', '.join(qa)}) with prompt/response roles; map one family")
+        required = ("title", "reply") if qa else ("prompt", "response")
+        missing = [r for r in required if not getattr(self, r)]
+        if missing:
+            raise ValueError(f"maps no column to {' and '.join(missing)}; expected at least {' and '.join(required)}")
+        return self
+
+    def mapping(self) -> dict[str, str]:
+        return {r: getattr(self, r) for r in (*QA_ROLES, *PROMPT_ROLES) if getattr(self, r)}
+
+
+class InputConfig(_Strict):
+    """One input of several: a file or URI, its sampling weight, its own column mapping."""
+
+    path: str = Field(description="CSV/JSON/JSONL/Parquet file, a saved Hugging Face dataset folder, or an s3:// URI.")
+    weight: float = Field(
+        default=1.0, gt=0.0,
+        description="Sampling weight: below 1 keeps that share of its questions; above 1 repeats its train examples.",
+    )
+    columns: ColumnsConfig | None = Field(default=None, description="This input's mapping; default preprocess.columns.")
+
+
 class PreprocessConfig(_Strict):
     """Cleaning limits and the deterministic split."""
+
+    columns: ColumnsConfig | None = Field(
+        default=None, description="Role -> your column names, when they are not a known layout (docs/data.md)."
+    )
+    inputs: list[InputConfig] = Field(
+        default_factory=list, description="Inputs to read when --input is not given (weights, per-input columns)."
+    )
 
     min_question_chars: int = Field(default=2, ge=1)
     max_question_chars: int = Field(default=2000, ge=1)

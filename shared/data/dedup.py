@@ -10,7 +10,8 @@ group keeps exactly one row, chosen by this rule, in order:
      row as ``invalid_is_best``, because it usually means shifted columns;
   2. among rows equal on 1 (several flagged, or none), the longest answer in characters
      after cleaning wins — in Zhidao data the longer reply is the one that explains;
-  3. among rows equal on 1 and 2, the one earliest in the file wins.
+  3. among rows equal on 1 and 2, the one earliest in the file wins (with several inputs, the
+     earlier input's row: ``--input`` order).
 
 Every other row of the group is rejected with the reason that says how it relates to the
 kept one: ``duplicate_exact`` (the same conversation after cleaning),
@@ -64,6 +65,7 @@ class Candidate(NamedTuple):
     split_u: float
     record: bytes
     raw: bytes
+    source: int = 0  # which input (several --input), for the tie-break and per-input counts
 
     @property
     def conversations(self) -> list[dict[str, str]]:
@@ -81,7 +83,7 @@ def resolve(group: list[Candidate]) -> tuple[Candidate, list[tuple[Candidate, st
     """The kept row of one question's group and the others with their rejection reasons."""
     if len(group) == 1:
         return group[0], []
-    winner = min(group, key=lambda c: (not c.flag, -c.answer_chars, c.line))
+    winner = min(group, key=lambda c: (not c.flag, -c.answer_chars, c.source, c.line))
     kept: _Folded | None = None
     losers = []
     for cand in group:

@@ -9,6 +9,13 @@ file whose stray quotes defeat the cutting is detected and parsed by the parent 
 are finally concatenated in bucket order. Memory is bounded by a few pieces and one bucket
 per worker, never by the file; the output is the same for any number of workers.
 
+Several inputs (``--input a.csv --input b.jsonl``) run pass 1 one after another into the same
+buckets, so a question asked in two inputs is kept once (the earlier input wins a tie). An
+input's sampling ``weight`` below 1 keeps that share of its questions (a hash of the
+question decides, so reruns keep the same ones); above 1 its train examples are written
+``weight`` times (the fraction by the same hash); dev and test never repeat. ``report.json``
+counts every input on its own under ``sources``.
+
 lawzhidao rows become a conversation like this: the user turn is the title, plus the
 ``question`` field on a new line when it adds detail (it is neither empty, nor the title
 again, nor contained in it; when it already contains the title it replaces it); the
@@ -34,7 +41,7 @@ from array import array
 from collections import Counter, deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
@@ -48,6 +55,7 @@ from shared.data.dedup import Candidate, bucket_of, buckets_for, parse_flag, rea
 from shared.core.errors import DataError
 from shared.core.log import progress
 from shared.data.readers import BadRow, CannotCut, ChatRow, CsvRow, Source, csv_records, jsonl_records
+from shared.data.shapes import CHAT, Layout
 from shared.data.split import SPLITS, assign, split_point_bytes, top_up
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,19 @@ class Context:
     columns: dict[str, int] | None
     buckets: int
     spill: str
+    layout: Layout = CHAT
+    source: int = 0  # the input being read (pass 1)
+    inputs: tuple[tuple[str, tuple[str, ...] | None, float], ...] = ()  # every input's (name, header, weight)
+
+    def for_source(self, index: int) -> "Context":
+        """This context as seen from input ``index`` (pass 2 reports rows of every input)."""
+        if not self.inputs or (index == self.source and self.source_name):
+            return self
+        name, header, _ = self.inputs[index]
+        return replace(self, source_name=name, header=list(header) if header else None, source=index)
+
+    def weight(self, index: int) -> float:
+        return self.inputs[index][2] if self.inputs else 1.0
 
 
 def compose_user(title: str, question: str, title_key: str | None = None) -> str:
@@ -84,7 +105,9 @@ def compose_user(title: str, question: str, title_key: str | None = None) -> str
     return f"{title}\n{question}"
 
 
-def _candidate(cfg: PreprocessConfig, key: str, flag: bool, line: int, turns: list[dict[str, str]], raw: Any) -> Candidate:
+def _candidate(
+    cfg: PreprocessConfig, key: str, flag: bool, line: int, turns: list[dict[str, str]], raw: Any, source: int = 0
+) -> Candidate:
     key_bytes = key.encode("utf-8")
     digest = hashlib.blake2b(key_bytes, digest_size=8).digest()
     question = answer = 0
@@ -95,10 +118,21 @@ def _candidate(cfg: PreprocessConfig, key: str, flag: bool, line: int, turns: li
             answer += len(turn["content"])
     record = dumps({"id": digest.hex(), "conversations": turns}).encode("utf-8")
     u = split_point_bytes(key_bytes, cfg.split_seed)
-    return Candidate(key, digest, flag, answer, question, line, u, record, marshal.dumps(raw))
+    return Candidate(key, digest, flag, answer, question, line, u, record, marshal.dumps(raw), source)
 
 
-def from_csv(row: CsvRow, cfg: PreprocessConfig, reply_at: int | None = None) -> Candidate | tuple[str, str]:
+def share_point(digest: bytes) -> float:
+    """Where a question falls in [0, 1) for sampling weights (independent of the split point)."""
+    return int.from_bytes(digest[:4], "little") / 2.0**32
+
+
+def copies(weight: float, digest: bytes) -> int:
+    """How often a train example of an input with ``weight`` >= 1 is written."""
+    whole = int(weight)
+    return whole + (share_point(digest) < weight - whole)
+
+
+def from_csv(row: CsvRow, cfg: PreprocessConfig, reply_at: int | None = None, source: int = 0) -> Candidate | tuple[str, str]:
     """A candidate, or ``(reason, detail)`` when the row is rejected.
 
     ``reply_at``: the reply's column; when cleaning left the reply as it was, the spilled raw
@@ -125,10 +159,10 @@ def from_csv(row: CsvRow, cfg: PreprocessConfig, reply_at: int | None = None) ->
     if reply_at is not None and reply == row.reply:
         raw = list(raw)
         raw[reply_at] = None
-    return _candidate(cfg, key, flag, row.line, turns, raw)
+    return _candidate(cfg, key, flag, row.line, turns, raw, source)
 
 
-def from_chat(row: ChatRow, cfg: PreprocessConfig) -> Candidate | tuple[str, str]:
+def from_chat(row: ChatRow, cfg: PreprocessConfig, source: int = 0) -> Candidate | tuple[str, str]:
     turns = [{"role": t["role"], "content": clean_text(t["content"])} for t in row.turns]
     turns = [t for t in turns if t["role"] != "system" or t["content"]]
     while turns and turns[-1]["role"] != "assistant":
@@ -153,7 +187,7 @@ def from_chat(row: ChatRow, cfg: PreprocessConfig) -> Candidate | tuple[str, str
         return "empty_question", "the question is only punctuation"
     if cfg.system_prompt and turns[0]["role"] != "system":
         turns.insert(0, {"role": "system", "content": cfg.system_prompt})
-    return _candidate(cfg, key, False, row.line, turns, row.raw)
+    return _candidate(cfg, key, False, row.line, turns, row.raw, source)
 
 
 def _reject_line(ctx: Context, line: int, reason: str, detail: str, raw: Any) -> str:
@@ -176,9 +210,9 @@ def _no_gc():
             gc.enable()
 
 
-def convert_batch(ctx: Context, batch: list | tuple[int, str]) -> tuple[dict[int, bytes], bytes, Counter] | None:
+def convert_batch(ctx: Context, batch: list | tuple[int, str]) -> tuple[dict[int, bytes], bytes, Counter, int] | None:
     """Pass 1 on a batch (parsed rows, or a ``(first line, text)`` piece to parse here):
-    spill bytes per bucket, reject lines, reasons counted. None: the piece was cut where
+    spill bytes per bucket, reject lines, reasons counted, rows sampled out (weight < 1). None: the piece was cut where
     the file's quoting makes cutting unsafe (see ``Source.chunks``)."""
     with _no_gc():
         if isinstance(batch, tuple):
@@ -186,9 +220,10 @@ def convert_batch(ctx: Context, batch: list | tuple[int, str]) -> tuple[dict[int
             lines = io.StringIO(text, newline="")
             try:
                 if ctx.fmt == "csv":
-                    rows = list(csv_records(lines, first - 1, ctx.columns, len(ctx.header), strict=True, name=ctx.source_name))
+                    rows = list(csv_records(lines, first - 1, ctx.columns, len(ctx.header), strict=True,
+                                            name=ctx.source_name, layout=ctx.layout))
                 else:
-                    rows = list(jsonl_records(lines, first - 1, name=ctx.source_name))
+                    rows = list(jsonl_records(lines, first - 1, name=ctx.source_name, layout=ctx.layout))
             except csv.Error:
                 return None
         else:
@@ -196,24 +231,28 @@ def convert_batch(ctx: Context, batch: list | tuple[int, str]) -> tuple[dict[int
         return _convert_batch(ctx, rows)
 
 
-def _convert_batch(ctx: Context, rows: list) -> tuple[dict[int, bytes], bytes, Counter]:
-    reply_at = ctx.columns["reply"] if ctx.columns else None
+def _convert_batch(ctx: Context, rows: list) -> tuple[dict[int, bytes], bytes, Counter, int]:
+    reply_at = ctx.columns.get("reply") if ctx.columns and ctx.fmt == "csv" else None
     spill: dict[int, list[bytes]] = {}
     rejects: list[str] = []
     reasons: Counter = Counter()
+    weight, sampled_out = ctx.weight(ctx.source), 0
     for row in rows:
         if isinstance(row, BadRow):
             made: Any = (row.reason, row.detail)
-        elif ctx.fmt == "csv":
-            made = from_csv(row, ctx.cfg, reply_at)
+        elif isinstance(row, CsvRow):
+            made = from_csv(row, ctx.cfg, reply_at, ctx.source)
         else:
-            made = from_chat(row, ctx.cfg)
+            made = from_chat(row, ctx.cfg, ctx.source)
         if isinstance(made, Candidate):
+            if weight < 1.0 and share_point(made.digest) >= weight:
+                sampled_out += 1
+                continue
             spill.setdefault(bucket_of(made, ctx.buckets), []).append(spill_record(made))
         else:
             reasons[made[0]] += 1
             rejects.append(_reject_line(ctx, row.line, made[0], made[1], row.raw))
-    return {b: b"".join(parts) for b, parts in spill.items()}, "".join(rejects).encode("utf-8"), reasons
+    return {b: b"".join(parts) for b, parts in spill.items()}, "".join(rejects).encode("utf-8"), reasons, sampled_out
 
 
 @dataclass
@@ -222,7 +261,8 @@ class BucketResult:
     reasons: Counter
     question_chars: array
     answer_chars: array
-    reserve: list[tuple[float, str, bytes]]  # the train lines nearest the dev band
+    reserve: list[tuple]  # (u, key, line, input, copies): the train lines nearest the dev band
+    by_input: dict[int, Counter]  # per input: kept per split, repeated train lines, rejections by reason
 
 
 def resolve_bucket(ctx: Context, bucket: int, reserve_size: int) -> BucketResult:
@@ -233,25 +273,34 @@ def resolve_bucket(ctx: Context, bucket: int, reserve_size: int) -> BucketResult
 
 def _resolve_bucket(ctx: Context, bucket: int, reserve_size: int) -> BucketResult:
     cfg, spill = ctx.cfg, Path(ctx.spill)
-    out = {s: open(spill / f"out-{bucket:04d}.{s}.jsonl", "wb") for s in SPLITS}
+    out = {s: open(spill / f"out-{bucket:04d}.{s}.jsonl", "wb") for s in (*SPLITS, "repeat")}
     rejects = open(spill / f"out-{bucket:04d}.rejected.jsonl", "wb")
-    result = BucketResult({s: 0 for s in SPLITS}, Counter(), array("l"), array("l"), [])
+    result = BucketResult({s: 0 for s in SPLITS}, Counter(), array("l"), array("l"), [], {})
     path = spill / f"bucket-{bucket:04d}.bin"
     try:
         for group in read_groups([path] if path.exists() else []):
             winner, losers = resolve(group)
             for cand, reason in losers:
                 result.reasons[reason] += 1
+                result.by_input.setdefault(cand.source, Counter())[reason] += 1
                 detail = f"same question as line {winner.line}"
-                rejects.write(_reject_line(ctx, cand.line, reason, detail, cand.raw_row).encode("utf-8"))
+                if winner.source != cand.source:
+                    detail += f" of {ctx.for_source(winner.source).source_name}"
+                rejects.write(_reject_line(ctx.for_source(cand.source), cand.line, reason, detail, cand.raw_row).encode("utf-8"))
             line, u = winner.record, winner.split_u
             split = assign(u, cfg.dev_ratio, cfg.test_ratio)
             out[split].write(line + b"\n")
             result.counts[split] += 1
+            kept = result.by_input.setdefault(winner.source, Counter())
+            kept[split] += 1
+            repeat = copies(ctx.weight(winner.source), winner.digest) if split == "train" else 1
+            if repeat != 1:
+                out["repeat"].write((line + b"\n") * (repeat - 1))
+                kept["repeated"] += repeat - 1
             result.question_chars.append(winner.question_chars)
             result.answer_chars.append(winner.answer_chars)
             if split == "train" and reserve_size:
-                item = (-u, winner.key, line)  # max-heap on u keeps the smallest u
+                item = (-u, winner.key, line, winner.source, repeat)  # max-heap on u keeps the smallest u
                 if len(result.reserve) < reserve_size:
                     heapq.heappush(result.reserve, item)
                 elif item > result.reserve[0]:
@@ -260,7 +309,7 @@ def _resolve_bucket(ctx: Context, bucket: int, reserve_size: int) -> BucketResul
         for fh in (*out.values(), rejects):
             fh.close()
         path.unlink(missing_ok=True)
-    result.reserve = [(-neg, key, line) for neg, key, line in result.reserve]
+    result.reserve = [(-neg, *rest) for neg, *rest in result.reserve]
     return result
 
 
@@ -346,8 +395,10 @@ def _concatenate(spill: Path, outdir: Path, buckets: int, moved: dict[str, set[b
         # Not "ab": copy_file_range refuses O_APPEND descriptors.
         with open(path, "r+b" if path.exists() else "wb") as dst:
             dst.seek(0, os.SEEK_END)
-            for bucket in range(buckets):
-                part = spill / f"out-{bucket:04d}.{split}.jsonl"
+            # Train's repeats (weights above 1) follow all train parts.
+            parts = [(b, split) for b in range(buckets)] + ([(b, "repeat") for b in range(buckets)] if split == "train" else [])
+            for bucket, kind in parts:
+                part = spill / f"out-{bucket:04d}.{kind}.jsonl"
                 with open(part, "rb") as src:
                     if split == "train" and gone:
                         dst.writelines(line for line in src if line.rstrip(b"\n") not in gone)
@@ -367,13 +418,16 @@ def _pool(workers: int) -> Executor:
     return _Inline()
 
 
-def _pass1(pool: Executor, ctx: Context, source: Source, outdir: Path, *, pieces: bool, window: int) -> Counter:
-    """Read, clean and spill every row; reject lines go to ``rejected.jsonl``."""
+def _pass1(pool: Executor, ctx: Context, source: Source, outdir: Path, *, pieces: bool, window: int) -> tuple[Counter, int]:
+    """Read, clean and spill every row of one input; reject lines go to ``rejected.jsonl``.
+    Returns the rejections by reason and how many rows its weight sampled out."""
     reasons: Counter = Counter()
+    sampled_out = 0
     spill = Path(ctx.spill)
-    bucket_files = [open(spill / f"bucket-{b:04d}.bin", "wb") for b in range(ctx.buckets)]
+    mode = "ab"  # earlier inputs' rows are already there (build creates the files empty)
+    bucket_files = [open(spill / f"bucket-{b:04d}.bin", mode) for b in range(ctx.buckets)]
     try:
-        with open(outdir / "rejected.jsonl", "wb") as rejected:
+        with open(outdir / "rejected.jsonl", mode) as rejected:
             if pieces:
                 batches: Iterable = source.chunks(PIECE_CHARS)
             else:
@@ -382,50 +436,100 @@ def _pass1(pool: Executor, ctx: Context, source: Source, outdir: Path, *, pieces
             for result in progress(results, desc=f"read {source.name}", unit="batch"):
                 if result is None:
                     raise CannotCut(f"{source.name}: stray quotes")
-                by_bucket, reject_text, batch_reasons = result
+                by_bucket, reject_text, batch_reasons, batch_sampled_out = result
                 for bucket, data in by_bucket.items():
                     bucket_files[bucket].write(data)
                 rejected.write(reject_text)
                 reasons.update(batch_reasons)
+                sampled_out += batch_sampled_out
     finally:
         for fh in bucket_files:
             fh.close()
-    return reasons
+    return reasons, sampled_out
+
+
+def _sizes(paths: list[Path]) -> list[int]:
+    return [p.stat().st_size if p.exists() else 0 for p in paths]
+
+
+def _truncate(paths: list[Path], sizes: list[int]) -> None:
+    for path, size in zip(paths, sizes):
+        with open(path, "r+b") as fh:
+            fh.truncate(size)
+
+
+def _source_info(source: Source, input_bytes: int) -> dict[str, Any]:
+    return {"name": source.name, "format": source.format, "encoding": source.encoding, "bytes": input_bytes}
 
 
 def build(
-    source: Source, outdir: Path, spill: Path, cfg: PreprocessConfig, input_bytes: int, *, workers: int | None = None
-) -> dict[str, Any]:
-    """Write the splits, ``rejected.jsonl`` and ``report.json`` into ``outdir``; return the report."""
+    sources: Source | list[Source], outdir: Path, spill: Path, cfg: PreprocessConfig, input_bytes: int | list[int],
+    *, workers: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Write the splits, ``rejected.jsonl`` and ``report.json`` into ``outdir``; return the report.
+
+    ``sources`` are read in order (one input, or several with ``weight`` attributes);
+    ``input_bytes`` is each one's size (or their total), which sizes buckets and workers."""
+    sources = [sources] if not isinstance(sources, (list, tuple)) else list(sources)
+    sizes = list(input_bytes) if isinstance(input_bytes, (list, tuple)) else [input_bytes] + [0] * (len(sources) - 1)
+    total_bytes = sum(sizes)
     spill.mkdir(parents=True, exist_ok=True)
-    workers = workers or default_workers(input_bytes)
-    ctx = Context(cfg, source.name, source.format, source.header, source.columns, buckets_for(input_bytes), str(spill))
+    workers = workers or default_workers(total_bytes)
+    inputs = tuple((s.name, tuple(s.header) if s.header else None, float(getattr(s, "weight", 1.0))) for s in sources)
+    base = Context(cfg, "", "", None, None, buckets_for(total_bytes), str(spill), inputs=inputs)
+    written = [spill / f"bucket-{b:04d}.bin" for b in range(base.buckets)] + [outdir / "rejected.jsonl"]
+    for path in written:
+        path.write_bytes(b"")
+    reasons: Counter = Counter()
+    per_input: list[Counter] = [Counter() for _ in sources]
     started = time.perf_counter()
     pool = _pool(workers)
     with pool, _no_gc():
-        try:
-            reasons = _pass1(pool, ctx, source, outdir, pieces=True, window=2 * workers + 1)
-        except CannotCut as exc:
-            log.warning("%s: cannot cut into pieces for parallel parsing (%s); parsing in one process", source.name, exc)
-            reasons = _pass1(pool, ctx, source, outdir, pieces=False, window=2 * workers + 1)
+        for index, source in enumerate(sources):
+            ctx = replace(base, source_name=source.name, fmt=source.format, header=source.header,
+                          columns=source.columns, layout=getattr(source, "layout", CHAT), source=index)
+            before = _sizes(written)
+            try:
+                found, sampled_out = _pass1(pool, ctx, source, outdir, pieces=True, window=2 * workers + 1)
+            except CannotCut as exc:
+                if source.format in ("csv", "jsonl"):
+                    log.warning("%s: cannot cut into pieces for parallel parsing (%s); parsing in one process", source.name, exc)
+                _truncate(written, before)  # what the pieces wrote before the cut failed
+                found, sampled_out = _pass1(pool, ctx, source, outdir, pieces=False, window=2 * workers + 1)
+            reasons.update(found)
+            per_input[index].update(found)
+            per_input[index]["sampled_out"] += sampled_out
         log.info("pass 1 (read, clean, spill) done in %.1fs", time.perf_counter() - started)
         reserve_size = cfg.min_dev + cfg.min_test
+        ctx = base
         results = list(pool.map(resolve_bucket, [ctx] * ctx.buckets, range(ctx.buckets), [reserve_size] * ctx.buckets))
 
     log.info("pass 2 (group, pick, split) done in %.1fs", time.perf_counter() - started)
     counts = {s: sum(r.counts[s] for r in results) for s in SPLITS}
     for r in results:
         reasons.update(r.reasons)
+        for index, found in r.by_input.items():
+            per_input[index].update(found)
     kept = sum(counts.values())
-    rows_read = sum(reasons.values()) + kept
+    sampled_out = sum(c["sampled_out"] for c in per_input)
     rejected_total = sum(reasons.values())
+    rows_read = rejected_total + kept + sampled_out
+    name = ", ".join(s.name for s in sources)
     if rows_read == 0:
-        raise DataError(f"{source.name}: no data rows (only a header or blank lines)")
+        raise DataError(f"{name}: no data rows (only a header or blank lines)")
     if kept == 0:
         listed = ", ".join(f"{r}: {n}" for r, n in reasons.most_common())
-        raise DataError(f"{source.name}: no usable rows; all {rejected_total} rejected ({listed})")
+        what = f"all {rejected_total} rejected ({listed})" if rejected_total else f"all {sampled_out} sampled out by weights"
+        raise DataError(f"{name}: no usable rows; {what}")
     minimum = {"dev": cfg.min_dev, "test": cfg.min_test}
-    moved = top_up(counts, minimum, [item for r in results for item in r.reserve])
+    reserve = [item for r in results for item in r.reserve]
+    moved = top_up(counts, minimum, reserve)
+    for _, _, line, index, repeat in reserve:  # per-input counts follow the lines top_up moved
+        for split in ("dev", "test"):
+            if line in moved[split]:
+                per_input[index]["train"] -= 1
+                per_input[index][split] += 1
+                per_input[index]["repeated"] -= repeat - 1
     _concatenate(spill, outdir, ctx.buckets, moved)
     export_rejected_csv(outdir / "rejected.jsonl", outdir / "rejected.csv")
 
@@ -433,19 +537,48 @@ def build(
     for r in results:
         question_chars.extend(r.question_chars)
         answer_chars.extend(r.answer_chars)
+    repeated = sum(c["repeated"] for c in per_input)
     report = {
-        "source": {"name": source.name, "format": source.format, "encoding": source.encoding, "bytes": input_bytes},
+        "source": _source_info(sources[0], sizes[0]) if len(sources) == 1 else {
+            "name": name, "format": "+".join(s.format for s in sources),
+            "encoding": "+".join(s.encoding for s in sources), "bytes": total_bytes,
+        },
         "rows_read": rows_read,
         "kept": kept,
         "rejected": rejected_total,
         "splits": counts,
         "rejected_by_reason": dict(sorted(reasons.items())),
         "length_chars": {"question": _stats(question_chars), "answer": _stats(answer_chars)},
+        "sources": [_input_report(s, sizes[i] if len(sizes) == len(sources) else None, per_input[i]) for i, s in enumerate(sources)],
+        "sampled_out": sampled_out,
+        "train_lines": counts["train"] + repeated,
         "config": cfg.model_dump(mode="json"),
     }
     (outdir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    for entry in report["sources"] if len(sources) > 1 else ():
+        log.info("  %s: %d rows, %d kept, %d rejected, %d sampled out, weight %g", entry["name"], entry["rows_read"],
+                 entry["kept"], entry["rejected"], entry["sampled_out"], entry["weight"])
     log.info(
         "%s: %d rows → %d kept (train %d, dev %d, test %d), %d rejected",
-        source.name, rows_read, kept, counts["train"], counts["dev"], counts["test"], rejected_total,
+        name, rows_read, kept, counts["train"], counts["dev"], counts["test"], rejected_total,
     )  # fmt: skip
     return report
+
+
+def _input_report(source: Source, size: int | None, found: Counter) -> dict[str, Any]:
+    """One input's line in ``report.json``: what it was, and what became of its rows."""
+    splits = {s: found[s] for s in SPLITS}
+    reasons = {r: n for r, n in sorted(found.items()) if r not in (*SPLITS, "repeated", "sampled_out") and n}
+    kept = sum(splits.values())
+    return {
+        **_source_info(source, size),
+        "layout": getattr(source, "layout", CHAT).describe(),
+        "weight": float(getattr(source, "weight", 1.0)),
+        "rows_read": kept + sum(reasons.values()) + found["sampled_out"],
+        "kept": kept,
+        "rejected": sum(reasons.values()),
+        "sampled_out": found["sampled_out"],
+        "splits": splits,
+        "train_lines": splits["train"] + found["repeated"],
+        "rejected_by_reason": reasons,
+    }

@@ -1,19 +1,24 @@
-"""Reading Q&A datasets as a stream: lawzhidao CSV and chat JSONL, in whatever encoding they came.
+"""Reading Q&A datasets as a stream: CSV, JSONL and JSON arrays, in whatever encoding they came.
 
-Formats
-  - lawzhidao CSV, header ``title,question,reply,is_best`` (``title`` and ``reply`` are
-    required, the other two optional; column order and case are free). RFC 4180 quoting,
-    so quoted fields may hold commas, quotes and line breaks; CRLF or LF line ends.
-  - chat JSONL, one object per line, in any of
+Formats (which columns mean what: shared/data/shapes.py, the config's ``preprocess.columns``)
+  - CSV with a header: lawzhidao ``title,question,reply,is_best`` (``title`` and ``reply``
+    required), Alpaca ``instruction,input,output[,system,history]``, ``prompt,response``, or
+    the user's own names mapped by ``preprocess.columns``; column order and case are free.
+    RFC 4180 quoting, so quoted fields may hold commas, quotes and line breaks; CRLF or LF.
+  - JSONL (one object per line) or a JSON array of objects, each either a row of one of the
+    layouts above (Alpaca's ``history`` kept as turns) or a conversation in any of
       ChatGLM3  ``{"conversations": [{"role": "user", "content": "..."}, ...]}``
       OpenAI    ``{"messages": [{"role": "user", "content": "..." | [{"type": "text", "text": "..."}]}, ...]}``
       ShareGPT  ``{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}``
+  - Parquet files and saved Hugging Face dataset folders: shared/data/hf_datasets.py
+    (``shared.data.inputs.open_source`` picks the reader).
 
 Encodings: UTF-8 with or without a BOM, UTF-16 with a BOM, and GB18030 (which covers GBK
 and GB2312, as exported by Chinese Excel) are read correctly; the encoding found is
 reported. A file that is empty, binary (NUL bytes, archive magic), in no encoding we can
 read, or a CSV without the required columns raises ``DataError`` naming the file and the
-problem. Rows that are merely bad come back as ``BadRow`` with their line number, so the
+problem; so does a header or first object whose names fit no layout (naming the names found
+and a mapping that would fit). Rows that are merely bad come back as ``BadRow`` with their line number, so the
 caller can reject them and go on.
 """
 
@@ -23,14 +28,16 @@ import codecs
 import csv
 import json
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 
+from shared.core.config import ColumnsConfig
 from shared.data.conversation import SchemaError
 from shared.core.errors import DataError
+from shared.data.shapes import CHAT, Layout, match, prompt_turns, text_of
 
-CSV_REQUIRED = ("title", "reply")
-CSV_COLUMNS = ("title", "question", "reply", "is_best")
+_SNIFF_OBJECTS = 50  # JSONL lines looked at for the first object, which decides the layout
 _SNIFF_BYTES = 64 * 1024
 _FIELD_LIMIT = 64 * 1024 * 1024  # long replies; the 128 KiB default would abort a file on one
 _MAGIC = {
@@ -169,28 +176,35 @@ def _first_bad_line(path: Path, encoding: str) -> int:
 
 
 def sniff_format(path: Path, encoding: str) -> str:
-    """``csv`` or ``jsonl``: by extension, else by the first character."""
+    """``csv``, ``jsonl`` or ``json`` (an array): by extension, else by the first character."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         return "csv"
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
     with open(path, encoding=encoding, errors="replace") as fh:
-        first = fh.read(4096).lstrip()
-    return "jsonl" if first.startswith(("{", "[")) else "csv"
+        first = fh.read(4096).lstrip().lstrip("\ufeff")
+    if first.startswith("["):
+        return "json"
+    if suffix in (".jsonl", ".json", ".ndjson") or first.startswith("{"):
+        return "jsonl"
+    return "csv"
 
 
 class Source:
-    """One input file: its encoding, format and a row iterator that never loads it whole."""
+    """One input file: its encoding, format, layout and a row iterator that never loads it whole."""
 
-    def __init__(self, path: Path, name: str | None = None):
+    def __init__(self, path: Path, name: str | None = None, columns: ColumnsConfig | None = None, weight: float = 1.0):
         self.path = Path(path)
         self.name = name or self.path.name
+        self.weight = weight
+        self._mapping = columns
         self.encoding = sniff_encoding(self.path)
         self.format = sniff_format(self.path, self.encoding)
         self.header: list[str] | None = None
+        self.layout: Layout = CHAT
         if self.format == "csv":
             self._index = self._read_header()
+        else:
+            self.layout = self._sniff_layout()
 
     def _fail(self, message: str) -> DataError:
         return DataError(f"{self.name}: {message}")
@@ -199,9 +213,12 @@ class Source:
         """Every row, parsed in this process (exact CSV semantics, any quoting)."""
         with self._decoding(), self._open() as fh:
             if self.format == "csv":
-                yield from csv_records(fh, 0, self._index, len(self.header or ()), skip_header=True, name=self.name)
+                yield from csv_records(fh, 0, self._index, len(self.header or ()), skip_header=True, name=self.name,
+                                       layout=self.layout)
+            elif self.format == "json":
+                yield from json_array_records(fh, name=self.name, layout=self.layout)
             else:
-                yield from jsonl_records(fh, 0, name=self.name)
+                yield from jsonl_records(fh, 0, name=self.name, layout=self.layout)
 
     def chunks(self, size: int) -> Iterator[tuple[int, str]]:
         """``(first line, text)`` pieces of whole records, about ``size`` characters each, for
@@ -213,6 +230,8 @@ class Source:
         falls back to ``rows()``. Only C-level counting happens here, so one process feeds
         several workers. ``CannotCut``: no line break to cut at (e.g. old Mac CR line ends).
         """
+        if self.format == "json":
+            raise CannotCut(f"{self.name}: a JSON array is parsed in one stream")
         quoted = self.format == "csv"
         with self._decoding(), self._open() as fh:
             line = 0
@@ -267,14 +286,28 @@ class Source:
         if header is None:
             raise self._fail("the file is empty")
         self.header = [h.strip().lstrip("\ufeff") for h in header]
-        columns = [h.lower() for h in self.header]
-        missing = [c for c in CSV_REQUIRED if c not in columns]
-        if missing:
-            raise self._fail(
-                f"not a lawzhidao CSV: missing column(s) {', '.join(missing)} in header {','.join(header)[:200]!r}; "
-                f"expected {','.join(CSV_COLUMNS)}"
-            )
-        return {c: columns.index(c) for c in CSV_COLUMNS if c in columns}
+        self.layout = match(self.header, self._mapping, where=self.name, what="CSV header")
+        position = {h: i for i, h in reversed(list(enumerate(self.header)))}  # the first of repeated names
+        return {role: position[name] for role, name in self.layout.fields}
+
+    def _sniff_layout(self) -> Layout:
+        """The layout the first JSON object's keys fit (conversations fit the chat layout)."""
+        with self._decoding(), self._open() as fh:
+            if self.format == "json":
+                first = next((row for row in _array_objects(fh, self.name)), None)
+                obj = first[1] if first else None
+            else:
+                obj = None
+                for line in islice(fh, _SNIFF_OBJECTS):
+                    try:
+                        obj = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(obj, dict):
+                        break
+        if not isinstance(obj, dict):
+            return CHAT  # nothing to go by: every line is rejected with its reason
+        return match(obj.keys(), self._mapping, where=self.name, what="keys of the first object", chat=True)
 
     @property
     def columns(self) -> dict[str, int] | None:
@@ -283,11 +316,13 @@ class Source:
 
 def csv_records(
     lines: Iterable[str], offset: int, index: dict[str, int], width: int,
-    *, skip_header: bool = False, strict: bool = False, name: str = "",
-) -> Iterator[CsvRow | BadRow]:  # fmt: skip
-    """Rows of CSV text whose first line is line ``offset + 1`` of the file."""
+    *, skip_header: bool = False, strict: bool = False, name: str = "", layout: Layout | None = None,
+) -> Iterator[CsvRow | ChatRow | BadRow]:  # fmt: skip
+    """Rows of CSV text whose first line is line ``offset + 1`` of the file: ``CsvRow`` for a
+    Q&A table, ``ChatRow`` for a prompt/response table (``layout`` then names the columns)."""
     csv.field_size_limit(_FIELD_LIMIT)  # per process: workers start with the default
-    t, r = index["title"], index["reply"]
+    prompt = "title" not in index
+    t, r = index.get("title"), index.get("reply")
     q, b = index.get("question"), index.get("is_best")
     reader = csv.reader(lines, strict=strict)
     if skip_header:
@@ -309,6 +344,13 @@ def csv_records(
                 continue  # blank line
             yield BadRow(start, "malformed_row", f"{len(row)} field(s), the header has {width}", row)
             continue
+        if prompt:
+            try:
+                values = {column: row[index[role]] for role, column in layout.fields}
+                yield ChatRow(start, prompt_turns(values, layout), row)
+            except SchemaError as exc:
+                yield BadRow(start, "bad_schema", str(exc), row)
+            continue
         yield CsvRow(start, row[t], row[q] if q is not None else "", row[r], row[b] if b is not None else "", row)
 
 
@@ -317,13 +359,11 @@ def _too_long(line: int, chars: int) -> str:
             f"({_FIELD_LIMIT // 2**20} Mi); split it or remove it")
 
 
-def jsonl_records(lines: Iterable[str], offset: int, *, name: str = "") -> Iterator[ChatRow | BadRow]:
+def jsonl_records(lines: Iterable[str], offset: int, *, name: str = "", layout: Layout = CHAT) -> Iterator[CsvRow | ChatRow | BadRow]:
     """Rows of JSON Lines text whose first line is line ``offset + 1`` of the file."""
     for number, line in enumerate(lines, offset + 1):
         if not line.strip():
             continue
-        if number == 1 and line.lstrip().startswith("["):
-            raise DataError(f"{name}: a JSON array; expected JSON Lines (one conversation object per line)")
         if len(line) > _FIELD_LIMIT:
             raise DataError(f"{name}: {_too_long(number, len(line))}")
         raw = line.rstrip("\r\n")
@@ -332,10 +372,65 @@ def jsonl_records(lines: Iterable[str], offset: int, *, name: str = "") -> Itera
         except ValueError as exc:
             yield BadRow(number, "unparseable_line", f"not JSON: {exc}", raw)
             continue
-        try:
-            yield ChatRow(number, chat_turns(obj), raw)
-        except SchemaError as exc:
-            yield BadRow(number, "bad_schema", str(exc), raw)
+        yield object_row(number, obj, raw, layout)
+
+
+def json_array_records(text: Iterable[str], *, name: str = "", layout: Layout = CHAT) -> Iterator[CsvRow | ChatRow | BadRow]:
+    """Rows of a JSON array file, streamed: one element at a time, numbered by its first line."""
+    for line, obj in _array_objects(text, name):
+        yield object_row(line, obj, json.dumps(obj, ensure_ascii=False), layout)
+
+
+def _array_objects(text: Iterable[str], name: str) -> Iterator[tuple[int, Any]]:
+    """``(line, element)`` of a JSON array, decoded piece by piece so the file is never whole in memory."""
+    decoder = json.JSONDecoder()
+    blocks = iter(text) if not hasattr(text, "read") else iter(lambda: text.read(1 << 16), "")
+    buffer, pos, line, started = "", 0, 1, False
+    for block in blocks:
+        buffer = buffer[pos:] + block
+        pos = 0
+        while True:
+            while pos < len(buffer) and buffer[pos] in " \t\r\n,\ufeff":
+                line += buffer[pos] == "\n"
+                pos += 1
+            if pos >= len(buffer):
+                break
+            if not started:
+                if buffer[pos] != "[":
+                    raise DataError(f"{name}: not a JSON array (line {line} starts with {buffer[pos]!r})")
+                started, pos = True, pos + 1
+                continue
+            if buffer[pos] == "]":
+                return
+            try:
+                obj, end = decoder.raw_decode(buffer, pos)
+            except ValueError as exc:
+                if len(buffer) - pos > _FIELD_LIMIT:
+                    raise DataError(f"{name}: not valid JSON at line {line}: {exc}") from None
+                break  # the element goes on in the next block
+            yield line, obj
+            line += buffer.count("\n", pos, end)
+            pos = end
+    if started:
+        raise DataError(f"{name}: the JSON array is not closed or not valid JSON after line {line}")
+
+
+def object_row(line: int, obj: Any, raw: Any, layout: Layout) -> CsvRow | ChatRow | BadRow:
+    """One JSON object (a JSONL line, an array element, a Parquet row) as a row of ``layout``."""
+    try:
+        if layout.kind == "chat":
+            return ChatRow(line, chat_turns(obj), raw)
+        if not isinstance(obj, dict):
+            raise SchemaError(f"a JSON {type(obj).__name__}; expected an object")
+        if layout.kind == "prompt":
+            return ChatRow(line, prompt_turns(obj, layout), raw)
+        for role in ("title", "reply"):
+            if layout.get(role) not in obj:
+                raise SchemaError(f"no {layout.get(role)!r} (the {role})")
+        cell = {role: text_of(obj.get(key), role, key) for role, key in layout.fields}
+        return CsvRow(line, cell["title"], cell.get("question", ""), cell["reply"], cell.get("is_best", ""), raw)
+    except SchemaError as exc:
+        return BadRow(line, "bad_schema", str(exc), raw)
 
 
 def _content(value: Any, index: int) -> str:

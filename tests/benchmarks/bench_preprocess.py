@@ -4,8 +4,9 @@
     .venv/bin/python tests/benchmarks/bench_preprocess.py --record        # ... and append it to docs/benchmarks.md
     .venv/bin/python tests/benchmarks/bench_preprocess.py --rows 100000   # quicker look
 
-The CSV is built from ../shared/data (both files): every source row is repeated with a
-numbered title, every fifth row is a second reply to the previous title, ``is_best`` cycles
+The CSV is built from the project's own sample (configs/data/legal_qa_sample.csv), so any
+clone can run it; ``--data DIR`` builds it from the CSVs in DIR instead (the development data
+in ../shared/data gave the recorded numbers). Every source row is repeated with a numbered title, every fifth row is a second reply to the previous title, ``is_best`` cycles
 through ``1``, ``1.0``, ``true``, ``0``, ``0.0`` and empty, one reply in ten carries HTML
 entities and tags, one in a thousand is empty. Each contender runs as its own process, so
 its peak RSS (``wait4``) is its own:
@@ -30,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE = REPO / "configs" / "data" / "legal_qa_sample.csv"
 FLAGS = ["1", "1.0", "true", "0", "0.0", ""]
 
 BASELINE = r"""
@@ -57,15 +58,19 @@ print(len(df))
 """
 
 
-def source_rows(data: Path) -> list[tuple[str, str]]:
+def source_rows(data: Path | None) -> list[tuple[str, str]]:
+    """(title, reply) pairs to repeat: the sample's good rows, or every CSV of ``data``."""
+    files = sorted(data.glob("*.csv")) if data else [SAMPLE]
     rows = []
-    for name in ("legal_advice_5k.csv", "lawbench_consultation_500.csv"):
-        with open(data / name, encoding="utf-8", newline="") as fh:
-            rows += [(r["title"], r["reply"]) for r in csv.DictReader(fh)]
+    for path in files:
+        with open(path, encoding="utf-8", newline="") as fh:
+            rows += [(r["title"], r["reply"]) for r in csv.DictReader(fh) if r.get("title") and len(r.get("reply", "")) >= 10]
+    if not rows:
+        raise SystemExit(f"no title/reply rows in {data or SAMPLE}")
     return rows
 
 
-def build_csv(path: Path, n: int, data: Path) -> None:
+def build_csv(path: Path, n: int, data: Path | None) -> None:
     base = source_rows(data)
     tmp = path.with_suffix(".partial")
     with open(tmp, "w", encoding="utf-8", newline="") as fh:
@@ -146,16 +151,16 @@ def machine() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--data", type=Path, default=SHARED_DATA)
+    parser.add_argument("--data", type=Path, default=None, help="folder of lawzhidao CSVs to build from (default: the sample)")
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "bench")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
     args = parser.parse_args()
-    if not args.data.is_dir():
-        raise SystemExit(f"{args.data} is absent: the benchmark builds its CSV from ../shared/data")
+    if args.data is not None and not args.data.is_dir():
+        raise SystemExit(f"--data {args.data}: not a folder")
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    csv_path = args.workdir / f"lawzhidao-{args.rows}.csv"
+    csv_path = args.workdir / f"lawzhidao-{args.rows}-{args.data.name if args.data else 'sample'}.csv"
     if not csv_path.exists():
         t0 = time.perf_counter()
         build_csv(csv_path, args.rows, args.data)
@@ -176,7 +181,7 @@ def main() -> int:
 
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"{args.rows:,} rows, {size_mb:.0f} MiB CSV; {machine()}; {date}",
+        f"{args.rows:,} rows, {size_mb:.0f} MiB CSV built from {args.data or 'the sample'}; {machine()}; {date}",
         "",
         "| contender | wall s | rows/s | CPU s | peak RSS MiB (process tree) |",
         "| --- | ---: | ---: | ---: | ---: |",

@@ -54,7 +54,7 @@ def test_subprocess_success_then_skip(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        pytest.param(b"question,answer\nq,a\n", "missing column(s) title, reply", id="missing-columns"),
+        pytest.param(b"question,answer\nq,a\n", 'preprocess: {columns: {prompt: "question", response: "answer"}}', id="unknown-header"),
         pytest.param(b"", "the file is empty", id="empty"),
         pytest.param(b"\x89PNG\r\n\x1a\n" + bytes(64), "PNG image", id="binary"),
     ],

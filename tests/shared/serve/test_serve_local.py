@@ -26,7 +26,7 @@ from shared.store.artifacts import commit_dir, now_iso
 from shared.core.errors import ConfigError
 from shared.serve.gateway import CHART, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, write_keys_file
 from shared.train.models import BUNDLED_DEFAULT, resolve_base_model
-from shared.serve.serve_local import CPU_SERVER_ARGS, fetch_model, main, serve
+from shared.serve.serve_local import CPU_SERVER_ARGS, curl_command, fetch_model, main, serve
 from shared.core.settings import Settings
 from shared.store.storage import open_location
 from tests.helm_utils import helm_path
@@ -108,6 +108,18 @@ def test_chat_completion_through_the_gateway(served):
                                                  messages=[{"role": "user", "content": "What is a contract?"}]))
     assert len(chunks) > 3
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+
+
+@slow
+@pytest.mark.parametrize("from_env", [True, False], ids=["key-in-LAWTUNE_API_KEY", "random-key-printed"])
+def test_the_printed_curl_command_works_when_pasted(served, from_env):
+    """The curl line `make serve` prints, run through bash exactly as printed, against the real gateway."""
+    command = curl_command(served["gateway"].url, NAME, "$LAWTUNE_API_KEY" if from_env else KEY)
+    env = {"PATH": "/usr/bin:/bin", **({"LAWTUNE_API_KEY": KEY} if from_env else {})}
+    pasted = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300)
+    assert pasted.returncode == 0, pasted.stderr
+    reply = json.loads(pasted.stdout)  # a 401 would be an error object without choices
+    assert reply["model"] == NAME and reply["choices"][0]["message"]["content"].strip(), pasted.stdout
 
 
 @slow
