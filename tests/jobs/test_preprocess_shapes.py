@@ -33,7 +33,7 @@ MAPPED_QA = {"title": "问题", "question": "补充说明", "reply": "律师回�
 def stage(tmp_path: Path, inputs, columns: dict | None = None, extra: dict | None = None):
     """Run the stage in-process; returns (report, output folder, manifest)."""
     out = tmp_path / "out"
-    settings = Settings(artifact_root=f"file://{tmp_path / 'art'}", cache_dir=tmp_path / "cache")
+    settings = Settings(artifact_root=f"file://{tmp_path}", cache_dir=tmp_path / "cache")  # the output lies inside the root
     pre = {"min_answer_chars": 2, **({"columns": columns} if columns else {}), **(extra or {})}
     result = run(settings, parse_config({"preprocess": pre}), inputs, f"file://{out}", force=True)
     return result.report, out, json.loads((out / MANIFEST).read_text())
@@ -206,7 +206,7 @@ def test_cli_takes_several_inputs_and_config_columns(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "jobs.preprocess", "--input", str(SHAPES / "alpaca.json"), "--input", str(SHAPES / "question_answer.csv"),
          "--config", str(cfg), "--output", f"file://{out}"],
-        cwd=REPO, env={**os.environ, "LAWTUNE_CACHE_DIR": str(tmp_path / "cache")}, capture_output=True, text=True, timeout=120,
+        cwd=REPO, env={**os.environ, "LAWTUNE_CACHE_DIR": str(tmp_path / "cache"), "LAWTUNE_ARTIFACT_ROOT": f"file://{tmp_path}"}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
