@@ -103,7 +103,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, max_shard
     """Write the merged model into ``out_dir`` (absent or empty) after checking it.
 
     ``method``: "auto" (sharded when supported), "sharded" (refuse otherwise) or "memory".
-    The sharded merge keeps the base's shards (``max_shard_size`` applies to the in-memory one).
+    Either way the published weights come in files of at most ``max_shard_size``.
     With ``trust_remote_code`` the base repository's own ``*.py`` files are copied beside the
     merged weights, so the folder loads (and vLLM serves it) the way the base model did."""
     import torch
@@ -126,21 +126,23 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, max_shard
     if method != "memory":
         reason = unsupported_reason(base_dir, adapter_dir)
         if reason is None:
-            return _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype, ids, mask, remote)
+            return _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype, ids, mask, remote,
+                                  max_shard_size)
         if method == "sharded":
             raise ConfigError(f"sharded merge of {adapter_dir} into {base_dir} is not possible: {reason}")
         log.warning("merging in memory (the whole model in RAM): %s", reason)
     return _merge_in_memory(base_dir, adapter_dir, out_dir, tokenizer, save_dtype, ids, mask, max_shard_size, remote)
 
 
-def _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype, ids, mask, remote) -> MergeResult:
+def _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype, ids, mask, remote,
+                   max_shard_size) -> MergeResult:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from shared.publish.sharded_merge import base_shards, merge_shards
 
     _empty_output(out_dir)
-    result = merge_shards(base_dir, adapter_dir, out_dir, save_dtype)
+    result = merge_shards(base_dir, adapter_dir, out_dir, save_dtype, max_shard_size)
     log.info("sharded merge: %d weights merged in %d shard(s); worst forward check %.1e (tolerance from %s)",
              result.merged, len(result.shards), result.max_forward_rel_err, "shared/publish/sharded_merge.py")
     config.dtype = save_dtype

@@ -135,19 +135,24 @@ def _forward_error(base, merged, pair: LoraPair) -> float:
     return ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
-def merge_shards(base_dir: Path, adapter_dir: Path, out_dir: Path, save_dtype) -> ShardedMergeResult:
-    """Write every merged shard (and the index) into ``out_dir``; nothing else."""
+def merge_shards(base_dir: Path, adapter_dir: Path, out_dir: Path, save_dtype, max_shard_size: int | str = "2GB") -> ShardedMergeResult:
+    """Write every merged shard (and the index) into ``out_dir``; nothing else.
+
+    Base shards are read one at a time; output shards hold at most ``max_shard_size`` bytes
+    (transformers' naming and index), so the published layout does not depend on how the base
+    happened to be sharded, and peak memory stays one base shard plus one output shard."""
     import gc
 
     import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from transformers.utils.hub import convert_file_size_to_int
 
+    limit = convert_file_size_to_int(max_shard_size)
     pairs = load_lora(adapter_dir)
     shards = base_shards(base_dir) or []
-    weight_map, total, done, worst = {}, 0, set(), 0.0
+    writer = _ShardWriter(out_dir, limit)
+    done, worst = set(), 0.0
     for shard in shards:
-        out: dict[str, torch.Tensor] = {}
         with safe_open(base_dir / shard, framework="pt") as f:
             for key in f.keys():
                 tensor = f.get_tensor(key)
@@ -163,15 +168,53 @@ def merge_shards(base_dir: Path, adapter_dir: Path, out_dir: Path, save_dtype) -
                     done.add(key)
                 if tensor.is_floating_point():
                     tensor = tensor.to(save_dtype)
-                out[key] = tensor.contiguous()
-                weight_map[key] = shard
-                total += tensor.numel() * tensor.element_size()
-        save_file(out, str(out_dir / shard), metadata={"format": "pt"})
-        del out
+                writer.add(key, tensor.contiguous())
         gc.collect()
         log.info("merged shard %s", shard)
     if done != set(pairs):
         raise MergeCheckError(f"adapter weights never merged: {', '.join(sorted(set(pairs) - done)[:3])}")
-    if len(shards) > 1 or (base_dir / INDEX).is_file():
-        (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    writer.finish()
     return ShardedMergeResult(len(done), worst, shards)
+
+
+class _ShardWriter:
+    """Tensors in, safetensors files of at most ``limit`` bytes out, named and indexed as
+    transformers' ``save_pretrained`` does (one file: ``model.safetensors``, no index)."""
+
+    def __init__(self, out_dir: Path, limit: int):
+        self.out_dir, self.limit = out_dir, limit
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[str, list[str]]] = []  # (temporary file name, its keys)
+        self.total = 0
+
+    def add(self, key: str, tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.limit:
+            self._flush()
+        self.pending[key] = tensor
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        name = f".part-{len(self.written):05d}.safetensors"
+        save_file(self.pending, str(self.out_dir / name), metadata={"format": "pt"})
+        self.written.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.written:
+            self._flush()
+        count = len(self.written)
+        if count == 1:
+            (self.out_dir / self.written[0][0]).rename(self.out_dir / "model.safetensors")
+            return
+        weight_map = {}
+        for number, (name, keys) in enumerate(self.written, 1):
+            final = f"model-{number:05d}-of-{count:05d}.safetensors"
+            (self.out_dir / name).rename(self.out_dir / final)
+            weight_map.update(dict.fromkeys(keys, final))
+        (self.out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map},
+                                                     indent=2) + "\n")

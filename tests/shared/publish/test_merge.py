@@ -94,10 +94,10 @@ def test_sharded_merge_of_the_bundled_model_writes_the_same_weights_as_the_in_me
 
     base, adapter = sharded_bundled
     memory = merge_adapter(base, adapter, tmp_path / "memory", method="memory")
-    sharded = merge_adapter(base, adapter, tmp_path / "sharded")  # auto picks the sharded merge
+    sharded = merge_adapter(base, adapter, tmp_path / "sharded", max_shard_size="100MB")  # auto picks the sharded merge
     assert sharded.method == "sharded" and memory.method == "memory"
     shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
-    assert len(shards) > 1, "the base's shards are kept"
+    assert len(shards) > 1, "sharded at max_shard_size"
     assert sharded.saved_max_abs_diff is not None and sharded.saved_max_abs_diff <= LOGIT_ATOL, "small: logits checked too"
     assert sharded.max_forward_rel_err < 1e-5
 
@@ -145,3 +145,23 @@ def test_adapter_the_sharded_merge_cannot_do_falls_back_to_memory(tiny, tmp_path
     with pytest.raises(ConfigError, match="sharded merge .* is not possible: adapter: use_dora=True"):
         merge_adapter(model_dir, dora, tmp_path / "a", method="sharded")
     assert merge_adapter(model_dir, adapter_dir, tmp_path / "b").method == "sharded"
+
+
+def test_sharded_merge_writes_shards_of_at_most_max_shard_size_whatever_the_base_layout(tiny, tmp_path):
+    """A one-file base published with a small max_shard_size comes out as several indexed shards
+    (publish's --max-shard-size), and the folder loads as the same model."""
+    from safetensors import safe_open
+
+    model_dir, adapter_dir = tiny
+    assert len(list(model_dir.glob("*.safetensors"))) == 1
+    result = merge_adapter(model_dir, adapter_dir, tmp_path / "out", max_shard_size="1MB", method="sharded")
+    shards = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert result.method == "sharded" and len(shards) > 1
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [s.name for s in shards]
+    for shard in shards:
+        with safe_open(shard, framework="pt") as f:
+            keys = list(f.keys())
+            size = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys)
+        assert size <= 10**6 or len(keys) == 1, (shard.name, size)  # one tensor larger than the limit gets a file of its own
+    assert result.saved_max_abs_diff is not None and result.saved_max_abs_diff <= LOGIT_ATOL
