@@ -1,6 +1,6 @@
 """Benchmark (not a test): publish's sharded merge vs the in-memory merge on a 7B-architecture base.
 
-    python3 tests/benchmarks/bench_merge.py --tokenizer DIR --work /tmp/merge-bench [--out part.md]
+    python3 tests/benchmarks/bench_merge.py [--tokenizer DIR] --work /tmp/merge-bench [--out part.md]
 
 Builds a Qwen2.5-7B-shaped base (random bf16 weights, written straight to ~4 GB safetensors
 shards as the published checkpoint is laid out) and a LoRA adapter (r=16 on q/k/v/o, random
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         one(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]))
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer files and a chat template")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="folder with tokenizer files and a chat template (default: the bundled model's)")
     p.add_argument("--work", type=Path, default=Path("/tmp/merge-bench"))
     p.add_argument("--shard-gb", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=16)
@@ -124,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     shape = {**QWEN_7B, "num_hidden_layers": 2, "vocab_size": 50000} if args.tiny else QWEN_7B
+    if args.tokenizer is None:
+        from shared.core.settings import load_settings
+        from shared.train.models import BUNDLED_DEFAULT, resolve_base_model
+
+        args.tokenizer = resolve_base_model(BUNDLED_DEFAULT, load_settings())
     shutil.rmtree(args.work, ignore_errors=True)
     t0 = time.perf_counter()
     build_base(args.tokenizer, args.work / "base", shape, int(args.shard_gb * 1e9))
