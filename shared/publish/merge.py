@@ -9,7 +9,7 @@ below after a sharded merge; larger ones get the per-weight forward check only.
 In memory: the base is loaded in float32 (never a quantised base: merging into rounded weights bakes
 the rounding in), the adapter is attached with peft, and ``merge_and_unload`` folds it into
 the weights. Before saving, the merged model's logits on a few chat prompts must match
-base+adapter's within ``LOGIT_ATOL``; after saving, the model is loaded back from disk and
+base+adapter's within ``LOGIT_ATOL`` (or ``LOGIT_RTOL`` of the largest logit); after saving, the model is loaded back from disk and
 checked again (in the saved dtype), so what gets published is what was checked. The saved
 folder holds sharded safetensors, the tokenizer with its chat template and the generation
 config: everything transformers and vLLM need, nothing else.
@@ -29,8 +29,12 @@ from shared.publish.sharded_merge import MergeCheckError  # noqa: F401 - raised 
 log = logging.getLogger(__name__)
 
 # Largest |merged - (base+adapter)| logit difference accepted. In float32 the merge only
-# reorders additions (observed ~1e-5 on the bundled model); a wrong merge is off by >0.1.
+# reorders additions (observed ~1e-4 on the bundled model); a wrong merge is off by >0.1.
+# Rounding grows with the adapter's size, so the bound also scales with the largest logit:
+# a trained adapter (r=4, alpha=8, 60 layers on the sample) was seen at 5e-3 in both the
+# in-memory and the sharded merge, the same number, so it was rounding, not a wrong merge.
 LOGIT_ATOL = 1e-3
+LOGIT_RTOL = 5e-4
 # Saving in a half dtype rounds each weight; the reloaded check then allows this much.
 HALF_LOGIT_ATOL = 0.5
 # Below this many bytes of base weights the sharded merge also runs the full-model logit check
@@ -76,6 +80,10 @@ def _prompt_batch(tokenizer):
     for i, r in enumerate(rows):
         ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
     return ids, mask
+
+
+def _float32_tolerance(expected) -> float:
+    return max(LOGIT_ATOL, LOGIT_RTOL * expected.abs().max().item())
 
 
 def _logits(model, ids, mask):
@@ -168,8 +176,8 @@ def _merge_sharded(base_dir, adapter_dir, out_dir, config, tokenizer, save_dtype
         diff = (_logits(reloaded, ids, mask) - expected).abs().max().item()
         del reloaded
         gc.collect()
-        tolerance = LOGIT_ATOL if save_dtype == torch.float32 else HALF_LOGIT_ATOL
-        log.info("merge check (reloaded %s): max |Δlogit| = %.2e (tolerance %.0e)", save_dtype, diff, tolerance)
+        tolerance = _float32_tolerance(expected) if save_dtype == torch.float32 else HALF_LOGIT_ATOL
+        log.info("merge check (reloaded %s): max |Δlogit| = %.2e (tolerance %.1e)", save_dtype, diff, tolerance)
         if not diff <= tolerance:
             raise MergeCheckError(f"saved merged model's logits differ from base+adapter by {diff:.3g} (> {tolerance})")
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
@@ -186,9 +194,10 @@ def _merge_in_memory(base_dir, adapter_dir, out_dir, tokenizer, save_dtype, ids,
     expected = _logits(peft_model, ids, mask)
     merged = peft_model.merge_and_unload()
     diff = (_logits(merged, ids, mask) - expected).abs().max().item()
-    log.info("merge check (float32, in memory): max |Δlogit| = %.2e (tolerance %.0e)", diff, LOGIT_ATOL)
-    if not diff <= LOGIT_ATOL:
-        raise MergeCheckError(f"merged model's logits differ from base+adapter by {diff:.3g} (> {LOGIT_ATOL}); nothing was written")
+    bound = _float32_tolerance(expected)
+    log.info("merge check (float32, in memory): max |Δlogit| = %.2e (tolerance %.1e)", diff, bound)
+    if not diff <= bound:
+        raise MergeCheckError(f"merged model's logits differ from base+adapter by {diff:.3g} (> {bound:.3g}); nothing was written")
 
     _empty_output(out_dir)
     merged.to(save_dtype).save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
@@ -202,8 +211,8 @@ def _merge_in_memory(base_dir, adapter_dir, out_dir, tokenizer, save_dtype, ids,
 
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, **remote).eval()
     saved_diff = (_logits(reloaded, ids, mask) - expected).abs().max().item()
-    tolerance = LOGIT_ATOL if save_dtype == torch.float32 else HALF_LOGIT_ATOL
-    log.info("merge check (reloaded %s): max |Δlogit| = %.2e (tolerance %.0e)", save_dtype, saved_diff, tolerance)
+    tolerance = bound if save_dtype == torch.float32 else HALF_LOGIT_ATOL
+    log.info("merge check (reloaded %s): max |Δlogit| = %.2e (tolerance %.1e)", save_dtype, saved_diff, tolerance)
     if not saved_diff <= tolerance:
         raise MergeCheckError(f"saved merged model's logits differ from base+adapter by {saved_diff:.3g} (> {tolerance})")
     del reloaded

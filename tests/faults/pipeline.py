@@ -40,6 +40,8 @@ CONFIG = {
 }
 # Files whose bytes legitimately differ between two runs (timings, timestamps); compared otherwise.
 # adapter_config.json: peft writes target_modules from a set, in the process's string-hash order.
+# tensorboard/: event files are named after the writing host, pid and time, and record wall time.
+VOLATILE_FOLDERS = ("tensorboard/",)
 VOLATILE = {
     "finetune": {"training_summary.json", "metrics.jsonl", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"},
     "publish": {"lawtune-model.json"},
@@ -154,7 +156,14 @@ def committed(loc) -> Manifest | None:
 
 
 def file_digests(manifest: Manifest, stage: str) -> dict[str, str]:
-    return {f.path: f.sha256 for f in manifest.files if f.path not in VOLATILE.get(stage, ())}
+    return {f.path: f.sha256 for f in manifest.files
+            if f.path not in VOLATILE.get(stage, ()) and not f.path.startswith(VOLATILE_FOLDERS)}
 
 
-__all__ = ["MANIFEST", "Pipeline", "pipeline", "kill_points", "committed", "file_digests", "STAGES"]
+def file_paths(manifest: Manifest) -> list[str]:
+    """The manifest's files, an event file of a volatile folder counted by its folder alone."""
+    return sorted(next((folder + "*" for folder in VOLATILE_FOLDERS if f.path.startswith(folder)), f.path)
+                  for f in manifest.files)
+
+
+__all__ = ["MANIFEST", "Pipeline", "pipeline", "kill_points", "committed", "file_digests", "file_paths", "STAGES"]

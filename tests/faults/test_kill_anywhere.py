@@ -32,7 +32,7 @@ import pytest
 from shared.core.errors import IntegrityError
 from shared.store.artifacts import MANIFEST, fetch_dir, read_manifest, read_verified
 from shared.store.storage import S3Location
-from tests.faults.pipeline import STAGES, committed, file_digests, kill_points, pipeline
+from tests.faults.pipeline import STAGES, committed, file_digests, file_paths, kill_points, pipeline
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 POINTS = int(os.environ.get("FAULTS_KILL_POINTS", "1"))
@@ -164,7 +164,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_output(reference, stage):
         got = _manifest_of(p, stage)
         at = f"{marker!r} + {delay}s"
         assert file_digests(got, stage) == file_digests(expected, stage), f"{stage} killed at {at}: outputs differ"
-        assert {f.path for f in got.files} == {f.path for f in expected.files}
+        assert file_paths(got) == file_paths(expected)
         worst = None
         if stage == "finetune":
             a, b = reference["adapter"], _adapter(p, work / f"adapter-{i}")
