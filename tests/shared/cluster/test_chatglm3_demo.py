@@ -43,7 +43,7 @@ def test_demo_lora_yaml_runs_preprocess_finetune_evaluate_publish(tmp_path, mode
     data = json.loads((run / "data" / "MANIFEST.json").read_text())
     # preprocess wrote what data_config names; the demo's test_file is its val_file, so they share dev.json
     assert data["extra"]["files"] == {"train": "train.json", "dev": "dev.json", "test": "dev.json"}
-    assert sorted(f["path"] for f in data["files"]) == ["dev.json", "rejected.jsonl", "report.json", "train.json"]
+    assert sorted(f["path"] for f in data["files"]) == ["dev.json", "rejected.csv", "rejected.jsonl", "report.json", "train.json"]
     dev_rows = len((run / "data" / "dev.json").read_text(encoding="utf-8").splitlines())
     assert dev_rows == data["extra"]["splits"]["dev"] + data["extra"]["splits"]["test"]
 
