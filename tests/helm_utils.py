@@ -84,3 +84,21 @@ def validate(objects: list[dict[str, Any]], versions: Iterable[str] = KUBE_VERSI
 
 def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [o for o in objects if o["kind"] == kind]
+
+
+def helm_install_dry_run_server(api_port: int, release: str, chart: Path, *args: str, namespace: str = "lawtune") -> dict[str, Any]:
+    """``helm install --dry-run=server`` against an API server on 127.0.0.1:``api_port`` (the
+    tests' stand-in, so Helm's ``lookup`` runs for real); the release as ``-o json`` prints it."""
+    with tempfile.TemporaryDirectory(prefix="helm-home-") as home:
+        kubeconfig = Path(home) / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{api_port}"}}],
+            "users": [{"name": "u", "user": {"token": "stand-in"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": namespace}}]}))
+        env = {**os.environ, "HOME": home, "HELM_CACHE_HOME": f"{home}/c", "HELM_CONFIG_HOME": f"{home}/g", "HELM_DATA_HOME": f"{home}/d"}
+        proc = subprocess.run([str(helm_path()), "install", release, str(chart), "--dry-run=server", "--disable-openapi-validation",
+                               "--kubeconfig", str(kubeconfig), "-n", namespace, "-o", "json", *args],
+                              capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

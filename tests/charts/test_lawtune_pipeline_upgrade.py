@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -83,25 +79,14 @@ def _helm_install_dry_run(objects: dict[str, dict], *extra: str) -> list[str]:
     """Names of the stage Jobs `helm install --dry-run=server` would create."""
     import yaml
 
-    from tests.helm_utils import helm_path
+    from tests.helm_utils import helm_install_dry_run_server
 
     api = StandInApiServer(objects)
     try:
-        with tempfile.TemporaryDirectory(prefix="helm-home-") as home:
-            kubeconfig = Path(home) / "kubeconfig"
-            kubeconfig.write_text(yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "c",
-                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{api.server.server_address[1]}"}}],
-                "users": [{"name": "u", "user": {"token": "stand-in"}}],
-                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": "lawtune"}}]}))
-            env = {**os.environ, "HOME": home, "HELM_CACHE_HOME": f"{home}/c", "HELM_CONFIG_HOME": f"{home}/g", "HELM_DATA_HOME": f"{home}/d"}
-            proc = subprocess.run([str(helm_path()), "install", "lawtune", str(CHART), "--dry-run=server", "--disable-openapi-validation",
-                                   "--kubeconfig", str(kubeconfig), "-n", "lawtune", "-o", "json", "--set", SETS,
-                                   "--set-file", f"config={CONFIG}", *extra], capture_output=True, text=True, env=env, timeout=60)
+        release = helm_install_dry_run_server(api.server.server_address[1], "lawtune", CHART, "--set", SETS,
+                                              "--set-file", f"config={CONFIG}", *extra)
     finally:
         api.close()
-    assert proc.returncode == 0, proc.stderr
-    release = json.loads(proc.stdout)
     docs = [d for h in release.get("hooks", []) for d in yaml.safe_load_all(h["manifest"]) if d]
     docs += [d for d in yaml.safe_load_all(release["manifest"]) if d]
     return sorted(d["metadata"]["labels"]["lawtune.io/stage"] for d in docs

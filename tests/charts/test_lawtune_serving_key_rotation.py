@@ -9,17 +9,12 @@ renders the real chart against it.
 from __future__ import annotations
 
 import base64
-import json
-import os
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.charts.test_lawtune_pipeline_upgrade import StandInApiServer
-from tests.helm_utils import REPO, helm_path
+from tests.helm_utils import REPO, helm_install_dry_run_server, helm_path
 
 CHART = REPO / "charts" / "lawtune-serving"
 KINDS = {
@@ -55,22 +50,12 @@ def _checksums(api_key: str | None) -> dict[str, str]:
             "type": "Opaque", "data": {"api-key": base64.b64encode(api_key.encode()).decode()}}
     api = ServingApiServer(objects)
     try:
-        with tempfile.TemporaryDirectory(prefix="helm-home-") as home:
-            kubeconfig = Path(home) / "kubeconfig"
-            kubeconfig.write_text(yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "c",
-                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{api.server.server_address[1]}"}}],
-                "users": [{"name": "u", "user": {"token": "stand-in"}}],
-                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": "lawtune"}}]}))
-            env = {**os.environ, "HOME": home, "HELM_CACHE_HOME": f"{home}/c", "HELM_CONFIG_HOME": f"{home}/g", "HELM_DATA_HOME": f"{home}/d"}
-            proc = subprocess.run([str(helm_path()), "install", "assistant", str(CHART), "--dry-run=server", "--disable-openapi-validation",
-                                   "--kubeconfig", str(kubeconfig), "-n", "lawtune", "-o", "json",
-                                   "-f", str(CHART / "ci" / "test-values.yaml")], capture_output=True, text=True, env=env, timeout=60)
+        release = helm_install_dry_run_server(api.server.server_address[1], "assistant", CHART,
+                                              "-f", str(CHART / "ci" / "test-values.yaml"))
     finally:
         api.close()
-    assert proc.returncode == 0, proc.stderr
     assert "/api/v1/namespaces/lawtune/secrets/lawtune-api-key" in api.seen, "the chart should look the Secret up"
-    docs = [d for d in yaml.safe_load_all(json.loads(proc.stdout)["manifest"]) if d]
+    docs = [d for d in yaml.safe_load_all(release["manifest"]) if d]
     return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]["template"]["metadata"]["annotations"]["checksum/api-key"]
             for d in docs if d["kind"] == "Deployment"}
 
