@@ -99,16 +99,16 @@ class Lease:
             if etag:
                 self._etag = etag
                 break
-            current = loc.read_with_etag(LEASE)
-            if current is None:
+            held, held_etag = loc.read_with_token(LEASE)
+            if held is None:
                 continue  # released between our two calls
             try:
-                info = json.loads(current[0])
+                info = json.loads(held)
             except ValueError:
                 info = {}
             if not self._stale(info):
                 raise LeaseHeld(_describe(loc.uri, info))
-            etag = loc.put_if_match(LEASE, self._body(), current[1])
+            etag = loc.put_if_match(LEASE, self._body(), held_etag)
             if etag:
                 log.warning("%s: took over a stale lease of pid %s on %s", loc.uri, info.get("pid"), info.get("host"))
                 self._etag = etag

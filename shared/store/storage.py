@@ -298,7 +298,7 @@ class S3Location(Location):
             raise self._wrap("abort unfinished uploads under", "", exc) from exc
         return aborted
 
-    # Conditional writes (S3 If-None-Match / If-Match): what the run-folder lease is built on.
+    # Conditional writes (S3 If-None-Match / If-Match): the run-folder lease and PROMOTED's swap build on them.
     def put_if_absent(self, rel: str, data: bytes) -> str | None:
         """Create ``rel`` only if it does not exist: its ETag, or None when someone else's is there."""
         return self._conditional_put(rel, data, IfNoneMatch="*")
@@ -306,19 +306,6 @@ class S3Location(Location):
     def put_if_match(self, rel: str, data: bytes, etag: str) -> str | None:
         """Overwrite ``rel`` only if it still has ``etag``: the new ETag, or None when it changed."""
         return self._conditional_put(rel, data, IfMatch=etag)
-
-    def read_with_etag(self, rel: str) -> tuple[bytes, str] | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            obj = self._client.get_object(Bucket=self.bucket, Key=self._key(rel))
-            return obj["Body"].read(), obj["ETag"]
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise self._wrap("get", rel, exc) from exc
-        except Exception as exc:
-            raise self._wrap("get", rel, exc) from exc
 
     def delete_if_match(self, rel: str, etag: str) -> None:
         from botocore.exceptions import ClientError
@@ -337,9 +324,11 @@ class S3Location(Location):
         try:
             return self._client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, **condition)["ETag"]
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            # 412: the object changed (or appeared); 409: a concurrent conditional write won.
+            if (exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+                    or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)):
                 return None
-            raise self._wrap("put", rel, exc) from exc
+            raise self._wrap("conditional put", rel, exc) from exc
         except Exception as exc:
             raise self._wrap("put", rel, exc) from exc
 
@@ -374,24 +363,13 @@ class S3Location(Location):
                 self.delete(f"{rel}.lock")
 
     def _swap(self, rel: str, data: bytes, token: str | None) -> bool:
-        from botocore.exceptions import ClientError
-
         if not self.conditional:
             if self.read_with_token(rel)[1] != token:
                 return False
             self.write_bytes(rel, data)
             return True
-        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
-        try:
-            self._client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, **condition)
-            return True
-        except ClientError as exc:
-            # 412: the object changed (or appeared); 409: a concurrent conditional write won.
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
-                return False
-            raise self._wrap("conditional put", rel, exc) from exc
-        except Exception as exc:
-            raise self._wrap("conditional put", rel, exc) from exc
+        etag = self.put_if_absent(rel, data) if token is None else self.put_if_match(rel, data, token)
+        return etag is not None
 
     def _acquire(self, lock: str) -> str:
         me = uuid.uuid4().hex
