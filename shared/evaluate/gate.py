@@ -40,21 +40,19 @@ def _checks(rule: GateRule, base: dict[str, float], tuned: dict[str, float],
             yield _check(name, "min_improvement_over_promoted", rule.min_improvement, 0.0, True,
                          f"{name}: no promoted model to compare with yet")
         else:
-            delta = value - production[name]
-            ok = delta >= rule.min_improvement
-            yield _check(
-                name, "min_improvement_over_promoted", rule.min_improvement, delta, ok,
-                f"{name}: tuned - production = {value:.2f} - {production[name]:.2f} = {delta:+.2f} "
-                f"{'>=' if ok else '<'} min_improvement {rule.min_improvement:+.2f}",
-            )
+            yield _improvement(rule, value, "min_improvement_over_promoted", "production", production[name])
     elif rule.min_improvement is not None:
-        delta = value - base[name]
-        ok = delta >= rule.min_improvement
-        yield _check(
-            name, "min_improvement", rule.min_improvement, delta, ok,
-            f"{name}: tuned - base = {value:.2f} - {base[name]:.2f} = {delta:+.2f} "
-            f"{'>=' if ok else '<'} min_improvement {rule.min_improvement:+.2f}",
-        )
+        yield _improvement(rule, value, "min_improvement", "base", base[name])
+
+
+def _improvement(rule: GateRule, value: float, kind: str, label: str, reference: float) -> dict[str, Any]:
+    delta = value - reference
+    ok = delta >= rule.min_improvement
+    return _check(
+        rule.metric, kind, rule.min_improvement, delta, ok,
+        f"{rule.metric}: tuned - {label} = {value:.2f} - {reference:.2f} = {delta:+.2f} "
+        f"{'>=' if ok else '<'} min_improvement {rule.min_improvement:+.2f}",
+    )
 
 
 def evaluate_gate(rules: list[GateRule], base: dict[str, float], tuned: dict[str, float],
