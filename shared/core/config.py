@@ -211,6 +211,13 @@ class TrainingArgs(_Strict):
         "examples; auto = the largest budget whose training step fits the GPU (trial steps, cached per card/model/config). "
         "An explicit budget that does not fit exits 2 naming the largest that does.",
     )
+    # Several processes (torchrun, issue 16, shared/train/fsdp.py): how the ranks hold the model.
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description="Under torchrun: ddp = every GPU holds the whole model; fsdp = FSDP2, the frozen weights sharded across "
+        "the GPUs (models larger than one card); auto = fsdp when the base model's bf16 weights exceed half of one card's "
+        "memory, else ddp. One process uses neither.",
+    )
     # Accepted from ChatGLM3/transformers configs so they load unchanged; the job decides these.
     remove_unused_columns: bool | None = None
     save_strategy: str | None = None

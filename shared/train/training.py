@@ -76,10 +76,18 @@ def prepare_model(model_dir: Path, config: TrainConfig, prec: Precision):
 
     from shared.train.models import lora_targets
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=prec.dtype, attn_implementation=config.training_args.attn_implementation,
-        trust_remote_code=config.trust_remote_code,
-    )
+    sharded = distributed_strategy(config, model_dir, prec) == "fsdp"
+    if sharded:
+        from shared.train import fsdp
+
+        # Never whole on one device: built on the meta device, each rank then reads its own shards.
+        model = fsdp.meta_model(model_dir, prec.dtype, trust_remote_code=config.trust_remote_code,
+                                attn_implementation=config.training_args.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=prec.dtype, attn_implementation=config.training_args.attn_implementation,
+            trust_remote_code=config.trust_remote_code,
+        )
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
     peft = config.peft_config
     lora = LoraConfig(
@@ -93,10 +101,38 @@ def prepare_model(model_dir: Path, config: TrainConfig, prec: Precision):
         model = get_peft_model(model, lora)
     except ValueError as exc:
         raise ConfigError(f"peft_config.target_modules {peft.target_modules!r}: {exc}".splitlines()[0]) from None
+    if sharded:
+        model = fsdp.build_sharded(model, device=_local_device(prec), dtype=prec.dtype,
+                                   fill=fsdp.SafetensorsRows(model_dir), seed=_seed(config))
     trainable, total = model.get_nb_trainable_parameters()
     if os.environ.get("RANK", "0") == "0":
         log.info("trainable params: %s || all params: %s || %.4f%%", _human(trainable), _human(total), 100 * trainable / total)
     return model
+
+
+_STRATEGY: dict[tuple, str] = {}
+
+
+def distributed_strategy(config: TrainConfig, model_dir: Path, prec: Precision) -> str:
+    """``single``, ``ddp`` or ``fsdp`` (``training_args.distributed``; the rule in shared/train/fsdp.py)."""
+    from shared.train import fsdp
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    key = (str(model_dir), config.training_args.distributed, world, prec.device, config.trust_remote_code)
+    if key not in _STRATEGY:
+        _STRATEGY[key] = fsdp.strategy(config, Path(model_dir), world, prec.device)
+    return _STRATEGY[key]
+
+
+def _local_device(prec: Precision) -> torch.device:
+    if prec.device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _seed(config: TrainConfig) -> int:
+    a = config.training_args
+    return a.seed if a.seed is not None else config.seed
 
 
 def make_collator(config: TrainConfig, tokenizer, prec: Precision):
@@ -335,6 +371,9 @@ def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.session_start_step = resume_step or 0
+    if is_main and targs.world_size > 1:
+        log.info("distributed: %s over %d processes", "fsdp (FSDP2: weights sharded per decoder layer)"
+                 if trainer.sharded else "ddp (a whole model per process)", targs.world_size)
 
     if callback.preempted:
         raise Preempted("SIGTERM before training started; nothing new to save, exiting so the Job retries")
@@ -388,23 +427,34 @@ def _resume_point(store: CheckpointStore | None, local_dir: Path, targs) -> int 
     return resume_step
 
 
-def _gather_rng_states(args, checkpoint: Path) -> None:
-    """Every rank's ``rng_state_<rank>.pth`` into rank 0's checkpoint folder before it is committed.
+def _gather_rank_files(args, checkpoint: Path) -> None:
+    """Every rank's own files (``rng_state_<rank>.pth``; under FSDP its optimizer shard) into rank 0's
+    checkpoint folder before it is committed.
 
     Ranks on other nodes write theirs to their own node's folder, which is never uploaded; without
-    this a resumed run would restore only node 0's RNG streams (dropout masks would change).
+    this a resumed run would restore only node 0's RNG streams (dropout masks would change) and,
+    under FSDP, miss their optimizer shards. Ranks on rank 0's node share its folder and send only
+    their (small) RNG file.
     """
     import torch.distributed as dist
 
-    name = f"rng_state_{args.process_index}.pth"
-    mine = (checkpoint / name).read_bytes() if (checkpoint / name).is_file() else None
+    from shared.train.fsdp import rank_files
+
+    same_node = args.process_index == args.local_process_index  # torchrun: node 0 holds ranks 0..n-1
+    mine = []
+    for path in rank_files(checkpoint, args.process_index):
+        if path.name.startswith("rng_state_") or not same_node:
+            mine.append((str(path.relative_to(checkpoint)), path.read_bytes()))
     gathered = [None] * args.world_size if args.process_index == 0 else None
-    dist.gather_object((name, mine), gathered, dst=0)
+    dist.gather_object(mine, gathered, dst=0)
     if gathered is None:
         return
-    for rank_name, data in gathered:
-        if data is not None and not (checkpoint / rank_name).is_file():
-            (checkpoint / rank_name).write_bytes(data)
+    for files in gathered:
+        for rel, data in files or []:
+            target = checkpoint / rel
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
 
 
 def export_best(store: CheckpointStore, best_step: int, target: Path) -> None:
@@ -515,10 +565,72 @@ class _sigterm_sets:
 
 class LawtuneTrainer(Trainer):
     """Adds tokens/s (since the last log) and ETA to every training log, so they reach
-    log_history, the checkpoints' trainer_state.json and metrics.jsonl."""
+    log_history, the checkpoints' trainer_state.json and metrics.jsonl.
+
+    With an FSDP2-sharded model (``distributed: fsdp``) it runs the model as it is (no DDP, no
+    second sharding) and checkpoints only what resuming needs: the adapter, gathered and written by
+    rank 0, and the optimizer state sharded through torch.distributed.checkpoint (shared/train/fsdp.py).
+    """
 
     session_start_step = 0
     _last: tuple[float, int] | None = None
+    _view = None
+
+    @property
+    def sharded(self) -> bool:
+        from shared.train.fsdp import is_sharded
+
+        return is_sharded(self.model)
+
+    def _move_model_to_device(self, model, device):
+        from shared.train.fsdp import is_sharded
+
+        if not is_sharded(model):  # FSDP placed every shard on its rank's device already
+            super()._move_model_to_device(model, device)
+
+    def _wrap_model(self, model, training=True, dataloader=None):
+        if not self.sharded:
+            return super()._wrap_model(model, training, dataloader)
+        if self._view is None:
+            from shared.train.fsdp import TrainerView
+
+            self._view = TrainerView(self.model)
+        return self._view
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.sharded:
+            return super().save_model(output_dir, _internal_call)
+        from shared.train.fsdp import save_adapter
+
+        save_adapter(self.model, Path(output_dir or self.args.output_dir), self.args.should_save, self.processing_class)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from transformers.trainer import SCHEDULER_NAME
+
+        from shared.train.fsdp import save_optimizer
+
+        save_optimizer(self.model, _inner_optimizer(self.optimizer), Path(output_dir))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self.sharded:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from shared.train.fsdp import load_adapter
+
+        load_adapter(self.model, Path(resume_from_checkpoint))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self.sharded:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from transformers.trainer import SCHEDULER_NAME
+
+        from shared.train.fsdp import load_optimizer
+
+        load_optimizer(self.model, _inner_optimizer(self.optimizer), Path(checkpoint))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and start_time is not None:
@@ -584,7 +696,7 @@ class LawtuneCallback(TrainerCallback):
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
         if dist.is_available() and dist.is_initialized() and self.store is not None:
-            _gather_rng_states(args, local)
+            _gather_rank_files(args, local)
         if self.store is None or not state.is_world_process_zero:
             return control
         dev_loss = next((h["eval_loss"] for h in reversed(state.log_history) if "eval_loss" in h and h["step"] == step), None)
@@ -623,6 +735,11 @@ class LawtuneCallback(TrainerCallback):
         return control
 
 
+def _inner_optimizer(optimizer):
+    """The torch optimizer inside accelerate's wrapper (DCP reads and steps the plain one)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
@@ -641,5 +758,6 @@ def _any_rank(flag: bool, args) -> bool:
 
 __all__ = [
     "ADAPTER_FILES", "CheckpointStore", "Hooks", "LawtuneCallback", "Precision", "Preempted", "TrainResult",
-    "export_best", "load_datasets", "make_collator", "make_loss", "precision", "prepare_model", "train",
+    "distributed_strategy", "export_best", "load_datasets", "make_collator", "make_loss", "precision", "prepare_model",
+    "train",
 ]

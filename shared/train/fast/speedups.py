@@ -497,10 +497,30 @@ def training_hooks(config: Any, device: str, cache_dir: Any = None):
     budget: dict[str, int | None] = {}
 
     def prepare(model_dir, cfg, prec):
+        from shared.train.fsdp import is_sharded
+
         model = prepare_model(model_dir, cfg, prec)
-        enable_fast_path(model.get_base_model(), memory_profile=cfg.training_args.memory_profile, fp8=fp8_wanted(cfg),
+        sharded = is_sharded(model)
+        fp8 = fp8_wanted(cfg)
+        if sharded:
+            # FP8 replaces each frozen weight by two e4m3 copies held outside the module; FSDP2
+            # all-gathers the sharded bf16 weight per layer, so the two cannot share the weight.
+            if fp8 or (fp8 is None and auto_fp8(model.get_base_model(), prec.device == "cuda")):
+                log.info("fp8 off: FP8 frozen weights are not combined with distributed: fsdp (the weights are "
+                         "sharded and all-gathered per layer in bf16); training_args.fp8 ignored")
+            fp8 = False
+        enable_fast_path(model.get_base_model(), memory_profile=cfg.training_args.memory_profile, fp8=fp8,
                          on_gpu=prec.device == "cuda")
-        if cfg.training_args.tokens_per_batch is not None:
+        if sharded and cfg.training_args.tokens_per_batch is not None:
+            # A trial step on a sharded model is a collective: one rank running out of memory would
+            # leave the others waiting in it, so under FSDP the budget is taken as written.
+            if cfg.training_args.tokens_per_batch == "auto":
+                from shared.core.errors import ConfigError
+
+                raise ConfigError("training_args.tokens_per_batch: auto is not measured under distributed: fsdp; "
+                                  "set a number of tokens per micro-batch")
+            budget["tokens"] = cfg.training_args.tokens_per_batch
+        elif cfg.training_args.tokens_per_batch is not None:
             from shared.train.fast.budget import resolve_token_budget
 
             if prec.device == "cuda":
