@@ -64,8 +64,26 @@ def resolve_version(settings: Settings, model_name: str, version: str | None = N
     return version
 
 
+def remote_code(settings: Settings, model_name: str, version: str) -> str | None:
+    """The repository code the version's config asks for (ChatGLM3's ``auto_map``), None when it needs none.
+
+    vLLM refuses such a model without ``--trust-remote-code``; publish copies the code beside the
+    weights only for a run trained with ``trust_remote_code: true``, so the version says it itself."""
+    import tempfile
+
+    from shared.train.models import needs_remote_code
+
+    location = open_location(join(settings.models_uri(model_name), version), settings)
+    if not location.exists("config.json"):
+        return None
+    with tempfile.TemporaryDirectory(prefix="lawtune-deploy-") as folder:
+        Path(folder, "config.json").write_text(location.read_text("config.json"), encoding="utf-8")
+        return needs_remote_code(Path(folder))
+
+
 def helm_command(*, release: str, model_name: str, version: str, artifact_root: str, values: list[Path],
-                 namespace: str | None, chart: Path = CHART, dry_run: bool = False, extra: list[str] = ()) -> list[str]:
+                 namespace: str | None, chart: Path = CHART, dry_run: bool = False, extra: list[str] = (),
+                 trust_remote_code: bool = False) -> list[str]:
     """``helm upgrade --install`` (or ``helm template`` for a dry run) with the resolved version set last."""
     cmd = [helm_binary(), "template", release, str(chart)] if dry_run else [helm_binary(), "upgrade", "--install", release, str(chart)]
     if namespace:
@@ -74,8 +92,10 @@ def helm_command(*, release: str, model_name: str, version: str, artifact_root: 
         cmd += ["--values", str(path)]
     # --set-string: a version such as 20261128 must stay a string for the chart's schema.
     cmd += ["--set-string", f"model.name={model_name}", "--set-string", f"model.version={version}",
-            "--set-string", f"artifactStore.root={artifact_root}", *extra]
-    return cmd
+            "--set-string", f"artifactStore.root={artifact_root}"]
+    if trust_remote_code:
+        cmd += ["--set", "vllm.trustRemoteCode=true"]
+    return cmd + list(extra)
 
 
 def release_status(release: str, namespace: str | None) -> dict:
@@ -125,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--values {path}: no such file")
         version = resolve_version(settings, args.model_name, args.version)
         log.info("serving %s version %s from %s", args.model_name, version, settings.artifact_root)
+        code = remote_code(settings, args.model_name, version)
+        if code:
+            log.info("version %s runs its repository's code (%s): vllm.trustRemoteCode=true", version, code)
         cmd = helm_command(release=args.release, model_name=args.model_name, version=version, artifact_root=settings.artifact_root,
-                           values=args.values, namespace=args.namespace, chart=args.chart, dry_run=args.dry_run, extra=extra)
+                           values=args.values, namespace=args.namespace, chart=args.chart, dry_run=args.dry_run, extra=extra,
+                           trust_remote_code=bool(code))
         proc = subprocess.run(cmd)
         if proc.returncode != 0:
             raise LawtuneError(f"helm {cmd[1]} exited with {proc.returncode} (its message is above)")

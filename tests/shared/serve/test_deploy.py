@@ -3,6 +3,8 @@ machine, and the release's pods all get that version (file and S3 artifact roots
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -123,3 +125,25 @@ def test_a_failed_deploy_records_nothing(published, tmp_path, monkeypatch, capfd
     monkeypatch.setenv("LAWTUNE_HELM", str(helm))
     assert deploy.main(["--release", "assistant", "-f", str(values)]) == 1
     assert releases(open_location(settings.models_uri("legal-assistant"), settings)) == []
+
+
+def _vllm_args(objects: list[dict]) -> list[str]:
+    (vllm,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-vllm")]
+    (container,) = [c for c in vllm["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm"]
+    return container["args"]
+
+
+def test_a_version_that_carries_its_model_code_is_served_with_trust_remote_code(published, tmp_path, capfd):
+    """ChatGLM3's config maps its classes to code in the repository (auto_map); vLLM refuses such
+    a model without --trust-remote-code, so deploy turns it on from the version itself."""
+    settings, values = published
+    helm_path()
+    src = tmp_path / "src-glm"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "chatglm", "auto_map": {
+        "AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}}))
+    commit_dir(src, open_location(f"{settings.models_uri('legal-assistant')}/glm", settings), stage="publish", inputs={},
+               started_at=now_iso())
+    assert "--trust-remote-code" not in _vllm_args(_rendered(capfd, ["--release", "a", "-f", str(values), "--dry-run"]))
+    args = _vllm_args(_rendered(capfd, ["--release", "a", "-f", str(values), "--dry-run", "--version", "glm"]))
+    assert "--trust-remote-code" in args
