@@ -195,10 +195,7 @@ def lora_init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.
 
 def checkpoint_key(name: str) -> str:
     """A peft parameter name as the base model's checkpoint spells it."""
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    return name.replace(".base_layer.", ".")
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 class SafetensorsRows:
@@ -293,11 +290,10 @@ def save_adapter(model: torch.nn.Module, output_dir: Path, is_main: bool, proces
 
 def load_adapter(model: torch.nn.Module, checkpoint: Path) -> None:
     """A checkpoint's adapter into the sharded LoRA weights (every rank reads the small file, keeps its rows)."""
-    from peft.utils import set_peft_model_state_dict  # noqa: F401 - the key layout below is peft's
     from safetensors.torch import load_file
 
     saved = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
-    adapter = getattr(model, "active_adapter", "default")
+    adapter = getattr(model, "active_adapter", "default")  # peft drops ".<adapter>." from saved keys
     with torch.no_grad():
         for name, p in trainable(model):
             key = name.replace(f".{adapter}.", ".")

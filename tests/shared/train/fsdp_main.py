@@ -1,10 +1,11 @@
 """One rank of a two-process CPU (gloo) run on one "node" for tests/shared/train/test_fsdp.py.
 
-    python -m tests.shared.train.fsdp_main <rank> <port> <model> <data> <store root> <local dir> <max_steps> <distributed> [forward]
+    python -m tests.shared.train.fsdp_main <rank> <port> <model> <data> <store root> <local dir> <max_steps> <distributed> [forward|budget-auto]
 
 Both ranks share the local folder (one pod, torchrun's layout). ``LAWTUNE_TEST_STEP_SLEEP`` seconds
 after each step give the test time to kill both ranks between two checkpoints. ``forward``
-instead prints the loss of one fixed batch through the model ``prepare_model`` builds (sharded or not).
+instead prints the loss of one fixed batch through the model ``prepare_model`` builds (sharded or not);
+``budget-auto`` prints what the fast path's ``prepare_model`` says to ``tokens_per_batch: auto``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ def main() -> None:
 
     configure_logging("INFO")
     cfg = config(int(max_steps), distributed)
+    if sys.argv[9:] == ["budget-auto"]:
+        from shared.core.errors import ConfigError
+
+        dist.init_process_group("gloo")
+        cfg.training_args.tokens_per_batch = "auto"
+        try:
+            training_hooks(cfg, "cpu").prepare_model(Path(model), cfg, training.precision(cfg))
+            outcome = "prepared"
+        except ConfigError as exc:
+            outcome = str(exc)
+        print(json.dumps({"rank": int(rank), "error": outcome}))
+        dist.destroy_process_group()
+        return
     if sys.argv[9:] == ["forward"]:
         dist.init_process_group("gloo")
         torch.set_num_threads(1)

@@ -112,6 +112,14 @@ def test_sharded_model_computes_what_the_whole_model_does(tiny):
         assert r["loss"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_tokens_per_batch_auto_is_refused_under_fsdp(tiny):
+    """Its trial steps would be collectives: one rank out of memory would leave the other waiting."""
+    model, data = tiny
+    results = finish(start(model, data, model.parent / "unused", model.parent / "unused-local", "budget-auto"))
+    for r, _ in results:
+        assert r["error"].startswith("training_args.tokens_per_batch: auto is not measured under distributed: fsdp")
+
+
 def test_killed_fsdp_run_resumes_to_the_uninterrupted_adapter_from_adapter_and_optimizer_shards(tiny, tmp_path):
     model, data = tiny
     whole = finish(start(model, data, tmp_path / "whole", tmp_path / "whole-local"))
