@@ -169,12 +169,15 @@ bench-preprocess: $(VENV)/.installed ## Benchmark preprocess on a 1,000,000-row 
 	$(PY) tests/benchmarks/bench_preprocess.py $(BENCH_ARGS)
 
 ##@ GPU training speed
-.PHONY: bench-train bench-finetune-ddp test-gpu
+.PHONY: bench-train bench-finetune-ddp bench-fsdp test-gpu
 bench-train: ## On a GPU: tutorial recipe vs the fast path (7B/1.5B, memory profile), table into docs/benchmarks.md
 	$(PYTHON) tests/benchmarks/train_speed.py $(BENCH_ARGS)
 
 bench-finetune-ddp: ## On N GPUs: the finetune job on one GPU vs torchrun on N on the sample (BENCH_ARGS="--gpus N [--csv FILE]")
 	$(PYTHON) tests/benchmarks/bench_finetune_ddp.py $(BENCH_ARGS)
+
+bench-fsdp: ## On N GPUs: FSDP2 LoRA on a config-initialised Qwen2.5-32B + kill/resume (BENCH_ARGS="--gpus N --tokenizer DIR")
+	$(PYTHON) tests/benchmarks/bench_fsdp.py $(BENCH_ARGS)
 
 test-gpu: ## On a GPU: the gpu-marked tests (FP8 layers, varlen kernel, the fast path, bf16 LoRA training + resume)
 	$(PYTHON) -m pytest -m gpu tests/shared/train/fast/test_fp8.py tests/shared/train/fast/test_speedups.py tests/shared/train/test_training.py
