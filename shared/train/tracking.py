@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import socket
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,9 @@ def _unreachable(uri: str) -> str | None:
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return None
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):  # requests (so mlflow) goes through it
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     try:
         socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
                                  timeout=PROBE_TIMEOUT_S).close()
@@ -111,9 +115,13 @@ def _connect():
     if problem:
         log.warning("MLflow at %s is unreachable (%s); not logging to it, the artifact store has everything", uri, problem)
         return None
-    mlflow.set_tracking_uri(uri)  # explicitly: transformers' callback keeps a URI it set once
-    if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
+    try:
+        mlflow.set_tracking_uri(uri)  # explicitly: transformers' callback keeps a URI it set once
+        if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
+    except Exception as exc:  # reachable but refusing (auth, not an MLflow server, ...)
+        _warn_failed(exc)
+        return None
     return mlflow
 
 
