@@ -201,6 +201,11 @@ class TrainingArgs(_Strict):
         default="auto",
         description="Fast path: the frozen base weights' matmuls in FP8 (rowwise scales); auto = on GPUs with FP8 tensor cores (Ada/Hopper+) for models of hidden size >= 3072.",
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Fast path: torch.compile each decoder layer (one graph for all layers; fuses norms, RoPE, SwiGLU, "
+        "LoRA and FP8 quantisation); auto = where measured to pay (docs/benchmarks.md), never with memory_profile.",
+    )
     memory_profile: bool = Field(
         default=False,
         description="Fast path for 24 GB cards: recompute each decoder layer in backward (7B LoRA, 2,048-token examples: <22 GiB).",
