@@ -94,6 +94,7 @@ class Case:
     compile_lora: bool = False
     fp8: bool = False
     compile: bool = False  # regional torch.compile of the decoder layers (training_args.compile: on)
+    fp8_mlp: bool = False  # FP8 frozen SwiGLU MLPs as one fused function
 
     @property
     def lora_label(self) -> str:
@@ -240,14 +241,17 @@ PROFILED_STEPS = 2
 
 def kernel_groups(events) -> list[tuple[str, float, int]]:
     """(group, device ms, kernels) of a profile's kernels, largest first: where a step's time goes."""
+    exact = {"_kernel": "FP8 quantiser (Triton)", "_silu_mul_quant_kernel": "fused FP8 MLP (Triton)",
+             "_swiglu_grad_quant_kernel": "fused FP8 MLP (Triton)"}
     rules = [
-        ("FP8 GEMM (frozen linears)", ("e4m3", "f8f8", "fp8", "scaled_mm", "sm90_xmma_gemm_e4m3")),
-        ("attention (flash varlen)", ("flash", "fmha", "attn")),
-        ("bf16/fp32 GEMM (LoRA, head)", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "sm90_")),
-        ("Liger kernels", ("liger", "_rms_norm", "_swiglu", "_triton_rope", "_cross_entropy", "element_mul")),
-        ("FP8 quantiser (Triton)", ("_kernel",)),
+        ("FP8 GEMM (frozen linears)", ("qqtst", "e4m3", "f8f8", "scaled_mm_kernel")),
+        ("attention (flash varlen)", ("flash", "fmha")),
         ("inductor fused (compiled layers)", ("triton_",)),
-        ("copies / casts / elementwise", ("copy", "elementwise", "vectorized", "unrolled", "cat", "fill", "index", "reduce")),
+        ("bf16/fp32 GEMM (LoRA, head)", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitkreduce")),
+        ("Liger kernels", ("liger", "_rms_norm", "_swiglu", "_triton_rope", "element_mul")),
+        ("dropout", ("dropout",)),
+        ("adds", ("functor_add",)),
+        ("copies / casts / other elementwise", ("copy", "elementwise", "memcpy", "memset", "fill", "index", "reduce", "gather")),
     ]
     totals: dict[str, list[float]] = {}
     for e in events:
@@ -255,7 +259,7 @@ def kernel_groups(events) -> list[tuple[str, float, int]]:
         if ms <= 0:
             continue
         name = e.key.lower()
-        group = next((g for g, keys in rules if any(k in name for k in keys)), "other")
+        group = exact.get(e.key) or next((g for g, keys in rules if any(k in name for k in keys)), "other")
         t = totals.setdefault(group, [0.0, 0])
         t[0] += ms
         t[1] += e.count
@@ -357,6 +361,8 @@ def run_ours(case: Case, examples, steps, warmup, parity, seed, leak: bool = Fal
         label += " + compiled LoRA (experiment)"
     if case.fp8:
         label += " + FP8 frozen weights"
+    if case.fp8_mlp:
+        label += " + fused MLP"
     if case.compile:
         label += " + compiled layers"
     if leak:
@@ -364,7 +370,7 @@ def run_ours(case: Case, examples, steps, warmup, parity, seed, leak: bool = Fal
     row = Row(case.arch, f"{label}, {case.lora_label}, {case.tokens_per_batch} tok/batch")
     model = build_model(case.arch, seed)
     fast = enable_fast_path(model, memory_profile=case.memory_profile, compile_lora=case.compile_lora, fp8=case.fp8,
-                            compile=case.compile)  # explicit: every row says what it ran
+                            compile=case.compile, fp8_mlp=case.fp8_mlp)  # explicit: every row says what it ran
     model = wrap_lora(model, case, seed)
     row.note = fast.describe()
     try:
@@ -536,12 +542,14 @@ def cases_for(args) -> list[Case]:
 
 
 VARIANTS = {"bf16": dict(fp8=False, compile=False), "fp8": dict(fp8=True, compile=False),
-            "bf16-compile": dict(fp8=False, compile=True), "fp8-compile": dict(fp8=True, compile=True)}
+            "bf16-compile": dict(fp8=False, compile=True), "fp8-compile": dict(fp8=True, compile=True),
+            # FP8 with the fused SwiGLU MLP (shared/train/fast/fp8_mlp.py), eager and compiled
+            "fp8-mlp": dict(fp8=True, compile=False, fp8_mlp=True), "fp8-mlp-compile": dict(fp8=True, compile=True, fp8_mlp=True)}
 
 
 def variants_for(case: Case, args) -> list[Case]:
     """The fast-path rows of one case: --variants (bf16, fp8, bf16-compile, fp8-compile), in that order."""
-    if case.fp8 or case.compile:
+    if case.fp8 or case.compile or case.fp8_mlp:
         return [case]
     chosen = args.variants_1_5b if (case.arch == "1.5B" and args.variants_1_5b) else args.variants
     names = [v for v in chosen.split(",") if v]
@@ -570,7 +578,7 @@ def main(argv=None) -> int:
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
                    help="also run each case's fast path with FP8 frozen weights (shared/train/fast/fp8.py)")
     p.add_argument("--variants", default="bf16,fp8",
-                   help="fast-path rows per case, comma-separated: bf16, fp8, bf16-compile, fp8-compile (compiled decoder layers)")
+                   help="fast-path rows per case, comma-separated: " + ", ".join(VARIANTS))
     p.add_argument("--variants-1.5b", dest="variants_1_5b", default=None, help="--variants for the 1.5B case (default: the same)")
     p.add_argument("--profile", action="store_true",
                    help="profile 2 extra steps after each fast-path row's timed steps (kernel groups + top kernels)")
@@ -622,7 +630,8 @@ def main(argv=None) -> int:
                 import traceback
 
                 traceback.print_exc()
-                what = "ours" + (" + FP8" if variant.fp8 else "") + (" + compiled layers" if variant.compile else "")
+                what = ("ours" + (" + FP8" if variant.fp8 else "") + (" + fused MLP" if variant.fp8_mlp else "")
+                        + (" + compiled layers" if variant.compile else ""))
                 case_rows.append(Row(case.arch, f"{what} ({case.lora_label})", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
                 free()
         if case.leak_control and base is not None and parity:

@@ -210,6 +210,7 @@ class FastPath:
     compiled_lora: bool = False
     fp8: bool = False
     compiled_layers: int = 0
+    fp8_mlp: bool = False
     _undo: list[Callable[[], None]] = field(default_factory=list)
 
     def undo_global_patches(self) -> None:
@@ -221,7 +222,7 @@ class FastPath:
             f"attention={self.attention} liger={('loss-only' if self.compiled_layers else 'on') if self.liger else 'off'} "
             f"gradient_checkpointing={'on' if self.gradient_checkpointing else 'off'} loss=chunked"
             + (" lora=compiled" if self.compiled_lora else "")
-            + (" fp8=frozen-linears" if self.fp8 else "")
+            + ((" fp8=frozen-linears+fused-mlp" if self.fp8_mlp else " fp8=frozen-linears") if self.fp8 else "")
             + (f" compile=layers({self.compiled_layers})" if self.compiled_layers else "")
         )
 
@@ -403,6 +404,8 @@ def auto_compile(on_gpu: bool, memory_profile: bool) -> bool:
 COMPILE_AUTO = False
 
 FP8_AUTO_MIN_HIDDEN = 3072
+# With FP8 on, frozen SwiGLU MLPs run as one fused function (shared/train/fast/fp8_mlp.py).
+FP8_MLP_DEFAULT = False
 
 
 def auto_fp8(model: torch.nn.Module, on_gpu: bool) -> bool:
@@ -412,7 +415,8 @@ def auto_fp8(model: torch.nn.Module, on_gpu: bool) -> bool:
     return on_gpu and fp8.fp8_supported() and getattr(model.config, "hidden_size", 0) >= FP8_AUTO_MIN_HIDDEN
 
 
-def _fast_forward(original: Callable, use_liger: bool, fuse_lora: bool, compile_lora: bool = False, fp8: bool = False) -> Callable:
+def _fast_forward(original: Callable, use_liger: bool, fuse_lora: bool, compile_lora: bool = False, fp8: bool = False,
+                  fp8_mlp: bool = False) -> Callable:
     state = {"fused": False, "fp8": False}
 
     def forward(
@@ -451,6 +455,10 @@ def _fast_forward(original: Callable, use_liger: bool, fuse_lora: bool, compile_
             from shared.train.fast.fp8 import convert_frozen_linears
 
             state["fp8"] = True
+            if fp8_mlp:
+                from shared.train.fast.fp8_mlp import convert_frozen_mlps
+
+                log.info("FP8 fused SwiGLU on %d frozen MLPs", convert_frozen_mlps(decoder))
             log.info("FP8 forward/backward on %d frozen linear layers", convert_frozen_linears(decoder))
         out = decoder(
             input_ids=input_ids,
@@ -482,6 +490,7 @@ def enable_fast_path(
     fp8: bool | None = False,
     on_gpu: bool | None = None,
     compile: bool | None = False,
+    fp8_mlp: bool | None = None,
 ) -> FastPath:
     """Patch a transformers causal LM in place (before or after peft wraps it: pass the
     transformers model itself, e.g. ``peft_model.get_base_model()``).
@@ -494,7 +503,9 @@ def enable_fast_path(
     finetune job prepares the model on the CPU and Trainer moves it later, so it passes this.
     ``compile=True`` compiles each decoder layer (:func:`compile_decoder_layers`); Liger's layer
     kernels are then left out (inductor fuses those ops with their neighbours) and only its
-    head+loss kernel is used. ``compile=None`` (auto): :func:`auto_compile`.
+    head+loss kernel is used. ``compile=None`` (auto): :func:`auto_compile`. ``fp8_mlp`` (with
+    FP8 on): frozen SwiGLU MLPs as one fused FP8 function (:mod:`shared.train.fast.fp8_mlp`);
+    None = ``FP8_MLP_DEFAULT``.
     """
     register_attention()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -516,12 +527,16 @@ def enable_fast_path(
         fast.compiled_layers = compile_decoder_layers(model)
     if fp8 is None:
         fp8 = auto_fp8(model, on_gpu)
-    model.forward = MethodType(_fast_forward(model.forward, fast.liger, fuse_lora, compile_lora, fp8), model)
+    if fp8_mlp is None:
+        fp8_mlp = FP8_MLP_DEFAULT
+    fp8_mlp = bool(fp8 and fp8_mlp)
+    model.forward = MethodType(_fast_forward(model.forward, fast.liger, fuse_lora, compile_lora, fp8, fp8_mlp), model)
     if memory_profile:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         fast.gradient_checkpointing = True
     fast.compiled_lora = compile_lora
     fast.fp8 = fp8
+    fast.fp8_mlp = fp8_mlp
     log.info("fast training path: %s", fast.describe())
     return fast
 
