@@ -203,8 +203,9 @@ class TrainingArgs(_Strict):
     )
     compile: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="Fast path: torch.compile each decoder layer (one graph for all layers; fuses norms, RoPE, SwiGLU, "
-        "LoRA and FP8 quantisation); auto = where measured to pay (docs/benchmarks.md), never with memory_profile.",
+        description="Fast path: torch.compile each decoder layer (one graph for all layers; fuses norms, RoPE, "
+        "LoRA and FP8 quantisation): +1.4-4 % tokens/s for 20-90 s of compilation at the first step; auto = off "
+        "(it repays itself only in runs of thousands of steps, docs/benchmarks.md); never with memory_profile.",
     )
     memory_profile: bool = Field(
         default=False,

@@ -399,13 +399,17 @@ def auto_compile(on_gpu: bool, memory_profile: bool) -> bool:
     return on_gpu and not memory_profile and COMPILE_AUTO
 
 
-# Whether ``compile: auto`` turns regional compilation on (set from the measurement in
-# docs/benchmarks.md, "Scale (issue 16)").
+# Whether ``compile: auto`` turns regional compilation on. Measured on an H200 (docs/benchmarks.md,
+# "Scale (issue 16)"): +1.4-2.2 % tokens/s on 7B q/k/v, +4 % on 1.5B, for 22-86 s of compilation at
+# the first step and another graph for evaluation's no-grad forward: it repays itself only after
+# ~1,400 (1.5B) to ~4,000 (7B) steps, so auto leaves it off and long runs ask for it (compile: on).
 COMPILE_AUTO = False
 
 FP8_AUTO_MIN_HIDDEN = 3072
-# With FP8 on, frozen SwiGLU MLPs run as one fused function (shared/train/fast/fp8_mlp.py).
-FP8_MLP_DEFAULT = False
+# With FP8 on, frozen SwiGLU MLPs run as one fused function (shared/train/fast/fp8_mlp.py):
+# measured on an H200 (7B q/k/v, 28,672 tokens) 2.92x the steady baseline against 2.77x for the
+# per-layer FP8 path, loss parity 0.44 % (docs/benchmarks.md, "Scale (issue 16)").
+FP8_MLP_DEFAULT = True
 
 
 def auto_fp8(model: torch.nn.Module, on_gpu: bool) -> bool:
