@@ -109,8 +109,8 @@ def test_gpu_triton_kernels_match_the_torch_form():
         assert _rel(q.float() * s, qr.float() * sr) < 0.02, "same codes up to one rounding step"
 
 
-@pytest.mark.parametrize(("fp8", "fp8_mlp", "fused"), [(True, None, True), (True, False, False), (False, None, False)])
-def test_the_fast_path_fuses_the_mlps_when_fp8_is_on_by_default(fp8, fp8_mlp, fused):
+@pytest.mark.parametrize(("fp8", "mlp", "fused"), [(True, None, True), (True, False, False), (False, None, False)])
+def test_the_fast_path_fuses_the_mlps_when_fp8_is_on_by_default(fp8, mlp, fused):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -120,7 +120,7 @@ def test_the_fast_path_fuses_the_mlps_when_fp8_is_on_by_default(fp8, fp8_mlp, fu
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
-    fast = enable_fast_path(model, fp8=fp8, fp8_mlp=fp8_mlp, on_gpu=False)
+    fast = enable_fast_path(model, fp8=fp8, fp8_mlp=mlp, on_gpu=False)
     assert fast.fp8_mlp is fused and ("fused-mlp" in fast.describe()) is fused
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     ids = torch.randint(0, 64, (30,)).tolist()
