@@ -8,7 +8,8 @@ Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_S3_ENDPOINT_URL`` (shared/core
 ``LAWTUNE_ACTOR`` (who is recorded in the history; default the host user).
 
 ``list`` prints each version with its created time, gate verdict, key metrics, data digest
-and a ``*`` on the PROMOTED one, then the history. ``promote`` moves PROMOTED to a version
+and a ``*`` on the PROMOTED one, then the releases ``lawtune deploy`` recorded (which version
+each runs), then the history. ``promote`` moves PROMOTED to a version
 (``--force`` for one whose gate failed); ``rollback`` moves it to the version promoted before
 the current one. Both swap PROMOTED atomically and record the event
 (shared/publish/registry.py).
@@ -29,6 +30,7 @@ from shared.core.log import configure_logging
 from shared.core.settings import Settings, load_settings
 from shared.evaluate.gate import gate_passed
 from shared.publish import registry
+from shared.store.releases import releases
 from shared.store.storage import Location, open_location
 
 log = logging.getLogger("lawtune.models")
@@ -55,7 +57,11 @@ def list_versions(settings: Settings, name: str) -> list[str]:
         gate = "passed" if gate_passed(v.gate) else "FAILED"
         data = (v.manifest.extra.get("data") or "-")[:12]
         lines.append(f"{'*' if v.name == current else ' ':2}{v.name:<28} {v.created:<27} {gate:<7} {' '.join(scores)}  {data}")
-    lines += ["", f"PROMOTED: {current or '<none>'}", "history:"]
+    lines += ["", f"PROMOTED: {current or '<none>'}"]
+    for r in releases(root):  # what `lawtune deploy` last put in each release
+        lines.append(f"serving: {r['namespace']}/{r['release']} runs {r['version']} "
+                     f"(helm revision {r.get('helm_revision') or '?'}, deployed {r['deployed_at']} by {r.get('actor', '?')})")
+    lines.append("history:")
     for e in registry.history(root):
         lines.append(f"  {e['at']}  {e.get('kind', '?'):<8} {e.get('from') or '<none>'} -> {e['to']}  "
                      f"by {e.get('actor', '?')}  run {e.get('run_id') or '-'}")

@@ -1,7 +1,7 @@
 """Where a published model version came from, link by link, each with its URI and digest.
 
     input file (sha256) -> data manifest -> finetune (base model + digest, config digest, best step)
-      -> evaluate (gate) -> published version (promotions) -> serving release (when recorded)
+      -> evaluate (gate) -> published version (promotions) -> serving releases (those `lawtune deploy` recorded)
 
 Every link is read from a committed manifest. A link records the digest its parent saw; when
 the artifact at that URI now has another digest, the link says ``changed`` instead of silently
@@ -21,6 +21,7 @@ from shared.core.settings import Settings
 from shared.core.uri import join
 from shared.publish import registry
 from shared.store.artifacts import Manifest, find_manifest, read_manifest
+from shared.store.releases import RELEASES, releases
 from shared.store.storage import open_location
 
 
@@ -29,7 +30,7 @@ class Link:
     kind: str  # input, data, finetune, evaluate, version, serving
     uri: str | None
     digest: str | None = None
-    status: str = "ok"  # ok | changed (content differs from what the next link recorded) | missing | not recorded
+    status: str = "ok"  # ok | changed (content differs from what the next link recorded) | missing | not recorded | not deployed
     facts: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,9 +87,22 @@ def trace(settings: Settings, version_uri: str) -> list[Link]:
     version_link = Link("version", version_uri, manifest.digest, "ok", {
         "published_at": manifest.finished_at, "promoted_now": pointer.version == version,
         "promotions": [{k: e.get(k) for k in ("at", "kind", "from", "actor")} for e in events]})
-    serving = Link("serving", None, None, "not recorded",
-                   {"note": "the serving chart pulls models/<name>/PROMOTED; it records no release in the store"})
-    return [input_link, data_link, ft_link, ev_link, version_link, serving]
+    return [input_link, data_link, ft_link, ev_link, version_link, _serving(model_root, version)]
+
+
+def _serving(model_root, version: str) -> Link:
+    """The releases `lawtune deploy` last pointed at this version; the others say what they run instead."""
+    recorded = releases(model_root)
+    if not recorded:
+        return Link("serving", None, None, "not recorded",
+                    {"note": "no release of this model was deployed with `lawtune deploy` (a plain helm install records none)"})
+    running = [r for r in recorded if r.get("version") == version]
+    facts = {"releases": [{k: r.get(k) for k in ("namespace", "release", "helm_revision", "deployed_at", "actor")} for r in running]}
+    others = {f"{r['namespace']}/{r['release']}": r.get("version") for r in recorded if r.get("version") != version}
+    if others:
+        facts["other_releases"] = others
+    uri = join(model_root.uri, RELEASES)
+    return Link("serving", uri, None, "ok" if running else "not deployed", facts)
 
 
 def as_json(links: list[Link]) -> str:

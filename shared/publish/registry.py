@@ -15,9 +15,7 @@ promotion that did not happen.
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from typing import Any
 
 from shared.core.errors import ConfigError, LawtuneError
 from shared.store.artifacts import Manifest, find_manifest, now_iso
+from shared.store.releases import actor
 from shared.store.storage import Location
 
 PROMOTED = "PROMOTED"
@@ -47,16 +46,6 @@ def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise ConfigError(f"model name {name!r}: expected 1-63 lowercase letters, digits, '.', '_' or '-'")
     return name
-
-
-def actor() -> str:
-    """Who moves PROMOTED: ``LAWTUNE_ACTOR`` (a CI job, a person) or the host user."""
-    if os.environ.get("LAWTUNE_ACTOR"):
-        return os.environ["LAWTUNE_ACTOR"]
-    try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry for the uid, as in many containers
-        return f"uid-{os.getuid()}"
 
 
 def read_pointer(model_root: Location) -> Pointer:

@@ -16,6 +16,7 @@ from jobs import lineage, preprocess, publish
 from shared.core.config import parse_config
 from shared.core.settings import load_settings
 from shared.store.artifacts import commit_dir, now_iso, sha256_file
+from shared.store.releases import record_release
 from shared.store.storage import open_location
 from tests.lora_fixtures import commit_verdict, make_adapter, make_tiny_model
 
@@ -57,7 +58,7 @@ def test_lineage_walks_from_version_to_input_file(published, capsys):
     assert links["version"]["uri"] == result.version_uri and links["version"]["facts"]["promoted_now"] is True
     assert [p["kind"] for p in links["version"]["facts"]["promotions"]] == ["promote"]
     assert all(link["status"] == "ok" for kind, link in links.items() if kind != "serving")
-    assert links["serving"]["status"] == "not recorded"
+    assert links["serving"]["status"] == "not recorded"  # nothing deployed through `lawtune deploy` yet
 
     assert lineage.main([result.version_uri]) == 0
     text = capsys.readouterr().out
@@ -83,3 +84,22 @@ def test_unknown_version_exits_2_with_the_known_ones(published, capsys):
     assert lineage.main([f"{settings.models_uri('legal')}/r9-nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("lineage: error: ") and f"known versions of {settings.models_uri('legal')}: {result.version}" in err
+
+
+def test_lineage_ends_at_the_releases_deploy_recorded(published, capsys):
+    settings, result, _, _ = published
+    models = open_location(settings.models_uri("legal"), settings)
+    version = result.version_uri.rstrip("/").rsplit("/", 1)[1]
+    record_release(models, release="assistant", namespace="serving", version=version, deployed_at=now_iso(), helm_revision=3)
+    record_release(models, release="canary", namespace="staging", version="older", deployed_at=now_iso())
+    assert lineage.main([result.version_uri, "--json"]) == 0
+    serving = json.loads(capsys.readouterr().out)[-1]
+    assert serving["kind"] == "serving" and serving["status"] == "ok"
+    assert [(r["namespace"], r["release"], r["helm_revision"]) for r in serving["facts"]["releases"]] == [("serving", "assistant", 3)]
+    assert serving["facts"]["other_releases"] == {"staging/canary": "older"}
+
+    # Once the release moves on, this version is no longer served, and lineage says so.
+    record_release(models, release="assistant", namespace="serving", version="newer", deployed_at=now_iso())
+    assert lineage.main([result.version_uri, "--json"]) == 0
+    serving = json.loads(capsys.readouterr().out)[-1]
+    assert serving["status"] == "not deployed" and serving["facts"]["releases"] == []

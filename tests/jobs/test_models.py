@@ -12,6 +12,7 @@ import pytest
 from jobs import models
 from shared.core.settings import load_settings
 from shared.publish import registry
+from shared.store.releases import record_release
 from shared.store.storage import open_location
 from tests.shared.publish.test_registry import publish_fake_version
 
@@ -55,9 +56,18 @@ def test_promote_list_and_rollback(three_versions, capsys):
     assert rows["r1-aaaa"].startswith("* ") and not rows["r2-bbbb"].startswith("*")
     assert "passed" in rows["r1-aaaa"] and "FAILED" in rows["r3-cccc"] and "12.50" in rows["r1-aaaa"] and "abababababab" in rows["r1-aaaa"]
     assert "PROMOTED: r1-aaaa" in out
+    assert not any(line.startswith("serving:") for line in out)  # nothing deployed through `lawtune deploy`
     kinds = [line.split()[1] for line in out[out.index("history:") + 1:]]
     assert kinds == ["promote", "promote", "forced", "rollback", "rollback"]
     assert all("by alice" in line for line in out[out.index("history:") + 1:])
+
+    # A release deployed with `lawtune deploy` shows which version it runs, which may not be PROMOTED.
+    record_release(open_location(settings.models_uri("legal"), settings), release="assistant", namespace="serving",
+                   version="r2-bbbb", deployed_at="2026-11-29T01:00:00Z", helm_revision=4)
+    assert models.main(["list", "legal"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if line.startswith("serving:")] == [
+        "serving: serving/assistant runs r2-bbbb (helm revision 4, deployed 2026-11-29T01:00:00Z by alice)"]
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,15 @@ machine, and the release's pods all get that version (file and S3 artifact roots
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
 from shared.core.settings import load_settings
 from shared.serve import deploy
 from shared.store.artifacts import commit_dir, now_iso
+from shared.store.releases import releases
 from shared.store.storage import open_location
 from tests.helm_utils import helm_path
 
@@ -81,3 +84,66 @@ def test_helm_command_upgrades_with_the_version_set_last(tmp_path):
     assert cmd[-7:] == ["--set-string", "model.name=m", "--set-string", "model.version=20261128",
                         "--set-string", "artifactStore.root=s3://b/p", "--wait"]
     assert cmd.index("--values") < cmd.index("--set-string") and ["--namespace", "serving"] == cmd[5:7]
+
+
+def _stand_in_helm(tmp_path, upgrade_rc: int = 0):
+    """A stand-in for helm talking to a cluster (no Kubernetes API runs here): it logs its
+    arguments, answers `upgrade` with ``upgrade_rc`` and `status` with a release's JSON."""
+    log = tmp_path / "helm-calls.txt"
+    script = tmp_path / "helm"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {log}\n'
+        f'if [ "$1" = upgrade ]; then exit {upgrade_rc}; fi\n'
+        'if [ "$1" = status ]; then echo \'{"name": "assistant", "namespace": "serving", "version": 7}\'; fi\n')
+    script.chmod(0o755)
+    return script, log
+
+
+def test_a_deploy_records_which_release_serves_the_version(published, tmp_path, monkeypatch, capfd):
+    settings, values = published
+    helm, calls = _stand_in_helm(tmp_path)
+    monkeypatch.setenv("LAWTUNE_HELM", str(helm))
+    monkeypatch.setenv("LAWTUNE_ACTOR", "ci-deployer")
+    assert deploy.main(["--release", "assistant", "-f", str(values), "--namespace", "serving"]) == 0
+    assert "assistant: legal-assistant version v2" in capfd.readouterr().out
+    assert calls.read_text().splitlines()[0].startswith("upgrade --install assistant")
+    models = open_location(settings.models_uri("legal-assistant"), settings)
+    (record,) = releases(models)
+    assert record["namespace"] == "serving" and record["release"] == "assistant" and record["version"] == "v2"
+    assert record["helm_revision"] == 7 and record["actor"] == "ci-deployer" and record["artifact_root"] == settings.artifact_root
+    assert record["chart"].startswith("lawtune-serving-")
+
+    # The next deploy of the same release replaces its record: it says what runs now.
+    assert deploy.main(["--release", "assistant", "-f", str(values), "--namespace", "serving", "--version", "v1"]) == 0
+    assert [r["version"] for r in releases(models)] == ["v1"]
+
+
+def test_a_failed_deploy_records_nothing(published, tmp_path, monkeypatch, capfd):
+    settings, values = published
+    helm, _ = _stand_in_helm(tmp_path, upgrade_rc=1)
+    monkeypatch.setenv("LAWTUNE_HELM", str(helm))
+    assert deploy.main(["--release", "assistant", "-f", str(values)]) == 1
+    assert releases(open_location(settings.models_uri("legal-assistant"), settings)) == []
+
+
+def _vllm_args(objects: list[dict]) -> list[str]:
+    (vllm,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-vllm")]
+    (container,) = [c for c in vllm["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm"]
+    return container["args"]
+
+
+def test_a_version_that_carries_its_model_code_is_served_with_trust_remote_code(published, tmp_path, capfd):
+    """ChatGLM3's config maps its classes to code in the repository (auto_map); vLLM refuses such
+    a model without --trust-remote-code, so deploy turns it on from the version itself."""
+    settings, values = published
+    helm_path()
+    src = tmp_path / "src-glm"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "chatglm", "auto_map": {
+        "AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}}))
+    commit_dir(src, open_location(f"{settings.models_uri('legal-assistant')}/glm", settings), stage="publish", inputs={},
+               started_at=now_iso())
+    assert "--trust-remote-code" not in _vllm_args(_rendered(capfd, ["--release", "a", "-f", str(values), "--dry-run"]))
+    args = _vllm_args(_rendered(capfd, ["--release", "a", "-f", str(values), "--dry-run", "--version", "glm"]))
+    assert "--trust-remote-code" in args
