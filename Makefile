@@ -176,5 +176,5 @@ bench-train: ## On a GPU: tutorial recipe vs the fast path (7B/1.5B, memory prof
 bench-finetune-ddp: ## On N GPUs: the finetune job on one GPU vs torchrun on N on the sample (BENCH_ARGS="--gpus N [--csv FILE]")
 	$(PYTHON) tests/benchmarks/bench_finetune_ddp.py $(BENCH_ARGS)
 
-test-gpu: ## On a GPU: the gpu-marked tests (FP8 layers, varlen kernel, the fast path, bf16 LoRA training + resume)
-	$(PYTHON) -m pytest -m gpu tests/shared/train/fast/test_fp8.py tests/shared/train/fast/test_speedups.py tests/shared/train/test_training.py
+test-gpu: ## On a GPU: the gpu-marked tests (FP8 layers, fused FP8 MLP kernels, varlen kernel, the fast path, bf16 LoRA training + resume)
+	$(PYTHON) -m pytest -m gpu tests/shared/train/fast/test_fp8.py tests/shared/train/fast/test_fp8_mlp.py tests/shared/train/fast/test_speedups.py tests/shared/train/test_training.py
