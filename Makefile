@@ -179,5 +179,5 @@ bench-finetune-ddp: ## On N GPUs: the finetune job on one GPU vs torchrun on N o
 bench-fsdp: ## On N GPUs: FSDP2 LoRA on a config-initialised Qwen2.5-32B + kill/resume (BENCH_ARGS="--gpus N --tokenizer DIR")
 	$(PYTHON) tests/benchmarks/bench_fsdp.py $(BENCH_ARGS)
 
-test-gpu: ## On a GPU: the gpu-marked tests (FP8 layers, varlen kernel, the fast path, bf16 LoRA training + resume)
-	$(PYTHON) -m pytest -m gpu tests/shared/train/fast/test_fp8.py tests/shared/train/fast/test_speedups.py tests/shared/train/test_training.py
+test-gpu: ## On a GPU: the gpu-marked tests (FP8 layers, fused FP8 MLP kernels, varlen kernel, the fast path, bf16 LoRA training + resume)
+	$(PYTHON) -m pytest -m gpu tests/shared/train/fast/test_fp8.py tests/shared/train/fast/test_fp8_mlp.py tests/shared/train/fast/test_speedups.py tests/shared/train/test_training.py

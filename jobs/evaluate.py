@@ -20,7 +20,8 @@ question, reference, base, tuned and production answers, per-example scores), ``
 (``{"base", "tuned", "production", "production_version", "delta", "delta_vs_production",
 "golden", "gate", ...}``), ``report.md``, ``report.html`` (loss plot embedded),
 ``loss_curves.png``, ``tensorboard/`` (the scores), and ``MANIFEST.json`` last with
-``extra = {"gate": {...}, "metrics": {...}}``. Skipped when data, finetune, the
+``extra = {"gate": {...}, "metrics": {...}}``. With ``MLFLOW_TRACKING_URI`` set, the params,
+scores and report files also go to an MLflow run ``<run_id>-evaluate`` (shared/train/tracking.py). Skipped when data, finetune, the
 evaluation-relevant config, the production version, the golden set and the code version are
 unchanged.
 
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.publish.registry import check_name, read_pointer
-from shared.store.artifacts import Manifest, find_manifest, read_manifest, sha256_file
+from shared.store.artifacts import Manifest, digest_inputs, find_manifest, read_manifest, sha256_file
 from shared.evaluate.golden import load_golden
 from shared.train.tracking import log_evaluation_to_mlflow, log_scores
 from shared.core.config import TrainConfig, add_config_arguments, config_from_args
@@ -175,7 +176,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
                                  golden=metrics.get("golden")), out.workdir)
         log_scores(out.workdir / "tensorboard", metrics)
         manifest = out.commit(extra={"gate": gate, "metrics": tuned_metrics, "production_version": metrics["production_version"]})
-        log_evaluation_to_mlflow(settings.run_id, out.workdir, metrics)
+        log_evaluation_to_mlflow(settings.run_id, digest_inputs(out.inputs)[:12], out.workdir, metrics, output_uri)
         return Result(manifest, False, output_uri, gate)
 
 

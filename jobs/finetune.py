@@ -19,9 +19,10 @@ manifest), and ``MANIFEST.json`` last, whose ``extra`` holds ``base_model`` (and
 ``base_model_from``: ``--base-model``, ``LAWTUNE_BASE_MODEL``, ``config`` or ``default``,
 whichever won), ``base_model_digest`` (sha256 over its weight files), ``config_digest``,
 ``data_uri``, ``trust_remote_code`` and ``best_step``. With ``MLFLOW_TRACKING_URI`` set and
-mlflow installed, params and curves also go to MLflow (shared/train/tracking.py). The stage is skipped when the data manifest, the training
-config sections and the code version match the committed manifest; otherwise it resumes
-from the newest committed checkpoint of the same inputs.
+the MLflow client installed (``lawtune[mlflow]``), params, the curves (live, by step) and the
+summary files also go to one MLflow run ``<run_id>-finetune`` (shared/train/tracking.py). The stage
+is skipped when the data manifest, the training config sections and the code version match the
+committed manifest; otherwise it resumes from the newest committed checkpoint of the same inputs.
 
 Exit codes: 0 done or skipped; 1 preempted (SIGTERM: checkpoint committed, retry resumes) or
 storage failure; 2 bad config, data or base model (one line on stderr names it).
@@ -35,6 +36,7 @@ import logging
 import shutil
 import sys
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +86,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         model_dir = resolve_base_model(config.base_model, settings, config.trust_remote_code)  # fails before the data is read
 
         from shared.train.fast.speedups import training_hooks
+        from shared.train.tracking import TrainingTracker, log_training
         from shared.train.training import CheckpointStore, Hooks, export_best, precision, train
 
         # The GPU fast path unless training_args.fast_path says otherwise; plain on CPU. It patches
@@ -100,7 +103,10 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
             data_dir = Path(scratch) / "data"
             fetch_stage(settings, data_uri, data_dir, only=splits)
             store = CheckpointStore(out.location, out.inputs, run_id=settings.run_id, code_version=settings.resolved_code_version)
-            result = train(config, model_dir, data_dir, local, store, hooks)
+            tracker = TrainingTracker.from_env(settings.run_id, digest_inputs(out.inputs)[:12], _params(config, inputs),
+                                               output_uri)
+            with tracker.training() if tracker else nullcontext():
+                result = train(config, model_dir, data_dir, local, store, hooks, callbacks=tracker.callbacks if tracker else None)
         if not result.is_main:
             return Result(output_uri, False, steps_completed=result.steps_completed)
 
@@ -124,14 +130,13 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         (out.workdir / "config.yaml").write_text(
             yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8"
         )
-        from shared.train.tracking import log_training, log_training_to_mlflow
-
         log_training(out.workdir / "tensorboard", result.log_history)
-        log_training_to_mlflow(settings.run_id, _params(config), result.log_history, out.workdir)
         out.commit(extra={"base_model": config.base_model, "base_model_from": base_from,
                           "trust_remote_code": config.trust_remote_code, "best_step": result.best_step,
                           "base_model_digest": _model_digest(model_dir), "config_digest": inputs["config"],
                           "data_uri": data_uri})
+        if tracker:  # the view after the record
+            tracker.finish(out.workdir, {k: summary.get(k) for k in ("best_dev_loss", "best_step", "steps_completed", "tokens_seen")})
         shutil.rmtree(local, ignore_errors=True)
         log.info(
             "best checkpoint step-%s (dev loss %s) exported as %s/adapter after %d steps",
@@ -141,11 +146,14 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         return Result(output_uri, False, result.best_step, result.best_dev_loss, result.steps_completed, result.resumed_from)
 
 
-def _params(config: TrainConfig) -> dict[str, object]:
-    a, p = config.training_args, config.peft_config
-    return {"base_model": config.base_model, "max_steps": a.max_steps, "learning_rate": a.learning_rate,
-            "per_device_train_batch_size": a.per_device_train_batch_size, "lora_r": p.r, "lora_alpha": p.lora_alpha,
-            "target_modules": p.target_modules, "seed": config.seed}
+def _params(config: TrainConfig, inputs: dict[str, str]) -> dict[str, object]:
+    """lawtune's own MLflow params; transformers' callback adds TrainingArguments (learning_rate, max_steps, ...)
+    and the model's config under their own names."""
+    p = config.peft_config
+    return {"base_model": config.base_model, "lora_r": p.r, "lora_alpha": p.lora_alpha,
+            "lora_dropout": p.lora_dropout, "lora_target_modules": p.target_modules, "packing": config.training_args.packing,
+            "max_input_length": config.max_input_length, "max_output_length": config.max_output_length,
+            "data_digest": inputs["data"], "config_digest": inputs["config"]}
 
 
 def _model_digest(model_dir: Path) -> str:

@@ -15,9 +15,9 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
-    """No test reads the developer's LAWTUNE_* environment or writes into their cache."""
+    """No test reads the developer's LAWTUNE_* environment, writes into their cache or logs to their MLflow."""
     for key in list(os.environ):
-        if key.startswith("LAWTUNE_"):
+        if key.startswith(("LAWTUNE_", "MLFLOW_")):
             monkeypatch.delenv(key)
     monkeypatch.setenv("LAWTUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("LAWTUNE_NO_PROGRESS", "1")

@@ -154,3 +154,46 @@ def _wait_ready(server: SeaweedS3, timeout: float) -> None:
             time.sleep(0.5)
     server.stop()
     raise RuntimeError(f"SeaweedFS not ready after {timeout}s ({last}); log:\n{log_path.read_text()[-3000:]}")
+
+
+@dataclass
+class MlflowServer:
+    """``mlflow server`` (lawtune[dev] installs it) on a free loopback port: sqlite runs, local artifacts."""
+
+    uri: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # uvicorn and its worker
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+def start_mlflow(workdir: Path, timeout: float = 120.0) -> MlflowServer:
+    import urllib.request
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = workdir / "mlflow-server.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination", str(workdir / "artifacts")]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
+    server = MlflowServer(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited {process.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{server.uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"mlflow server not healthy within {timeout:.0f}s: {log_path.read_text()[-2000:]}")

@@ -201,6 +201,12 @@ class TrainingArgs(_Strict):
         default="auto",
         description="Fast path: the frozen base weights' matmuls in FP8 (rowwise scales); auto = on GPUs with FP8 tensor cores (Ada/Hopper+) for models of hidden size >= 3072.",
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Fast path: torch.compile each decoder layer (one graph for all layers; fuses norms, RoPE, "
+        "LoRA and FP8 quantisation): +1.4-4 % tokens/s for 20-90 s of compilation at the first step; auto = off "
+        "(it repays itself only in runs of thousands of steps, docs/benchmarks.md); never with memory_profile.",
+    )
     memory_profile: bool = Field(
         default=False,
         description="Fast path for 24 GB cards: recompute each decoder layer in backward (7B LoRA, 2,048-token examples: <22 GiB).",

@@ -318,11 +318,13 @@ def train(
     local_dir: Path,
     store: CheckpointStore | None,
     hooks: Hooks | None = None,
+    callbacks: list | None = None,
 ) -> TrainResult:
     """Train (resuming from the store's newest checkpoint of the same inputs) and export nothing.
 
     ``local_dir`` is the Trainer's output folder, shared by the ranks of one node. The caller
-    exports ``store.best()`` (``export_best``) on rank 0 afterwards.
+    exports ``store.best()`` (``export_best``) on rank 0 afterwards. ``callbacks`` are extra
+    TrainerCallbacks (tracking: shared/train/tracking.py).
     """
     # The fast path arrives as hooks (shared.train.fast.training_hooks); this loop never imports it.
     hooks = hooks or Hooks()
@@ -334,10 +336,10 @@ def train(
     callback = LawtuneCallback(store, has_dev=True, patience=config.training_args.early_stopping_patience,
                                keep=config.training_args.save_total_limit)
     with _sigterm_sets(callback):  # from here on SIGTERM only sets a flag; training checks it every step
-        return _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is_main, callback)
+        return _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is_main, callback, callbacks or [])
 
 
-def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is_main, callback) -> TrainResult:
+def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is_main, callback, extra) -> TrainResult:
     from transformers import AutoTokenizer, PrinterCallback, ProgressCallback
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code)
@@ -366,7 +368,7 @@ def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is
         eval_dataset=dev_rows or None,
         processing_class=tokenizer,
         compute_loss_func=hooks.make_loss(config),
-        callbacks=[callback],
+        callbacks=[callback, *extra],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

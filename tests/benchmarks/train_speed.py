@@ -93,6 +93,8 @@ class Case:
     leak_control: bool = False
     compile_lora: bool = False
     fp8: bool = False
+    compile: bool = False  # regional torch.compile of the decoder layers (training_args.compile: on)
+    fp8_mlp: bool = False  # FP8 frozen SwiGLU MLPs as one fused function
 
     @property
     def lora_label(self) -> str:
@@ -233,19 +235,52 @@ def make_trainer(model, dataset, collator, steps: int, out_dir: str, seed: int):
     return trainer, timer
 
 
-PROFILE = {"on": False}
+PROFILE: dict = {"on": False, "dir": None}
+PROFILED_STEPS = 2
 
 
-def run_trainer(model, dataset, collator: Counting, steps: int, warmup: int, seed: int) -> tuple[float, list[float], int]:
-    """Train ``steps`` steps; returns (real tokens/s over steps after warmup, losses, timed tokens)."""
+def kernel_groups(events) -> list[tuple[str, float, int]]:
+    """(group, device ms, kernels) of a profile's kernels, largest first: where a step's time goes."""
+    exact = {"_kernel": "FP8 quantiser (Triton)", "_silu_mul_quant_kernel": "fused FP8 MLP (Triton)",
+             "_swiglu_grad_quant_kernel": "fused FP8 MLP (Triton)"}
+    rules = [
+        ("FP8 GEMM (frozen linears)", ("qqtst", "e4m3", "f8f8", "scaled_mm_kernel")),
+        ("attention (flash varlen)", ("flash", "fmha")),
+        ("inductor fused (compiled layers)", ("triton_",)),
+        ("bf16/fp32 GEMM (LoRA, head)", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitkreduce")),
+        ("Liger kernels", ("liger", "_rms_norm", "_swiglu", "_triton_rope", "element_mul")),
+        ("dropout", ("dropout",)),
+        ("adds", ("functor_add",)),
+        ("copies / casts / other elementwise", ("copy", "elementwise", "memcpy", "memset", "fill", "index", "reduce", "gather")),
+    ]
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        ms = e.self_device_time_total / 1e3
+        if ms <= 0:
+            continue
+        name = e.key.lower()
+        group = exact.get(e.key) or next((g for g, keys in rules if any(k in name for k in keys)), "other")
+        t = totals.setdefault(group, [0.0, 0])
+        t[0] += ms
+        t[1] += e.count
+    return sorted(((g, t[0], int(t[1])) for g, t in totals.items()), key=lambda x: -x[1])
+
+
+def run_trainer(model, dataset, collator: Counting, steps: int, warmup: int, seed: int, profile_label: str | None = None) -> tuple[float, list[float], int]:
+    """Train ``steps`` steps; returns (real tokens/s over steps after warmup, losses, timed tokens).
+
+    With ``profile_label`` (and --profile): PROFILED_STEPS more steps after the timed ones run
+    under torch.profiler, so the profile costs the timing nothing; their kernel table goes to
+    --profile-dir (or stderr)."""
     import tempfile
 
+    profiled = PROFILED_STEPS if (PROFILE["on"] and profile_label and torch.cuda.is_available()) else 0
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, timer = make_trainer(model, dataset, collator, steps, tmp, seed)
-        if PROFILE["on"] and steps > 2 and torch.cuda.is_available():
+        trainer, timer = make_trainer(model, dataset, collator, steps + profiled, tmp, seed)
+        if profiled:
             from torch.profiler import ProfilerActivity, profile, schedule
 
-            with profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=steps - 2, warmup=0, active=2)) as prof:
+            with profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=steps, warmup=0, active=profiled)) as prof:
                 from transformers import TrainerCallback
 
                 class Step(TrainerCallback):
@@ -254,7 +289,19 @@ def run_trainer(model, dataset, collator: Counting, steps: int, warmup: int, see
 
                 trainer.add_callback(Step())
                 trainer.train()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), file=sys.stderr, flush=True)
+            events = prof.key_averages()
+            total = sum(e.self_device_time_total for e in events) / 1e3
+            lines = [f"## {profile_label}: {profiled} steps, {total:,.0f} ms of kernels ({total / profiled:,.0f} ms a step)", ""]
+            lines += [f"{g:40s} {ms:10,.1f} ms {ms / total:6.1%} {n:8d} kernels" for g, ms, n in kernel_groups(events)]
+            lines += ["", events.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=90), ""]
+            text = "\n".join(lines)
+            print("\n".join(lines[: 12]), file=sys.stderr, flush=True)
+            if PROFILE["dir"]:
+                PROFILE["dir"].mkdir(parents=True, exist_ok=True)
+                with (PROFILE["dir"] / "profile.md").open("a", encoding="utf-8") as fh:
+                    fh.write(text + "\n")
+            else:
+                print(text, file=sys.stderr, flush=True)
         else:
             trainer.train()
     timed = timer.times[warmup:steps]
@@ -314,11 +361,16 @@ def run_ours(case: Case, examples, steps, warmup, parity, seed, leak: bool = Fal
         label += " + compiled LoRA (experiment)"
     if case.fp8:
         label += " + FP8 frozen weights"
+    if case.fp8_mlp:
+        label += " + fused MLP"
+    if case.compile:
+        label += " + compiled layers"
     if leak:
         label = "leak control: packed, NO per-example mask"
     row = Row(case.arch, f"{label}, {case.lora_label}, {case.tokens_per_batch} tok/batch")
     model = build_model(case.arch, seed)
-    fast = enable_fast_path(model, memory_profile=case.memory_profile, compile_lora=case.compile_lora, fp8=case.fp8)  # explicit: both rows
+    fast = enable_fast_path(model, memory_profile=case.memory_profile, compile_lora=case.compile_lora, fp8=case.fp8,
+                            compile=case.compile, fp8_mlp=case.fp8_mlp)  # explicit: every row says what it ran
     model = wrap_lora(model, case, seed)
     row.note = fast.describe()
     try:
@@ -344,8 +396,9 @@ def run_ours(case: Case, examples, steps, warmup, parity, seed, leak: bool = Fal
             if len(rows) < steps:
                 raise RuntimeError(f"only {len(rows)} packed rows for {steps} steps; make more examples")
             world = int(os.environ.get("WORLD_SIZE", "1"))
-            rows.rows = rows.rows[: steps * world]
-            row.tokens_per_s, _, _ = run_trainer(model, rows, Counting(PackedCollator(), padded=False), steps, warmup, seed)
+            rows.rows = rows.rows[: (steps + PROFILED_STEPS) * world]
+            row.tokens_per_s, _, _ = run_trainer(model, rows, Counting(PackedCollator(), padded=False), steps, warmup, seed,
+                                                 profile_label=f"{case.arch} {label}, {case.tokens_per_batch} tok/batch")
             row.note += f"; rows {rows.fill_ratio(case.tokens_per_batch):.0%} full"
     except torch.cuda.OutOfMemoryError:
         row.note += "; out of memory"
@@ -488,6 +541,26 @@ def cases_for(args) -> list[Case]:
     return [all_cases[k] for k in args.cases.split(",")]
 
 
+VARIANTS = {"bf16": dict(fp8=False, compile=False), "fp8": dict(fp8=True, compile=False),
+            "bf16-compile": dict(fp8=False, compile=True), "fp8-compile": dict(fp8=True, compile=True),
+            # FP8 with the fused SwiGLU MLP (shared/train/fast/fp8_mlp.py), eager and compiled
+            "fp8-mlp": dict(fp8=True, compile=False, fp8_mlp=True), "fp8-mlp-compile": dict(fp8=True, compile=True, fp8_mlp=True)}
+
+
+def variants_for(case: Case, args) -> list[Case]:
+    """The fast-path rows of one case: --variants (bf16, fp8, bf16-compile, fp8-compile), in that order."""
+    if case.fp8 or case.compile or case.fp8_mlp:
+        return [case]
+    chosen = args.variants_1_5b if (case.arch == "1.5B" and args.variants_1_5b) else args.variants
+    names = [v for v in chosen.split(",") if v]
+    if not args.fp8:
+        names = [v for v in names if not v.startswith("fp8")]
+    unknown = sorted(set(names) - VARIANTS.keys())
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
+    return [replace(case, **VARIANTS[v]) for v in names]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="toy model on CPU: checks the plumbing only")
@@ -504,13 +577,18 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-runs", type=int, default=2, choices=[1, 2], help="2: the baseline again after ours")
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
                    help="also run each case's fast path with FP8 frozen weights (shared/train/fast/fp8.py)")
-    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 2 steps of each run")
+    p.add_argument("--variants", default="bf16,fp8",
+                   help="fast-path rows per case, comma-separated: " + ", ".join(VARIANTS))
+    p.add_argument("--variants-1.5b", dest="variants_1_5b", default=None, help="--variants for the 1.5B case (default: the same)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile 2 extra steps after each fast-path row's timed steps (kernel groups + top kernels)")
+    p.add_argument("--profile-dir", type=Path, default=None, help="write the profiles to DIR/profile.md instead of stderr")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args(argv)
     if args.tiny:
         args.steps, args.warmup, args.parity = min(args.steps, 4), 1, min(args.parity, 3)
 
-    PROFILE["on"] = args.profile
+    PROFILE["on"], PROFILE["dir"] = args.profile, args.profile_dir
     if "WORLD_SIZE" not in os.environ:
         # Without torchrun, Trainer would wrap the model in DataParallel over every visible GPU
         # (and a packed batch of one sequence cannot be split): measure exactly one GPU.
@@ -545,22 +623,16 @@ def main(argv=None) -> int:
             case_rows.append(base)
             print(table([base]).splitlines()[-1], flush=True)
         parity = 0 if args.ddp or not case.baseline else args.parity
-        try:
-            case_rows.append(run_ours(case, examples, args.steps, args.warmup, parity, args.seed))
-        except Exception as exc:  # noqa: BLE001 - one broken variant must not cost the whole table
-            import traceback
-
-            traceback.print_exc()
-            case_rows.append(Row(case.arch, f"ours ({case.lora_label})", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
-            free()
-        if args.fp8 and not case.fp8:
+        for variant in variants_for(case, args):
             try:
-                case_rows.append(run_ours(replace(case, fp8=True), examples, args.steps, args.warmup, parity, args.seed))
-            except Exception as exc:  # noqa: BLE001
+                case_rows.append(run_ours(variant, examples, args.steps, args.warmup, parity, args.seed))
+            except Exception as exc:  # noqa: BLE001 - one broken variant must not cost the whole table
                 import traceback
 
                 traceback.print_exc()
-                case_rows.append(Row(case.arch, f"ours + FP8 ({case.lora_label})", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
+                what = ("ours" + (" + FP8" if variant.fp8 else "") + (" + fused MLP" if variant.fp8_mlp else "")
+                        + (" + compiled layers" if variant.compile else ""))
+                case_rows.append(Row(case.arch, f"{what} ({case.lora_label})", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
                 free()
         if case.leak_control and base is not None and parity:
             case_rows.append(run_ours(case, examples, 0, 0, parity, args.seed, leak=True))

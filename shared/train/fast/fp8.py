@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from types import MethodType
 from typing import Callable
 
 import torch
@@ -32,9 +33,9 @@ E4M3_MAX = float(torch.finfo(E4M3).max)
 
 def _quantize_rows(x: torch.Tensor, rows_multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rowwise e4m3: (rows padded to ``rows_multiple``, cols) fp8 and a (rows, 1) fp32 scale."""
-    pad = -x.shape[0] % rows_multiple
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))
+    # Always padded (a zero pad is a no-op): no branch on the row count, so a compiled graph
+    # with a dynamic token count needs no guard on it.
+    x = F.pad(x, (0, 0, 0, -x.shape[0] % rows_multiple))
     amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
     scale = amax.clamp(min=1e-12) / E4M3_MAX
     return (x.float() / scale).to(E4M3), scale
@@ -86,8 +87,12 @@ def _triton_quantizer() -> Callable | None:
 
 
 def quantize_rows(x: torch.Tensor, rows_multiple: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rowwise e4m3 of a 2-D tensor, rows padded for _scaled_mm: one Triton kernel on CUDA, eager elsewhere."""
-    fn = _triton_quantizer() if x.is_cuda else None
+    """Rowwise e4m3 of a 2-D tensor, rows padded for _scaled_mm: one Triton kernel on CUDA, eager elsewhere.
+
+    Inside a torch.compile'd region the plain torch ops are traced instead: inductor fuses them
+    with the op that produced ``x`` (RMSNorm, SwiGLU, the attention gradient), one pass fewer.
+    """
+    fn = _triton_quantizer() if x.is_cuda and not torch.compiler.is_compiling() else None
     return (fn or _quantize_rows)(x, rows_multiple)
 
 
@@ -128,6 +133,28 @@ class _FP8FrozenMatmul(torch.autograd.Function):
         return dx[: dy2.shape[0]].view(ctx.shape), None, None, None, None, None, None, None
 
 
+def _fp8_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The FP8 forward, bound to each converted layer as its ``forward`` method.
+
+    A method of one shared function over per-layer attributes (not a closure per layer): a
+    compiled decoder layer then traces the same code for all layers, and one graph serves them.
+    """
+    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    x = x.to(dt)
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():
+        # Traced: the torch-op quantiser (fusable); q/k/v's identical quantisations are merged
+        # by the compiler's common-subexpression pass instead of the eager cache.
+        q, sx = quantize_rows(x2)
+    else:
+        q, sx = _SharedInput.quantize(x2, x)
+    bias = self._fp8_bias
+    with torch.autocast(x.device.type, enabled=False):
+        return _FP8FrozenMatmul.apply(
+            x, q, sx, self._fp8_w_fwd, self._fp8_s_fwd, self._fp8_w_bwd, self._fp8_s_bwd, None if bias is None else bias.to(dt)
+        )
+
+
 def fp8_forward(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     """Quantise a frozen ``nn.Linear`` and return its FP8 forward; its bf16 weight is released."""
     w = linear.weight.detach()
@@ -147,15 +174,10 @@ def fp8_forward(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tenso
         except RuntimeError:  # memory-mapped from a checkpoint file (CPU): dropping the reference is enough
             pass
     linear.weight.data = torch.empty(0, dtype=dtype, device=device)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        x = x.to(dt)
-        q, sx = _SharedInput.quantize(x.reshape(-1, x.shape[-1]), x)
-        with torch.autocast(x.device.type, enabled=False):
-            return _FP8FrozenMatmul.apply(x, q, sx, w_fwd, s_fwd, w_bwd, s_bwd, None if bias is None else bias.to(dt))
-
-    return forward
+    # Plain attributes, not buffers: Module.to(dtype) would cast registered e4m3 buffers to bf16.
+    linear._fp8_w_fwd, linear._fp8_s_fwd, linear._fp8_w_bwd, linear._fp8_s_bwd = w_fwd, s_fwd, w_bwd, s_bwd
+    linear._fp8_bias = bias
+    return MethodType(_fp8_linear_forward, linear)
 
 
 def fp8_supported(device: torch.device | str | None = None) -> bool:

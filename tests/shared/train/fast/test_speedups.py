@@ -364,3 +364,56 @@ def test_token_budget_rows_feed_the_finetune_job(tmp_path):
     assert result.steps_completed == 2
     # 2 steps x 2 rows: more tokens than 4 examples can hold (each at most 32 + 16 tokens)
     assert result.tokens_seen > 2 * 2 * (32 + 16)
+
+
+def test_compiled_decoder_layers_train_like_eager_with_one_graph_for_all_layers_and_batch_shapes():
+    """training_args.compile: each decoder layer through torch.compile (inductor on CPU here) gives
+    the eager fast path's losses and gradients (FP8 frozen weights, the fused FP8 MLP, fused LoRA),
+    and later batches of other token counts, example counts and longest examples reuse the graphs
+    (no recompile). On CPU the per-example attention reads its boundaries on the host, a graph
+    break; on a GPU the varlen kernel stays in the graph (measured in docs/benchmarks.md)."""
+    import torch._dynamo
+
+    from shared.train.fast.speedups import decoder_layers
+
+    batches = [examples(lens, seed=i) for i, lens in enumerate([(17, 40, 9, 33), (5, 60, 21), (30, 31, 12, 8, 3, 2)])]
+
+    def run(compile: bool):
+        model = tiny_model("qwen2")
+        fast = enable_fast_path(model, compile=compile, fp8=True, fp8_mlp=True, on_gpu=False)
+        peft_model = with_lora(model, ["q_proj", "k_proj", "v_proj"])
+        peft_model.train()
+        out = [loss_and_grads(peft_model, PackedCollator()([batches[0]]))]
+        with torch._dynamo.config.patch(error_on_recompile=compile):
+            out += [loss_and_grads(peft_model, PackedCollator()([b])) for b in batches[1:]]
+        return fast, model, out
+
+    torch._dynamo.reset()
+    _, _, eager = run(False)
+    fast, model, compiled = run(True)
+    assert fast.compiled_layers == 2 and fast.liger is False and "compile=layers(2)" in fast.describe()
+    assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(model))
+    for (want_loss, want_grads), (got_loss, got_grads) in zip(eager, compiled):
+        assert torch.allclose(got_loss, want_loss, rtol=1e-5)
+        for name, g in got_grads.items():
+            assert torch.allclose(g, want_grads[name], rtol=1e-4, atol=1e-6), name
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("setting", "on_gpu", "memory_profile", "want"),
+    [
+        pytest.param("on", False, False, True, id="on"),
+        pytest.param("off", True, False, False, id="off"),
+        pytest.param("auto", True, True, False, id="auto-memory-profile-stays-eager"),
+        pytest.param("auto", False, False, False, id="auto-cpu"),
+    ],
+)
+def test_compile_setting(setting, on_gpu, memory_profile, want):
+    from shared.core.config import parse_config
+    from shared.train.fast.speedups import auto_compile, compile_wanted
+
+    config = parse_config({"training_args": {"compile": setting}})
+    wanted = compile_wanted(config)
+    assert (wanted if wanted is not None else auto_compile(on_gpu, memory_profile)) is want
+    assert parse_config({}).training_args.compile == "auto"
