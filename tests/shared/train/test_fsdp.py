@@ -148,15 +148,18 @@ def test_killed_fsdp_run_resumes_to_the_uninterrupted_adapter_from_adapter_and_o
 
     # A run killed (SIGKILL, both ranks) after step-4 was committed, before step-6.
     cut = tmp_path / "cut"
-    procs = start(model, data, cut, tmp_path / "cut-local", env={"LAWTUNE_TEST_STEP_SLEEP": "1"})
+    procs = start(model, data, cut, tmp_path / "cut-local", env={"LAWTUNE_TEST_STEP_SLEEP": "1.5"})
     deadline = time.monotonic() + 240
     while not (cut / "checkpoints" / "step-4" / "MANIFEST.json").is_file():
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "step-4 was never committed"
-        time.sleep(0.1)
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            raise AssertionError("step-4 was never committed: " + "".join(p.communicate()[1][-2000:] for p in procs))
+        time.sleep(0.05)
     for p in procs:
         p.send_signal(signal.SIGKILL)
-        p.communicate()
-    assert not (cut / "checkpoints" / "step-6" / "MANIFEST.json").is_file()
+    logs = [p.communicate()[1] for p in procs]
+    assert not (cut / "checkpoints" / "step-6" / "MANIFEST.json").is_file(), "the kill came too late: " + logs[0][-2000:]
 
     # The retry starts on a fresh pod: empty local folder, everything fetched from the store.
     resumed = finish(start(model, data, cut, tmp_path / "retry-local"))
