@@ -40,7 +40,12 @@ SEED = int(os.environ.get("FAULTS_SEED", "15"))
 # make test: S3 only (the backend with more to go wrong: multipart uploads, the S3 lease's takeover);
 # make test-faults: both.
 BACKENDS = os.environ.get("FAULTS_BACKENDS", "s3").split(",")
-TOLERANCE = 1e-5  # as tests/jobs/test_finetune.py: resumed vs uninterrupted adapter, fp32 CPU
+# Resumed vs uninterrupted adapter, fp32 CPU. Usually bit-equal (0.0); one CI run of 2026-11-29 saw
+# 2.8e-5 after a resume at step 3 (step 4's grad norm 0.818 vs 0.817: float noise, reproduced bit-equal
+# on the next run). A real resume error moves a LoRA weight by a whole Adam step, about the learning
+# rate (3e-3, tests/faults/pipeline.py): a repeated or skipped step, or another dropout mask, is 30x
+# above this bound.
+TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
