@@ -24,7 +24,11 @@ from tests.conftest import REPO
 from tests.shared.train.test_multinode_resume import free_port
 from tests.tiny import tiny_data_dir, tiny_model_dir
 
-TOLERANCE = 1e-6  # fp32 on CPU, same seed, same batches, same dropout masks on both ranks
+# fp32 on CPU, same seed, same batches, same dropout masks on both ranks: usually equal to 1e-6, but
+# a single-process CPU resume has been seen 2.8e-5 off once (tests/faults/test_kill_anywhere.py). A
+# real resume error (optimizer state not reloaded, a step repeated) moves a LoRA weight by about a
+# whole Adam step, the learning rate (1e-2, fsdp_main.py): 100x this bound.
+TOLERANCE = 1e-4
 
 
 def start(model: Path, data: Path, root: Path, local: Path, *extra: str, distributed: str = "fsdp", env=None):
