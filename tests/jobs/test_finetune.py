@@ -253,7 +253,9 @@ def test_torchrun_two_processes_train_with_ddp_and_rank_0_commits_once(tmp_path,
         # 2 ranks x batch 2 = 4 of the 8 examples per step: 4 steps are 2 epochs
         assert max(m.get("epoch", 0) for m in metrics) == pytest.approx(2.0)
     else:
-        assert proc.stderr.count("FP8 forward/backward on 14 frozen linear layers") == 2, "each rank converts its own replica"
+        # each rank converts its own replica: 2 layers' SwiGLU MLPs fused (gate/up/down), their 4 attention linears each
+        assert proc.stderr.count("FP8 fused SwiGLU on 2 frozen MLPs") == 2, "each rank converts its own replica"
+        assert proc.stderr.count("FP8 forward/backward on 8 frozen linear layers") == 2, "each rank converts its own replica"
         losses = [m["loss"] for m in metrics if "loss" in m]
         assert len(losses) >= 4 and all(loss == loss for loss in losses)
     assert proc.stderr.count("finetune: committed") == 1, "only rank 0 writes the artifact"
