@@ -336,6 +336,11 @@ class TrainConfig(_Strict):
             return self._origins[key]
         return "config" if key in self.model_fields_set else "default"
 
+    @property
+    def training_seed(self) -> int:
+        """The Trainer's seed (init, dropout, shuffling): ``training_args.seed``, else the top-level ``seed``."""
+        return self.training_args.seed if self.training_args.seed is not None else self.seed
+
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 

@@ -69,16 +69,12 @@ def remote_code(settings: Settings, model_name: str, version: str) -> str | None
 
     vLLM refuses such a model without ``--trust-remote-code``; publish copies the code beside the
     weights only for a run trained with ``trust_remote_code: true``, so the version says it itself."""
-    import tempfile
-
-    from shared.train.models import needs_remote_code
+    from shared.train.models import remote_code_in
 
     location = open_location(join(settings.models_uri(model_name), version), settings)
     if not location.exists("config.json"):
         return None
-    with tempfile.TemporaryDirectory(prefix="lawtune-deploy-") as folder:
-        Path(folder, "config.json").write_text(location.read_text("config.json"), encoding="utf-8")
-        return needs_remote_code(Path(folder))
+    return remote_code_in(json.loads(location.read_text("config.json")))
 
 
 def helm_command(*, release: str, model_name: str, version: str, artifact_root: str, values: list[Path],

@@ -88,12 +88,17 @@ def resolve_base_model(ref: str, settings: Settings, trust_remote_code: bool = F
 def needs_remote_code(path: Path) -> str | None:
     """The repository code a model directory's config asks for (``auto_map`` entry), when
     transformers has no class of its own for its ``model_type``; None when it needs none."""
-    from transformers import CONFIG_MAPPING
-
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return remote_code_in(config)
+
+
+def remote_code_in(config: dict) -> str | None:
+    """``needs_remote_code`` for a model config already read (e.g. from the artifact store)."""
+    from transformers import CONFIG_MAPPING
+
     auto_map = config.get("auto_map") or {}
     if not auto_map or config.get("model_type") in CONFIG_MAPPING:
         return None

@@ -103,7 +103,7 @@ def prepare_model(model_dir: Path, config: TrainConfig, prec: Precision):
         raise ConfigError(f"peft_config.target_modules {peft.target_modules!r}: {exc}".splitlines()[0]) from None
     if sharded:
         model = fsdp.build_sharded(model, device=_local_device(prec), dtype=prec.dtype,
-                                   fill=fsdp.SafetensorsRows(model_dir), seed=_seed(config))
+                                   fill=fsdp.SafetensorsRows(model_dir), seed=config.training_seed)
     trainable, total = model.get_nb_trainable_parameters()
     if os.environ.get("RANK", "0") == "0":
         log.info("trainable params: %s || all params: %s || %.4f%%", _human(trainable), _human(total), 100 * trainable / total)
@@ -128,11 +128,6 @@ def _local_device(prec: Precision) -> torch.device:
     if prec.device == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
-
-
-def _seed(config: TrainConfig) -> int:
-    a = config.training_args
-    return a.seed if a.seed is not None else config.seed
 
 
 def make_collator(config: TrainConfig, tokenizer, prec: Precision):
@@ -493,7 +488,7 @@ def _training_arguments(config: TrainConfig, output_dir: Path, prec: Precision):
         logging_first_step=True,
         bf16=prec.bf16,
         use_cpu=prec.device == "cpu",
-        seed=a.seed if a.seed is not None else config.seed,
+        seed=config.training_seed,
         # Rows are tokenized in memory before training; workers beyond the cores only add processes
         # (the ChatGLM3 demo's lora.yaml asks for 16).
         dataloader_num_workers=min(a.dataloader_num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1),

@@ -639,7 +639,7 @@ def training_hooks(config: Any, device: str, cache_dir: Any = None):
         # Trainer still draws per_device_train_batch_size items per micro-batch; each item is a
         # row of up to tokens_per_batch / batch_size tokens, so a micro-batch stays within budget.
         # The budget is known once the model is prepared (tokens_per_batch: auto measures it).
-        seed = args.seed if args.seed is not None else config.seed
+        seed = config.training_seed
 
         def packed(rows, cfg):
             tokens = budget.get("tokens", args.tokens_per_batch)
