@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -11,6 +12,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def pytest_report_header(config):
+    """Free disk up front: when a run dies of ENOSPC, the log says so before the first failure."""
+    import tempfile
+
+    where = tempfile.gettempdir()
+    return f"disk: {shutil.disk_usage(where).free / 2**30:.1f} GiB free under {where} (a full make test peaks at ~4 GiB there)"
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +31,26 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("LAWTUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("LAWTUNE_NO_PROGRESS", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """``mktemp`` for module fixtures: their folders go when the module's tests are done.
+
+    A module fixture that publishes the bundled model holds ~0.5-1 GiB; kept to the session's end,
+    they added up to 13 GiB and a CI machine ran out of disk. Kept when a test of the module
+    failed, to look at (as pytest keeps a failed test's tmp_path)."""
+    made: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

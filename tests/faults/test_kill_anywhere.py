@@ -49,8 +49,8 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def reference(request, tmp_path_factory, model_cache_dir):
-    work = tmp_path_factory.mktemp(f"kill-{request.param}")
+def reference(request, module_tmp, model_cache_dir):
+    work = module_tmp(f"kill-{request.param}")
     env = {"LAWTUNE_CACHE_DIR": str(model_cache_dir)}
     if request.param == "file":
         root = f"file://{work / 'artifacts'}"

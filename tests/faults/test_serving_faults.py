@@ -38,15 +38,15 @@ VLLM_ARGS = ["--enforce-eager", *CPU_SERVER_ARGS]
 
 
 @pytest.fixture(scope="module")
-def stack(model_cache_dir, tmp_path_factory):
+def stack(model_cache_dir, module_tmp):
     helm_path()
-    root = tmp_path_factory.mktemp("serve-faults")
+    root = module_tmp("serve-faults")
     settings = Settings(artifact_root=f"file://{root}", cache_dir=model_cache_dir, run_id="faults")
     models = open_location(settings.models_uri(NAME), settings)
     commit_dir(resolve_base_model(BUNDLED_DEFAULT, settings), models.child("v1"), stage="publish", inputs={},
                started_at=now_iso(), clean=False)
     models.write_text("PROMOTED", "v1\n")
-    serve_settings = Settings(artifact_root=f"file://{root}", cache_dir=tmp_path_factory.mktemp("serve-faults-cache"))
+    serve_settings = Settings(artifact_root=f"file://{root}", cache_dir=module_tmp("serve-faults-cache"))
     vllm_port = free_port()
     server, gateway = serve(serve_settings, NAME, free_port(), vllm_port, KEY, vllm_args=VLLM_ARGS)
     state = {"server": server, "gateway": gateway, "vllm_port": vllm_port, "settings": serve_settings}

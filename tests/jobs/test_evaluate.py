@@ -22,11 +22,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def bundled_run(bundled_model_dir, seaweedfs, tmp_path_factory):
+def bundled_run(bundled_model_dir, seaweedfs, module_tmp):
     """Settings on a fresh S3 bucket with data/ and finetune/ of run 'e2e' committed."""
     bucket = "evaluate-e2e"
     seaweedfs.client().create_bucket(Bucket=bucket)
-    scratch = tmp_path_factory.mktemp("evaluate-e2e")
+    scratch = module_tmp("evaluate-e2e")
     with pytest.MonkeyPatch.context() as mp:
         for key, value in seaweedfs.env().items():
             mp.setenv(key, value)

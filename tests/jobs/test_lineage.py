@@ -25,8 +25,8 @@ SAMPLE = REPO / "configs" / "data" / "legal_qa_sample.csv"
 
 
 @pytest.fixture(scope="module")
-def tiny_model(bundled_model_dir, tmp_path_factory):
-    return make_tiny_model(bundled_model_dir, tmp_path_factory.mktemp("tiny") / "model")
+def tiny_model(bundled_model_dir, module_tmp):
+    return make_tiny_model(bundled_model_dir, module_tmp("tiny") / "model")
 
 
 @pytest.fixture

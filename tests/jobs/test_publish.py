@@ -18,8 +18,8 @@ from tests.lora_fixtures import commit_finetune, commit_verdict, make_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny_model(bundled_model_dir, tmp_path_factory):
-    return make_tiny_model(bundled_model_dir, tmp_path_factory.mktemp("tiny") / "model")
+def tiny_model(bundled_model_dir, module_tmp):
+    return make_tiny_model(bundled_model_dir, module_tmp("tiny") / "model")
 
 
 @pytest.fixture

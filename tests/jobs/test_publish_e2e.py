@@ -29,10 +29,10 @@ def _config(gate, **evaluation):
 
 
 @pytest.fixture(scope="module")
-def chain(bundled_model_dir, seaweedfs, tmp_path_factory):
+def chain(bundled_model_dir, seaweedfs, module_tmp):
     bucket = "publish-e2e"
     seaweedfs.client().create_bucket(Bucket=bucket)
-    scratch = tmp_path_factory.mktemp("publish-e2e")
+    scratch = module_tmp("publish-e2e")
     with pytest.MonkeyPatch.context() as mp:
         for key, value in seaweedfs.env().items():
             mp.setenv(key, value)

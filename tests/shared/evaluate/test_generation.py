@@ -45,8 +45,8 @@ def test_prompts_use_the_chat_template_and_keep_their_end(bundled_model_dir):
 
 
 @pytest.fixture(scope="module")
-def adapter(bundled_model_dir, tmp_path_factory):
-    return make_adapter(bundled_model_dir, tmp_path_factory.mktemp("gen") / "adapter", std=0.2)
+def adapter(bundled_model_dir, module_tmp):
+    return make_adapter(bundled_model_dir, module_tmp("gen") / "adapter", std=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from tests.lora_fixtures import make_adapter, make_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny(bundled_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-merge")
+def tiny(bundled_model_dir, module_tmp):
+    root = module_tmp("tiny-merge")
     model = make_tiny_model(bundled_model_dir, root / "model")
     return model, make_adapter(model, root / "adapter", std=0.5)
 
@@ -71,14 +71,14 @@ def test_non_empty_output_is_refused(tiny, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sharded_bundled(bundled_model_dir, tmp_path_factory):
+def sharded_bundled(bundled_model_dir, module_tmp):
     """The bundled model re-saved in small shards (as a 7B base comes: several safetensors files)."""
     import shutil
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    root = tmp_path_factory.mktemp("sharded-bundled")
+    root = module_tmp("sharded-bundled")
     base = root / "base"
     AutoModelForCausalLM.from_pretrained(bundled_model_dir, dtype=torch.float32).save_pretrained(base, max_shard_size="100MB")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):

@@ -209,14 +209,14 @@ def tabs(browser):
 
 
 @pytest.fixture(scope="module")
-def served(model_cache_dir, tmp_path_factory):
+def served(model_cache_dir, module_tmp):
     helm_path()
     from tests.shared.serve.test_serve_local import _publish_bundled
     from shared.core.settings import Settings
 
-    root = tmp_path_factory.mktemp("page-artifacts")
+    root = module_tmp("page-artifacts")
     _publish_bundled(Settings(artifact_root=f"file://{root}", cache_dir=model_cache_dir, run_id="test"))
-    settings = Settings(artifact_root=f"file://{root}", cache_dir=tmp_path_factory.mktemp("page-cache"))
+    settings = Settings(artifact_root=f"file://{root}", cache_dir=module_tmp("page-cache"))
     server, gateway = serve_local.serve(settings, NAME, free_port(), free_port(), KEY,
                                         gateway_overrides={"ui": {"maxTokens": 48}},
                                         vllm_args=["--enforce-eager", *serve_local.CPU_SERVER_ARGS])

@@ -49,12 +49,12 @@ def _publish_bundled(settings: Settings) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(model_cache_dir, tmp_path_factory):
+def served(model_cache_dir, module_tmp):
     helm_path()
-    root = tmp_path_factory.mktemp("serve-artifacts")
+    root = module_tmp("serve-artifacts")
     settings = Settings(artifact_root=f"file://{root}", cache_dir=model_cache_dir, run_id="test")
     _publish_bundled(settings)
-    serve_settings = Settings(artifact_root=f"file://{root}", cache_dir=tmp_path_factory.mktemp("serve-cache"))
+    serve_settings = Settings(artifact_root=f"file://{root}", cache_dir=module_tmp("serve-cache"))
     # make serve's settings, in eager mode: compiling would add a minute to every test session.
     server, gateway = serve(serve_settings, NAME, free_port(), free_port(), KEY,
                             vllm_args=["--enforce-eager", *CPU_SERVER_ARGS])

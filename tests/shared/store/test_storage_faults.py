@@ -115,13 +115,13 @@ def test_a_fault_retries_cannot_absorb_is_exit_1_one_line_no_manifest_and_a_reru
     assert not out.exists(".lawtune-lease"), "the writer lease is released"
 
 
-def test_seaweedfs_stopped_mid_commit_then_started_again(tmp_path_factory, tmp_path, monkeypatch):
+def test_seaweedfs_stopped_mid_commit_then_started_again(tmp_path, monkeypatch):
     """Its own SeaweedFS (the session's keeps serving other tests): killed while a stage's upload
     is held in flight by the proxy, so the commit is half done; the stage exits 1, no manifest;
     the store comes back on the same ports and data, the re-run completes and verifies."""
     from tests.servers import start_seaweedfs
 
-    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs-restart"))
+    server = start_seaweedfs(tmp_path / "seaweedfs-restart")
     host, port = server.endpoint.removeprefix("http://").split(":")
     proxy = FaultProxy(host, int(port)).start()
     try:

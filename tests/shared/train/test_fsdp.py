@@ -57,8 +57,8 @@ def adapter(root: Path, step: int, target: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("fsdp")
+def tiny(module_tmp):
+    base = module_tmp("fsdp")
     return tiny_model_dir(base / "model"), tiny_data_dir(base / "data", 8, 2)
 
 

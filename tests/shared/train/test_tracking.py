@@ -35,14 +35,14 @@ CONFIG = {**BUNDLED_CONFIG,
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(module_tmp):
     try:  # mlflow-skinny (the client) has an mlflow.server package too; the server is the full distribution
         importlib.metadata.distribution("mlflow")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("the MLflow tracking server (PyPI mlflow) is not installed: lawtune[dev] has it (make venv)")
     from tests.servers import start_mlflow
 
-    server = start_mlflow(tmp_path_factory.mktemp("mlflow-server"))
+    server = start_mlflow(module_tmp("mlflow-server"))
     yield server
     server.stop()
 

@@ -31,8 +31,8 @@ def cfg(**training_args):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+def model_dir(module_tmp) -> Path:
+    return tiny_model_dir(module_tmp("tiny") / "model")
 
 
 def new_store(root: Path, inputs: dict | None = None) -> CheckpointStore:
