@@ -182,3 +182,80 @@ def test_a_server_that_refuses_gives_one_warning_and_no_exception(tmp_path, monk
         server.server_close()
     ours = [r for r in caplog.records if r.name == "shared.train.tracking"]
     assert len(ours) == 1 and "logging to MLflow failed" in ours[0].getMessage() and "PERMISSION_DENIED" in ours[0].getMessage(), ours
+
+
+def _runs(client, run_id: str) -> list:
+    experiment = client.get_experiment_by_name("lawtune")
+    return client.search_runs([experiment.experiment_id], f"tags.\"lawtune.run_id\" = '{run_id}'")
+
+
+def _steps(client, run, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+
+def test_under_torchrun_only_rank_0_opens_and_feeds_the_run(mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    from tests.tiny import tiny_data_dir, tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "model")
+    root = f"file://{tmp_path / 'artifacts'}"
+    settings = Settings(artifact_root=root, run_id="ddp-tracked", cache_dir=tmp_path / "cache")
+    commit_dir(tiny_data_dir(tmp_path / "data", 8, 3), open_location(settings.run_uri("data"), settings), stage="data", inputs={},
+               started_at=now_iso())
+    config = write_config(tmp_path / "c.yaml", {
+        "base_model": str(model), "max_input_length": 32, "max_output_length": 16,
+        "training_args": {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 2},
+        "peft_config": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+    })
+    env = {**os.environ, "LAWTUNE_ARTIFACT_ROOT": root, "LAWTUNE_RUN_ID": "ddp-tracked", "LAWTUNE_CACHE_DIR": str(tmp_path / "cache"),
+           "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "jobs.finetune", "--config", str(config)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not re.search("mlflow.*(warn|fail|error)", proc.stderr, re.I), proc.stderr[-3000:]
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = _runs(client, "ddp-tracked")
+    assert [r.info.run_name for r in runs] == ["ddp-tracked-finetune"], "rank 1 opens no run of its own"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert _steps(client, run, "loss") == [1, 2, 3, 4], "each step logged once, not once per rank"
+    assert _steps(client, run, "eval_loss") == [2, 4]
+    assert run.data.params["max_steps"] == "4"
+
+
+def test_sigterm_marks_the_run_killed_and_the_retry_finishes_the_same_run(mlflow_server, bundled_model_dir, model_cache_dir,
+                                                                           tmp_path):
+    import signal
+    import time
+
+    from mlflow import MlflowClient
+
+    from shared.store.artifacts import MANIFEST
+
+    settings, env = _run_env(tmp_path, model_cache_dir, "preempted", mlflow_server.uri)
+    config = write_config(tmp_path / "c.yaml", {**CONFIG, "training_args": {**CONFIG["training_args"], "save_steps": 1}})
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--config", str(config)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = open_location(settings.run_uri("finetune"), settings)
+    deadline = time.monotonic() + 300
+    while not out.exists(f"checkpoints/step-1/{MANIFEST}") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert out.exists(f"checkpoints/step-1/{MANIFEST}"), "no checkpoint committed in time"
+    proc.send_signal(signal.SIGTERM)  # what Kubernetes sends on eviction or preemption
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "SIGTERM" in stderr.strip().splitlines()[-1], stderr[-2000:]
+
+    client = MlflowClient(mlflow_server.uri)
+    [killed] = _runs(client, "preempted")
+    assert killed.info.status == "KILLED", "a preempted run is not FAILED: its retry continues it"
+    logged = _steps(client, killed, "loss")
+    assert logged and logged[-1] < 4
+
+    retry = _stage("finetune", config, env)
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    [finished] = _runs(client, "preempted")
+    assert finished.info.run_id == killed.info.run_id and finished.info.status == "FINISHED"
+    assert _steps(client, finished, "loss") == [1, 2, 3, 4], "the retry adds the steps after the last one logged, once each"
