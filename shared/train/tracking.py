@@ -76,6 +76,12 @@ def log_scores(folder: Path, metrics: dict[str, Any], step: int = 0) -> None:
 
 EXPERIMENT = "lawtune"  # when neither MLFLOW_EXPERIMENT_NAME nor MLFLOW_EXPERIMENT_ID names one
 PROBE_TIMEOUT_S = 5.0
+# mlflow's own patience is 7 retries at backoff factor 2 and a 120 s timeout: about 4 minutes a
+# call. A tracking server that died mid-run held a finished, committed finetune for over 10
+# minutes (each later call waits again). A view is not worth that: about 7 s of retries and 10 s
+# a request, unless the user set these variables.
+HTTP_PATIENCE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 FINETUNE_ARTIFACTS = ("training_summary.json", "config.yaml", "metrics.jsonl")
 EVALUATE_ARTIFACTS = ("report.md", "report.html", "metrics.json")
 
@@ -111,6 +117,8 @@ def _connect():
         log.warning("MLFLOW_TRACKING_URI is set but the mlflow client is not installed (pip install 'lawtune[mlflow]'); "
                     "not logging to MLflow")
         return None
+    for key, value in HTTP_PATIENCE.items():
+        os.environ.setdefault(key, value)
     problem = _unreachable(uri)
     if problem:
         log.warning("MLflow at %s is unreachable (%s); not logging to it, the artifact store has everything", uri, problem)

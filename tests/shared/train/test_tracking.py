@@ -259,3 +259,38 @@ def test_sigterm_marks_the_run_killed_and_the_retry_finishes_the_same_run(mlflow
     [finished] = _runs(client, "preempted")
     assert finished.info.run_id == killed.info.run_id and finished.info.status == "FINISHED"
     assert _steps(client, finished, "loss") == [1, 2, 3, 4], "the retry adds the steps after the last one logged, once each"
+
+
+def test_a_server_that_dies_mid_run_does_not_hold_the_finished_stage(bundled_model_dir, model_cache_dir, tmp_path):
+    """mlflow's default patience (7 retries, backoff factor 2, 120 s a request) held a finetune that
+    had committed its artifact for over 11 minutes after the server died, call after call: a Job
+    that never ends. Bounded, it ends ~30 s after the death on 2 cores (5 more steps included)."""
+    import signal
+    import time
+
+    from shared.store.artifacts import MANIFEST
+    from tests.servers import start_mlflow
+
+    server = start_mlflow(tmp_path / "mlflow-server")
+    try:
+        settings, env = _run_env(tmp_path, model_cache_dir, "orphaned", server.uri)
+        config = write_config(tmp_path / "c.yaml", {**CONFIG, "training_args": {**CONFIG["training_args"], "save_steps": 1,
+                                                                                 "max_steps": 6}})
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--config", str(config)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out = open_location(settings.run_uri("finetune"), settings)
+        deadline = time.monotonic() + 300
+        while not out.exists(f"checkpoints/step-1/{MANIFEST}") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert out.exists(f"checkpoints/step-1/{MANIFEST}"), "no checkpoint committed in time"
+    finally:
+        server.stop()
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the stage was still running 180 s after its tracking server died")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert out.exists(MANIFEST)
+    assert "WARNING shared.train.tracking: logging to MLflow failed" in stderr, stderr[-3000:]
