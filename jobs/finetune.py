@@ -102,7 +102,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         with tempfile.TemporaryDirectory(prefix="finetune-data-", dir=out.workdir.parent) as scratch:
             data_dir = Path(scratch) / "data"
             fetch_stage(settings, data_uri, data_dir, only=splits)
-            store = CheckpointStore(out.location, out.inputs, run_id=settings.run_id, code_version=settings.resolved_code_version)
+            store = CheckpointStore.of(out)
             tracker = TrainingTracker.from_env(settings.run_id, digest_inputs(out.inputs)[:12], _params(config, inputs),
                                                output_uri)
             with tracker.training() if tracker else nullcontext():

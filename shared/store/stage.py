@@ -76,8 +76,7 @@ class StageOutput:
 
     def commit(self, extra: dict[str, Any] | None = None) -> Manifest:
         assert self.workdir is not None, "commit() on a skipped stage"
-        if self.lease is not None:
-            self.lease.check()
+        self.check_lease()
         self.manifest = commit_dir(
             self.workdir,
             self.location,
@@ -91,6 +90,11 @@ class StageOutput:
         )
         log.info("%s: committed %d file(s) to %s", self.stage, len(self.manifest.files), self.location.uri)
         return self.manifest
+
+    def check_lease(self) -> None:
+        """Raises StorageError when another process took the folder over: call before every write into it."""
+        if self.lease is not None:
+            self.lease.check()
 
     def _release(self) -> None:
         if self.lease is not None:

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -38,6 +38,9 @@ from shared.core.config import TrainConfig
 from shared.core.errors import ConfigError, DataError, LawtuneError
 from shared.store.storage import Location
 from shared.train.tokenization import ChatEncoder, TokenizationReport, load_split
+
+if TYPE_CHECKING:
+    from shared.store.stage import StageOutput
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +170,27 @@ def _human(n: int) -> str:
 
 
 class CheckpointStore:
-    """``<finetune>/checkpoints/step-<N>/``, each a committed folder; only rank 0 writes."""
+    """``<finetune>/checkpoints/step-<N>/``, each a committed folder; only rank 0 writes.
 
-    def __init__(self, location: Location, inputs: dict[str, Any], *, run_id: str | None, code_version: str | None):
+    ``guard`` runs before every write or delete: the stage's lease check, so a writer whose
+    folder another process took over (a pod that was presumed dead) stops at its next
+    checkpoint instead of mixing files into the new writer's checkpoints or pruning them.
+    """
+
+    def __init__(self, location: Location, inputs: dict[str, Any], *, run_id: str | None, code_version: str | None,
+                 guard: Callable[[], None] = lambda: None):
         self.location = location
         self.root = location.child(CHECKPOINTS)
         self.inputs = inputs
         self.run_id = run_id
         self.code_version = code_version
+        self.guard = guard
+
+    @classmethod
+    def of(cls, out: "StageOutput") -> "CheckpointStore":
+        """The checkpoints of a finetune stage's output, guarded by its lease."""
+        return cls(out.location, out.inputs, run_id=out.settings.run_id, code_version=out.settings.resolved_code_version,
+                   guard=out.check_lease)
 
     def committed(self) -> dict[int, Manifest]:
         """Committed checkpoints of these inputs, by step; folders without a manifest are invisible."""
@@ -192,12 +208,14 @@ class CheckpointStore:
     def discard_foreign(self) -> None:
         """Checkpoints of other inputs (an edited config, new data, other code) must not be resumed."""
         mine = set(self.committed())
+        self.guard()
         for rel in self.root.list_files():
             name = rel.split("/")[0]
             if name.startswith("step-") and name[5:].isdigit() and int(name[5:]) not in mine:
                 self.root.delete(rel)
 
     def commit(self, local: Path, step: int, extra: dict[str, Any]) -> Manifest:
+        self.guard()
         return commit_dir(
             local,
             self.root.child(f"step-{step}"),
@@ -225,6 +243,7 @@ class CheckpointStore:
             return
         steps = sorted(self.committed())
         best = self.best()
+        self.guard()
         for step in steps[:-keep]:
             if step == best:
                 continue

@@ -129,3 +129,32 @@ def test_concurrent_starts_same_and_different_run_ids(artifact_root):
         assert set(loc.list_files()) == {f.path for f in manifest.files} | {MANIFEST}
         digests.add(tuple(sorted((f.path, f.sha256) for f in manifest.files)))
     assert len(digests) == 1, "the same input gives the same files under every run id"
+
+
+@pytest.mark.integration
+def test_a_finetune_whose_lease_was_taken_over_writes_and_prunes_no_more_checkpoints(s3_env, monkeypatch, tmp_path):
+    """Before, only the final commit checked the lease: a pod presumed dead (its lease expired, a
+    retry took over) went on committing checkpoints into the new writer's folder and pruning them."""
+    import shared.store.lease as lease_module
+    from shared.core.errors import StorageError
+    from shared.train.training import CheckpointStore
+
+    monkeypatch.setattr(lease_module, "TTL_S", 0.3)  # renewal every 0.1 s: the takeover is noticed at once
+    settings = Settings()
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+    with StageOutput(settings, "finetune", settings.run_uri("finetune"), {"x": 1}) as out:
+        store = CheckpointStore.of(out)
+        store.commit(checkpoint, 1, {"dev_loss": 1.0})
+        # What a retry does when it finds this lease stale: it writes its own in its place.
+        out.location.write_bytes(LEASE, json.dumps({"host": "node-b", "pid": 1, "id": "retry", "expires": time.time() + 60}).encode())
+        deadline = time.monotonic() + 10
+        while out.lease._lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(StorageError, match="the writer lease was taken over by another process"):
+            store.commit(checkpoint, 2, {"dev_loss": 0.5})
+        with pytest.raises(StorageError, match="taken over"):
+            store.prune(keep=0)
+    assert sorted(store.committed()) == [1], "no step-2 written, step-1 not pruned"
+    assert not any(path.startswith("step-2/") for path in store.root.list_files())
