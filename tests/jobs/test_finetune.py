@@ -53,6 +53,18 @@ def commit_data(settings: Settings, train_rows: int = 8) -> str:
     return uri
 
 
+def start_until_checkpoint(config: Path, env: dict[str, str], settings: Settings, step: int = 1):
+    """``python -m jobs.finetune`` started, returned once checkpoint ``step`` is committed: (process, output location)."""
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--config", str(config)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = open_location(settings.run_uri("finetune"), settings)
+    deadline = time.monotonic() + 300
+    while not out.exists(f"checkpoints/step-{step}/{MANIFEST}") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert out.exists(f"checkpoints/step-{step}/{MANIFEST}"), "no checkpoint committed in time"
+    return proc, out
+
+
 def adapter_tensors(settings: Settings, finetune_uri: str, dest: Path):
     from safetensors.torch import load_file
 
@@ -187,13 +199,7 @@ def test_sigterm_after_a_checkpoint_then_restart_resumes_to_the_same_adapter(ref
     config_path = write_config(tmp_path / "c.yaml", REFERENCE)
     env = {**os.environ, **seaweedfs.env(), "LAWTUNE_ARTIFACT_ROOT": settings.artifact_root, "LAWTUNE_RUN_ID": "preempted",
            "LAWTUNE_CACHE_DIR": str(settings.cache_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--config", str(config_path)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = open_location(settings.run_uri("finetune"), settings)
-    deadline = time.monotonic() + 300
-    while not out.exists(f"checkpoints/step-1/{MANIFEST}") and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert out.exists(f"checkpoints/step-1/{MANIFEST}"), "no checkpoint committed in time"
+    proc, out = start_until_checkpoint(config_path, env, settings)
     proc.send_signal(signal.SIGTERM)  # what Kubernetes sends on eviction or preemption
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stderr[-2000:]

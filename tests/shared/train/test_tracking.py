@@ -26,7 +26,7 @@ from shared.core.settings import Settings
 from shared.store.artifacts import commit_dir, now_iso
 from shared.store.storage import open_location
 from tests.conftest import FIXTURES, REPO
-from tests.jobs.test_finetune import BUNDLED_CONFIG, write_config
+from tests.jobs.test_finetune import BUNDLED_CONFIG, start_until_checkpoint, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -229,21 +229,12 @@ def test_under_torchrun_only_rank_0_opens_and_feeds_the_run(mlflow_server, tmp_p
 def test_sigterm_marks_the_run_killed_and_the_retry_finishes_the_same_run(mlflow_server, bundled_model_dir, model_cache_dir,
                                                                            tmp_path):
     import signal
-    import time
 
     from mlflow import MlflowClient
 
-    from shared.store.artifacts import MANIFEST
-
     settings, env = _run_env(tmp_path, model_cache_dir, "preempted", mlflow_server.uri)
     config = write_config(tmp_path / "c.yaml", {**CONFIG, "training_args": {**CONFIG["training_args"], "save_steps": 1}})
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--config", str(config)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = open_location(settings.run_uri("finetune"), settings)
-    deadline = time.monotonic() + 300
-    while not out.exists(f"checkpoints/step-1/{MANIFEST}") and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert out.exists(f"checkpoints/step-1/{MANIFEST}"), "no checkpoint committed in time"
+    proc, out = start_until_checkpoint(config, env, settings)
     proc.send_signal(signal.SIGTERM)  # what Kubernetes sends on eviction or preemption
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "SIGTERM" in stderr.strip().splitlines()[-1], stderr[-2000:]
@@ -266,7 +257,6 @@ def test_a_server_that_dies_mid_run_does_not_hold_the_finished_stage(bundled_mod
     had committed its artifact for over 11 minutes after the server died, call after call: a Job
     that never ends. Bounded, it ends ~30 s after the death on 2 cores (5 more steps included)."""
     import signal
-    import time
 
     from shared.store.artifacts import MANIFEST
     from tests.servers import start_mlflow
@@ -276,13 +266,7 @@ def test_a_server_that_dies_mid_run_does_not_hold_the_finished_stage(bundled_mod
         settings, env = _run_env(tmp_path, model_cache_dir, "orphaned", server.uri)
         config = write_config(tmp_path / "c.yaml", {**CONFIG, "training_args": {**CONFIG["training_args"], "save_steps": 1,
                                                                                  "max_steps": 6}})
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--config", str(config)], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out = open_location(settings.run_uri("finetune"), settings)
-        deadline = time.monotonic() + 300
-        while not out.exists(f"checkpoints/step-1/{MANIFEST}") and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert out.exists(f"checkpoints/step-1/{MANIFEST}"), "no checkpoint committed in time"
+        proc, out = start_until_checkpoint(config, env, settings)
     finally:
         server.stop()
     try:
