@@ -421,8 +421,13 @@ class S3Location(Location):
     def write_if(self, rel: str, data: bytes, token: str | None) -> bool:
         if not self.lock:
             return self._swap(rel, data, token)
-        owner = self._acquire(f"{rel}.lock")
+        owner, acquired = self._acquire(f"{rel}.lock")
         try:
+            # A contender takes the lock over once it saw it unchanged for LOCK_TTL_S: swap well before that.
+            held_for = time.monotonic() - acquired
+            if held_for > self.LOCK_TTL_S * 5 / 6:
+                raise StorageError(f"{join(self.uri, rel)}.lock was taken {held_for:.0f} s ago (this process stalled); "
+                                   "not swapping under a lock another writer may have taken over: retry")
             return self._swap(rel, data, token)
         finally:
             held, _ = self.read_with_token(f"{rel}.lock")
@@ -438,17 +443,27 @@ class S3Location(Location):
         etag = self.put_if_absent(rel, data) if token is None else self.put_if_match(rel, data, token)
         return etag is not None
 
-    def _acquire(self, lock: str) -> str:
+    def _acquire(self, lock: str) -> tuple[str, float]:
+        """Take the lock object: (our owner id, the monotonic time it became ours).
+
+        A held lock is taken over only after it stayed unchanged for ``LOCK_TTL_S`` on this process's own
+        monotonic clock: the ``expires`` it records is another machine's wall clock, and a contender whose
+        clock runs ahead would otherwise take a live holder's lock (both would then swap)."""
         me = uuid.uuid4().hex
         deadline = time.monotonic() + self.WAIT_S
+        seen: tuple[str | None, float] | None = None  # (the lock's ETag, when we first saw that one)
         while True:
-            held, _ = self.read_with_token(lock)
-            if held is None or json.loads(held).get("expires", 0) < time.time():
+            held, etag = self.read_with_token(lock)
+            now = time.monotonic()
+            if held is not None and (seen is None or seen[0] != etag):
+                seen = (etag, now)
+            if held is None or now - seen[1] > self.LOCK_TTL_S:
                 self.write_bytes(lock, json.dumps({"owner": me, "expires": time.time() + self.LOCK_TTL_S}).encode())
+                taken = time.monotonic()
                 time.sleep(self.SETTLE_S)  # a writer that read "free" with us has written by now: last one owns it
                 mine, _ = self.read_with_token(lock)
                 if mine is not None and json.loads(mine).get("owner") == me:
-                    return me
+                    return me, taken
             if time.monotonic() > deadline:
                 raise StorageError(f"{join(self.uri, lock)} stayed locked for {self.WAIT_S:.0f}s; is another promotion stuck?")
             time.sleep(self.SETTLE_S * (0.5 + random.random()))
