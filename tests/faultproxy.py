@@ -82,6 +82,10 @@ class FaultProxy:
     def stop(self) -> None:
         async def _close():
             self._server.close()
+            for pair in list(self._open):  # keep-alive connections the client still pools
+                pair["client"].transport.abort()
+                pair["upstream"].transport.abort()
+            await asyncio.sleep(0.1)  # their handlers run their cleanup on this loop before it stops
 
         asyncio.run_coroutine_threadsafe(_close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
