@@ -79,6 +79,7 @@ _RACER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.fault('4 processes racing to move PROMOTED (file; S3 lock+conditional, lock only, LAWTUNE_S3_PROMOTION_LOCK=false)')
 def test_racing_processes_have_exactly_one_winner(cas_root):
     """Four processes read PROMOTED, wait for the same instant, then all try to swap it."""
     import time
@@ -141,6 +142,7 @@ def _promote_killed_after_the_swap(version: str) -> None:
 
 
 @pytest.mark.parametrize("rerun", ["publish", "models-promote", "models-rollback"])
+@pytest.mark.fault("SIGKILL between PROMOTED's swap and its history record")
 def test_a_kill_between_the_swap_and_its_record_is_repaired_by_the_rerun(artifact_root, tmp_path, rerun):
     """Before: PROMOTED moved to v2 with no history record, the re-run found "PROMOTED already names
     v2" and wrote none, and a rollback then went to the version before v1 (here: nothing) instead of v1."""
@@ -187,6 +189,7 @@ def s3_proxy(seaweedfs, s3_env, monkeypatch):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("first", [True, False], ids=["first-promotion", "next-promotion"])
+@pytest.mark.fault("PROMOTED's conditional PUT applied, its answer lost")
 def test_a_swap_whose_answer_was_lost_is_recognised_as_ours(s3_proxy, tmp_path, first):
     """SeaweedFS applied the conditional PUT of PROMOTED and the answer was reset on its way back;
     botocore's retry fails its own condition (412). Before: PromotionConflict naming our own version
@@ -232,6 +235,7 @@ _SKEWED_WRITER = "import time; _real = time.time; time.time = lambda: _real() + 
 
 
 @pytest.mark.integration
+@pytest.mark.fault('promotion lock expiry under clock skew')
 def test_the_promotion_lock_is_not_taken_from_a_live_holder_by_a_clock_running_ahead(s3_env, monkeypatch):
     """A writer whose clock is 10 minutes ahead (time.time shifted in its process: libfaketime is not
     installed here; the store and both processes are real) sees the holder's lock as long expired.

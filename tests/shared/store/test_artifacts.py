@@ -134,6 +134,7 @@ def test_stage_output_without_commit_leaves_nothing(settings):
 
 
 @pytest.mark.parametrize("damage", ["same-size-other-bytes", "truncated", "removed"])
+@pytest.mark.fault('a damaged object under a valid manifest, then a re-run (skip re-verifies)')
 def test_a_skip_rechecks_the_files_under_the_manifest_and_rewrites_damaged_ones(settings, caplog, damage):
     """Before, a committed manifest with the same inputs was skipped over whatever its files had become,
     so every later reader failed on the damaged file and every re-run skipped again."""
@@ -156,6 +157,7 @@ def test_a_skip_rechecks_the_files_under_the_manifest_and_rewrites_damaged_ones(
         assert third.skipped is not None, "intact files: skipped as before"
 
 
+@pytest.mark.fault('a damaged object under a valid manifest of a published run')
 def test_a_damaged_file_of_a_published_run_is_exit_2_naming_it(settings):
     uri = settings.run_uri("stage")
     with StageOutput(settings, "stage", uri, INPUTS) as out:
@@ -181,6 +183,7 @@ sys.exit(run_main("reader", lambda: fetch_dir(open_location(sys.argv[1], setting
 """
 
 
+@pytest.mark.fault('a reader racing a rewrite of its upstream')
 def test_a_reader_overtaken_by_a_rewrite_of_its_upstream_exits_1_and_its_retry_reads_the_new_commit(settings, local_dir, tmp_path):
     """The reader read the manifest, then the upstream stage re-ran and rewrote its files before the reader
     downloaded them (the reader is held between the two by a failpoint). Before, that was exit 2,
@@ -213,6 +216,7 @@ def test_a_reader_overtaken_by_a_rewrite_of_its_upstream_exits_1_and_its_retry_r
 
 
 @pytest.mark.parametrize("full", ["scratch", "file-store"])
+@pytest.mark.fault('disk full (ENOSPC): scratch, file:// store')
 def test_disk_full_is_exit_2_naming_the_disk_not_a_retry(tmp_path, full):
     """preprocess with its scratch (LAWTUNE_CACHE_DIR), or the file:// store, on a 16 KiB tmpfs (mounted in
     a user and mount namespace of its own with unshare). Before, ENOSPC was "I/O failure, worth retrying",

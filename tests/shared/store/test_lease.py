@@ -54,6 +54,7 @@ def test_stage_output_takes_the_lease_so_a_concurrent_stage_exits_1(artifact_roo
 
 @pytest.mark.integration
 @pytest.mark.parametrize("why", ["expired-on-another-node", "dead-pid-on-this-host"])
+@pytest.mark.fault("a stale S3 lease (another node's expired; a dead pid of this host)")
 def test_a_stale_s3_lease_is_taken_over(s3_env, monkeypatch, why):
     monkeypatch.setenv("LAWTUNE_LEASE_TTL_S", "1")  # another node's expired lease is watched one TTL before the takeover
     settings = Settings()
@@ -74,6 +75,7 @@ def test_a_stale_s3_lease_is_taken_over(s3_env, monkeypatch, why):
 
 
 @pytest.mark.integration
+@pytest.mark.fault('a live S3 lease of another node')
 def test_a_live_s3_lease_of_another_node_is_respected(s3_env):
     settings = Settings()
     loc = open_location(settings.run_uri("data"), settings)
@@ -88,6 +90,7 @@ def _preprocess(env: dict[str, str], run_id: str) -> subprocess.CompletedProcess
 
 
 @pytest.mark.integration
+@pytest.mark.fault('the same run id while a writer holds it')
 def test_same_run_id_while_a_writer_holds_it_exits_1_with_one_line_and_writes_nothing(artifact_root, tmp_path):
     """The second of two processes given one run id: a clear line, exit 1 (the Job retries), no file written.
     finetune too: it would otherwise interleave its checkpoints with the first writer's."""
@@ -117,6 +120,7 @@ def test_same_run_id_while_a_writer_holds_it_exits_1_with_one_line_and_writes_no
 
 
 @pytest.mark.integration
+@pytest.mark.fault('4 processes at once: run ids a, a, b, c')
 def test_concurrent_starts_same_and_different_run_ids(artifact_root):
     """Four processes at once: two share run id A, two have B and C. Every one ends 0 (it wrote
     or found the output committed) or 1 with the lease line; each run's output equals a solo run's."""
@@ -139,6 +143,7 @@ def test_concurrent_starts_same_and_different_run_ids(artifact_root):
 
 
 @pytest.mark.integration
+@pytest.mark.fault("a finetune's lease taken over mid-run")
 def test_a_finetune_whose_lease_was_taken_over_writes_and_prunes_no_more_checkpoints(s3_env, monkeypatch, tmp_path):
     """Before, only the final commit checked the lease: a pod presumed dead (its lease expired, a
     retry took over) went on committing checkpoints into the new writer's folder and pruning them."""
@@ -187,6 +192,7 @@ def lease_proxy(seaweedfs, s3_env, monkeypatch):
 
 
 @pytest.mark.integration
+@pytest.mark.fault('lease renewals refused (403) longer than the TTL')
 def test_a_writer_whose_renewals_are_refused_longer_than_the_ttl_does_not_commit(lease_proxy):
     """403 on every renewal (expired credentials for the lease's writes) while the uploads still pass:
     before, the renewal thread logged and retried for ever and the stage committed regardless."""
@@ -204,6 +210,7 @@ def test_a_writer_whose_renewals_are_refused_longer_than_the_ttl_does_not_commit
 
 
 @pytest.mark.integration
+@pytest.mark.fault('a writer cut off from S3 while another takes its folder over')
 def test_a_writer_cut_off_from_s3_while_another_takes_over_does_not_commit(lease_proxy, seaweedfs):
     """The writer reaches S3 through the proxy, which refuses everything for a while (a partition);
     a retry pod on the other side watches the lease unchanged for a TTL and takes the folder over.
@@ -233,6 +240,7 @@ def _try_acquire(lease: Lease) -> bool:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("lost", ["acquire", "renewal"])
+@pytest.mark.fault("a lease's conditional PUT applied, its answer lost")
 def test_a_lease_write_whose_answer_was_lost_is_recognised_as_ours(lease_proxy, lost):
     """The store applied the conditional PUT and the answer was reset on the way back: botocore's retry
     then fails its own If-None-Match / If-Match. Before, acquire named this very process as the holder
@@ -275,6 +283,7 @@ _HOLDER = textwrap.dedent("""
     # An Indexed Job's retried pod keeps the host name <job>-<index>, in a pid namespace of its own.
     pytest.param(["--pid"], id="same-host-name-other-pid-namespace"),
 ])
+@pytest.mark.fault('lease holder in another pod: other host name; same host name, other pid namespace')
 def test_takeover_from_a_holder_in_other_namespaces_only_once_it_stopped_renewing(s3_env, monkeypatch, namespaces):
     """The holder is a real process in its own pid (and UTS) namespace (unshare), its pid one that does not
     exist here. Before, a lease with this host's name and a pid dead *here* was taken over at once, while
@@ -313,6 +322,7 @@ def test_takeover_from_a_holder_in_other_namespaces_only_once_it_stopped_renewin
 
 
 @pytest.mark.integration
+@pytest.mark.fault('lease expiry under clock skew (contender 10 min ahead)')
 def test_a_contender_whose_clock_runs_ahead_does_not_take_a_live_lease(s3_env, monkeypatch, tmp_path):
     """A contender's clock 10 minutes ahead (libfaketime is not installed here, so the contender's
     time.time is shifted in-process; the store, the holder and the lease are real): the holder's

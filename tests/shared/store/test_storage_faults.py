@@ -67,6 +67,7 @@ BLOB = os.urandom(300_000)  # several TCP reads: a reset after 1 KiB lands mid-b
     pytest.param(Fault("reset-download", method="GET", times=2, after=2048), "download", id="reset-mid-download-file"),
     pytest.param(Fault("stall", method="GET", times=1, seconds=READ_TIMEOUT + 1.5), "get", id="stall-past-read-timeout"),
 ])
+@pytest.mark.fault('S3 faults retries absorb: 503 SlowDown, 500, resets mid-upload/-download, a stall')
 def test_transient_faults_are_absorbed_by_retries(faulty, proxy, tmp_path, fault, op):
     settings, _ = faulty
     loc = open_location(settings.run_uri("blob"), settings)
@@ -97,6 +98,7 @@ def _stage(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.
     pytest.param(Fault("stall", method="PUT", path_contains="train.jsonl", times=10**6, seconds=READ_TIMEOUT + 1), id="stalls-every-time"),
     pytest.param(Fault("reset-upload", method="PUT", path_contains="train.jsonl", times=10**6, after=512), id="resets-every-time"),
 ])
+@pytest.mark.fault("S3 faults retries cannot absorb, on a stage's commit: exit 1, no manifest, re-run completes")
 def test_a_fault_retries_cannot_absorb_is_exit_1_one_line_no_manifest_and_a_rerun_completes(faulty, proxy, fault):
     settings, env = faulty
     proxy.add(fault)
@@ -116,6 +118,7 @@ def test_a_fault_retries_cannot_absorb_is_exit_1_one_line_no_manifest_and_a_reru
     assert not out.exists(".lawtune-lease"), "the writer lease is released"
 
 
+@pytest.mark.fault('SeaweedFS SIGKILLed mid-commit, started again')
 def test_seaweedfs_stopped_mid_commit_then_started_again(tmp_path, monkeypatch):
     """Its own SeaweedFS (the session's keeps serving other tests): killed while a stage's upload
     is held in flight by the proxy, so the commit is half done; the stage exits 1, no manifest;
@@ -160,6 +163,7 @@ def test_seaweedfs_stopped_mid_commit_then_started_again(tmp_path, monkeypatch):
         server.stop()
 
 
+@pytest.mark.fault('S3 lost inside commit_dir')
 def test_a_lost_s3_store_never_yields_a_manifest_from_commit_dir(faulty, proxy, tmp_path):
     """commit_dir writes the manifest last: when an upload fails for good, no manifest exists."""
     settings, _ = faulty
@@ -185,6 +189,7 @@ BIG = os.urandom(MULTIPART_CHUNK + 1024 * 1024)  # 9 MiB: above the 8 MiB thresh
                  "download", id="reset-mid-second-ranged-get"),
     pytest.param(Fault("reset-download", method="GET", times=2, after=65536), "sha256", id="reset-mid-streamed-hash"),
 ])
+@pytest.mark.fault('faults on a multipart upload, a ranged GET, a streamed hash (9 MiB object)')
 def test_faults_above_the_multipart_threshold_are_absorbed(faulty, proxy, tmp_path, fault, op):
     settings, _ = faulty
     loc = open_location(settings.run_uri("big"), settings)
@@ -207,6 +212,7 @@ def test_faults_above_the_multipart_threshold_are_absorbed(faulty, proxy, tmp_pa
     assert not uploads, "no unfinished multipart upload left"
 
 
+@pytest.mark.fault('a multipart upload failing for good')
 def test_a_multipart_upload_that_fails_for_good_leaves_no_upload_after_the_next_writer(faulty, proxy, tmp_path):
     """Part 2 refused on every attempt: the stage's commit fails with no manifest; whatever multipart upload
     the failure left is aborted by the next writer of the folder (StageOutput's sweep), whose commit lands."""
@@ -242,6 +248,7 @@ def pooled(seaweedfs, s3_bucket, monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["reset", "blackhole"])
+@pytest.mark.fault('stale pooled S3 connections (reset, blackholed)')
 def test_stale_pooled_connections_are_replaced_without_an_error(pooled, tmp_path, how):
     """Before, the proxy closed every connection after one request, so a pooled connection was never reused
     in a test. ``reset``: the store or a load balancer dropped the idle connections (RST); ``blackhole``: a
@@ -259,6 +266,7 @@ def test_stale_pooled_connections_are_replaced_without_an_error(pooled, tmp_path
     assert pooled.connections > before, "a new connection replaced the stale one"
 
 
+@pytest.mark.fault('403 expired credentials mid-commit')
 def test_403_expired_credentials_mid_run_is_exit_1_naming_the_credentials_and_the_retry_completes(faulty, proxy):
     """The store refuses the credentials half-way through a commit (403 ExpiredToken): botocore does not
     retry a 403, so the stage ends at once with one line saying what to check, no manifest; the Job's
