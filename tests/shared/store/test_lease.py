@@ -147,11 +147,9 @@ def test_concurrent_starts_same_and_different_run_ids(artifact_root):
 def test_a_finetune_whose_lease_was_taken_over_writes_and_prunes_no_more_checkpoints(s3_env, monkeypatch, tmp_path):
     """Before, only the final commit checked the lease: a pod presumed dead (its lease expired, a
     retry took over) went on committing checkpoints into the new writer's folder and pruning them."""
-    import shared.store.lease as lease_module
-    from shared.core.errors import StorageError
     from shared.train.training import CheckpointStore
 
-    monkeypatch.setattr(lease_module, "TTL_S", 0.3)  # renewal every 0.1 s: the takeover is noticed at once
+    monkeypatch.setenv("LAWTUNE_LEASE_TTL_S", "1")  # renewal every 0.33 s: the takeover is noticed at once
     settings = Settings()
     checkpoint = tmp_path / "checkpoint-1"
     checkpoint.mkdir()
