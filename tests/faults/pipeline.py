@@ -155,8 +155,9 @@ MARKERS = {
     "finetune": [("trainable params", 5.0), ("checkpoint step-1 committed", 1.0), ("step 2/4", 2.0),
                  ("checkpoint step-3 committed", 1.0), ("step 4/4", 1.0)],
     "evaluate": [("generating answers", 2.0), ("generating answers", 10.0)],
-    "publish": [("merge check (float32, in memory)", 3.0), ("merge check (reloaded", 0.5),
-                ("merge check (reloaded", 2.0)],
+    # The sharded merge (publish's default path) logs these; "merge check (float32, in memory)" is the
+    # in-memory fallback's line, never logged here: the kill trials' missing-marker check found it stale.
+    "publish": [("merged shard ", 1.0), ("sharded merge: ", 0.5), ("merge check (reloaded", 2.0)],
     "fetch_model": [("fetching ", 0.5), ("fetching ", 2.0)],
 }
 
