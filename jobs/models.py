@@ -71,6 +71,7 @@ def list_versions(settings: Settings, name: str) -> list[str]:
 def promote(settings: Settings, name: str, version: str, *, force: bool = False) -> dict:
     root = _model_root(settings, name)
     target = registry.require_version(root, name, version)
+    registry.repair_history(root)  # an interrupted move is recorded before this one decides
     pointer = registry.read_pointer(root)
     if pointer.version == version:
         log.info("PROMOTED already names %s", version)
@@ -85,6 +86,7 @@ def promote(settings: Settings, name: str, version: str, *, force: bool = False)
 
 def rollback(settings: Settings, name: str) -> dict:
     root = _model_root(settings, name)
+    registry.repair_history(root)  # the target is read from the history: complete it first
     pointer = registry.read_pointer(root)
     target = registry.rollback_target(registry.history(root))
     if target is None:
