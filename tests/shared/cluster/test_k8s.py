@@ -250,6 +250,8 @@ def test_drive_follows_a_running_job_instead_of_resubmitting(rendered_jobs, caps
         pytest.param("finetune", "unschedulable", EXIT_RETRY, ["(Unschedulable)", "Insufficient nvidia.com/gpu"], id="unschedulable"),
         pytest.param("finetune", "image_pull_backoff", EXIT_RETRY, ["(ImagePullBackOff)", "not found"], id="image-pull"),
         pytest.param("evaluate", "deadline_exceeded", EXIT_RETRY, ["(DeadlineExceeded)"], id="deadline"),
+        pytest.param("finetune", "multinode_index_unschedulable", EXIT_RETRY, ["(Unschedulable)", "index 0 of 2"], id="multinode-index"),
+        pytest.param("finetune", "kubelet_evicted", EXIT_RETRY, ["(Evicted)", "raise cache.sizeLimit"], id="emptydir-eviction"),
     ],
 )
 @pytest.mark.timeout(30)
