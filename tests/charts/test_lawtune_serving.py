@@ -674,3 +674,40 @@ def gpu_only_paths() -> set[str]:
 def test_every_gpu_only_key_is_refused_in_cpu_mode():
     assert gpu_only_paths() == {"vllm.gpuMemoryUtilization", "vllm.gpu.count", "vllm.gpu.resourceName", "vllm.image.cudaVariant",
                                 "vllm.runtimeClassName", "vllm.tolerations"}
+
+
+# ---- issue 25: second review --------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("vllm", "threads"),
+    [
+        pytest.param({"tensorParallelSize": 2}, "4", id="tp2-of-8-cores"),
+        pytest.param({"extraArgs": ["-tp", "4"]}, "2", id="tp4-from-extra-args"),
+        pytest.param({"tensorParallelSize": 2, "extraArgs": ["--pipeline-parallel-size", "2"]}, "2", id="tp2-pp2"),
+        pytest.param({"tensorParallelSize": 16}, "1", id="more-workers-than-cores"),
+        pytest.param({}, "8", id="one-worker"),
+    ],
+)
+def test_cpu_threads_are_shared_among_the_parallel_workers(vllm, threads):
+    """Each tensor/pipeline-parallel worker inherits OMP_NUM_THREADS and, with threads unbound,
+    vLLM sets no per-worker count (ompmultiprocessing.py skips it for `nobind`): the pod's cores
+    are divided among the workers instead of each taking them all."""
+    eight = {"requests": {"cpu": "8", "memory": "16Gi"}, "limits": {"cpu": "8", "memory": "16Gi"}}
+    pod = _pod_template(_render({"vllm": {"device": "cpu", "cpu": {"resources": eight}, **vllm}}), "vllm")["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["OMP_NUM_THREADS"] == threads
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env  # 8 cores, or several workers: vLLM's own processes
+
+
+def test_vllm_gets_no_service_links_that_vllm_refuses(monkeypatch):
+    """Kubernetes injects <SERVICE>_PORT=tcp://... for every Service in the namespace; one named
+    `vllm` gives VLLM_PORT, which vLLM's own settings refuse at start. The vLLM pod turns the
+    links off (nothing in it uses them)."""
+    import importlib
+
+    monkeypatch.setenv("VLLM_PORT", "tcp://10.96.0.12:8000")  # what a Service named vllm injects
+    envs = importlib.import_module("vllm.envs")
+    with pytest.raises(ValueError, match="appears to be a URI"):
+        envs.get_vllm_port()
+    for overrides in ({}, {"vllm": {"device": "cpu"}}):
+        assert _pod_template(_render(overrides), "vllm")["spec"]["enableServiceLinks"] is False

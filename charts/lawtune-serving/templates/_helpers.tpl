@@ -136,14 +136,25 @@ apiKey.revision is what rolls the pods), and apiKey.revision.
 {{- max 1 (div $milli 1000) }}
 {{- end }}
 
-{{/* OpenMP threads of vLLM on CPU: vllm.cpu.threads, else the whole cores of the CPU limit (or request). */}}
+{{/* Whole cores of the vLLM container on CPU: its CPU limit (or request). */}}
+{{- define "lawtune-serving.cpuCores" -}}
+{{- $res := default dict .Values.vllm.cpu.resources }}
+{{- include "lawtune-serving.wholeCores" ((default dict $res.limits).cpu | default (default dict $res.requests).cpu) }}
+{{- end }}
+
+{{/* vLLM's worker processes per replica: tensor x pipeline parallel size. */}}
+{{- define "lawtune-serving.parallelWorkers" -}}
+{{- mul (int (include "lawtune-serving.tensorParallelSize" .)) (int (include "lawtune-serving.pipelineParallelSize" .)) }}
+{{- end }}
+
+{{/* OpenMP threads per vLLM worker on CPU: vllm.cpu.threads, else the whole cores of the CPU limit
+divided among the workers (each TP/PP worker inherits OMP_NUM_THREADS; with threads unbound,
+vLLM sets no per-worker count), at least 1. */}}
 {{- define "lawtune-serving.cpuThreads" -}}
 {{- $c := .Values.vllm.cpu }}
 {{- if gt (int $c.threads) 0 }}{{ int $c.threads }}
 {{- else }}
-{{- $res := default dict $c.resources }}
-{{- $cpu := (default dict $res.limits).cpu | default (default dict $res.requests).cpu }}
-{{- include "lawtune-serving.wholeCores" $cpu }}
+{{- max 1 (div (include "lawtune-serving.cpuCores" . | int) (include "lawtune-serving.parallelWorkers" . | int)) }}
 {{- end }}
 {{- end }}
 
@@ -212,7 +223,7 @@ wins, as in vLLM's argparse). Usage: include "lawtune-serving.parallelArg" (list
 
 {{/* Workers of a sharded model talk through shared memory: /dev/shm whenever more than one. */}}
 {{- define "lawtune-serving.needsShm" -}}
-{{- if gt (mul (int (include "lawtune-serving.tensorParallelSize" .)) (int (include "lawtune-serving.pipelineParallelSize" .))) 1 }}true{{ end }}
+{{- if gt (include "lawtune-serving.parallelWorkers" . | int) 1 }}true{{ end }}
 {{- end }}
 
 {{/* vLLM replicas: zero under maintenance.scaleVllmToZero; left to the autoscaler otherwise when on. */}}
