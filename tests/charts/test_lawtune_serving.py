@@ -184,7 +184,7 @@ def test_rendered_invariants(overrides):
             tp = int(arg.split("=", 1)[1])
     pp = int(next((a.split("=", 1)[1] for a in extra if a.startswith("--pipeline-parallel-size=")), 1))
     shm_mounts = [m for m in server["volumeMounts"] if m["mountPath"] == "/dev/shm"]
-    shm_volumes = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+    shm_volumes = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory" and v["name"] != "keys"]
     assert bool(shm_mounts) == (tp * pp > 1) == bool(shm_volumes)
     if shm_mounts:
         assert shm_mounts[0]["name"] == shm_volumes[0]["name"]
@@ -203,8 +203,11 @@ def test_rendered_invariants(overrides):
     assert server["lifecycle"]["preStop"]["exec"]["command"][1] == "/etc/lawtune/drain.py"
     assert pod["terminationGracePeriodSeconds"] >= 60
     assert _flag(args, "--served-model-name") == "legal-assistant"
-    assert {e["name"] for e in server["env"]} >= {"VLLM_API_KEY", "HF_HUB_OFFLINE"}
-    (fetch,) = pod["initContainers"]
+    # The keys reach vLLM in a config file the api-keys init container wrote, never as env or an argument.
+    assert "HF_HUB_OFFLINE" in {e["name"] for e in server["env"]} and "VLLM_API_KEY" not in {e["name"] for e in server["env"]}
+    assert args[:2] == ["--config", "/etc/lawtune-keys/vllm-api-keys.yaml"]
+    fetch, keys = pod["initContainers"]
+    assert keys["name"] == "api-keys" and keys["image"] == server["image"]
     assert fetch["command"] == ["python", "-m", "jobs.fetch_model"]
     version = values.get("model", {}).get("version")
     suffix = f"/{version}" if version else ""

@@ -103,16 +103,54 @@ claim never swaps files under a running server. */}}
 {{- end }}
 
 {{/*
-Changes whenever the key would: the Secret's name and key, the key's value where Helm can read
-the Secret (helm install/upgrade; `helm template` and Argo CD cannot, and then
-apiKey.revision is what rolls the pods), and apiKey.revision.
+Changes whenever the keys would: the Secret's name and keys, the current and previous key's
+values where Helm can read the Secret (helm install/upgrade; `helm template` and Argo CD cannot,
+and then apiKey.revision is what rolls the pods), and apiKey.revision.
 */}}
 {{- define "lawtune-serving.apiKeyChecksum" -}}
 {{- $name := include "lawtune-serving.apiKeySecret" . }}
 {{- $secret := lookup "v1" "Secret" .Release.Namespace $name }}
-{{- $value := "" }}
-{{- if $secret }}{{ $value = index (default dict $secret.data) .Values.apiKey.secretKey | default "" }}{{ end }}
-{{- printf "%s/%s/%s/%s" $name .Values.apiKey.secretKey $value (toString .Values.apiKey.revision) | sha256sum }}
+{{- $data := default dict (($secret | default dict).data) }}
+{{- $value := index $data .Values.apiKey.secretKey | default "" }}
+{{- $previous := index $data .Values.apiKey.previousSecretKey | default "" }}
+{{- printf "%s/%s/%s/%s/%s/%s" $name .Values.apiKey.secretKey $value .Values.apiKey.previousSecretKey $previous (toString .Values.apiKey.revision) | sha256sum }}
+{{- end }}
+
+{{/*
+The Secret's current and previous key as container env (LAWTUNE_API_KEY, LAWTUNE_PREVIOUS_API_KEY;
+the previous one optional: no rotation under way). Read by the init containers only.
+*/}}
+{{- define "lawtune-serving.apiKeyEnv" -}}
+- name: LAWTUNE_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lawtune-serving.apiKeySecret" . }}
+      key: {{ .Values.apiKey.secretKey }}
+- name: LAWTUNE_PREVIOUS_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lawtune-serving.apiKeySecret" . }}
+      key: {{ .Values.apiKey.previousSecretKey }}
+      optional: true
+{{- end }}
+
+{{/* vLLM's config file holding the accepted API keys (the api-keys init container writes it). */}}
+{{- define "lawtune-serving.vllmKeysFile" -}}
+/etc/lawtune-keys/vllm-api-keys.yaml
+{{- end }}
+
+{{/* Shell lines that refuse an empty key or one with characters outside A-Za-z0-9._~+/=- (exit 2), for both keys. */}}
+{{- define "lawtune-serving.apiKeyCheck" -}}
+check_key() {
+  case "$1" in
+    ""|*[!A-Za-z0-9._~+/=-]*)
+      echo "api-keys: the key in Secret {{ include "lawtune-serving.apiKeySecret" . }} (key $2) is empty or has characters outside A-Za-z0-9._~+/=-" >&2
+      exit 2;;
+  esac
+}
+check_key "$LAWTUNE_API_KEY" {{ .Values.apiKey.secretKey }}
+if [ -n "$LAWTUNE_PREVIOUS_API_KEY" ]; then check_key "$LAWTUNE_PREVIOUS_API_KEY" {{ .Values.apiKey.previousSecretKey }}; fi
+umask 077
 {{- end }}
 
 {{/* vLLM's image: the CUDA build (with its variant suffix) or, with vllm.device=cpu, the CPU build of the same release. */}}
