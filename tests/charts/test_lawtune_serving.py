@@ -714,3 +714,38 @@ def test_vllm_gets_no_service_links_that_vllm_refuses(monkeypatch):
         envs.get_vllm_port()
     for overrides in ({}, {"vllm": {"device": "cpu"}}):
         assert _pod_template(_render(overrides), "vllm")["spec"]["enableServiceLinks"] is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [
+        pytest.param({}, True, id="floating-with-autoscaling"),
+        pytest.param({"model": {"version": "legal-001-3f9c2a1b7e"}}, False, id="pinned"),
+        pytest.param({"autoscaling": {"enabled": False}}, False, id="floating-fixed-replicas"),
+        pytest.param({"maintenance": {"enabled": True, "scaleVllmToZero": True}}, False, id="scaled-to-zero"),
+    ],
+)
+def test_a_floating_version_with_autoscaling_is_warned_where_gitops_shows_it(overrides, warned):
+    """Argo CD never shows NOTES.txt and Flux keeps them in the release: the warning is an
+    annotation on the vLLM Deployment (and in NOTES.txt for helm, tested below)."""
+    vllm = _deployment(_render(_merge({"model": {"version": ""}}, overrides)), "vllm")
+    warning = vllm["metadata"].get("annotations", {}).get("lawtune.io/warning", "")
+    assert ("model.version is empty while autoscaling is on" in warning) is warned
+
+
+@pytest.mark.integration
+def test_helm_prints_the_floating_version_warning_in_its_notes():
+    from tests.charts.test_lawtune_serving_key_rotation import ServingApiServer
+    from tests.helm_utils import helm_install_dry_run_server
+
+    notes = {}
+    for name, extra in (("floating", ()), ("pinned", ("--set-string", "model.version=legal-001-3f9c2a1b7e"))):
+        api = ServingApiServer({})
+        try:
+            release = helm_install_dry_run_server(api.server.server_address[1], "assistant", CHART_DIR,
+                                                  "-f", str(CHART_DIR / "ci" / "test-values.yaml"), *extra)
+        finally:
+            api.close()
+        notes[name] = release["info"]["notes"]
+    assert "WARNING: model.version is empty while autoscaling is on" in notes["floating"]
+    assert "WARNING" not in notes["pinned"] and "model.version is empty" not in notes["pinned"]

@@ -97,6 +97,13 @@ claim never swaps files under a running server. */}}
 {{- end }}
 {{- end }}
 
+{{/* A warning while model.version floats and an autoscaler adds pods: empty when pinned or scaled by hand. */}}
+{{- define "lawtune-serving.floatingVersionWarning" -}}
+{{- if and (not .Values.model.version) (include "lawtune-serving.autoscalerActive" .) -}}
+model.version is empty while autoscaling is on: each vLLM pod serves the version models/{{ .Values.model.name }}/PROMOTED names when it starts, so a scale-up after the next promotion serves a newer model beside older pods. Pin model.version (lawtune deploy, or a commit that changes it in git).
+{{- end }}
+{{- end }}
+
 {{/* The version this release serves, as the pods' annotation carries it. */}}
 {{- define "lawtune-serving.modelVersionLabel" -}}
 {{- default "PROMOTED-at-pod-start" .Values.model.version }}
