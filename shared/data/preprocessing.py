@@ -19,8 +19,10 @@ counts every input on its own under ``sources``.
 lawzhidao rows become a conversation like this: the user turn is the title, plus the
 ``question`` field on a new line when it adds detail (it is neither empty, nor the title
 again, nor contained in it; when it already contains the title it replaces it); the
-assistant turn is the reply. ``system_prompt`` from the config, when set, is prepended to
-every conversation that has no system turn of its own.
+assistant turn is the reply. The row's identity (dedup and split) is that user turn's, as in every
+other shape, so the replies to one question must repeat its title and detail (a Zhidao export
+does); a row with the same title and another detail is another question. ``system_prompt`` from
+the config, when set, is prepended to every conversation that has no system turn of its own.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def from_csv(row: CsvRow, cfg: PreprocessConfig, reply_at: int | None = None, so
     )
     if problem:
         return problem, f"question {len(user)} chars, answer {len(reply)} chars"
-    key = title_key or normalise_key(user)
+    key = question_key([{"role": "user", "content": user}])  # the identity any other shape gives this user turn
     if not key:
         return "empty_question", "the question is only punctuation"
     turns = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]

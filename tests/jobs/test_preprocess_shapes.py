@@ -173,12 +173,13 @@ def test_several_inputs_weighted_and_counted_per_source(tmp_path):
                                   {"dev_ratio": 0.0, "test_ratio": 0.0, "min_dev": 0, "min_test": 0})
     sample, alpaca, qa = report["sources"]
     assert (sample["name"], alpaca["name"], qa["name"]) == ("legal_qa_sample.csv", "alpaca.jsonl", "question_answer.csv")
-    assert sample["kept"] == 48 and sample["rejected"] == 13 and sample["train_lines"] == 48
+    # 49: the sample's "公司拖欠工资三个月了怎么办" reply with its own detail is a question of its own
+    assert sample["kept"] == 49 and sample["rejected"] == 12 and sample["train_lines"] == 49
     assert alpaca["kept"] == 3 and alpaca["weight"] == 3.0 and alpaca["train_lines"] == 9  # repeated 3 times
     assert qa["kept"] == 0 and qa["sampled_out"] == 3  # a weight of 1/10,000 keeps none of 3
-    assert report["kept"] == 51 and report["rows_read"] == 61 + 7 + 3
+    assert report["kept"] == 52 and report["rows_read"] == 61 + 7 + 3
     train = (out / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(train) == report["train_lines"] == 48 + 9
+    assert len(train) == report["train_lines"] == 49 + 9
     assert sum("没休的年假" in line for line in train) == 3
     assert {r["source"] for r in map(json.loads, (out / "rejected.jsonl").read_text(encoding="utf-8").splitlines())} == {
         "legal_qa_sample.csv", "alpaca.jsonl"}
