@@ -105,7 +105,7 @@ def test_unknown_names_exit_2_with_the_names_found_and_a_mapping():
     [
         pytest.param({"title": "a", "response": "b"}, "mixes Q&A roles (title) with prompt/response roles", id="mixed"),
         pytest.param({"prompt": "a"}, "maps no column to response", id="no-response"),
-        pytest.param({"title": "a", "answer": "b"}, "preprocess.columns.answer: unknown key", id="unknown-role"),
+        pytest.param({"title": "a", "answer": "b"}, "preprocess.columns.answer: not a key lawtune knows", id="unknown-role"),
     ],
 )
 def test_bad_mappings_are_config_errors_naming_the_key(columns, message):
