@@ -10,52 +10,8 @@ from shared.core.errors import ConfigError
 REPO = Path(__file__).resolve().parents[3]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
-# The ChatGLM3 finetune_demo configs/lora.yaml, as its users have it.
-CHATGLM3_LORA = """\
-data_config:
-  train_file: train.json
-  val_file: dev.json
-  test_file: dev.json
-  num_proc: 16
-max_input_length: 256
-max_output_length: 512
-training_args:
-  # see `transformers.Seq2SeqTrainingArguments`
-  output_dir: ./output
-  max_steps: 3000
-  # needed to be fit for the dataset
-  learning_rate: 5e-5
-  # settings for data loading
-  per_device_train_batch_size: 4
-  dataloader_num_workers: 16
-  remove_unused_columns: false
-  # settings for saving checkpoints
-  save_strategy: steps
-  save_steps: 500
-  # settings for logging
-  log_level: info
-  logging_strategy: steps
-  logging_steps: 10
-  # settings for evaluation
-  per_device_eval_batch_size: 16
-  evaluation_strategy: steps
-  eval_steps: 500
-  # settings for optimizer
-  # adam_epsilon: 1e-6
-  predict_with_generate: true
-  # see `transformers.GenerationConfig`
-  generation_config:
-    max_new_tokens: 512
-  # set your absolute deepspeed path here
-  #deepspeed: ds_zero_2.json
-  use_cpu: false
-peft_config:
-  peft_type: LORA
-  task_type: CAUSAL_LM
-  r: 8
-  lora_alpha: 32
-  lora_dropout: 0.1
-"""
+# The ChatGLM3 finetune_demo's configs/lora.yaml, as its users have it (tests/fixtures/chatglm3/README.md).
+CHATGLM3_LORA = REPO / "tests" / "fixtures" / "chatglm3" / "lora.yaml"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
@@ -64,10 +20,8 @@ def test_every_shipped_config_loads_and_is_headed_by_its_command(path):
     assert path.read_text(encoding="utf-8").lstrip().startswith("#"), "each config opens with the command that runs it"
 
 
-def test_chatglm3_lora_yaml_loads_unchanged(tmp_path):
-    path = tmp_path / "lora.yaml"
-    path.write_text(CHATGLM3_LORA)
-    config = load_config(path)
+def test_chatglm3_lora_yaml_loads_unchanged():
+    config = load_config(CHATGLM3_LORA)
     assert config.data_config.train_file == "train.json" and config.data_config.val_file == "dev.json"
     assert (config.max_input_length, config.max_output_length) == (256, 512)
     assert config.training_args.learning_rate == pytest.approx(5e-5)  # YAML 1.1 reads "5e-5" as a string
