@@ -336,6 +336,18 @@ class TrainConfig(_Strict):
             return self._origins[key]
         return "config" if key in self.model_fields_set else "default"
 
+    def expect_base_model(self, recorded: str | None, where: str) -> None:
+        """Refuse an explicitly given base model (``--base-model``, ``LAWTUNE_BASE_MODEL``, ``--set
+        base_model=``) other than ``recorded``, the one the adapter at ``where`` was trained on. A
+        config file's own base_model is not a request: the recorded model is used whatever it says."""
+        origin = self.origin("base_model")
+        if not recorded or origin in ("config", "default") or _same_model(self.base_model, recorded):
+            return
+        raise ConfigError(
+            f"{origin} names base model {self.base_model!r}, but the adapter in {where} was trained on {recorded!r}; "
+            f"an adapter only works on its own base model: drop {origin}, or re-run finetune with it"
+        )
+
     @property
     def training_seed(self) -> int:
         """The Trainer's seed (init, dropout, shuffling): ``training_args.seed``, else the top-level ``seed``."""
@@ -483,6 +495,15 @@ def load_config(path: str | Path | None, *, base_model: str | None = None, overr
 BASE_MODEL_ENV = "LAWTUNE_BASE_MODEL"
 
 
+def _same_model(a: str, b: str) -> bool:
+    """The same model reference: equal text, or two spellings of one local directory."""
+    a, b = a.strip().rstrip("/"), b.strip().rstrip("/")
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
+
+
 def _assign(data: dict[str, Any], assignment: str) -> str:
     key, sep, text = assignment.partition("=")
     key = key.strip()
@@ -503,15 +524,28 @@ def _assign(data: dict[str, Any], assignment: str) -> str:
     return key
 
 
-def add_config_arguments(parser: "argparse.ArgumentParser", required: bool = False) -> None:
-    """``--config``, ``--base-model`` and ``--set`` for a stage (and the driver), read by ``config_from_args``."""
-    parser.add_argument("--config", required=required, help="training config YAML (configs/*.yaml)")
-    parser.add_argument(
-        "--base-model", help=f"overrides the config's base_model (and {BASE_MODEL_ENV}): HF id, s3:// URI, directory, bundled:<name>"
-    )
+# What --base-model means for a command: the model to fine-tune, or the one its adapter must have been trained on.
+_BASE_MODEL_HELP = {
+    "override": f"the base model, overriding the config's base_model and {BASE_MODEL_ENV}: a Hugging Face id, s3:// URI, "
+                "local directory or bundled:<name>",
+    "expect": "the base model the adapter must have been trained on; default: the one finetune recorded, which is always "
+              f"the one used. Another one ({BASE_MODEL_ENV} and --set base_model=... count the same) is refused with exit 2",
+    "unused": "accepted as by every stage, checked like the rest of the config; this stage reads no model",
+}
+
+
+def add_config_arguments(parser: "argparse.ArgumentParser", required: bool = False, *, reads: str = "every section",
+                         base_model: Literal["override", "expect", "unused"] = "override") -> None:
+    """``--config``, ``--base-model`` and ``--set``: the arguments every stage and ``lawtune train`` share,
+    read by ``config_from_args``. ``reads`` names what the command uses of the config, ``base_model``
+    what its --base-model does (``TrainConfig.expect_base_model`` for "expect")."""
+    default = "" if required else "; without it, the built-in defaults"
+    parser.add_argument("--config", required=required, metavar="YAML",
+                        help=f"training config (configs/*.yaml); this command reads {reads}{default}")
+    parser.add_argument("--base-model", metavar="MODEL", help=_BASE_MODEL_HELP[base_model])
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config key, dotted (repeatable): --set training_args.max_steps=20",
+        help="override one config key, dotted, the value read as YAML (repeatable): --set training_args.max_steps=20",
     )
 
 

@@ -17,7 +17,6 @@ chart values (shared/serve/gateway.py). Ctrl-C stops both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from shared.core.cli import command_parser
 from shared.core.errors import ConfigError, LawtuneError
 from shared.serve.gateway import (
     Gateway, merge_values, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, stop_process_group,
@@ -224,11 +224,15 @@ def curl_command(url: str, model_name: str, key: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.serve.serve_local", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-name", default="legal-assistant", help="published model (models/<name>/PROMOTED)")
-    parser.add_argument("--port", type=int, default=8080, help="gateway port on 127.0.0.1")
-    parser.add_argument("--vllm-port", type=int, default=8000, help="vLLM port on 127.0.0.1 (behind the gateway)")
-    parser.add_argument("--gateway-values", type=Path, help="extra chart values for the gateway (e.g. maintenance, rateLimit)")
+    parser = command_parser("serve", __doc__, module="shared.serve.serve_local",
+                            env=("LAWTUNE_ARTIFACT_ROOT", "LAWTUNE_S3_ENDPOINT_URL", "LAWTUNE_CACHE_DIR", "LAWTUNE_API_KEY",
+                                 "LAWTUNE_GPU", "LAWTUNE_LOG_LEVEL"))
+    parser.add_argument("--model-name", metavar="NAME", default="legal-assistant",
+                        help="published model to serve, models/<name>/PROMOTED (default legal-assistant)")
+    parser.add_argument("--port", type=int, default=8080, help="gateway port on 127.0.0.1 (default 8080)")
+    parser.add_argument("--vllm-port", type=int, default=8000, help="vLLM port on 127.0.0.1, behind the gateway (default 8000)")
+    parser.add_argument("--gateway-values", metavar="YAML", type=Path,
+                        help="extra chart values for the gateway (e.g. maintenance, rateLimit, ui)")
     args = parser.parse_args(argv)
 
     def body() -> None:

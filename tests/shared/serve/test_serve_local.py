@@ -291,7 +291,7 @@ def test_cli_fails_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args,
     monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path}/artifacts")
     assert main(["--port", str(free_port()), "--vllm-port", str(free_port()), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("serve: error:") and message in err[0]
+    assert len(err) == 1 and err[0].startswith("lawtune serve: error:") and message in err[0]
 
 
 @slow
