@@ -182,7 +182,7 @@ def _case(draw):
     return first, second, [draw(_question(i)) for i in range(count)]
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)  # the same cases every run, nothing written
 @given(case=_case())
 def test_any_questions_in_any_two_shapes_are_kept_once_with_one_id_and_split(case):
     first, second, questions = case
