@@ -441,7 +441,8 @@ def describe_errors(exc: ValidationError, origins: Mapping[str, str] | None = No
             lines.append(f"{path}: not a key lawtune knows{where}{hint}")
         elif "missing" in kinds:
             lines.append(f"{path}: missing; a value is required{origin}")
-        elif kinds == {"value_error"}:
+        elif kinds == {"value_error"} and isinstance(first.get("input"), dict):
+            # A section's own rule (dev_ratio + test_ratio, a mapping's roles): its message is a sentence.
             lines.append(f"{path}: {first['msg'].removeprefix('Value error, ')}{origin}")
         else:
             value = first.get("input")

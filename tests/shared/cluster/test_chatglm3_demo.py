@@ -93,7 +93,7 @@ def test_set_overrides_dotted_keys_and_errors_name_the_key(tmp_path):
 @pytest.mark.parametrize(
     ("data_config", "needle"),
     [
-        pytest.param({"train_file": "../train.json"}, "data_config.train_file: got '../train.json', expected a plain file name", id="path"),
+        pytest.param({"train_file": "../train.json"}, "data_config.train_file: got '../train.json'; expected a plain file name", id="path"),
         pytest.param({"val_file": "report.json"}, "data_config.val_file: got 'report.json'", id="reserved-name"),
         pytest.param({"train_file": "a.json", "test_file": "a.json"}, "train_file and test_file both name 'a.json'", id="train-is-test"),
     ],

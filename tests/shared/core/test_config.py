@@ -80,6 +80,13 @@ def test_a_bad_override_reads_as_a_sentence_naming_the_set_it_came_from(assignme
     assert "Input should" not in str(info.value) and "<defaults>" not in str(info.value)
 
 
+def test_a_fields_own_rule_reads_as_got_and_expected():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"data_config": {"train_file": "../train.json"}})
+    assert str(info.value).splitlines()[1].startswith(
+        "  - data_config.train_file: got '../train.json'; expected a plain file name such as train.json")
+
+
 def test_a_file_value_overridden_by_set_is_labelled_and_a_file_value_is_not(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("peft_config:\n  r: 0\n")
