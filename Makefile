@@ -38,6 +38,20 @@ IMAGE_REGISTRY ?= ghcr.io/lawtune
 IMAGE_TAG ?= 0.1.0
 STAGES := preprocess finetune evaluate publish fetch-model
 
+# What each run target reads of these variables. One given on the command line that none of the goals
+# being made reads stops make with its name, instead of being dropped without a word (make serve SET=...).
+RUN_VARS := CONFIG INPUT RUN_ID MODEL_NAME BASE_MODEL SET VALUES NAMESPACE RELEASE SERVE_VALUES SERVE_PORT VLLM_PORT
+USES_train := CONFIG INPUT RUN_ID MODEL_NAME BASE_MODEL SET VALUES NAMESPACE
+USES_preprocess := CONFIG INPUT RUN_ID BASE_MODEL SET
+USES_serve := MODEL_NAME SERVE_PORT VLLM_PORT
+USES_deploy := MODEL_NAME RELEASE SERVE_VALUES NAMESPACE
+USES_flux-values := CONFIG
+unused_args = $(strip $(foreach v,$(RUN_VARS),$(if $(filter command line,$(origin $(v))),$(if $(filter $(v),$(foreach g,$(MAKECMDGOALS),$(USES_$(g)))),,$(v)))))
+readers = make $(subst $(space), or make ,$(strip $(foreach g,train preprocess serve deploy flux-values,$(if $(filter $(1),$(USES_$(g))),$(g)))))
+check_args = $(if $(unused_args),$(error make $(MAKECMDGOALS) reads no $(unused_args): $(foreach v,$(unused_args),$(v) is for $(call readers,$(v));) drop it, or run the target that reads it))
+empty :=
+space := $(empty) $(empty)
+
 PIP_TORCH := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
 # Some machines configure pip with empty local index folders; their per-package warnings are noise.
 QUIET_PIP := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
@@ -52,7 +66,7 @@ help: ## Show this help
 ##@ Quickstart
 .PHONY: train test
 train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here, on the GPU when GPU=1; TARGET=k8s: Jobs on a cluster)
-	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG)$(foreach i,$(INPUT), --input $(i)) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(if $(BASE_MODEL), --base-model $(BASE_MODEL))$(if $(SET), $(patsubst %,--set %,$(SET)))$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+	$(check_args)$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG)$(foreach i,$(INPUT), --input $(i)) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(if $(BASE_MODEL), --base-model $(BASE_MODEL))$(if $(SET), $(patsubst %,--set %,$(SET)))$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
 
 test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
 	mkdir -p $(dir $(FAULTS_REPORT_TEST)) && rm -f $(FAULTS_REPORT_TEST)
@@ -128,14 +142,14 @@ SERVE_PORT ?= 8080
 VLLM_PORT ?= 8000
 .PHONY: serve
 serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME: vLLM (GPU=1: on the GPU, else vLLM-CPU) behind the chart's nginx gateway on :SERVE_PORT
-	LAWTUNE_GPU=$(GPU) $(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)
+	$(check_args)LAWTUNE_GPU=$(GPU) $(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)
 
 # make deploy: the Helm release and its values files (space-separated); NAMESPACE as for make train.
 RELEASE ?= lawtune-serving
 SERVE_VALUES ?=
 .PHONY: deploy
 deploy: $(VENV)/.installed tools ## helm upgrade --install charts/lawtune-serving with MODEL_NAME's PROMOTED version pinned (RELEASE, SERVE_VALUES, NAMESPACE)
-	$(PY) -m jobs.cli deploy --release $(RELEASE) --model-name $(MODEL_NAME)$(foreach v,$(SERVE_VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+	$(check_args)$(PY) -m jobs.cli deploy --release $(RELEASE) --model-name $(MODEL_NAME)$(foreach v,$(SERVE_VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
 
 ##@ Images and cluster
 # make train TARGET=k8s: pipeline chart values files (space-separated) and the namespace
@@ -161,12 +175,13 @@ kind-test: $(VENV)/.installed tools ## kind cluster + CPU images + in-cluster S3
 
 flux-values: ## Print CONFIG as a pipeline chart values file (`config: |`), for Flux's valuesFrom (docs/gitops)
 	@# A block scalar with an explicit indent (|2) takes any text verbatim: commas, colons, '#'.
-	@printf 'config: |2\n'; sed 's/^/  /' $(CONFIG)
+	@$(check_args)printf 'config: |2\n'; sed 's/^/  /' $(CONFIG)
 
 ##@ Data
 .PHONY: preprocess bench-preprocess
-preprocess: $(VENV)/.installed ## Only the data stage: INPUT (CSV/JSON/JSONL/Parquet/dataset folder; several: "a.csv b.jsonl:0.5") -> runs/RUN_ID/data
-	LAWTUNE_RUN_ID=$(RUN_ID) $(PY) -m jobs.preprocess$(foreach i,$(INPUT), --input $(i)) --config $(CONFIG)
+preprocess: $(VENV)/.installed ## Only the data stage, here: INPUT (CSV/JSON/JSONL/Parquet/dataset folder; several: "a.csv b.jsonl:0.5"), CONFIG, SET, BASE_MODEL -> runs/RUN_ID/data
+	$(check_args)$(if $(filter-out local,$(TARGET)),$(error make preprocess runs the data stage here; TARGET=$(TARGET) is for make train))
+	LAWTUNE_RUN_ID=$(RUN_ID) $(VENV)/bin/lawtune preprocess$(foreach i,$(INPUT), --input $(i)) --config $(CONFIG)$(if $(BASE_MODEL), --base-model $(BASE_MODEL))$(if $(SET), $(patsubst %,--set %,$(SET)))
 
 bench-preprocess: $(VENV)/.installed ## Benchmark preprocess on a 1,000,000-row CSV built from the sample vs a pandas baseline
 	$(PY) tests/benchmarks/bench_preprocess.py $(BENCH_ARGS)

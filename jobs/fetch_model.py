@@ -21,7 +21,6 @@ promoted at that URI, or a checksum mismatch (one line on stderr says which).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import logging
@@ -30,6 +29,8 @@ from pathlib import Path
 
 from shared.store.artifacts import MANIFEST, Manifest, fetch_dir, read_manifest, verify_file
 from shared.core.errors import ConfigError, IntegrityError
+from shared.core.cli import command_parser
+from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.core.settings import Settings, load_settings
@@ -81,10 +82,14 @@ def _same_version(target: Path, manifest: Manifest) -> bool:
     return True
 
 
-def run(settings: Settings, uri: str, target: Path) -> Result:
+def run(settings: Settings, uri: str, target: Path, config: TrainConfig | None = None) -> Result:
+    """``config``: the --config/--base-model/--set every stage takes; a version trained on another
+    base model than one explicitly asked for is refused before anything is downloaded."""
     version_uri = resolve_version(settings, uri)
     loc = open_location(version_uri, settings)
     manifest = read_manifest(loc)
+    if config is not None:
+        config.expect_base_model(manifest.extra.get("base_model"), version_uri)
     target = Path(target).resolve()
     # Replicas sharing one ReadWriteMany claim start together: one downloads, the others wait
     # and then find the version in place, instead of replacing a folder a server is loading.
@@ -120,19 +125,21 @@ def _exclusive(lock_path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.fetch_model", description=__doc__.split("\n\n")[0])
+    parser = command_parser("fetch-model", __doc__, module="jobs.fetch_model", image=True,
+                            env=("LAWTUNE_S3_ENDPOINT_URL", "LAWTUNE_BASE_MODEL", "LAWTUNE_LOG_LEVEL"))
     parser.add_argument("uri", help="models/<name> (follows PROMOTED) or models/<name>/<version>")
     parser.add_argument("target", type=Path, help="local directory to create (replaced only when complete)")
+    add_config_arguments(parser, reads="only base_model (checked against the version's)", base_model="expect")
     args = parser.parse_args(argv)
 
     def body() -> None:
         settings = load_settings()
         configure_logging(settings.log_level)
-        result = run(settings, args.uri, args.target)
+        result = run(settings, args.uri, args.target, config=config_from_args(args))
         state = "fetched" if result.downloaded else "already present"
         print(f"{state}: {result.version_uri} -> {result.target} ({len(result.manifest.files)} files verified)")
 
-    return run_main("fetch_model", body)
+    return run_main("fetch-model", body)
 
 
 if __name__ == "__main__":

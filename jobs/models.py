@@ -21,10 +21,10 @@ back to, or a failed gate without ``--force``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from shared.core.errors import ConfigError
+from shared.core.cli import command_parser
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.core.settings import Settings, load_settings
@@ -99,14 +99,18 @@ def rollback(settings: Settings, name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lawtune models", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("list", help="versions, gate, key metrics, which is PROMOTED, and the history").add_argument("name")
-    p = sub.add_parser("promote", help="move PROMOTED to a published version")
-    p.add_argument("name")
-    p.add_argument("version")
+    parser = command_parser("models", __doc__, module="jobs.models",
+                            env=("LAWTUNE_ARTIFACT_ROOT", "LAWTUNE_S3_ENDPOINT_URL", "LAWTUNE_ACTOR", "LAWTUNE_LOG_LEVEL"))
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{list,promote,rollback}")
+    name_help = "the published model, <artifact_root>/models/<name>"
+    sub.add_parser("list", help="versions, gate, key metrics, which is PROMOTED, and the history",
+                   description="Versions, gate, key metrics, which is PROMOTED, and the history.").add_argument("name", help=name_help)
+    p = sub.add_parser("promote", help="move PROMOTED to a published version", description="Move PROMOTED to a published version.")
+    p.add_argument("name", help=name_help)
+    p.add_argument("version", help="the version to promote (lawtune models list shows them)")
     p.add_argument("--force", action="store_true", help="promote a version whose quality gate failed")
-    sub.add_parser("rollback", help="move PROMOTED back to the version promoted before it").add_argument("name")
+    sub.add_parser("rollback", help="move PROMOTED back to the version promoted before it",
+                   description="Move PROMOTED back to the version promoted before it.").add_argument("name", help=name_help)
     args = parser.parse_args(argv)
 
     def body() -> None:

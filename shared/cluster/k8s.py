@@ -42,6 +42,7 @@ import yaml
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.core.cli import error_line
 from shared.core.errors import EXIT_OK, EXIT_RETRY, ConfigError, LawtuneError
 from shared.cluster.k8s_explain import (
     DEFAULT_PULL_GRACE_S,
@@ -332,11 +333,11 @@ def run_pipeline(
         return _run(settings, config_path=config_path, input_uri=input_uri, run_id=run_id, model_name=model_name,
                     values_files=values_files, namespace=namespace)
     except LawtuneError as exc:  # bad config/values (2), the store unreachable (1)
-        print(f"k8s: error: {exc}", file=sys.stderr)
+        print(error_line("train", exc), file=sys.stderr)
         return exc.exit_code
     except (ApiException, HTTPError, OSError) as exc:
         reason = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
-        print(f"k8s: error: the Kubernetes API call failed ({reason}); re-run to resume", file=sys.stderr)
+        print(error_line("train", f"the Kubernetes API call failed ({reason}); re-run to resume"), file=sys.stderr)
         return EXIT_RETRY
 
 

@@ -10,39 +10,41 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from shared.core.cli import error_line
 from shared.core.errors import EXIT_CONFIG, EXIT_OK, EXIT_RETRY, LawtuneError
 
 log = logging.getLogger("lawtune")
 
 
-def run_main(stage: str, body: Callable[[], object]) -> int:
+def run_main(command: str, body: Callable[[], object]) -> int:
     """Run ``body`` and map its outcome to the stage interface's exit codes.
 
-    Known failures end with exactly one line on stderr: ``<stage>: error: <what>``
-    (a multi-line config report stays together, prefixed once).
+    Known failures end with exactly one line on stderr: ``lawtune <command>: error: <what>``, as
+    argparse's own errors (shared/core/cli.py) (a multi-line config report stays together,
+    prefixed once).
     """
     try:
         body()
     except KeyboardInterrupt:
-        print(f"{stage}: error: interrupted", file=sys.stderr)
+        print(error_line(command, "interrupted"), file=sys.stderr)
         return EXIT_RETRY
     except Exception as exc:
         full = _out_of_space(exc)
         if full is not None:
             # The same volume is as small on the retry: exit 1 would loop until the Job's backoffLimit.
             log.debug("disk full", exc_info=True)
-            print(f"{stage}: error: {disk_full(full)}", file=sys.stderr)
+            print(error_line(command, disk_full(full)), file=sys.stderr)
             return EXIT_CONFIG
         if isinstance(exc, LawtuneError):
-            print(f"{stage}: error: {exc}", file=sys.stderr)
+            print(error_line(command, exc), file=sys.stderr)
             return exc.exit_code
         if isinstance(exc, (OSError, TimeoutError)):
             log.debug("I/O failure", exc_info=True)
-            print(f"{stage}: error: I/O failure, worth retrying: {exc}", file=sys.stderr)
+            print(error_line(command, f"I/O failure, worth retrying: {exc}"), file=sys.stderr)
             return EXIT_RETRY
         # last resort: keep the traceback in the log, one line on stderr
         log.exception("unexpected failure")
-        print(f"{stage}: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(error_line(command, f"unexpected {type(exc).__name__}: {exc}"), file=sys.stderr)
         return EXIT_RETRY
     return EXIT_OK
 

@@ -104,6 +104,7 @@ def load_settings(**overrides) -> Settings:
     """
     from pydantic import ValidationError
 
+    from shared.core.config import expectation
     from shared.core.errors import ConfigError
 
     try:
@@ -112,5 +113,8 @@ def load_settings(**overrides) -> Settings:
         problems = []
         for error in exc.errors():
             name = "LAWTUNE_" + "_".join(str(p) for p in error["loc"]).upper()
-            problems.append(f"{name}={error.get('input')!r}: expected {error['msg'].removeprefix('Value error, ')}")
+            if error["type"] == "value_error":  # our validators' messages are sentences already
+                problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+            else:
+                problems.append(f"{name}={error.get('input')!r}: expected {expectation(error)}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None

@@ -30,7 +30,6 @@ ready in time, 2 nothing promoted, an uncommitted version, no cluster to name, o
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from shared.core.errors import ConfigError, LawtuneError
+from shared.core.cli import command_parser
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.core.settings import Settings, load_settings
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="lawtune deploy", description=__doc__.split("\n\n")[0])
+    parser = command_parser("deploy", __doc__, module="shared.serve.deploy",
+                            env=("LAWTUNE_ARTIFACT_ROOT", "LAWTUNE_S3_ENDPOINT_URL", "LAWTUNE_ACTOR", "KUBECONFIG", "LAWTUNE_LOG_LEVEL"))
     parser.add_argument("--release", required=True, help="Helm release name")
     parser.add_argument("--model-name", default="legal-assistant", help="published model (models/<name>/PROMOTED)")
     parser.add_argument("--version", help="serve this version instead of the promoted one (still checked)")

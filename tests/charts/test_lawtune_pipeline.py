@@ -362,7 +362,7 @@ def test_torchrun_checks_the_config_first_and_fails_at_once_on_exit_2(rendered, 
     proc = subprocess.run([sys.executable, *init["command"][1:], *code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == exit_code, proc.stderr
     if exit_code:
-        assert "max_stepz" in proc.stderr and proc.stderr.startswith("finetune: error:")
+        assert "max_stepz" in proc.stderr and proc.stderr.startswith("lawtune finetune: error:")
 
 
 def test_helm_lint_strict_passes(config_file, tmp_path):

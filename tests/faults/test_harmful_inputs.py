@@ -44,7 +44,7 @@ def _one_line_exit_2(result: subprocess.CompletedProcess, stage: str, needle: st
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
-    assert errors[0].startswith(f"{stage}: error: ") and needle in errors[0], errors[0]
+    assert errors[0].startswith(f"lawtune {stage}: error: ") and needle in errors[0], errors[0]
 
 
 @pytest.mark.parametrize("run_id", ["../escape", "..", "a/../../b", "a/b"])

@@ -108,7 +108,7 @@ def test_cli_fails_with_exit_2_and_one_line(artifact_root, tmp_path, capsys, set
     code = fetch_model.main([root, str(tmp_path / "model")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].startswith("fetch_model: error: ") and needle in err[-1]
+    assert err[-1].startswith("lawtune fetch-model: error: ") and needle in err[-1]
     assert not (tmp_path / "model").exists()
 
 

@@ -73,7 +73,7 @@ def test_refuses_what_it_cannot_pin_with_one_line(published, capfd, setup, argv,
         models.write_text("PROMOTED", setup)
     assert deploy.main(["--release", "assistant", "-f", str(values), "--dry-run", *argv]) == 2
     err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("deploy: error:") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("lawtune deploy: error:") and message in err[0], err
 
 
 def test_helm_command_upgrades_with_the_version_set_last(tmp_path):

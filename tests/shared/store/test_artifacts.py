@@ -207,7 +207,7 @@ def test_a_reader_overtaken_by_a_rewrite_of_its_upstream_exits_1_and_its_retry_r
         reader.send_signal(signal.SIGCONT)
     err = reader.communicate(timeout=120)[1].strip().splitlines()
     assert reader.returncode == 1, err
-    assert err[-1].startswith("reader: error: ") and "changed while it was being read" in err[-1], err[-1]
+    assert err[-1].startswith("lawtune reader: error: ") and "changed while it was being read" in err[-1], err[-1]
     assert not (tmp_path / "got").exists()
     again = subprocess.run([sys.executable, "-c", _READER, loc.uri, str(tmp_path / "got")], cwd=REPO, text=True,
                            env=os.environ.copy(), capture_output=True, timeout=120)
@@ -238,5 +238,5 @@ def test_disk_full_is_exit_2_naming_the_disk_not_a_retry(tmp_path, full):
                              sys.executable], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2, result.stderr[-2000:]
-    assert last.startswith("preprocess: error: disk full (No space left on device): ") and f"{tiny}: " in last, last
+    assert last.startswith("lawtune preprocess: error: disk full (No space left on device): ") and f"{tiny}: " in last, last
     assert ("LAWTUNE_CACHE_DIR" if full == "scratch" else "LAWTUNE_ARTIFACT_ROOT") in last.split(f"{tiny}: ", 1)[1]

@@ -103,7 +103,7 @@ def test_same_run_id_while_a_writer_holds_it_exits_1_with_one_line_and_writes_no
         holder.release()
     assert result.returncode == 1, result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("preprocess: error: ") and f"being written by pid {os.getpid()}" in last
+    assert last.startswith("lawtune preprocess: error: ") and f"being written by pid {os.getpid()}" in last
     assert open_location(settings.run_uri("data"), settings).list_files() == []
     assert _preprocess(env, settings.run_id).returncode == 0, "once the first writer is gone, the retry runs"
 

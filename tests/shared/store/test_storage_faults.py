@@ -105,7 +105,7 @@ def test_a_fault_retries_cannot_absorb_is_exit_1_one_line_no_manifest_and_a_reru
     failed = _stage(env)
     assert failed.returncode == 1, failed.stderr[-2000:]
     last = failed.stderr.strip().splitlines()[-1]
-    assert last.startswith("preprocess: error: S3 ") and "train.jsonl" in last, last
+    assert last.startswith("lawtune preprocess: error: S3 ") and "train.jsonl" in last, last
     assert proxy.hits(fault.kind) >= 4, "every one of the 4 attempts was made"
     out = open_location(settings.run_uri("data"), settings)
     assert not out.exists(MANIFEST), "never a manifest over an incomplete artifact"
@@ -144,7 +144,7 @@ def test_seaweedfs_stopped_mid_commit_then_started_again(tmp_path, monkeypatch):
         server.stop()
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 1, stderr[-2000:]
-        assert stderr.strip().splitlines()[-1].startswith("preprocess: error: S3 ")
+        assert stderr.strip().splitlines()[-1].startswith("lawtune preprocess: error: S3 ")
 
         server.restart()
         for key, value in env.items():
@@ -276,7 +276,7 @@ def test_403_expired_credentials_mid_run_is_exit_1_naming_the_credentials_and_th
     failed = _stage(env)
     assert failed.returncode == 1, failed.stderr[-2000:]
     last = failed.stderr.strip().splitlines()[-1]
-    assert last.startswith("preprocess: error: S3 ") and "ExpiredToken" in last and "credentials" in last, last
+    assert last.startswith("lawtune preprocess: error: S3 ") and "ExpiredToken" in last and "credentials" in last, last
     out = open_location(settings.run_uri("data"), settings)
     assert not out.exists(MANIFEST)
     proxy.clear()
