@@ -1,0 +1,59 @@
+"""The built images themselves: a code change rebuilds only the code layers."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.containers
+
+
+def _build_module():
+    spec = importlib.util.spec_from_file_location("lawtune_images_build", REPO / "images" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _context_copy(dest: Path) -> None:
+    """The build context as git has it (wheels hardlinked), so the test never edits the checkout."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "shared", "jobs", "images",
+                            "pyproject.toml", "constraints.txt", "configs/data", ".dockerignore"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    for wheel in (REPO / "images" / "wheels").glob("*.whl"):
+        os.link(wheel, dest / "images" / "wheels" / wheel.name)
+
+
+@pytest.mark.parametrize("image", ["preprocess", "finetune"])
+def test_a_one_line_code_change_rebuilds_only_the_code_layers(engine, images, image, tmp_path):
+    """The same flags `make images DEVICE=cpu` used, on a copy of the context with one comment line
+    added to shared/: every step up to the code is taken from the cache."""
+    build = _build_module()
+    context = tmp_path / "context"
+    _context_copy(context)
+    touched = context / "shared" / "core" / "__init__.py"
+    touched.write_text(touched.read_text() + "# a one-line change\n")
+    name = f"lawtune-test/{image}:code-change"
+    with tempfile.TemporaryDirectory() as scratch:
+        flags = build.build_flags(engine, "auto", "cpu", Path(scratch))
+        result = build.build(engine, image, name, "cpu", os.environ.get("LAWTUNE_TEST_IMAGE_TAG", "0.1.0"), flags, None, context=context)
+    try:
+        steps = result["steps"]
+        code = next(i for i, s in enumerate(steps) if "COPY shared/" in s["step"])
+        assert all(s["cached"] for s in steps[:code]), [s for s in steps[:code] if not s["cached"]]
+        assert not steps[code]["cached"], "the changed code was not copied again"
+        assert sum(s["seconds"] for s in steps[:code] if not s["cached"]) == 0
+    finally:
+        subprocess.run([*engine, "image", "rm", "-f", name], capture_output=True)
