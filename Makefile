@@ -54,7 +54,8 @@ train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here, on 
 	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG)$(foreach i,$(INPUT), --input $(i)) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(if $(BASE_MODEL), --base-model $(BASE_MODEL))$(if $(SET), $(patsubst %,--set %,$(SET)))$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
 
 test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
-	$(PY) -m pytest -m "not kind and not gpu and not soak and not containers" tests
+	mkdir -p $(dir $(FAULTS_REPORT_TEST)) && rm -f $(FAULTS_REPORT_TEST)
+	FAULTS_REPORT=$(FAULTS_REPORT_TEST) $(PY) -m pytest -m "not kind and not gpu and not soak and not containers" tests
 
 # The fault campaign's long form (make test already runs the storage, lease and harmful-input faults
 # and 1 kill per stage on S3): FAULTS_KILL_POINTS kills per stage on file:// and S3, and the serving
@@ -62,12 +63,14 @@ test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (wh
 FAULTS_KILL_POINTS ?= 3
 FAULTS_SEED ?= 15
 FAULTS_REPORT ?= $(CURDIR)/.cache/faults-report.jsonl
+# make test's fault tests (storage, leases, registry, harmful inputs, 1 kill per stage) report here; test-faults adds it to its summary.
+FAULTS_REPORT_TEST ?= $(CURDIR)/.cache/faults-report-test.jsonl
 .PHONY: test-faults
 test-faults: $(VENV)/.installed system-deps tools ## Fault soak: every stage killed at FAULTS_KILL_POINTS seeded points on file:// and S3, serving under load and faults (docs/reliability.md)
 	mkdir -p $(dir $(FAULTS_REPORT)) && rm -f $(FAULTS_REPORT)
 	FAULTS_KILL_POINTS=$(FAULTS_KILL_POINTS) FAULTS_SEED=$(FAULTS_SEED) FAULTS_REPORT=$(FAULTS_REPORT) FAULTS_BACKENDS=file,s3 \
-	  $(PY) -m pytest tests/faults/test_kill_anywhere.py tests/faults/test_serving_faults.py
-	$(PY) tests/faults/summarise.py $(FAULTS_REPORT)
+	  FAULTS_COMMIT_KILLS=1 $(PY) -m pytest tests/faults/test_kill_anywhere.py tests/faults/test_serving_faults.py
+	$(PY) tests/faults/summarise.py $(FAULTS_REPORT_TEST) $(FAULTS_REPORT)
 
 ##@ Development
 .PHONY: venv unit system-deps tools clean

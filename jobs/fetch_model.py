@@ -10,7 +10,8 @@ Input: ``models/<name>`` (``PROMOTED`` names the version) or ``models/<name>/<ve
 Every file of the version's manifest is downloaded in parallel into a temporary sibling of
 the target and checked (size, sha256) before one rename puts it in place, so the target
 directory is either complete (with its ``MANIFEST.json``) or absent. A target that already
-holds exactly this version is left as it is (a restarted pod does not download again), and
+holds exactly this version, every file checked against its sha256, is left as it is (a
+restarted pod does not download again; a file damaged on the volume is fetched anew), and
 fetches into one target are serialised by a lock file beside it (``.<target>.lock``), so
 replicas sharing a ReadWriteMany claim download once.
 
@@ -27,8 +28,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.store.artifacts import MANIFEST, Manifest, fetch_dir, read_manifest
-from shared.core.errors import ConfigError
+from shared.store.artifacts import MANIFEST, Manifest, fetch_dir, read_manifest, verify_file
+from shared.core.errors import ConfigError, IntegrityError
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.core.settings import Settings, load_settings
@@ -63,12 +64,21 @@ def resolve_version(settings: Settings, uri: str) -> str:
 
 
 def _same_version(target: Path, manifest: Manifest) -> bool:
+    """The target holds exactly this version: its manifest, and every file's size and sha256 (a file that
+    rotted or was edited on the volume since is fetched again, not served)."""
     try:
         local = Manifest.model_validate_json((target / MANIFEST).read_bytes())
     except (OSError, ValueError):
         return False
-    return local.digest == manifest.digest and all((target / f.path).is_file() and (target / f.path).stat().st_size == f.size
-                                                   for f in manifest.files)
+    if local.digest != manifest.digest:
+        return False
+    for entry in manifest.files:
+        try:
+            verify_file(target / entry.path, entry, str(target))
+        except (OSError, IntegrityError) as exc:
+            log.warning("%s: %s; fetching the version again", target, exc)
+            return False
+    return True
 
 
 def run(settings: Settings, uri: str, target: Path) -> Result:

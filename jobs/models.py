@@ -30,7 +30,7 @@ from shared.core.log import configure_logging
 from shared.core.settings import Settings, load_settings
 from shared.evaluate.gate import gate_passed
 from shared.publish import registry
-from shared.store.releases import releases
+from shared.store.releases import release_name, releases
 from shared.store.storage import Location, open_location
 
 log = logging.getLogger("lawtune.models")
@@ -59,7 +59,8 @@ def list_versions(settings: Settings, name: str) -> list[str]:
         lines.append(f"{'*' if v.name == current else ' ':2}{v.name:<28} {v.created:<27} {gate:<7} {' '.join(scores)}  {data}")
     lines += ["", f"PROMOTED: {current or '<none>'}"]
     for r in releases(root):  # what `lawtune deploy` last put in each release
-        lines.append(f"serving: {r['namespace']}/{r['release']} runs {r['version']} "
+        failed = " — ROLLOUT FAILED (not ready in time)" if r.get("status") == "failed" else ""
+        lines.append(f"serving: {release_name(r)} runs {r['version']}{failed} "
                      f"(helm revision {r.get('helm_revision') or '?'}, deployed {r['deployed_at']} by {r.get('actor', '?')})")
     lines.append("history:")
     for e in registry.history(root):
@@ -71,6 +72,7 @@ def list_versions(settings: Settings, name: str) -> list[str]:
 def promote(settings: Settings, name: str, version: str, *, force: bool = False) -> dict:
     root = _model_root(settings, name)
     target = registry.require_version(root, name, version)
+    registry.repair_history(root)  # an interrupted move is recorded before this one decides
     pointer = registry.read_pointer(root)
     if pointer.version == version:
         log.info("PROMOTED already names %s", version)
@@ -85,6 +87,7 @@ def promote(settings: Settings, name: str, version: str, *, force: bool = False)
 
 def rollback(settings: Settings, name: str) -> dict:
     root = _model_root(settings, name)
+    registry.repair_history(root)  # the target is read from the history: complete it first
     pointer = registry.read_pointer(root)
     target = registry.rollback_target(registry.history(root))
     if target is None:

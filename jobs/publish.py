@@ -47,7 +47,7 @@ from shared.core.settings import Settings, load_settings
 from shared.store.stage import PUBLISHED, StageOutput, fetch_stage
 from shared.store.storage import Location, open_location
 from shared.core.uri import join
-from shared.publish.registry import PROMOTED, Pointer, PromotionConflict, move_pointer, read_pointer
+from shared.publish.registry import PROMOTED, Pointer, PromotionConflict, move_pointer, read_pointer, repair_history
 
 STAGE = "publish"
 log = logging.getLogger("lawtune.publish")
@@ -145,6 +145,8 @@ def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, ev_mani
 
 def _promote(model_root: Location, pointer: Pointer, version: str, manifest: Manifest, passed: bool, force: bool,
              gate, run_id: str) -> bool:
+    if repair_history(model_root):  # an earlier attempt swapped PROMOTED and died before recording it
+        log.warning("recorded the promotion to %s that an interrupted publish left unrecorded", read_pointer(model_root).version)
     current = pointer.version
     if not passed and not force:
         reasons = "; ".join(gate.get("reasons", [])) if isinstance(gate, dict) else "no verdict recorded"

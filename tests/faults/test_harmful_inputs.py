@@ -23,6 +23,8 @@ from tests.conftest import REPO
 
 SAMPLE = REPO / "configs" / "data" / "legal_qa_sample.csv"
 
+pytestmark = pytest.mark.fault("harmful inputs (section 4)")
+
 
 def _run(tmp_path: Path, *args: str, run_id: str = "r1", module: str = "jobs.preprocess") -> subprocess.CompletedProcess:
     env = {**os.environ, "LAWTUNE_ARTIFACT_ROOT": f"file://{tmp_path / 'root'}", "LAWTUNE_RUN_ID": run_id,

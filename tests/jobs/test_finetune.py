@@ -23,8 +23,8 @@ from shared.core.settings import Settings
 from shared.store.stage import fetch_stage
 from shared.store.storage import open_location
 from tests.conftest import FIXTURES, REPO
+from tests.lora_fixtures import RESUME_TOLERANCE as TOLERANCE  # max |Δ| of an adapter weight, resumed vs not: why there
 
-TOLERANCE = 1e-5  # max |difference| of any adapter weight, resumed vs uninterrupted (fp32 CPU, same seed)
 BUNDLED_CONFIG = {
     "max_input_length": 48,
     "max_output_length": 48,

@@ -97,22 +97,67 @@ claim never swaps files under a running server. */}}
 {{- end }}
 {{- end }}
 
+{{/* A warning while model.version floats and an autoscaler adds pods: empty when pinned or scaled by hand. */}}
+{{- define "lawtune-serving.floatingVersionWarning" -}}
+{{- if and (not .Values.model.version) (include "lawtune-serving.autoscalerActive" .) -}}
+model.version is empty while autoscaling is on: each vLLM pod serves the version models/{{ .Values.model.name }}/PROMOTED names when it starts, so a scale-up after the next promotion serves a newer model beside older pods. Pin model.version (lawtune deploy, or a commit that changes it in git).
+{{- end }}
+{{- end }}
+
 {{/* The version this release serves, as the pods' annotation carries it. */}}
 {{- define "lawtune-serving.modelVersionLabel" -}}
 {{- default "PROMOTED-at-pod-start" .Values.model.version }}
 {{- end }}
 
 {{/*
-Changes whenever the key would: the Secret's name and key, the key's value where Helm can read
-the Secret (helm install/upgrade; `helm template` and Argo CD cannot, and then
-apiKey.revision is what rolls the pods), and apiKey.revision.
+Changes whenever the keys would: the Secret's name and keys, the current and previous key's
+values where Helm can read the Secret (helm install/upgrade; `helm template` and Argo CD cannot,
+and then apiKey.revision is what rolls the pods), and apiKey.revision.
 */}}
 {{- define "lawtune-serving.apiKeyChecksum" -}}
 {{- $name := include "lawtune-serving.apiKeySecret" . }}
 {{- $secret := lookup "v1" "Secret" .Release.Namespace $name }}
-{{- $value := "" }}
-{{- if $secret }}{{ $value = index (default dict $secret.data) .Values.apiKey.secretKey | default "" }}{{ end }}
-{{- printf "%s/%s/%s/%s" $name .Values.apiKey.secretKey $value (toString .Values.apiKey.revision) | sha256sum }}
+{{- $data := default dict (($secret | default dict).data) }}
+{{- $value := index $data .Values.apiKey.secretKey | default "" }}
+{{- $previous := index $data .Values.apiKey.previousSecretKey | default "" }}
+{{- printf "%s/%s/%s/%s/%s/%s" $name .Values.apiKey.secretKey $value .Values.apiKey.previousSecretKey $previous (toString .Values.apiKey.revision) | sha256sum }}
+{{- end }}
+
+{{/*
+The Secret's current and previous key as container env (LAWTUNE_API_KEY, LAWTUNE_PREVIOUS_API_KEY;
+the previous one optional: no rotation under way). Read by the init containers only.
+*/}}
+{{- define "lawtune-serving.apiKeyEnv" -}}
+- name: LAWTUNE_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lawtune-serving.apiKeySecret" . }}
+      key: {{ .Values.apiKey.secretKey }}
+- name: LAWTUNE_PREVIOUS_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lawtune-serving.apiKeySecret" . }}
+      key: {{ .Values.apiKey.previousSecretKey }}
+      optional: true
+{{- end }}
+
+{{/* vLLM's config file holding the accepted API keys (the api-keys init container writes it). */}}
+{{- define "lawtune-serving.vllmKeysFile" -}}
+/etc/lawtune-keys/vllm-api-keys.yaml
+{{- end }}
+
+{{/* Shell lines that refuse an empty key or one with characters outside A-Za-z0-9._~+/=- (exit 2), for both keys. */}}
+{{- define "lawtune-serving.apiKeyCheck" -}}
+check_key() {
+  case "$1" in
+    ""|*[!A-Za-z0-9._~+/=-]*)
+      echo "api-keys: the key in Secret {{ include "lawtune-serving.apiKeySecret" . }} (key $2) is empty or has characters outside A-Za-z0-9._~+/=-" >&2
+      exit 2;;
+  esac
+}
+check_key "$LAWTUNE_API_KEY" {{ .Values.apiKey.secretKey }}
+if [ -n "$LAWTUNE_PREVIOUS_API_KEY" ]; then check_key "$LAWTUNE_PREVIOUS_API_KEY" {{ .Values.apiKey.previousSecretKey }}; fi
+umask 077
 {{- end }}
 
 {{/* vLLM's image: the CUDA build (with its variant suffix) or, with vllm.device=cpu, the CPU build of the same release. */}}
@@ -142,14 +187,25 @@ apiKey.revision is what rolls the pods), and apiKey.revision.
 {{- max 1 (div $milli 1000) }}
 {{- end }}
 
-{{/* OpenMP threads of vLLM on CPU: vllm.cpu.threads, else the whole cores of the CPU limit (or request). */}}
+{{/* Whole cores of the vLLM container on CPU: its CPU limit (or request). */}}
+{{- define "lawtune-serving.cpuCores" -}}
+{{- $res := default dict .Values.vllm.cpu.resources }}
+{{- include "lawtune-serving.wholeCores" ((default dict $res.limits).cpu | default (default dict $res.requests).cpu) }}
+{{- end }}
+
+{{/* vLLM's worker processes per replica: tensor x pipeline parallel size. */}}
+{{- define "lawtune-serving.parallelWorkers" -}}
+{{- mul (int (include "lawtune-serving.tensorParallelSize" .)) (int (include "lawtune-serving.pipelineParallelSize" .)) }}
+{{- end }}
+
+{{/* OpenMP threads per vLLM worker on CPU: vllm.cpu.threads, else the whole cores of the CPU limit
+divided among the workers (each TP/PP worker inherits OMP_NUM_THREADS; with threads unbound,
+vLLM sets no per-worker count), at least 1. */}}
 {{- define "lawtune-serving.cpuThreads" -}}
 {{- $c := .Values.vllm.cpu }}
 {{- if gt (int $c.threads) 0 }}{{ int $c.threads }}
 {{- else }}
-{{- $res := default dict $c.resources }}
-{{- $cpu := (default dict $res.limits).cpu | default (default dict $res.requests).cpu }}
-{{- include "lawtune-serving.wholeCores" $cpu }}
+{{- max 1 (div (include "lawtune-serving.cpuCores" . | int) (include "lawtune-serving.parallelWorkers" . | int)) }}
 {{- end }}
 {{- end }}
 
@@ -218,7 +274,7 @@ wins, as in vLLM's argparse). Usage: include "lawtune-serving.parallelArg" (list
 
 {{/* Workers of a sharded model talk through shared memory: /dev/shm whenever more than one. */}}
 {{- define "lawtune-serving.needsShm" -}}
-{{- if gt (mul (int (include "lawtune-serving.tensorParallelSize" .)) (int (include "lawtune-serving.pipelineParallelSize" .))) 1 }}true{{ end }}
+{{- if gt (include "lawtune-serving.parallelWorkers" . | int) 1 }}true{{ end }}
 {{- end }}
 
 {{/* vLLM replicas: zero under maintenance.scaleVllmToZero; left to the autoscaler otherwise when on. */}}
