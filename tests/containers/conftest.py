@@ -181,7 +181,7 @@ def s3(cluster) -> S3:
     return s3
 
 
-def pipeline_values(run_id: str, **overrides) -> dict:
+def pipeline_values(run_id: str, extra_env: dict[str, str] | None = None, **overrides) -> dict:
     values = {
         "runId": run_id,
         "device": "cpu",
@@ -193,7 +193,8 @@ def pipeline_values(run_id: str, **overrides) -> dict:
         # Bounded S3 patience, so a dead endpoint ends a stage in seconds (exit 1), not minutes.
         "extraEnv": [{"name": "LAWTUNE_S3_MAX_ATTEMPTS", "value": "3"},
                      {"name": "LAWTUNE_S3_CONNECT_TIMEOUT", "value": "3"},
-                     {"name": "LAWTUNE_S3_READ_TIMEOUT", "value": "30"}],
+                     {"name": "LAWTUNE_S3_READ_TIMEOUT", "value": "30"},
+                     *({"name": k, "value": v} for k, v in (extra_env or {}).items())],
     }
     for key, value in overrides.items():
         values[key] = value
@@ -233,6 +234,21 @@ def run_job(cluster: Cluster, job: dict, timeout: float = 900, suffix: str = "")
         return JobRun(code, cluster.pod_logs(pod), json.loads(inspect)[0])
     finally:
         cluster._remove(pod)
+
+
+def run_job_with_retries(cluster: Cluster, job: dict, timeout: float = 900) -> list[JobRun]:
+    """The Job controller's part: a failed pod is replaced after 10 s, 20 s, 40 s... up to the Job's
+    backoffLimit, unless its podFailurePolicy fails the Job at once on that exit code (2)."""
+    spec = job["spec"]
+    fail_at_once = {code for rule in spec.get("podFailurePolicy", {}).get("rules", [])
+                    if rule["action"] == "FailJob" and "onExitCodes" in rule for code in rule["onExitCodes"]["values"]}
+    runs: list[JobRun] = []
+    for attempt in range(int(spec.get("backoffLimit", 6)) + 1):
+        runs.append(run_job(cluster, job, timeout))
+        if runs[-1].exit_code == 0 or runs[-1].exit_code in fail_at_once:
+            break
+        time.sleep(min(10 * 2**attempt, 360))
+    return runs
 
 
 @dataclass
