@@ -65,12 +65,13 @@ FAULTS_SEED ?= 15
 FAULTS_REPORT ?= $(CURDIR)/.cache/faults-report.jsonl
 # make test's fault tests (storage, leases, registry, harmful inputs, 1 kill per stage) report here; test-faults adds it to its summary.
 FAULTS_REPORT_TEST ?= $(CURDIR)/.cache/faults-report-test.jsonl
+FAULTS_REPORT_CONTAINERS ?= $(CURDIR)/.cache/faults-report-containers.jsonl
 .PHONY: test-faults
 test-faults: $(VENV)/.installed system-deps tools ## Fault soak: every stage killed at FAULTS_KILL_POINTS seeded points on file:// and S3, serving under load and faults (docs/reliability.md)
 	mkdir -p $(dir $(FAULTS_REPORT)) && rm -f $(FAULTS_REPORT)
 	FAULTS_KILL_POINTS=$(FAULTS_KILL_POINTS) FAULTS_SEED=$(FAULTS_SEED) FAULTS_REPORT=$(FAULTS_REPORT) FAULTS_BACKENDS=file,s3 \
 	  FAULTS_COMMIT_KILLS=1 $(PY) -m pytest tests/faults/test_kill_anywhere.py tests/faults/test_serving_faults.py
-	$(PY) tests/faults/summarise.py $(FAULTS_REPORT_TEST) $(FAULTS_REPORT)
+	$(PY) tests/faults/summarise.py $(FAULTS_REPORT_TEST) $(FAULTS_REPORT_CONTAINERS) $(FAULTS_REPORT)
 
 ##@ Development
 .PHONY: venv unit system-deps tools clean
@@ -170,7 +171,8 @@ container-engine: ## Install Docker from Debian (docker.io) when no engine answe
 
 test-containers: $(VENV)/.installed tools base-images ## The images run as the charts' pods in Docker against SeaweedFS: pipeline, faults, serving (CI runs it)
 	$(MAKE) images DEVICE=cpu
-	LAWTUNE_TEST_IMAGE_REGISTRY=$(IMAGE_REGISTRY) LAWTUNE_TEST_IMAGE_TAG=$(IMAGE_TAG) \
+	mkdir -p $(dir $(FAULTS_REPORT_CONTAINERS)) && rm -f $(FAULTS_REPORT_CONTAINERS)
+	LAWTUNE_TEST_IMAGE_REGISTRY=$(IMAGE_REGISTRY) LAWTUNE_TEST_IMAGE_TAG=$(IMAGE_TAG) FAULTS_REPORT=$(FAULTS_REPORT_CONTAINERS) \
 	  $(PY) -m pytest -m containers tests/containers
 
 bench-images: $(VENV)/.installed base-images ## Measure every CPU image: size, cold build, rebuild after a one-line code change (docs/benchmarks.md, README, Dockerfile headers)

@@ -39,6 +39,7 @@ def _adapter(s3, run_id: str, dest):
     return load_file(dest)
 
 
+@pytest.mark.fault("container: finetune SIGKILLed after a checkpoint, its pod replaced as the Job would")
 def test_finetune_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter(cluster, s3, pipeline, tmp_path):
     assert pipeline.runs["finetune"].exit_code == 0, "premise: the uninterrupted run finished"
     run_id = f"kill-{uuid.uuid4().hex[:6]}"
@@ -79,6 +80,7 @@ def test_finetune_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter
     assert worst <= ADAPTER_ATOL, f"resumed adapter differs from the uninterrupted one by {worst:.2e}"
 
 
+@pytest.mark.fault("container: a bad input file (exit 2, FailJob)")
 def test_a_bad_input_exits_2_naming_it(cluster, s3, tmp_path):
     s3.client().put_object(Bucket=BUCKET, Key="inputs/bad.csv", Body="名字,内容\n张三,你好\n".encode())
     jobs = _objects(cluster, tmp_path, f"bad-{uuid.uuid4().hex[:6]}", input={"uri": f"s3://{BUCKET}/inputs/bad.csv"})
@@ -88,6 +90,7 @@ def test_a_bad_input_exits_2_naming_it(cluster, s3, tmp_path):
     assert "bad.csv" in last and "error" in last, last
 
 
+@pytest.mark.fault("container: the S3 endpoint dead (exit 1, retried)")
 def test_a_dead_s3_endpoint_exits_1_naming_it(cluster, tmp_path):
     """A SeaweedFS of its own, killed before the stage starts: the stage gives up within its bounded
     retries (the chart's extraEnv here) with exit 1, which the Job retries, not 2."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -38,22 +39,24 @@ def _context_copy(dest: Path) -> None:
 
 @pytest.mark.parametrize("image", ["preprocess", "finetune"])
 def test_a_one_line_code_change_rebuilds_only_the_code_layers(engine, images, image, tmp_path):
-    """The same flags `make images DEVICE=cpu` used, on a copy of the context with one comment line
-    added to shared/: every step up to the code is taken from the cache."""
+    """The same flags `make images DEVICE=cpu` uses, on a copy of the context: built as it is (all from
+    the cache when the images are current), then with one comment line added to shared/: every
+    step before the code comes from the cache, and the code is copied again."""
     build = _build_module()
     context = tmp_path / "context"
     _context_copy(context)
-    touched = context / "shared" / "core" / "__init__.py"
-    touched.write_text(touched.read_text() + "# a one-line change\n")
     name = f"lawtune-test/{image}:code-change"
-    with tempfile.TemporaryDirectory() as scratch:
-        flags = build.build_flags(engine, "auto", "cpu", Path(scratch))
-        result = build.build(engine, image, name, "cpu", os.environ.get("LAWTUNE_TEST_IMAGE_TAG", "0.1.0"), flags, None, context=context)
+    tag = os.environ.get("LAWTUNE_TEST_IMAGE_TAG", "0.1.0")
     try:
-        steps = result["steps"]
-        code = next(i for i, s in enumerate(steps) if "COPY shared/" in s["step"])
-        assert all(s["cached"] for s in steps[:code]), [s for s in steps[:code] if not s["cached"]]
-        assert not steps[code]["cached"], "the changed code was not copied again"
-        assert sum(s["seconds"] for s in steps[:code] if not s["cached"]) == 0
+        with tempfile.TemporaryDirectory() as scratch:
+            flags = build.build_flags(engine, "auto", "cpu", Path(scratch))
+            build.build(engine, image, name, "cpu", tag, flags, None, context=context)
+            touched = context / "shared" / "core" / "__init__.py"
+            touched.write_text(touched.read_text() + "# a one-line change\n")
+            result = build.build(engine, image, name, "cpu", tag, flags, None, context=context)
+        layers = [s for s in result["steps"] if not re.search(r"\] FROM ", s["step"])]  # FROM resolves; it builds nothing
+        code = next(i for i, s in enumerate(layers) if "COPY shared/" in s["step"])
+        assert all(s["cached"] for s in layers[:code]), [s["step"] for s in layers[:code] if not s["cached"]]
+        assert not layers[code]["cached"], "the changed code was not copied again"
     finally:
         subprocess.run([*engine, "image", "rm", "-f", name], capture_output=True)

@@ -84,7 +84,7 @@ CHAT = {"model": MODEL_NAME, "max_tokens": 8, "temperature": 0,
 
 
 def test_fetch_model_verified_the_version_in_its_init_container(cluster, serving):
-    assert serving["vllm"].init_exit == {"fetch-model": 0}
+    assert serving["vllm"].init_exit["fetch-model"] == 0
     image = pod_template(deployments(serving["objects"])["vllm"])["spec"]["initContainers"][0]["image"]
     assert image == f"{REGISTRY}/fetch-model:{TAG}-cpu"  # CPU mode asks for what `make images DEVICE=cpu` built
     logs = cluster.logs(cluster.docker("ps", "-aq", "--filter", f"name=vllm-0-fetch-model").stdout.split()[0])
