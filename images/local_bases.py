@@ -95,12 +95,16 @@ def build(name: str, base: Base, engine: str, mirror: str, force: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", default=os.environ.get("DOCKER", "docker"), help="container engine CLI (docker)")
+    parser.add_argument("--engine", help="container engine CLI (default: DOCKER, else the one images/build.py picks)")
     parser.add_argument("--mirror", default=os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian"),
                         help="Debian mirror (DEBIAN_MIRROR)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the recipe is unchanged")
     parser.add_argument("names", nargs="*", help=f"which bases: {', '.join(BASES)} (default: all)")
     args = parser.parse_args()
+    if not args.engine:
+        from build import buildkit_cli  # images/build.py, beside this file
+
+        args.engine = buildkit_cli()[0]
     for name in args.names or BASES:
         if name not in BASES:
             parser.error(f"no base {name!r} (choose from {', '.join(BASES)})")
