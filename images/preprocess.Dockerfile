@@ -13,9 +13,17 @@
 # Runs as uid 10001 with a read-only root filesystem: HOME, TMPDIR and the caches point at paths the
 # pipeline chart mounts as emptyDirs; nothing else is written.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
-FROM ${PYTHON_IMAGE}
-
 # ---- shared by preprocess and fetch-model: keep this block identical in the two files ----
+# The requirement list, computed from pyproject.toml in a stage of its own: the install layer copies
+# only the list, so a pyproject.toml change that alters no requirement rebuilds nothing.
+# constraints.txt pins the dev environment; its torch (a CPU build) and triton are not installed here.
+FROM ${PYTHON_IMAGE} AS requirements
+COPY pyproject.toml constraints.txt images/requirements.py /src/
+RUN cd /src && mkdir /out \
+ && grep -v -E "^(torch|triton)==" constraints.txt > /out/constraints.txt \
+ && python3 requirements.py pyproject.toml data > /out/data.txt
+
+FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -35,8 +43,7 @@ RUN groupadd --gid 10001 lawtune \
  && mkdir -p /home/lawtune /var/cache/lawtune \
  && chown 10001:10001 /home/lawtune /var/cache/lawtune \
  && python3 -m venv /opt/lawtune/venv
-COPY pyproject.toml constraints.txt images/requirements.py /opt/lawtune/requirements/
-# constraints.txt pins the dev environment; its torch (a CPU build) and triton are not installed here.
+COPY --from=requirements /out/data.txt /out/constraints.txt /opt/lawtune/requirements/
 # The build's own pip settings (a private index, a proxy's CA) arrive as BuildKit secrets, never in a layer:
 #   --secret id=pip.conf,src=<pip.conf>  --secret id=ca,src=<CA bundle the pip.conf names as /run/secrets/ca>
 RUN --mount=type=cache,id=lawtune-pip,target=/root/.cache/pip,sharing=locked \
@@ -45,9 +52,7 @@ RUN --mount=type=cache,id=lawtune-pip,target=/root/.cache/pip,sharing=locked \
     --mount=type=bind,source=images/wheels,target=/opt/lawtune/wheels \
     cd /opt/lawtune/requirements \
  && export PIP_CONFIG_FILE=/run/secrets/pip.conf \
- && grep -v -E "^(torch|triton)==" constraints.txt > image-constraints.txt \
- && python requirements.py pyproject.toml data > data.txt \
- && pip install --find-links /opt/lawtune/wheels -c image-constraints.txt -r data.txt
+ && pip install --find-links /opt/lawtune/wheels -c constraints.txt -r data.txt
 # ---- end of the shared block ----
 
 ARG DEVICE=cpu

