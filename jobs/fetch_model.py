@@ -15,7 +15,8 @@ fetches into one target are serialised by a lock file beside it (``.<target>.loc
 replicas sharing a ReadWriteMany claim download once.
 
 Exit codes: 0 fetched or already there; 1 storage failure (retry); 2 nothing published or
-promoted at that URI, or a checksum mismatch (one line on stderr says which).
+promoted at that URI, a checksum mismatch, or a manifest path or PROMOTED content that would
+reach outside the target (absolute, ``..``; one line on stderr says which).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.store.artifacts import MANIFEST, Manifest, fetch_dir, read_manifest
+from shared.store.paths import check_version
 from shared.core.errors import ConfigError
 from shared.core.job import run_main
 from shared.core.log import configure_logging
@@ -54,9 +56,7 @@ def resolve_version(settings: Settings, uri: str) -> str:
     if loc.exists(MANIFEST):
         return uri
     if loc.exists(PROMOTED):
-        version = loc.read_text(PROMOTED).strip()
-        if not version or "/" in version:
-            raise ConfigError(f"{uri}/{PROMOTED} holds {version!r}; expected a version name")
+        version = check_version(loc.read_text(PROMOTED).strip(), f"{uri}/{PROMOTED}")
         log.info("%s/%s names version %s", uri, PROMOTED, version)
         return join(uri, version)
     raise ConfigError(f"{uri} has neither {MANIFEST} (a model version) nor {PROMOTED} (a promoted model): nothing to fetch")

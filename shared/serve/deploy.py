@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +37,11 @@ from shared.core.settings import Settings, load_settings
 from shared.core.uri import join
 from shared.serve.gateway import CHART, helm_binary
 from shared.store.artifacts import now_iso, read_manifest
+from shared.store.paths import check_version
 from shared.store.releases import DEFAULT_NAMESPACE, record_release
 from shared.store.storage import open_location
 
 PROMOTED = "PROMOTED"
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # the chart schema's model.version pattern
 log = logging.getLogger("lawtune.deploy")
 
 
@@ -58,8 +57,7 @@ def resolve_version(settings: Settings, model_name: str, version: str | None = N
         source = f"{models_uri}/{PROMOTED}"
     else:
         source = "--version"
-    if not _VERSION.match(version):
-        raise ConfigError(f"{source} holds {version!r}; expected a version name (letters, digits, '._-')")
+    check_version(version, source)
     read_manifest(open_location(join(models_uri, version), settings))  # raises unless committed
     return version
 

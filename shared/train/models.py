@@ -217,6 +217,7 @@ def _convert_gguf(gguf: Path, out: Path, source: dict) -> None:
 
 def _from_store(ref: str, settings: Settings) -> Path:
     from shared.store.artifacts import MANIFEST, find_manifest
+    from shared.store.paths import check_version
     from shared.store.stage import fetch_stage
     from shared.store.storage import open_location
     from shared.core.uri import join
@@ -224,7 +225,7 @@ def _from_store(ref: str, settings: Settings) -> Path:
     uri = ref.rstrip("/")
     loc = open_location(uri, settings)
     if not loc.exists(MANIFEST) and loc.exists("PROMOTED"):
-        version = loc.read_text("PROMOTED").strip()
+        version = check_version(loc.read_text("PROMOTED").strip(), f"{uri}/PROMOTED")
         uri = join(uri, version)
         loc = open_location(uri, settings)
         log.info("base_model %s: PROMOTED names version %s", ref, version)
