@@ -6,7 +6,8 @@
     open http://127.0.0.1:8080/                  # the assistant page (the chart's ui.*, on by default here)
 
 Environment: ``LAWTUNE_ARTIFACT_ROOT`` (``make serve``: ``file://$(CURDIR)/artifacts``),
-``LAWTUNE_CACHE_DIR``, ``LAWTUNE_S3_*``; ``LAWTUNE_API_KEY`` (else a random key, printed once).
+``LAWTUNE_CACHE_DIR``, ``LAWTUNE_S3_*``; ``LAWTUNE_API_KEY`` (at least 32 characters, else exit 2;
+unset: a random key, printed once).
 
 What the cluster does, in the same order and with the same code: ``python -m
 jobs.fetch_model <root>/models/<name> <dir>`` (the init container: PROMOTED → verified
@@ -38,8 +39,8 @@ import yaml
 
 from shared.core.errors import ConfigError, LawtuneError
 from shared.serve.gateway import (
-    Gateway, merge_values, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, stop_process_group,
-    write_keys_file, write_ui_files,
+    Gateway, check_api_key, merge_values, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway,
+    stop_process_group, write_keys_file, write_ui_files,
 )
 from shared.core.job import run_main
 from shared.core.log import configure_logging
@@ -177,13 +178,14 @@ def start_vllm(model_dir: Path, port: int, api_key: str, *, served_model_name: s
 
 
 def local_page_values(model_name: str, fetch_summary: str) -> dict:
-    """The assistant page on by default under ``make serve``, in auth mode ``ingress``: the gateway
-    listens on loopback only, so this machine is the authenticated boundary and the page works
-    without pasting the key (``--gateway-values`` with ``ui: {auth: pasteKey}`` or ``{enabled: false}``
-    changes that). The page shows the version fetch_model resolved."""
+    """The assistant page on by default under ``make serve``, in auth mode ``loopback``: the gateway
+    listens on 127.0.0.1 only (the chart refuses the mode elsewhere), so this machine is the
+    authenticated boundary and the page works without pasting the key (``--gateway-values`` with
+    ``ui: {auth: pasteKey}`` or ``{enabled: false}`` changes that). The page shows the version
+    fetch_model resolved."""
     version_uri = re.search(r": (\S+) -> ", fetch_summary)
     version = version_uri.group(1).rstrip("/").rsplit("/", 1)[-1] if version_uri else ""
-    return {"model": {"name": model_name, "version": version}, "ui": {"enabled": True, "auth": "ingress"}}
+    return {"model": {"name": model_name, "version": version}, "ui": {"enabled": True, "auth": "loopback"}}
 
 
 def page_enabled(gateway_overrides: dict) -> bool:
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides = yaml.safe_load(args.gateway_values.read_text()) or {}
             except (OSError, yaml.YAMLError) as exc:
                 raise ConfigError(f"--gateway-values {args.gateway_values}: {exc}") from exc
-        key = os.environ.get("LAWTUNE_API_KEY") or secrets.token_urlsafe(24)
+        key = check_api_key(os.environ["LAWTUNE_API_KEY"]) if os.environ.get("LAWTUNE_API_KEY") else secrets.token_urlsafe(24)
         # vLLM and nginx run in their own sessions: on SIGTERM, unwind through `finally` to stop them.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         server, gateway = serve(settings, args.model_name, args.port, args.vllm_port, key, overrides,

@@ -34,7 +34,7 @@ from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
 slow = pytest.mark.slow
-KEY = "sk-serve-test-0123456789"
+KEY = "sk-serve-test-0123456789abcdefghijklm"
 NAME = "legal-assistant"
 VERSION = "bundled-v1"
 
