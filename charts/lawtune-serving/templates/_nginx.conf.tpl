@@ -48,8 +48,8 @@ http {
     scgi_temp_path {{ $g.runtimeDir }}/scgi;
 
     {{- if $g.accessLog }}
-    # No headers are logged, so API keys never reach the log.
-    log_format lawtune '$remote_addr [$time_iso8601] "$request" $status $body_bytes_sent '
+    # No headers and no query strings are logged, so API keys never reach the log (even one pasted into a URL).
+    log_format lawtune '$remote_addr [$time_iso8601] "$request_method $uri $server_protocol" $status $body_bytes_sent '
                        'rt=$request_time urt=$upstream_response_time';
     access_log /dev/stdout lawtune;
     {{- else }}

@@ -228,6 +228,7 @@ def served(model_cache_dir, module_tmp):
     yield gateway
     gateway.stop()
     server.stop()
+    shutil.rmtree(server.log_path.parent, ignore_errors=True)  # serve()'s runtime folder (logs, nginx.conf)
 
 
 @pytest.mark.slow
