@@ -34,7 +34,6 @@ stdout lines name the report and the verdict: ``report: <uri>`` and ``gate: PASS
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import tempfile
@@ -46,6 +45,7 @@ from shared.publish.registry import check_name, read_pointer
 from shared.store.artifacts import Manifest, digest_inputs, find_manifest, read_manifest, sha256_file
 from shared.evaluate.golden import load_golden
 from shared.train.tracking import log_evaluation_to_mlflow, log_scores
+from shared.core.cli import MODEL_ENV, STAGE_ENV, command_parser
 from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.data.conversation import SchemaError, load_jsonl
 from shared.data.split_files import split_file
@@ -102,6 +102,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
     data_manifest = read_manifest(open_location(data_uri, settings))
     ft_manifest = read_manifest(open_location(finetune_uri, settings))
     base_ref = ft_manifest.extra.get("base_model") or config.base_model
+    config.expect_base_model(ft_manifest.extra.get("base_model"), finetune_uri)
     ev = config.evaluation
     champion = _champion(settings, model_name, ft_manifest.digest, output_uri)
     golden = _golden_source(settings, ev.questions)
@@ -247,13 +248,15 @@ def _write_outputs(workdir: Path, records, turns, refs, answers, production, row
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
-    parser.add_argument("--finetune", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
-    parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/evaluate)")
-    add_config_arguments(parser, required=True)  # its evaluation section applies
+    parser = command_parser("evaluate", __doc__, module="jobs.evaluate", image=True, env=(*STAGE_ENV, *MODEL_ENV, "MLFLOW_TRACKING_URI"))
+    parser.add_argument("--data", metavar="URI", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
+    parser.add_argument("--finetune", metavar="URI", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
+    parser.add_argument("--output", metavar="URI", help="output URI (default <artifact_root>/runs/<run_id>/evaluate)")
+    add_config_arguments(parser, required=True, reads="its evaluation, data_config and preprocess sections, "
+                         "max_input_length and seed", base_model="expect")
     parser.add_argument("--force", action="store_true", help="run even when the same inputs are committed")
-    parser.add_argument("--model-name", help="also score the PROMOTED version of this model (production) on the same questions")
+    parser.add_argument("--model-name", metavar="NAME",
+                        help="also score the PROMOTED version of this model (production) on the same questions")
     args = parser.parse_args(argv)
 
     def body() -> None:

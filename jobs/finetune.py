@@ -32,7 +32,6 @@ storage failure; 2 bad config, data or base model (one line on stderr names it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import yaml
 
+from shared.core.cli import MODEL_ENV, STAGE_ENV, command_parser
 from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.core.errors import LawtuneError
 from shared.core.job import run_main
@@ -182,10 +182,10 @@ def _leave_process_group() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
-    parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/finetune)")
-    add_config_arguments(parser, required=True)
+    parser = command_parser("finetune", __doc__, module="jobs.finetune", image=True, env=(*STAGE_ENV, *MODEL_ENV, "MLFLOW_TRACKING_URI"))
+    parser.add_argument("--data", metavar="URI", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
+    parser.add_argument("--output", metavar="URI", help="output URI (default <artifact_root>/runs/<run_id>/finetune)")
+    add_config_arguments(parser, required=True, reads="every section but evaluation", base_model="override")
     args = parser.parse_args(argv)
 
     def body() -> None:

@@ -34,7 +34,6 @@ inputs, a quantised base, or a merge that fails its check.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -44,6 +43,8 @@ from pathlib import Path
 
 from shared.store.artifacts import Manifest, digest_inputs, find_manifest, now_iso, read_manifest
 from shared.evaluate.gate import gate_passed
+from shared.core.cli import STAGE_ENV, command_parser
+from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.core.settings import Settings, load_settings
@@ -51,7 +52,7 @@ from shared.store.model_code import RECORD, check_folder, code_files
 from shared.store.stage import PUBLISHED, StageOutput, fetch_stage
 from shared.store.storage import Location, open_location
 from shared.core.uri import join
-from shared.publish.registry import PROMOTED, Pointer, PromotionConflict, move_pointer, read_pointer
+from shared.publish.registry import PROMOTED, Pointer, PromotionConflict, move_pointer, read_pointer, repair_history
 
 STAGE = "publish"
 log = logging.getLogger("lawtune.publish")
@@ -70,7 +71,11 @@ class Result:
 
 
 def run(settings: Settings, model_name: str, finetune_uri: str | None = None, evaluate_uri: str | None = None,
-        *, force: bool = False, max_shard_size: str = "2GB", trust_remote_code: bool = False) -> Result:
+        *, force: bool = False, max_shard_size: str = "2GB", config: TrainConfig | None = None,
+        trust_remote_code: bool = False) -> Result:
+    """``config``: the --config/--base-model/--set every stage takes; an explicit base model other
+    than the one finetune recorded is refused (TrainConfig.expect_base_model). ``trust_remote_code``:
+    the operator's switch (never the config's or a manifest's) to run the base model's own code."""
     from shared.core.errors import ConfigError
 
     if not _NAME.match(model_name):
@@ -88,6 +93,8 @@ def run(settings: Settings, model_name: str, finetune_uri: str | None = None, ev
     base_ref = ft_manifest.extra.get("base_model")
     if not base_ref:
         raise ConfigError(f"{finetune_uri}/MANIFEST.json names no base_model in its extra; cannot merge")
+    if config is not None:
+        config.expect_base_model(base_ref, finetune_uri)
 
     inputs = {"finetune": ft_manifest.digest, "evaluate": ev_manifest.digest, "code_version": settings.resolved_code_version}
     version = f"{settings.run_id}-{digest_inputs(inputs)[:10]}"
@@ -152,6 +159,8 @@ def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, ev_mani
 
 def _promote(model_root: Location, pointer: Pointer, version: str, manifest: Manifest, passed: bool, force: bool,
              gate, run_id: str) -> bool:
+    if repair_history(model_root):  # an earlier attempt swapped PROMOTED and died before recording it
+        log.warning("recorded the promotion to %s that an interrupted publish left unrecorded", read_pointer(model_root).version)
     current = pointer.version
     if not passed and not force:
         reasons = "; ".join(gate.get("reasons", [])) if isinstance(gate, dict) else "no verdict recorded"
@@ -182,22 +191,25 @@ def _promote(model_root: Location, pointer: Pointer, version: str, manifest: Man
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.publish", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--finetune", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
-    parser.add_argument("--evaluate", help="evaluate artifact URI (default <artifact_root>/runs/<run_id>/evaluate)")
-    parser.add_argument("--model-name", required=True, help="published as <artifact_root>/models/<name>/<version>")
+    parser = command_parser("publish", __doc__, module="jobs.publish", image=True,
+                            env=(*STAGE_ENV, "LAWTUNE_BASE_MODEL", "LAWTUNE_ACTOR"))
+    parser.add_argument("--finetune", metavar="URI", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
+    parser.add_argument("--evaluate", metavar="URI", help="evaluate artifact URI (default <artifact_root>/runs/<run_id>/evaluate)")
+    parser.add_argument("--model-name", metavar="NAME", required=True, help="published as <artifact_root>/models/<name>/<version>")
     parser.add_argument("--force", action="store_true", help="promote even if the quality gate failed (logged loudly)")
-    parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size of the merged model")
+    parser.add_argument("--max-shard-size", metavar="SIZE", default="2GB", help="safetensors shard size of the merged model (default 2GB)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the base model repository's own code (ChatGLM3), only the files finetune recorded; "
                              "make train passes it when the config sets trust_remote_code: true")
+    add_config_arguments(parser, reads="only base_model (the merge uses the base finetune recorded)", base_model="expect")
     args = parser.parse_args(argv)
 
     def body() -> None:
         settings = load_settings()
         configure_logging(settings.log_level)
+        config = config_from_args(args)
         r = run(settings, args.model_name, args.finetune, args.evaluate, force=args.force, max_shard_size=args.max_shard_size,
-                trust_remote_code=args.trust_remote_code)
+                config=config, trust_remote_code=args.trust_remote_code)
         print(f"model: {r.version_uri}{' (already published)' if r.skipped else ''}")
         print(f"gate: {'PASSED' if r.gate_passed else 'FAILED'}")
         state = "promoted (FORCED)" if r.forced else "promoted" if r.promoted else "not promoted"

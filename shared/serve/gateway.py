@@ -139,10 +139,13 @@ def write_ui_files(rendered: RenderedGateway) -> None:
         path.chmod(0o644)
 
 
-def write_keys_file(rendered: RenderedGateway, api_key: str) -> None:
-    """Run the chart's own init-container script, so the key file is written exactly as in the pod."""
-    proc = subprocess.run(["sh", "-c", rendered.keys_script], env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                          "LAWTUNE_API_KEY": api_key}, capture_output=True, text=True, timeout=30)
+def write_keys_file(rendered: RenderedGateway, api_key: str, previous_key: str | None = None) -> None:
+    """Run the chart's own init-container script, so the key file is written exactly as in the pod
+    (``previous_key``: the Secret's previous key during a rotation, accepted as well)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LAWTUNE_API_KEY": api_key}
+    if previous_key is not None:
+        env["LAWTUNE_PREVIOUS_API_KEY"] = previous_key
+    proc = subprocess.run(["sh", "-c", rendered.keys_script], env=env, capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise ConfigError(proc.stderr.strip() or f"the gateway's key script failed with {proc.returncode}")
 

@@ -7,7 +7,7 @@
 
 Environment: ``LAWTUNE_ARTIFACT_ROOT`` (``make serve``: ``file://$(CURDIR)/artifacts``),
 ``LAWTUNE_CACHE_DIR``, ``LAWTUNE_S3_*``; ``LAWTUNE_API_KEY`` (at least 32 characters, else exit 2;
-unset: a random key, printed once).
+unset or empty: a random key, printed once).
 
 What the cluster does, in the same order and with the same code: ``python -m
 jobs.fetch_model <root>/models/<name> <dir>`` (the init container: PROMOTED → verified
@@ -18,7 +18,6 @@ chart values (shared/serve/gateway.py). Ctrl-C stops both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from shared.core.cli import command_parser
 from shared.core.errors import ConfigError, LawtuneError
 from shared.serve.gateway import (
     Gateway, check_api_key, merge_values, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway,
@@ -232,11 +232,15 @@ def curl_command(url: str, model_name: str, key: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.serve.serve_local", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-name", default="legal-assistant", help="published model (models/<name>/PROMOTED)")
-    parser.add_argument("--port", type=int, default=8080, help="gateway port on 127.0.0.1")
-    parser.add_argument("--vllm-port", type=int, default=8000, help="vLLM port on 127.0.0.1 (behind the gateway)")
-    parser.add_argument("--gateway-values", type=Path, help="extra chart values for the gateway (e.g. maintenance, rateLimit)")
+    parser = command_parser("serve", __doc__, module="shared.serve.serve_local",
+                            env=("LAWTUNE_ARTIFACT_ROOT", "LAWTUNE_S3_ENDPOINT_URL", "LAWTUNE_CACHE_DIR", "LAWTUNE_API_KEY",
+                                 "LAWTUNE_GPU", "LAWTUNE_LOG_LEVEL"))
+    parser.add_argument("--model-name", metavar="NAME", default="legal-assistant",
+                        help="published model to serve, models/<name>/PROMOTED (default legal-assistant)")
+    parser.add_argument("--port", type=int, default=8080, help="gateway port on 127.0.0.1 (default 8080)")
+    parser.add_argument("--vllm-port", type=int, default=8000, help="vLLM port on 127.0.0.1, behind the gateway (default 8000)")
+    parser.add_argument("--gateway-values", metavar="YAML", type=Path,
+                        help="extra chart values for the gateway (e.g. maintenance, rateLimit, ui)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let vLLM run the model repository's own code (ChatGLM3), only the files its manifest records")
     args = parser.parse_args(argv)
@@ -250,12 +254,17 @@ def main(argv: list[str] | None = None) -> int:
                 overrides = yaml.safe_load(args.gateway_values.read_text()) or {}
             except (OSError, yaml.YAMLError) as exc:
                 raise ConfigError(f"--gateway-values {args.gateway_values}: {exc}") from exc
-        key = check_api_key(os.environ["LAWTUNE_API_KEY"]) if os.environ.get("LAWTUNE_API_KEY") else secrets.token_urlsafe(24)
+        # Set but empty counts as unset: the printed curl then carries the random key itself, since
+        # "$LAWTUNE_API_KEY" would expand to nothing in the user's shell and get a 401.
+        from_env = bool(os.environ.get("LAWTUNE_API_KEY", "").strip())
+        if "LAWTUNE_API_KEY" in os.environ and not from_env:
+            log.warning("LAWTUNE_API_KEY is set but empty: serving with a random key, printed below")
+        key = check_api_key(os.environ["LAWTUNE_API_KEY"]) if from_env else secrets.token_urlsafe(24)
         # vLLM and nginx run in their own sessions: on SIGTERM, unwind through `finally` to stop them.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         server, gateway = serve(settings, args.model_name, args.port, args.vllm_port, key, overrides,
                                 trust_remote_code=args.trust_remote_code)
-        shown = key if "LAWTUNE_API_KEY" not in os.environ else "$LAWTUNE_API_KEY"
+        shown = "$LAWTUNE_API_KEY" if from_env else key
         print(f"\nServing {args.model_name} at {gateway.url}/v1 (gateway log: {gateway.log_path}, vLLM log: {server.log_path})\n"
               f"{curl_command(gateway.url, args.model_name, shown)}", flush=True)
         if page_enabled(overrides):

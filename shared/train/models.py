@@ -11,7 +11,9 @@
   downloaded verified (all or nothing) into ``<cache_dir>/models/store-<hash>/``.
 - a local directory with ``config.json``;
 - a Hugging Face id (``Qwen/Qwen2.5-7B-Instruct``) through huggingface_hub's own cache
-  (``HF_HUB_OFFLINE=1`` makes that cache-only).
+  (``HF_HUB_OFFLINE=1`` makes that cache-only). Without ``trust_remote_code`` its ``config.json``
+  comes first, alone: a model that needs its repository's code is refused before any weight
+  file is downloaded.
 
 Every cache entry appears by an atomic rename, so a half-written one is never used; a file
 lock keeps concurrent processes (DDP ranks, parallel jobs) from converting twice. A missing
@@ -77,7 +79,7 @@ def resolve_base_model(ref: str, settings: Settings, trust_remote_code: bool = F
         if not path.is_dir():
             raise ConfigError(f"base_model {ref!r}: no such directory")
     elif _HF_ID.match(ref):
-        path = _from_hf_hub(ref, trust_remote_code)
+        path = _from_hf_hub(ref, trust_remote_code, switch)
     else:
         raise ConfigError(
             f"base_model {ref!r} is not a Hugging Face id, an s3:// or file:// URI, an existing directory "
@@ -116,11 +118,7 @@ def check_model_dir(path: Path, ref: str, trust_remote_code: bool = False,
         raise ConfigError(f"base_model {ref!r}: {path} has no config.json (not a transformers model directory)")
     code = needs_remote_code(path)
     if code and not trust_remote_code:
-        raise ConfigError(
-            f"base_model {ref!r} needs its repository's own code ({code}) and trust_remote_code is false; "
-            f"set {switch} to run that Python code from the model repository, "
-            "or use a model transformers supports itself (e.g. THUDM/glm-4-9b-chat-hf)"
-        )
+        raise _remote_code_refused(ref, code, switch)
     if trust_remote_code and (foreign := foreign_code(json.loads((path / "config.json").read_text(encoding="utf-8")))):
         raise ConfigError(f"base_model {ref!r}: {foreign} names code in another repository, which no digest record "
                           "can cover; use a folder that holds its own code files")
@@ -132,6 +130,14 @@ def check_model_dir(path: Path, ref: str, trust_remote_code: bool = False,
         raise ConfigError(f"base_model {ref!r}: {path}/config.json is unreadable: {_one_line(exc)}") from None
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ConfigError(f"base_model {ref!r}: {path} has no tokenizer files")
+
+
+def _remote_code_refused(ref: str, code: str, switch: str = "trust_remote_code: true in the config") -> ConfigError:
+    return ConfigError(
+        f"base_model {ref!r} needs its repository's own code ({code}) and trust_remote_code is false; "
+        f"set {switch} to run that Python code from the model repository, "
+        "or use a model transformers supports itself (e.g. THUDM/glm-4-9b-chat-hf)"
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -265,7 +271,8 @@ def _manifest_digest(folder: Path) -> str | None:
 # --- Hugging Face hub cache ----------------------------------------------------------------
 
 
-def _from_hf_hub(ref: str, trust_remote_code: bool = False) -> Path:
+def _from_hf_hub(ref: str, trust_remote_code: bool = False,
+                 switch: str = "trust_remote_code: true in the config") -> Path:
     """Download (or find in the cache). Only what no retry can change is a configuration error (exit
     2: the pipeline chart fails the Job at once): a repository or revision that does not exist, a
     gated one without access, an offline cache miss. Network trouble and 5xx answers exit 1, so the
@@ -278,7 +285,16 @@ def _from_hf_hub(ref: str, trust_remote_code: bool = False) -> Path:
     # The repository's code files only when they may run (and so the merged model keeps them).
     patterns = [*_HF_PATTERNS, "*.py"] if trust_remote_code else _HF_PATTERNS
     try:
+        if not trust_remote_code:
+            # config.json alone first (one small file): a model that needs its repository's code is
+            # refused before gigabytes of weights are downloaded for nothing. (snapshot_download, not
+            # hf_hub_download: the same requests and failure modes as the full download below.)
+            code = needs_remote_code(Path(snapshot_download(ref, allow_patterns=["config.json"])))
+            if code:
+                raise _remote_code_refused(ref, code, switch)
         return Path(snapshot_download(ref, allow_patterns=patterns))
+    except ConfigError:
+        raise
     except Exception as exc:
         # A cache miss is permanent only offline; online it means the hub could not be reached.
         cache_miss = isinstance(exc, errors.LocalEntryNotFoundError)  # an EntryNotFoundError too

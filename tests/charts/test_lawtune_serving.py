@@ -197,7 +197,7 @@ def test_rendered_invariants(overrides):
             tp = int(arg.split("=", 1)[1])
     pp = int(next((a.split("=", 1)[1] for a in extra if a.startswith("--pipeline-parallel-size=")), 1))
     shm_mounts = [m for m in server["volumeMounts"] if m["mountPath"] == "/dev/shm"]
-    shm_volumes = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+    shm_volumes = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory" and v["name"] != "keys"]
     assert bool(shm_mounts) == (tp * pp > 1) == bool(shm_volumes)
     if shm_mounts:
         assert shm_mounts[0]["name"] == shm_volumes[0]["name"]
@@ -216,8 +216,11 @@ def test_rendered_invariants(overrides):
     assert server["lifecycle"]["preStop"]["exec"]["command"][1] == "/etc/lawtune/drain.py"
     assert pod["terminationGracePeriodSeconds"] >= 60
     assert _flag(args, "--served-model-name") == "legal-assistant"
-    assert {e["name"] for e in server["env"]} >= {"VLLM_API_KEY", "HF_HUB_OFFLINE"}
-    (fetch,) = pod["initContainers"]
+    # The keys reach vLLM in a config file the api-keys init container wrote, never as env or an argument.
+    assert "HF_HUB_OFFLINE" in {e["name"] for e in server["env"]} and "VLLM_API_KEY" not in {e["name"] for e in server["env"]}
+    assert args[:2] == ["--config", "/etc/lawtune-keys/vllm-api-keys.yaml"]
+    fetch, keys = pod["initContainers"]
+    assert keys["name"] == "api-keys" and keys["image"] == server["image"]
     assert fetch["command"] == ["python", "-m", "jobs.fetch_model"]
     version = values.get("model", {}).get("version")
     suffix = f"/{version}" if version else ""
@@ -781,3 +784,75 @@ def test_ordinary_values_still_render(overrides):
     conf = _nginx_conf(_render(overrides))
     if "listenAddress" in overrides.get("gateway", {}):
         assert re.search(r"listen \[::1?\]:8080;", conf)
+
+
+# ---- issue 25: second review --------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("vllm", "threads"),
+    [
+        pytest.param({"tensorParallelSize": 2}, "4", id="tp2-of-8-cores"),
+        pytest.param({"extraArgs": ["-tp", "4"]}, "2", id="tp4-from-extra-args"),
+        pytest.param({"tensorParallelSize": 2, "extraArgs": ["--pipeline-parallel-size", "2"]}, "2", id="tp2-pp2"),
+        pytest.param({"tensorParallelSize": 16}, "1", id="more-workers-than-cores"),
+        pytest.param({}, "8", id="one-worker"),
+    ],
+)
+def test_cpu_threads_are_shared_among_the_parallel_workers(vllm, threads):
+    """Each tensor/pipeline-parallel worker inherits OMP_NUM_THREADS and, with threads unbound,
+    vLLM sets no per-worker count (ompmultiprocessing.py skips it for `nobind`): the pod's cores
+    are divided among the workers instead of each taking them all."""
+    eight = {"requests": {"cpu": "8", "memory": "16Gi"}, "limits": {"cpu": "8", "memory": "16Gi"}}
+    pod = _pod_template(_render({"vllm": {"device": "cpu", "cpu": {"resources": eight}, **vllm}}), "vllm")["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["OMP_NUM_THREADS"] == threads
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env  # 8 cores, or several workers: vLLM's own processes
+
+
+def test_vllm_gets_no_service_links_that_vllm_refuses(monkeypatch):
+    """Kubernetes injects <SERVICE>_PORT=tcp://... for every Service in the namespace; one named
+    `vllm` gives VLLM_PORT, which vLLM's own settings refuse at start. The vLLM pod turns the
+    links off (nothing in it uses them)."""
+    import importlib
+
+    monkeypatch.setenv("VLLM_PORT", "tcp://10.96.0.12:8000")  # what a Service named vllm injects
+    envs = importlib.import_module("vllm.envs")
+    with pytest.raises(ValueError, match="appears to be a URI"):
+        envs.get_vllm_port()
+    for overrides in ({}, {"vllm": {"device": "cpu"}}):
+        assert _pod_template(_render(overrides), "vllm")["spec"]["enableServiceLinks"] is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [
+        pytest.param({}, True, id="floating-with-autoscaling"),
+        pytest.param({"model": {"version": "legal-001-3f9c2a1b7e"}}, False, id="pinned"),
+        pytest.param({"autoscaling": {"enabled": False}}, False, id="floating-fixed-replicas"),
+        pytest.param({"maintenance": {"enabled": True, "scaleVllmToZero": True}}, False, id="scaled-to-zero"),
+    ],
+)
+def test_a_floating_version_with_autoscaling_is_warned_where_gitops_shows_it(overrides, warned):
+    """Argo CD never shows NOTES.txt and Flux keeps them in the release: the warning is an
+    annotation on the vLLM Deployment (and in NOTES.txt for helm, tested below)."""
+    vllm = _deployment(_render(_merge({"model": {"version": ""}}, overrides)), "vllm")
+    warning = vllm["metadata"].get("annotations", {}).get("lawtune.io/warning", "")
+    assert ("model.version is empty while autoscaling is on" in warning) is warned
+
+
+@pytest.mark.integration
+def test_helm_prints_the_floating_version_warning_in_its_notes():
+    from tests.charts.test_lawtune_serving_key_rotation import ServingApiServer
+    from tests.helm_utils import helm_install_dry_run_server
+
+    notes = {}
+    for name, extra in (("floating", ()), ("pinned", ("--set-string", "model.version=legal-001-3f9c2a1b7e"))):
+        api = ServingApiServer({})
+        try:
+            release = helm_install_dry_run_server(api.server.server_address[1], "assistant", CHART_DIR,
+                                                  "-f", str(CHART_DIR / "ci" / "test-values.yaml"), *extra)
+        finally:
+            api.close()
+        notes[name] = release["info"]["notes"]
+    assert "WARNING: model.version is empty while autoscaling is on" in notes["floating"]
+    assert "WARNING" not in notes["pinned"] and "model.version is empty" not in notes["pinned"]

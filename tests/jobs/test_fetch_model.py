@@ -108,7 +108,7 @@ def test_cli_fails_with_exit_2_and_one_line(artifact_root, tmp_path, capsys, set
     code = fetch_model.main([root, str(tmp_path / "model")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].startswith("fetch_model: error: ") and needle in err[-1]
+    assert err[-1].startswith("lawtune fetch-model: error: ") and needle in err[-1]
     assert not (tmp_path / "model").exists()
 
 
@@ -172,3 +172,18 @@ def test_a_fetch_killed_mid_download_leaves_nothing_after_the_next_one(published
     (leftover / "sub" / "weights.bin").write_bytes(b"half")
     fetch_model.run(settings, root, target)
     assert sorted(p.name for p in target.parent.iterdir()) == [".model.lock", "model"]
+
+
+@pytest.mark.fault("a damaged file in a fetched model's target, then a pod restart")
+def test_a_file_damaged_in_the_target_is_fetched_again_not_served(published):
+    """A restarted pod finds its version in place, but one file's bytes changed on the volume (same size):
+    before, sizes alone said "already there" and vLLM loaded the damaged file."""
+    settings, root, tmp = published
+    target = tmp / "out" / "model"
+    fetch_model.run(settings, root, target)
+    weights = target / "sub" / "weights.bin"
+    good = weights.read_bytes()
+    weights.write_bytes(b"X" + good[1:])
+    again = fetch_model.run(settings, root, target)
+    assert again.downloaded, "the damaged target was fetched again"
+    assert weights.read_bytes() == good

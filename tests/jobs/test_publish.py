@@ -104,7 +104,7 @@ def test_bad_input_exits_2_with_one_line(run_artifacts, capsys, args, needle):
         args = [other if a == "OTHER" else a for a in args]
     assert publish.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("publish: error: ") and needle in err[-1]
+    assert err[-1].startswith("lawtune publish: error: ") and needle in err[-1]
     assert _promoted(settings) is None
 
 
@@ -151,7 +151,7 @@ def test_two_publishes_racing_end_with_one_winner(artifact_root, tiny_model, tmp
     loser_err = next(err for code, _, err in outcome.values() if code == 1).strip().splitlines()[-1]
     promoted = _promoted(load_settings())
     assert promoted.startswith(f"{winner}-")
-    assert loser_err.startswith("publish: error: ") and f"moved to {promoted}" in loser_err and "the other promotion won" in loser_err
+    assert loser_err.startswith("lawtune publish: error: ") and f"moved to {promoted}" in loser_err and "the other promotion won" in loser_err
     events = history(open_location(load_settings().models_uri("legal"), load_settings()))
     assert [(e["from"], e["to"]) for e in events] == [(None, promoted)]
 

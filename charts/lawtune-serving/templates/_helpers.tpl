@@ -97,18 +97,26 @@ claim never swaps files under a running server. */}}
 {{- end }}
 {{- end }}
 
+{{/* A warning while model.version floats and an autoscaler adds pods: empty when pinned or scaled by hand. */}}
+{{- define "lawtune-serving.floatingVersionWarning" -}}
+{{- if and (not .Values.model.version) (include "lawtune-serving.autoscalerActive" .) -}}
+model.version is empty while autoscaling is on: each vLLM pod serves the version models/{{ .Values.model.name }}/PROMOTED names when it starts, so a scale-up after the next promotion serves a newer model beside older pods. Pin model.version (lawtune deploy, or a commit that changes it in git).
+{{- end }}
+{{- end }}
+
 {{/* The version this release serves, as the pods' annotation carries it. */}}
 {{- define "lawtune-serving.modelVersionLabel" -}}
 {{- default "PROMOTED-at-pod-start" .Values.model.version }}
 {{- end }}
 
 {{/*
-Changes whenever the key would: the Secret's name and key, the Secret object itself where Helm
+Changes whenever the keys would: the Secret's name and keys, the Secret object itself where Helm
 can read it (helm install/upgrade; its uid and resourceVersion, which every change of the Secret
-moves; `helm template` and Argo CD cannot, and then apiKey.revision is what rolls the pods),
-and apiKey.revision. Nothing derived from the key's value: pod annotations are readable by
-anyone who may read Deployments, and an unsalted hash of a short key gives the key away.
-Where Helm can read the Secret it also refuses a key shorter than the minimum, at install.
+moves, a previous key added or dropped included; `helm template` and Argo CD cannot, and then
+apiKey.revision is what rolls the pods), and apiKey.revision. Nothing derived from a key's value:
+pod annotations are readable by anyone who may read Deployments, and an unsalted hash of a short
+key gives the key away. Where Helm can read the Secret it also refuses a key (current, or the
+previous one when set) shorter than the minimum, at install.
 */}}
 {{- define "lawtune-serving.apiKeyChecksum" -}}
 {{- $name := include "lawtune-serving.apiKeySecret" . }}
@@ -116,17 +124,70 @@ Where Helm can read the Secret it also refuses a key shorter than the minimum, a
 {{- $version := "" }}
 {{- if $secret }}
 {{- $version = printf "%s/%s" (toString $secret.metadata.uid) (toString $secret.metadata.resourceVersion) }}
-{{- $value := index (default dict $secret.data) .Values.apiKey.secretKey | default "" | b64dec }}
-{{- if lt (len $value) (int (include "lawtune-serving.apiKeyMinLength" .)) }}
-{{- fail (printf "apiKey: the key in Secret %s (key %s) is %d characters; at least %s are required (e.g. openssl rand -hex 24)" $name .Values.apiKey.secretKey (len $value) (include "lawtune-serving.apiKeyMinLength" .)) }}
+{{- $data := default dict $secret.data }}
+{{- $min := int (include "lawtune-serving.apiKeyMinLength" .) }}
+{{- $value := index $data .Values.apiKey.secretKey | default "" | b64dec }}
+{{- if lt (len $value) $min }}
+{{- fail (printf "apiKey: the key in Secret %s (key %s) is %d characters; at least %d are required (e.g. openssl rand -hex 24)" $name .Values.apiKey.secretKey (len $value) $min) }}
+{{- end }}
+{{- $previous := index $data .Values.apiKey.previousSecretKey | default "" | b64dec }}
+{{- if and $previous (lt (len $previous) $min) }}
+{{- fail (printf "apiKey: the previous key in Secret %s (key %s) is %d characters; at least %d are required, for it too while the rotation lasts" $name .Values.apiKey.previousSecretKey (len $previous) $min) }}
 {{- end }}
 {{- end }}
-{{- printf "%s/%s/%s/%s" $name .Values.apiKey.secretKey $version (toString .Values.apiKey.revision) | sha256sum }}
+{{- printf "%s/%s/%s/%s/%s" $name .Values.apiKey.secretKey .Values.apiKey.previousSecretKey $version (toString .Values.apiKey.revision) | sha256sum }}
 {{- end }}
 
-{{/* The shortest and longest API key the gateway accepts (shared/serve/gateway.py says the same). */}}
+{{/* The shortest and longest API key the gateway and vLLM accept (shared/serve/gateway.py says the same). */}}
 {{- define "lawtune-serving.apiKeyMinLength" -}}32{{- end }}
 {{- define "lawtune-serving.apiKeyMaxLength" -}}256{{- end }}
+
+{{/*
+The Secret's current and previous key as container env (LAWTUNE_API_KEY, LAWTUNE_PREVIOUS_API_KEY;
+the previous one optional: no rotation under way). Read by the init containers only.
+*/}}
+{{- define "lawtune-serving.apiKeyEnv" -}}
+- name: LAWTUNE_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lawtune-serving.apiKeySecret" . }}
+      key: {{ .Values.apiKey.secretKey }}
+- name: LAWTUNE_PREVIOUS_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lawtune-serving.apiKeySecret" . }}
+      key: {{ .Values.apiKey.previousSecretKey }}
+      optional: true
+{{- end }}
+
+{{/* vLLM's config file holding the accepted API keys (the api-keys init container writes it). */}}
+{{- define "lawtune-serving.vllmKeysFile" -}}
+/etc/lawtune-keys/vllm-api-keys.yaml
+{{- end }}
+
+{{/*
+Shell lines that refuse (exit 2) an empty key, one with characters outside A-Za-z0-9._~+/=-, or
+one outside apiKeyMinLength..apiKeyMaxLength characters, for both keys (the previous one when set).
+*/}}
+{{- define "lawtune-serving.apiKeyCheck" -}}
+{{- $secret := include "lawtune-serving.apiKeySecret" . -}}
+{{- $min := include "lawtune-serving.apiKeyMinLength" . -}}
+{{- $max := include "lawtune-serving.apiKeyMaxLength" . -}}
+check_key() {
+  case "$1" in
+    ""|*[!A-Za-z0-9._~+/=-]*)
+      echo "api-keys: the key in Secret {{ $secret }} (key $2) is empty or has characters outside A-Za-z0-9._~+/=-" >&2
+      exit 2;;
+  esac
+  if [ "${#1}" -lt {{ $min }} ] || [ "${#1}" -gt {{ $max }} ]; then
+    echo "api-keys: the key in Secret {{ $secret }} (key $2) is ${#1} characters; {{ $min }} to {{ $max }} are accepted" >&2
+    exit 2
+  fi
+}
+check_key "$LAWTUNE_API_KEY" {{ .Values.apiKey.secretKey }}
+if [ -n "$LAWTUNE_PREVIOUS_API_KEY" ]; then check_key "$LAWTUNE_PREVIOUS_API_KEY" {{ .Values.apiKey.previousSecretKey }}; fi
+umask 077
+{{- end }}
 
 {{/* vLLM's image: the CUDA build (with its variant suffix) or, with vllm.device=cpu, the CPU build of the same release. */}}
 {{- define "lawtune-serving.vllmImage" -}}
@@ -140,6 +201,12 @@ Where Helm can read the Secret it also refuses a key shorter than the minimum, a
 {{- end }}
 {{- end }}
 
+{{/* The fetch-model init container's image: CPU mode asks for the `-cpu` tag `make images DEVICE=cpu` builds. */}}
+{{- define "lawtune-serving.fetchModelImage" -}}
+{{- $i := .Values.fetchModel.image }}
+{{- printf "%s:%s%s" $i.repository $i.tag (ternary $i.cpuTagSuffix "" (eq .Values.vllm.device "cpu")) }}
+{{- end }}
+
 {{/* Whole cores of a CPU quantity, at least 1: "100m" -> 1, "2500m" -> 2, 4 -> 4. */}}
 {{- define "lawtune-serving.wholeCores" -}}
 {{- $q := toString . }}
@@ -149,14 +216,25 @@ Where Helm can read the Secret it also refuses a key shorter than the minimum, a
 {{- max 1 (div $milli 1000) }}
 {{- end }}
 
-{{/* OpenMP threads of vLLM on CPU: vllm.cpu.threads, else the whole cores of the CPU limit (or request). */}}
+{{/* Whole cores of the vLLM container on CPU: its CPU limit (or request). */}}
+{{- define "lawtune-serving.cpuCores" -}}
+{{- $res := default dict .Values.vllm.cpu.resources }}
+{{- include "lawtune-serving.wholeCores" ((default dict $res.limits).cpu | default (default dict $res.requests).cpu) }}
+{{- end }}
+
+{{/* vLLM's worker processes per replica: tensor x pipeline parallel size. */}}
+{{- define "lawtune-serving.parallelWorkers" -}}
+{{- mul (int (include "lawtune-serving.tensorParallelSize" .)) (int (include "lawtune-serving.pipelineParallelSize" .)) }}
+{{- end }}
+
+{{/* OpenMP threads per vLLM worker on CPU: vllm.cpu.threads, else the whole cores of the CPU limit
+divided among the workers (each TP/PP worker inherits OMP_NUM_THREADS; with threads unbound,
+vLLM sets no per-worker count), at least 1. */}}
 {{- define "lawtune-serving.cpuThreads" -}}
 {{- $c := .Values.vllm.cpu }}
 {{- if gt (int $c.threads) 0 }}{{ int $c.threads }}
 {{- else }}
-{{- $res := default dict $c.resources }}
-{{- $cpu := (default dict $res.limits).cpu | default (default dict $res.requests).cpu }}
-{{- include "lawtune-serving.wholeCores" $cpu }}
+{{- max 1 (div (include "lawtune-serving.cpuCores" . | int) (include "lawtune-serving.parallelWorkers" . | int)) }}
 {{- end }}
 {{- end }}
 
@@ -225,7 +303,7 @@ wins, as in vLLM's argparse). Usage: include "lawtune-serving.parallelArg" (list
 
 {{/* Workers of a sharded model talk through shared memory: /dev/shm whenever more than one. */}}
 {{- define "lawtune-serving.needsShm" -}}
-{{- if gt (mul (int (include "lawtune-serving.tensorParallelSize" .)) (int (include "lawtune-serving.pipelineParallelSize" .))) 1 }}true{{ end }}
+{{- if gt (include "lawtune-serving.parallelWorkers" . | int) 1 }}true{{ end }}
 {{- end }}
 
 {{/* vLLM replicas: zero under maintenance.scaleVllmToZero; left to the autoscaler otherwise when on. */}}

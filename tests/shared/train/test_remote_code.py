@@ -45,7 +45,7 @@ def test_finetune_job_exits_2_with_one_line_naming_the_key(tmp_path, monkeypatch
     config.write_text(yaml.safe_dump({"base_model": str(remote_code_model_dir(tmp_path / "remote"))}))
     assert main(["--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("finetune: error: base_model") and "trust_remote_code: true" in err[-1]
+    assert err[-1].startswith("lawtune finetune: error: base_model") and "trust_remote_code: true" in err[-1]
 
 
 def test_with_the_key_on_training_merge_and_serving_follow_it(tmp_path):
