@@ -214,6 +214,10 @@ def test_stage_arguments_follow_the_stage_interface(rendered):
     assert _container(jobs["publish"])["args"] == ["--model-name", "legal", "--force"]
     # No command: each image's ENTRYPOINT (python -m jobs.<stage>) runs.
     assert not any("command" in _container(j) for j in jobs.values())
+    for stage, job in jobs.items():
+        env = {e["name"]: e.get("value") for e in _container(job)["env"]}
+        assert env["LAWTUNE_RUN_ID"] == "sample" and env["LAWTUNE_ARTIFACT_ROOT"] == "s3://lawtune/artifacts"
+        assert _container(job)["image"] == f"ghcr.io/lawtune/{stage}:0.1.0"
 
 
 def test_publish_runs_model_code_only_when_the_shipped_config_says_so(config_file):
@@ -225,10 +229,6 @@ def test_publish_runs_model_code_only_when_the_shipped_config_says_so(config_fil
     assert publish_args(CONFIG_TEXT) == ["--model-name", "legal"]
     assert publish_args(CONFIG_TEXT + "trust_remote_code: false\n") == ["--model-name", "legal"]
     assert publish_args(CONFIG_TEXT + "trust_remote_code: true\n") == ["--model-name", "legal", "--trust-remote-code"]
-    for stage, job in jobs.items():
-        env = {e["name"]: e.get("value") for e in _container(job)["env"]}
-        assert env["LAWTUNE_RUN_ID"] == "sample" and env["LAWTUNE_ARTIFACT_ROOT"] == "s3://lawtune/artifacts"
-        assert _container(job)["image"] == f"ghcr.io/lawtune/{stage}:0.1.0"
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -90,6 +93,12 @@ def test_a_rotated_key_changes_both_deployments_and_the_same_key_changes_nothing
     assert before == same
     assert rotated["vllm"] != before["vllm"] and rotated["gateway"] != before["gateway"]
     assert _checksums(None) != before  # a Secret that appears later rolls the pods too
+    # Adding the previous key (a rotation starts) and dropping it (it ends) each write the Secret,
+    # so each rolls both Deployments.
+    window = _checksums(SECOND, "1003", previous=FIRST)
+    assert window["vllm"] != rotated["vllm"] and window["gateway"] != rotated["gateway"]
+    ended = _checksums(SECOND, "1004")
+    assert ended["vllm"] != window["vllm"] and ended["gateway"] != window["gateway"]
 
 
 @pytest.mark.integration
@@ -119,12 +128,6 @@ def test_a_short_key_fails_the_install_naming_the_secret():
         _install("sk-short-key")
     with pytest.raises(Exception, match=r"the previous key in Secret lawtune-api-key \(key previous-api-key\) is 12 characters; at least 32"):
         _install(SECOND, previous="sk-short-key")
-    # Adding the previous key (a rotation starts) and dropping it (it ends) each write the Secret,
-    # so each rolls both Deployments.
-    window = _checksums(SECOND, "1003", previous=FIRST)
-    assert window["vllm"] != rotated["vllm"] and window["gateway"] != rotated["gateway"]
-    ended = _checksums(SECOND, "1004")
-    assert ended["vllm"] != window["vllm"] and ended["gateway"] != window["gateway"]
 
 
 # ---------------------------------------------------------------- the rollout window, for real
@@ -202,7 +205,8 @@ def _vllm_container_args(tmp_path, secret: dict) -> list[str]:
 
 def _gateway(tmp_path, name: str, upstream_port: int, secret: dict):
     port = free_port()
-    runtime = prepare_runtime_dir(tmp_path / name)
+    # Not under tmp_path (0700, root's): nginx's workers (nobody) reach the page hop's unix socket here.
+    runtime = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix=f"lawtune-{name}-")))
     values = local_gateway_values(port=port, upstream=f"127.0.0.1:{upstream_port}", runtime_dir=runtime,
                                   overrides={"ui": {"enabled": True, "auth": "loopback"}})
     rendered = render_gateway(values)
@@ -258,6 +262,7 @@ def test_no_request_fails_while_a_rotated_key_rolls_out(tmp_path, vllm_parser):
     finally:
         for gw in gateways.values():
             gw.stop()
+            shutil.rmtree(gw.conf_path.parent, ignore_errors=True)
         for server in servers.values():
             server.stop()
 

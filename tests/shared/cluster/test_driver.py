@@ -35,6 +35,8 @@ def test_k8s_takes_one_input(tmp_path, capsys, monkeypatch):
 
 
 def test_publish_gets_the_configs_trust_remote_code_as_its_flag():
-    """publish reads no config: the driver hands it the operator's switch (issue 24 item 2)."""
-    assert plan("/c.yaml", [], "m")[-1].args == ("--model-name", "m")
-    assert plan("/c.yaml", [], "m", trust_remote_code=True)[-1].args == ("--model-name", "m", "--trust-remote-code")
+    """publish reads only base_model of the config it is given: the driver hands it the config's
+    trust_remote_code (the operator's switch) as its own flag (issue 24 item 2)."""
+    assert plan("/c.yaml", [], "m")[-1].args == ("--config", "/c.yaml", "--model-name", "m")
+    assert plan("/c.yaml", [], "m", trust_remote_code=True)[-1].args == ("--config", "/c.yaml", "--model-name", "m",
+                                                                        "--trust-remote-code")
