@@ -119,7 +119,7 @@ def test_a_finetune_manifest_path_outside_the_scratch_folder_is_exit_2(bundled_r
     code = evaluate.main(["--finetune", hostile.uri, "--data", settings.run_uri("data"), "--output", out, "--config", "/dev/null"])
     assert code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("evaluate: error: ") and "finetune-hostile/MANIFEST.json" in line and "'adapter/../../../../escaped.json'" in line
+    assert line.startswith("lawtune evaluate: error: ") and "finetune-hostile/MANIFEST.json" in line and "'adapter/../../../../escaped.json'" in line
     assert not open_location(out, settings).exists("MANIFEST.json")
 
 

@@ -157,7 +157,7 @@ def test_a_manifest_path_outside_the_target_is_refused_and_nothing_is_written(ar
     code = fetch_model.main([root, str(out / "model")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].startswith("fetch_model: error: ") and "MANIFEST.json" in err[-1] and repr(path) in err[-1], err[-1]
+    assert err[-1].startswith("lawtune fetch-model: error: ") and "MANIFEST.json" in err[-1] and repr(path) in err[-1], err[-1]
     assert not out.exists(), "refused before anything is created, the target's folder included"
     assert not (tmp_path / "out" / "x").exists() and not (tmp_path / "x").exists() and not (tmp_path / "abs-x").exists()
 

@@ -124,7 +124,7 @@ def test_a_finetune_manifest_path_outside_the_scratch_folder_is_exit_2(run_artif
     commit_verdict(settings, settings.run_uri("evaluate"), True, tmp, hashlib.sha256(text.encode()).hexdigest())
     assert publish.main(["--model-name", "legal"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("publish: error: ") and "'adapter/../../../../../escaped'" in line and "climbs out" in line
+    assert line.startswith("lawtune publish: error: ") and "'adapter/../../../../../escaped'" in line and "climbs out" in line
     assert _promoted(settings) is None
     assert not list(tmp.parent.rglob("escaped"))
 

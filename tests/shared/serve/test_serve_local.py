@@ -411,6 +411,6 @@ def test_make_serve_refuses_a_short_key_before_starting_anything(tmp_path, monke
     finally:
         signal.signal(signal.SIGTERM, sigterm)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["serve: error: LAWTUNE_API_KEY is 12 characters; 32 to 256 are accepted (e.g. openssl rand -hex 24), "
+    assert err == ["lawtune serve: error: LAWTUNE_API_KEY is 12 characters; 32 to 256 are accepted (e.g. openssl rand -hex 24), "
                    "or leave it unset for a random one"]
     assert "sk-too-short" not in "".join(err)
