@@ -155,7 +155,7 @@ def test_the_curl_main_prints_works_when_pasted_in_the_same_shell(served, env_ke
         def stop(self):
             pass
 
-    def stand_in(settings, model_name, port, vllm_port, api_key, overrides=None, vllm_args=None):
+    def stand_in(settings, model_name, port, vllm_port, api_key, overrides=None, vllm_args=None, trust_remote_code=False):
         assert api_key == KEY, "the module's vLLM checks KEY"
         runtime = prepare_runtime_dir(tmp_path / "gateway")
         rendered = render_gateway(local_gateway_values(port=port, upstream=vllm.url.removeprefix("http://"),
