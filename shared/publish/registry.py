@@ -33,6 +33,7 @@ from typing import Any
 from shared.core.errors import ConfigError, LawtuneError
 from shared.core.failpoints import failpoint
 from shared.store.artifacts import Manifest, find_manifest, now_iso
+from shared.store.paths import check_version
 from shared.store.releases import actor
 from shared.store.storage import Location
 
@@ -60,7 +61,9 @@ def check_name(name: str) -> str:
 
 def read_pointer(model_root: Location) -> Pointer:
     data, token = model_root.read_with_token(PROMOTED)
-    return Pointer(data.decode("utf-8").strip() if data is not None else None, token)
+    if data is None:
+        return Pointer(None, token)
+    return Pointer(check_version(data.decode("utf-8").strip(), f"{model_root.uri}/{PROMOTED}"), token)
 
 
 def move_pointer(model_root: Location, expected: Pointer, to: str, event: dict[str, Any]) -> dict[str, Any]:

@@ -24,8 +24,18 @@ the release as deployed in ``models/<name>/releases/<cluster>/<namespace>/<relea
 last link of ``lawtune lineage``; a rollout that does not get ready is recorded as failed (helm
 applied the version, Kubernetes keeps trying). The cluster is ``--cluster`` (or
 ``LAWTUNE_CLUSTER``), else the kube context's cluster name, so staging and prod keep their own
-records. Exit codes: 0 deployed (or rendered), 1 storage or helm failure or a rollout not
-ready in time, 2 nothing promoted, an uncommitted version, no cluster to name, or bad flags.
+records.
+
+Remote code (a model that runs its repository's own Python, ChatGLM3) is the operator's switch,
+``--trust-remote-code`` or ``vllm.trustRemoteCode: true`` in a values file, never the version's
+config, and never a value the release kept from an earlier deploy: every deploy sets
+``vllm.trustRemoteCode`` to this switch, true or false. A version that needs it without the
+switch is refused naming it, and with it only the code files the version's manifest records
+pass (checked here and again by the init container).
+
+Exit codes: 0 deployed (or rendered), 1 storage or helm failure or a rollout not ready in time,
+2 nothing promoted, an uncommitted version, remote code off or not recorded, no cluster to name,
+or bad flags.
 """
 
 from __future__ import annotations
@@ -33,7 +43,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,11 +57,12 @@ from shared.core.settings import Settings, load_settings
 from shared.core.uri import join
 from shared.serve.gateway import CHART, helm_binary
 from shared.store.artifacts import now_iso, read_manifest
+from shared.store.model_code import RECORD, check_code, manifest_code
+from shared.store.paths import check_version
 from shared.store.releases import DEFAULT_NAMESPACE, record_release, release_name
 from shared.store.storage import open_location
 
 PROMOTED = "PROMOTED"
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # the chart schema's model.version pattern
 log = logging.getLogger("lawtune.deploy")
 
 
@@ -68,23 +78,47 @@ def resolve_version(settings: Settings, model_name: str, version: str | None = N
         source = f"{models_uri}/{PROMOTED}"
     else:
         source = "--version"
-    if not _VERSION.match(version):
-        raise ConfigError(f"{source} holds {version!r}; expected a version name (letters, digits, '._-')")
+    check_version(version, source)
     read_manifest(open_location(join(models_uri, version), settings))  # raises unless committed
     return version
 
 
 def remote_code(settings: Settings, model_name: str, version: str) -> str | None:
-    """The repository code the version's config asks for (ChatGLM3's ``auto_map``), None when it needs none.
-
-    vLLM refuses such a model without ``--trust-remote-code``; publish copies the code beside the
-    weights only for a run trained with ``trust_remote_code: true``, so the version says it itself."""
+    """The repository code the version's config asks for (ChatGLM3's ``auto_map``), None when it needs none."""
     from shared.train.models import remote_code_in
 
     location = open_location(join(settings.models_uri(model_name), version), settings)
     if not location.exists("config.json"):
         return None
     return remote_code_in(json.loads(location.read_text("config.json")))
+
+
+def values_trust_remote_code(values: list[Path]) -> bool:
+    """``vllm.trustRemoteCode`` as the values files set it (the last file that names it wins, as in helm)."""
+    trusted = False
+    for path in values:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--values {path}: {exc}") from exc
+        vllm = data.get("vllm") if isinstance(data, dict) else None
+        if isinstance(vllm, dict) and "trustRemoteCode" in vllm:
+            trusted = vllm["trustRemoteCode"] is True
+    return trusted
+
+
+def check_remote_code(settings: Settings, model_name: str, version: str, trusted: bool) -> None:
+    """Remote code is the operator's switch: a version that needs it without the switch is refused,
+    naming it; with the switch, only the code files its manifest records (the code finetune ran)."""
+    uri = join(settings.models_uri(model_name), version)
+    if not trusted:
+        if code := remote_code(settings, model_name, version):
+            raise ConfigError(f"version {version} needs its repository's own code ({code}) and remote code is off: "
+                              "deploy with --trust-remote-code (make deploy TRUST_REMOTE_CODE=1) or set "
+                              "vllm.trustRemoteCode: true in your values to let vLLM run it")
+        return
+    manifest = read_manifest(open_location(uri, settings))
+    check_code(manifest_code(manifest), manifest.extra.get(RECORD), where=uri, record=f"{uri}/MANIFEST.json")
 
 
 DEFAULT_TIMEOUT = "30m"  # a GPU node to scale up, the model to download and load (startupProbe: 15 min)
@@ -107,8 +141,9 @@ def helm_command(*, release: str, model_name: str, version: str, artifact_root: 
     # --set-string: a version such as 20261128 must stay a string for the chart's schema.
     cmd += ["--set-string", f"model.name={model_name}", "--set-string", f"model.version={version}",
             "--set-string", f"artifactStore.root={artifact_root}"]
-    if trust_remote_code:
-        cmd += ["--set", "vllm.trustRemoteCode=true"]
+    # Both ways: with --reset-then-reuse-values a trustRemoteCode=true of an earlier deploy would
+    # otherwise carry over to a version nobody switched it on for.
+    cmd += ["--set", f"vllm.trustRemoteCode={'true' if trust_remote_code else 'false'}"]
     return cmd + list(extra)
 
 
@@ -197,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--namespace", help="Kubernetes namespace (default: the kube context's)")
     parser.add_argument("--chart", type=Path, default=CHART, help="the serving chart (default: charts/lawtune-serving)")
     parser.add_argument("--dry-run", action="store_true", help="render with helm template and print, change nothing")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let vLLM run the model's own code (ChatGLM3): sets vllm.trustRemoteCode=true (without it, and "
+                             "without vllm.trustRemoteCode: true in a values file, every deploy sets it false, whatever the "
+                             "release had); only the code files the version's manifest records are served")
     parser.add_argument("--cluster", help="the cluster's name in the release record (default: LAWTUNE_CLUSTER, else the "
                                           "kube context's cluster); staging and prod keep separate records")
     parser.add_argument("--timeout", default=DEFAULT_TIMEOUT,
@@ -215,12 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         cluster = None if args.dry_run else cluster_name(args.cluster, extra)
         version = resolve_version(settings, args.model_name, args.version)
         log.info("serving %s version %s from %s", args.model_name, version, settings.artifact_root)
-        code = remote_code(settings, args.model_name, version)
-        if code:
-            log.info("version %s runs its repository's code (%s): vllm.trustRemoteCode=true", version, code)
+        trusted = args.trust_remote_code or values_trust_remote_code(args.values)
+        check_remote_code(settings, args.model_name, version, trusted)
         cmd = helm_command(release=args.release, model_name=args.model_name, version=version, artifact_root=settings.artifact_root,
                            values=args.values, namespace=args.namespace, chart=args.chart, dry_run=args.dry_run, extra=extra,
-                           trust_remote_code=bool(code), reset_values=args.reset_values, timeout=args.timeout)
+                           trust_remote_code=trusted, reset_values=args.reset_values, timeout=args.timeout)
         proc = subprocess.run(cmd)
         if args.dry_run:
             if proc.returncode != 0:

@@ -17,10 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from shared.core.errors import IntegrityError, StorageError
 from shared.core.failpoints import failpoint
+from shared.store.paths import check_relative_path, inside
 from shared.store.storage import Location
 
 MANIFEST = "MANIFEST.json"
@@ -29,9 +30,14 @@ _HASH_CHUNK = 1024 * 1024
 
 
 class FileEntry(BaseModel):
-    path: str
+    path: str  # relative, '/'-separated, inside the folder: checked, since readers write <target>/<path>
     size: int
     sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_folder(cls, path: str) -> str:
+        return check_relative_path(path)
 
 
 class Manifest(BaseModel):
@@ -96,6 +102,9 @@ def read_manifest(loc: Location) -> Manifest:
         )
     try:
         return Manifest.model_validate_json(loc.read_bytes(MANIFEST))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        raise IntegrityError(f"{loc.uri}/{MANIFEST} is not a valid manifest, refused: {problems}") from exc
     except ValueError as exc:
         raise IntegrityError(f"{loc.uri}/{MANIFEST} is not a valid manifest: {exc}") from exc
 
@@ -239,7 +248,7 @@ def fetch_dir(loc: Location, target: Path, *, max_workers: int = 8, only: list[s
 
     def _build(staging: Path) -> None:
         def _one(entry: FileEntry) -> None:
-            dest = staging / entry.path
+            dest = inside(staging, entry.path, f"{loc.uri}/{MANIFEST}")
             loc.download_file(entry.path, dest)
             verify_file(dest, entry, loc.uri)
 

@@ -34,7 +34,7 @@ from tests.helm_utils import helm_path
 from tests.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]  # make test-faults, not make test
-KEY = "sk-faults-0123456789"
+KEY = "sk-faults-0123456789abcdefghijklmnop"  # the gateway takes keys of 32+ characters
 NAME = "legal-assistant"
 VLLM_ARGS = ["--enforce-eager", *CPU_SERVER_ARGS]
 # The chart's default gateway.rateLimit (charts/lawtune-serving/values.yaml), which the stack runs with.

@@ -32,7 +32,7 @@ NS = "lawtune"
 from tests.kind.plan import DEVICE, REGISTRY, TAG, built  # the same lists make kind-test prints
 S3_HOST = "http://127.0.0.1:30833"
 ACCESS, SECRET = "lawtune-test-access", "lawtune-test-secret-0123456789"
-API_KEY = "kind-test-key-0123456789"
+API_KEY = "kind-test-key-0123456789abcdefghijkl"  # the gateway takes keys of 32+ characters
 
 
 def _missing() -> str | None:

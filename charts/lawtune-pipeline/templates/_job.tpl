@@ -26,6 +26,8 @@ when distributed.
 {{- else if eq $stage "publish" }}
 {{- $args = list "--model-name" (required "modelName is required" $root.Values.modelName) }}
 {{- if $s.force }}{{ $args = append $args "--force" }}{{ end }}
+{{- /* remote code is the operator's switch: the config's trust_remote_code, as finetune and evaluate read it */}}
+{{- if (fromYaml $root.Values.config).trust_remote_code }}{{ $args = append $args "--trust-remote-code" }}{{ end }}
 {{- else if and (eq $stage "evaluate") $root.Values.modelName }}
 {{- /* champion/challenger: evaluate also scores the model's PROMOTED version */}}
 {{- $args = list "--config" $config "--model-name" $root.Values.modelName }}

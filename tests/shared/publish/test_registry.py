@@ -126,6 +126,17 @@ def test_move_pointer_records_who_and_refuses_incomplete_versions(artifact_root,
     assert registry.read_pointer(root).version == "r1-aaaa" and len(registry.history(root)) == 1
 
 
+@pytest.mark.parametrize("content", ["..", "../other/v1", "v1/..", ""])
+def test_read_pointer_refuses_a_promoted_that_names_a_path(tmp_path, content):
+    """issue 24 item 1: evaluate, publish and `lawtune models` join PROMOTED's content to models/<name>/."""
+    from shared.core.errors import ConfigError
+
+    root = open_location(f"file://{tmp_path}/models/m", load_settings(artifact_root=f"file://{tmp_path}"))
+    root.write_text("PROMOTED", content)
+    with pytest.raises(ConfigError, match=r"models/m/PROMOTED holds .*expected a version name"):
+        registry.read_pointer(root)
+
+
 def _promote_killed_after_the_swap(version: str) -> None:
     """``lawtune models promote`` stopped by the ``promote:swapped`` failpoint, then SIGKILLed there."""
     proc = subprocess.Popen([sys.executable, "-m", "jobs.models", "promote", "m", version], cwd=REPO, start_new_session=True,

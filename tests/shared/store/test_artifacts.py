@@ -133,6 +133,21 @@ def test_stage_output_without_commit_leaves_nothing(settings):
     assert not list((settings.cache_dir / "work").iterdir())  # the local workdir is cleaned up
 
 
+@pytest.mark.parametrize("path", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin"])
+def test_a_manifest_listing_a_path_outside_its_folder_is_refused_by_every_reader(settings, local_dir, tmp_path, path):
+    """issue 24 item 1: read_manifest (every stage's reader) and fetch_dir refuse it, naming the entry."""
+    loc = open_location(settings.run_uri("stage"), settings)
+    commit(local_dir, loc)
+    raw = json.loads(loc.read_text(MANIFEST))
+    raw["files"].append({**raw["files"][0], "path": path})
+    loc.write_text(MANIFEST, json.dumps(raw))
+    with pytest.raises(IntegrityError, match=rf"MANIFEST.json is not a valid manifest, refused: files.2.path: path '{path}'"):
+        read_manifest(loc)
+    with pytest.raises(IntegrityError, match="refused"):
+        fetch_stage(settings, loc.uri, tmp_path / "fetched")
+    assert not (tmp_path / "fetched").exists() and not (tmp_path / "outside.bin").exists()
+
+
 @pytest.mark.parametrize("damage", ["same-size-other-bytes", "truncated", "removed"])
 @pytest.mark.fault('a damaged object under a valid manifest, then a re-run (skip re-verifies)')
 def test_a_skip_rechecks_the_files_under_the_manifest_and_rewrites_damaged_ones(settings, caplog, damage):
