@@ -68,7 +68,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         hooks=None) -> Result:
     from shared.store.artifacts import digest_inputs, read_manifest
     from shared.data.split_files import split_file
-    from shared.train.models import needs_remote_code, resolve_base_model
+    from shared.train.models import needs_remote_code, resolve_base_model, weights_digest
     from shared.store.stage import StageOutput, fetch_stage
     from shared.store.storage import open_location
 
@@ -133,7 +133,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         log_training(out.workdir / "tensorboard", result.log_history)
         out.commit(extra={"base_model": config.base_model, "base_model_from": base_from,
                           "trust_remote_code": config.trust_remote_code, "best_step": result.best_step,
-                          "base_model_digest": _model_digest(model_dir), "config_digest": inputs["config"],
+                          "base_model_digest": weights_digest(model_dir), "config_digest": inputs["config"],
                           "data_uri": data_uri})
         if tracker:  # the view after the record
             tracker.finish(out.workdir, {k: summary.get(k) for k in ("best_dev_loss", "best_step", "steps_completed", "tokens_seen")})
@@ -154,19 +154,6 @@ def _params(config: TrainConfig, inputs: dict[str, str]) -> dict[str, object]:
             "lora_dropout": p.lora_dropout, "lora_target_modules": p.target_modules, "packing": config.training_args.packing,
             "max_input_length": config.max_input_length, "max_output_length": config.max_output_length,
             "data_digest": inputs["data"], "config_digest": inputs["config"]}
-
-
-def _model_digest(model_dir: Path) -> str:
-    """The base model's identity beyond its name: sha256 over its config and weight files' digests."""
-    import hashlib
-
-    from shared.store.artifacts import sha256_file
-
-    h = hashlib.sha256()
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf") or f.name == "config.json"):
-            h.update(f"{f.name}:{sha256_file(f)}\n".encode())
-    return h.hexdigest()
 
 
 def _leave_process_group() -> None:

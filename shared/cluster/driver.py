@@ -49,7 +49,7 @@ def plan(config: str, input_uri: str | list[str], model_name: str, base_model: s
         Step("preprocess", (*(a for i in inputs for a in ("--input", i)), "--config", config, *overrides)),
         Step("finetune", ("--config", config, *overrides)),
         Step("evaluate", ("--config", config, *overrides, "--model-name", model_name)),
-        Step("publish", ("--model-name", model_name)),
+        Step("publish", ("--config", config, *overrides, "--model-name", model_name)),
     ]
 
 

@@ -200,9 +200,8 @@ def test_config_map_carries_the_config_file_unchanged_and_is_mounted(rendered):
     for stage, job in _jobs(objects).items():
         (vol,) = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
         assert vol["configMap"]["name"] == cm["metadata"]["name"]
-        if stage != "publish":
-            args = _container(job)["args"]
-            assert args[args.index("--config") + 1] == "/etc/lawtune/config.yaml"
+        args = _container(job)["args"]  # publish reads publish.artifact from it
+        assert args[args.index("--config") + 1] == "/etc/lawtune/config.yaml"
 
 
 def test_stage_arguments_follow_the_stage_interface(rendered):
@@ -211,7 +210,7 @@ def test_stage_arguments_follow_the_stage_interface(rendered):
     assert _container(jobs["finetune"])["args"] == ["--config", "/etc/lawtune/config.yaml"]
     # Champion/challenger: evaluate scores the PROMOTED version of the model too.
     assert _container(jobs["evaluate"])["args"] == ["--config", "/etc/lawtune/config.yaml", "--model-name", "legal"]
-    assert _container(jobs["publish"])["args"] == ["--model-name", "legal", "--force"]
+    assert _container(jobs["publish"])["args"] == ["--config", "/etc/lawtune/config.yaml", "--model-name", "legal", "--force"]
     # No command: each image's ENTRYPOINT (python -m jobs.<stage>) runs.
     assert not any("command" in _container(j) for j in jobs.values())
     for stage, job in jobs.items():
