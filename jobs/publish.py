@@ -145,7 +145,7 @@ def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, ev_mani
         fetch_stage(settings, finetune_uri, Path(scratch) / "finetune", only=adapter_files)
         model_dir = out.workdir
         if artifact != "merged":  # refused adapters stop here, before the (long) merge
-            prepared = prepare_adapter(settings, model_dir, Path(scratch) / "finetune" / "adapter", base_dir, base_ref=base_ref,
+            prepared = prepare_adapter(Path(scratch) / "finetune" / "adapter", base_dir, base_ref=base_ref,
                                        trained_digest=ft_manifest.extra.get("base_model_digest"), max_lora_rank=max_lora_rank,
                                        where=f"{finetune_uri}/adapter", model_root=model_root)
         if artifact != "adapter":
@@ -154,6 +154,8 @@ def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, ev_mani
             merge_check = {"max_abs_logit_diff": result.max_abs_diff, "saved_max_abs_logit_diff": result.saved_max_abs_diff,
                            "saved_dtype": result.saved_dtype, "method": result.method,
                            "max_forward_rel_err": result.max_forward_rel_err}
+        if prepared:
+            prepared.place(model_dir)
     provenance = {
         "version": version, "run_id": settings.run_id, "base_model": base_ref, "best_step": ft_manifest.extra.get("best_step"),
         "finetune": finetune_uri, "evaluate": evaluate_uri, "gate": gate, "published_at": now_iso(),

@@ -44,11 +44,19 @@ class PreparedAdapter:
     extra: dict[str, Any]  # the version manifest's extra["adapter"]
     base_dir: Path
     digest: str
+    adapter_dir: Path
+
+    def place(self, version_dir: Path) -> None:
+        """Lay the adapter out in the version folder (after the merge, which wants a folder of its own)."""
+        target = version_dir / ADAPTER_DIR
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copyfile(self.adapter_dir / name, target / name)
 
 
-def prepare_adapter(settings: Settings, workdir: Path, adapter_dir: Path, base_dir: Path, *, base_ref: str,
-                    trained_digest: str | None, max_lora_rank: int, where: str, model_root: Location) -> PreparedAdapter:
-    """Check the adapter and the base, and lay the adapter out under ``workdir/adapter``; raises ConfigError when refused."""
+def prepare_adapter(adapter_dir: Path, base_dir: Path, *, base_ref: str, trained_digest: str | None, max_lora_rank: int,
+                    where: str, model_root: Location) -> PreparedAdapter:
+    """Check the adapter and the base it is served on; raises ConfigError when vLLM could not serve it."""
     from shared.train.models import weights_digest
 
     facts = check_adapter(adapter_dir, base_dir, max_lora_rank=max_lora_rank, where=where)
@@ -58,15 +66,11 @@ def prepare_adapter(settings: Settings, workdir: Path, adapter_dir: Path, base_d
                           f"{base_ref} now resolves to {digest[:12]}… (the model changed upstream?); publish with the base it was "
                           "trained on")
     _check_same_base_as_promoted(model_root, digest)
-    target = workdir / ADAPTER_DIR
-    target.mkdir(parents=True, exist_ok=True)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        shutil.copyfile(adapter_dir / name, target / name)
     extra = {"path": ADAPTER_DIR, **facts.as_dict(), "base_model": base_ref, "base_model_digest": digest,
              "base": f"{BASES}/{digest}", "max_lora_rank_checked": max_lora_rank}
     log.info("adapter: rank %d on %s (%d modules), servable with max_lora_rank %d", facts.max_rank, base_ref, facts.modules,
              max_lora_rank)
-    return PreparedAdapter(extra, base_dir, digest)
+    return PreparedAdapter(extra, base_dir, digest, adapter_dir)
 
 
 def _check_same_base_as_promoted(model_root: Location, digest: str) -> None:
