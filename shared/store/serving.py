@@ -144,14 +144,14 @@ def read_promoted(model_root: Location) -> str | None:
     return version
 
 
-def previous_champion(model_root: Location, champion: str | None) -> str | None:
-    """The version PROMOTED named before ``champion``, from the newest history event that moved it there."""
+def last_promotion(model_root: Location, champion: str | None) -> tuple[str | None, str | None]:
+    """(the version PROMOTED named before ``champion``, when it moved), from the newest history event that moved it."""
     names = sorted(n for n in model_root.child(HISTORY).list_files() if n.endswith(".json"))
     for name in reversed(names):
         event = json.loads(model_root.child(HISTORY).read_text(name))
         if event.get("to") == champion and event.get("from") != champion:
-            return event.get("from")
-    return None
+            return event.get("from"), event.get("at")
+    return None, None
 
 
 def serving_state(model: str, model_root: Location, previous: str | None = None, *, with_history: bool = False) -> ServingState:
@@ -159,7 +159,7 @@ def serving_state(model: str, model_root: Location, previous: str | None = None,
     champion = read_promoted(model_root)
     canary, _ = read_canary(model_root)
     if with_history:
-        previous = previous_champion(model_root, champion)
+        previous = last_promotion(model_root, champion)[0]
     if previous == champion:
         previous = None
     return ServingState(model, champion, canary.version if canary else None, canary.weight if canary else 0,

@@ -18,6 +18,7 @@ answer a bad key with 401, and only a valid key reaches vLLM.
 {{- $ui := .Values.ui -}}
 {{- $uiAuth := include "lawtune-serving.uiAuth" . -}}
 # Rendered by the lawtune-serving chart ({{ include "lawtune-serving.chart" . }}); edit values, not this file.
+{{- with include "lawtune-serving.canary.mainContext" . }}{{ . | nindent 0 }}{{- end }}
 worker_processes {{ include "lawtune-serving.gatewayWorkers" . }};
 pid {{ $g.runtimeDir }}/nginx.pid;
 error_log stderr warn;
@@ -86,6 +87,8 @@ http {
     limit_req_zone $binary_remote_addr zone=lawtune_ui:{{ $rl.zoneSize }} rate={{ $ui.rateLimit.requestsPerMinute }}r/m;
     {{- end }}
 
+    {{- with include "lawtune-serving.canary.httpContext" . }}{{ . | nindent 4 }}{{- end }}
+
     upstream lawtune_vllm {
         server {{ include "lawtune-serving.upstream" . }};
         keepalive {{ $g.upstreamKeepalive }};
@@ -134,14 +137,14 @@ http {
             {{- end }}
             auth_request /_lawtune_key;
 
-            proxy_pass http://lawtune_vllm;
+{{ include "lawtune-serving.canary.proxy" . | indent 12 }}
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_set_header X-Request-Id $request_id;
-            {{- if .Values.model.version }}
+            {{- if and .Values.model.version (not (include "lawtune-serving.canary.active" .)) }}
             # The model version this release serves (pinned per release: lawtune deploy / model.version).
             add_header X-Lawtune-Model-Version {{ .Values.model.version | quote }} always;
             {{- end }}
@@ -152,13 +155,16 @@ http {
             proxy_connect_timeout {{ $g.timeouts.connect }};
             proxy_read_timeout {{ $g.timeouts.read }};
             proxy_send_timeout {{ $g.timeouts.send }};
+            {{- if not (include "lawtune-serving.canary.active" .) }}
             # An unreachable vLLM (starting, scaled to zero) answers 503 JSON, not nginx HTML.
             proxy_intercept_errors off;
+            {{- end }}
         }
 
         location / {
             return 404 {{ include "lawtune-serving.openaiError" (list "Not found: the API is under /v1/" "invalid_request_error" "not_found") }};
         }
+        {{- with include "lawtune-serving.canary.serverContext" . }}{{ . | nindent 8 }}{{- end }}
         {{- end }}
 
         error_page 401 = @unauthorized;
@@ -246,7 +252,7 @@ location = /ui/api/v1/chat/completions {
     error_page 429 = @ui_rate_limited;
     error_page 502 503 504 = @upstream_unavailable;
 
-    proxy_pass http://lawtune_vllm/v1/chat/completions;
+{{ include "lawtune-serving.canary.uiProxy" . | indent 4 }}
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     proxy_set_header Host $host;
@@ -256,7 +262,7 @@ location = /ui/api/v1/chat/completions {
     # The SSO session cookie stays at the gateway; vLLM gets the key instead.
     proxy_set_header Cookie "";
     include {{ include "lawtune-serving.uiUpstreamAuthFile" . }};
-    {{- if .Values.model.version }}
+    {{- if and .Values.model.version (not (include "lawtune-serving.canary.active" .)) }}
     add_header X-Lawtune-Model-Version {{ .Values.model.version | quote }} always;
     {{- end }}
     proxy_buffering off;
