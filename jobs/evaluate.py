@@ -139,8 +139,13 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
             production: list[str] | None = None
             if champion:
                 log.info("generating the production model's answers (%s)", champion.uri)
-                fetch_stage(settings, champion.uri, scratch / "production")
-                production = generate_answers(scratch / "production", None, list(turns), ev.generation, **kwargs).base
+                published = fetch_stage(settings, champion.uri, scratch / "production")
+                if published.extra.get("artifact") == "adapter":  # production is an adapter on its base (serving.mode=adapters)
+                    prod_base = resolve_base_model(published.extra["adapter"]["base_model"], settings, trust)
+                    production = generate_answers(prod_base, scratch / "production" / "adapter", list(turns), ev.generation,
+                                                  **kwargs).tuned
+                else:
+                    production = generate_answers(scratch / "production", None, list(turns), ev.generation, **kwargs).base
         n = len(records)
         scored = {label: score_all(texts[:n], refs[:n]) for label, texts in
                   (("base", answers.base), ("tuned", answers.tuned), ("production", production)) if texts is not None}

@@ -79,7 +79,8 @@ ARTIFACTS = ("merged", "adapter", "both")
 
 
 def run(settings: Settings, model_name: str, finetune_uri: str | None = None, evaluate_uri: str | None = None,
-        *, force: bool = False, max_shard_size: str = "2GB", artifact: str = "merged", max_lora_rank: int = 16) -> Result:
+        *, force: bool = False, max_shard_size: str = "2GB", artifact: str = "merged", max_lora_rank: int = 16,
+        promote: bool = True) -> Result:
     from shared.core.errors import ConfigError
 
     if artifact not in ARTIFACTS:
@@ -117,7 +118,12 @@ def run(settings: Settings, model_name: str, finetune_uri: str | None = None, ev
             manifest = _merge_and_commit(settings, out, ft_manifest, ev_manifest, finetune_uri, evaluate_uri, base_ref,
                                          gate, version, max_shard_size, artifact, max_lora_rank, model_root)
     mark_published(settings, finetune_uri, version_uri)
-    promoted = _promote(model_root, pointer, version, manifest, passed, force, gate, settings.run_id)
+    if promote or force:
+        promoted = _promote(model_root, pointer, version, manifest, passed, force, gate, settings.run_id)
+    else:
+        log.info("publish.promote is false: PROMOTED stays at %s (lawtune models canary %s %s --weight 10 tries it on "
+                 "a share of the traffic)", pointer.version or "<none>", model_name, version)
+        promoted = pointer.version == version
     return Result(version, version_uri, manifest, out.skipped is not None, passed, promoted, force and not passed,
                   manifest.extra.get("artifact", "merged"))
 
@@ -224,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         publish_config = config_from_args(args).publish if args.config else None
         artifact = args.artifact or (publish_config.artifact if publish_config else "merged")
         r = run(settings, args.model_name, args.finetune, args.evaluate, force=args.force, max_shard_size=args.max_shard_size,
-                artifact=artifact, max_lora_rank=publish_config.max_lora_rank if publish_config else 16)
+                artifact=artifact, max_lora_rank=publish_config.max_lora_rank if publish_config else 16,
+                promote=publish_config.promote if publish_config else True)
         print(f"model: {r.version_uri} ({r.artifact}){' (already published)' if r.skipped else ''}")
         print(f"gate: {'PASSED' if r.gate_passed else 'FAILED'}")
         state = "promoted (FORCED)" if r.forced else "promoted" if r.promoted else "not promoted"

