@@ -132,13 +132,13 @@ def gateway_values(base_digest: str, syslog_port: int) -> dict:
 
 
 def serve_adapters(settings: Settings, model_name: str, port: int, vllm_port: int, api_key: str, *, agent_port: int,
-                   syslog_port: int, gateway_overrides: dict | None = None, vllm_args: list[str] | None = None,
-                   poll_seconds: float = 2.0, fetch=None, start_vllm=None) -> AdaptersServing:
-    """The base in vLLM, the agent, the gateway: the chart's adapters mode on loopback."""
-    from shared.serve import serve_local
+                   syslog_port: int, fetch, start_vllm, vllm_args: list[str], gateway_overrides: dict | None = None,
+                   poll_seconds: float = 2.0) -> AdaptersServing:
+    """The base in vLLM, the agent, the gateway: the chart's adapters mode on loopback.
 
-    fetch = fetch or serve_local.fetch_model
-    start_vllm = start_vllm or serve_local.start_vllm
+    ``fetch`` and ``start_vllm`` are shared/serve/serve_local.py's (the init container's command and
+    the vLLM launcher; passed in, as serve_local imports this module); ``vllm_args`` its engine
+    settings, to which the LoRA flags are added."""
     adapter = promoted_adapter(settings, model_name)
     if not adapter:
         raise ConfigError(f"{settings.models_uri(model_name)}: the promoted version carries no adapter (publish it with "
@@ -147,7 +147,7 @@ def serve_adapters(settings: Settings, model_name: str, port: int, vllm_port: in
     base_dir = settings.cache_dir / "serving" / "bases" / digest[:16]
     print(fetch(base_uri(settings.artifact_root, digest), base_dir), flush=True)
     workdir = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix="lawtune-serve-")))
-    args = [*(serve_local.CPU_SERVER_ARGS if vllm_args is None else vllm_args), *LORA_ARGS]
+    args = [*vllm_args, *LORA_ARGS]
     server = start_vllm(base_dir, vllm_port, api_key, served_model_name=f"{model_name}:base", log_path=workdir / "vllm.log",
                         extra_args=args, env=LORA_ENV)
     agent = gateway = None

@@ -269,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a free loopback UDP port for the metrics
                 probe.bind(("127.0.0.1", 0))
                 syslog_port = probe.getsockname()[1]
+            gpu = gpu_present()
             serving = serve_adapters(settings, args.model_name, args.port, args.vllm_port, key, agent_port=args.agent_port,
-                                     syslog_port=syslog_port, gateway_overrides=merge_values(
+                                     syslog_port=syslog_port, fetch=fetch_model,
+                                     start_vllm=lambda *a, **k: start_vllm(*a, **k, gpu=gpu),
+                                     vllm_args=list(GPU_SERVER_ARGS if gpu else CPU_SERVER_ARGS), gateway_overrides=merge_values(
                                          {"ui": {"enabled": True, "auth": "ingress"}}, overrides))
             server, gateway, agent = serving.server, serving.gateway, serving.agent
             print(f"Adapters mode: base {serving.base_digest[:12]}…, each version as {args.model_name}:<version>; "

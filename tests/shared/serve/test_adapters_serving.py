@@ -31,7 +31,7 @@ from jobs import models
 from shared.core.settings import load_settings
 from shared.publish import registry
 from shared.serve.local_adapters import routes_of, serve_adapters
-from shared.serve.serve_local import CPU_SERVER_ARGS
+from shared.serve.serve_local import CPU_SERVER_ARGS, fetch_model, start_vllm
 from shared.store.artifacts import read_manifest
 from shared.store.serving import read_canary
 from shared.store.storage import open_location
@@ -95,7 +95,8 @@ def served(trained):
             if key.startswith(("AWS_", "LAWTUNE_")):
                 mp.setenv(key, value)
         serving = serve_adapters(trained["settings"], NAME, free_port(), free_port(), KEY, agent_port=free_port(),
-                                 syslog_port=free_port(), poll_seconds=1.0, vllm_args=["--enforce-eager", *CPU_SERVER_ARGS],
+                                 syslog_port=free_port(), poll_seconds=1.0, fetch=fetch_model, start_vllm=start_vllm,
+                                 vllm_args=["--enforce-eager", *CPU_SERVER_ARGS],
                                  # The rate limiter is not under test: no 429 may hide a failed request.
                                  gateway_overrides={"gateway": {"rateLimit": {"requestsPerSecond": 1000, "burst": 1000}}})
         yield {**trained, "serving": serving}
