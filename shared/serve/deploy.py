@@ -108,7 +108,8 @@ def release_status(release: str, namespace: str | None) -> dict:
         return {}
 
 
-def record(settings: Settings, *, release: str, namespace: str | None, model_name: str, version: str, chart: Path) -> dict:
+def record(settings: Settings, *, release: str, namespace: str | None, model_name: str, version: str, chart: Path,
+           **facts) -> dict:
     """Write models/<name>/releases/<namespace>/<release>.json so lineage can name the release serving a version."""
     status = release_status(release, namespace)
     chart_meta = yaml.safe_load((chart / "Chart.yaml").read_text()) if (chart / "Chart.yaml").is_file() else {}
@@ -116,7 +117,7 @@ def record(settings: Settings, *, release: str, namespace: str | None, model_nam
         open_location(settings.models_uri(model_name), settings), release=release,
         namespace=status.get("namespace") or namespace or DEFAULT_NAMESPACE, version=version, deployed_at=now_iso(),
         helm_revision=status.get("version"), chart=f"{chart_meta.get('name')}-{chart_meta.get('version')}",
-        artifact_root=settings.artifact_root)
+        artifact_root=settings.artifact_root, **facts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,16 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         code = remote_code(settings, args.model_name, version)
         if code:
             log.info("version %s runs its repository's code (%s): vllm.trustRemoteCode=true", version, code)
+        from shared.serve.deploy_modes import mode_settings
+
+        mode_args, mode_facts = mode_settings(settings, args.model_name, version, args.values)  # adapters mode, canary
         cmd = helm_command(release=args.release, model_name=args.model_name, version=version, artifact_root=settings.artifact_root,
-                           values=args.values, namespace=args.namespace, chart=args.chart, dry_run=args.dry_run, extra=extra,
-                           trust_remote_code=bool(code))
+                           values=args.values, namespace=args.namespace, chart=args.chart, dry_run=args.dry_run,
+                           extra=[*mode_args, *extra], trust_remote_code=bool(code))
         proc = subprocess.run(cmd)
         if proc.returncode != 0:
             raise LawtuneError(f"helm {cmd[1]} exited with {proc.returncode} (its message is above)")
         if not args.dry_run:
             try:
                 record(settings, release=args.release, namespace=args.namespace, model_name=args.model_name,
-                       version=version, chart=args.chart)
+                       version=version, chart=args.chart, **mode_facts)
             except (LawtuneError, ValueError) as exc:  # the release is live; only lineage's last link is missing
                 log.warning("deployed, but the release record for lineage was not written: %s", exc)
             print(f"{args.release}: {args.model_name} version {version} (every pod serves it; the next promotion needs the next deploy)")

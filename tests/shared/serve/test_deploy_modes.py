@@ -1,0 +1,76 @@
+"""`lawtune deploy` in adapters mode and with a merged-mode canary (shared/serve/deploy_modes.py), rendered by real helm."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from shared.core.errors import ConfigError
+from shared.core.settings import load_settings
+from shared.serve import deploy
+from shared.serve.deploy_modes import mode_settings
+from shared.store.artifacts import commit_dir, now_iso
+from shared.store.serving import Canary, read_canary, write_canary
+from shared.store.storage import open_location
+from tests.helm_utils import helm_path
+
+BASE = {"apiKey": {"existingSecret": "lawtune-api-key"}, "artifactStore": {"root": "s3://elsewhere/ignored"}}
+DIGEST = "ef" * 32
+
+
+@pytest.fixture
+def published(artifact_root, tmp_path):
+    """v1: adapter only (PROMOTED); v2: merged and adapter; v3: merged only."""
+    settings = load_settings()
+    root = settings.models_uri("legal-assistant")
+    adapter = {"base_model_digest": DIGEST, "base": f"bases/{DIGEST}", "r": 8}
+    for version, extra in (("v1", {"artifact": "adapter", "adapter": adapter}), ("v2", {"artifact": "both", "adapter": adapter}),
+                           ("v3", {"artifact": "merged"})):
+        src = tmp_path / f"src-{version}"
+        src.mkdir()
+        (src / "lawtune-model.json").write_text("{}")
+        commit_dir(src, open_location(f"{root}/{version}", settings), stage="publish", inputs={}, started_at=now_iso(), extra=extra)
+    location = open_location(root, settings)
+    location.write_text("PROMOTED", "v1")
+    return settings, location, tmp_path
+
+
+def _values(tmp_path, **extra):
+    path = tmp_path / f"values-{len(list(tmp_path.glob('values-*')))}.yaml"
+    path.write_text(yaml.safe_dump({**BASE, **extra}))
+    return path
+
+
+def test_adapters_mode_deploys_the_promoted_versions_base(published, capfd):
+    settings, _, tmp = published
+    helm_path()
+    values = _values(tmp, serving={"mode": "adapters"})
+    assert deploy.main(["--release", "assistant", "-f", str(values), "--dry-run"]) == 0
+    objects = [d for d in yaml.safe_load_all(capfd.readouterr().out) if d]
+    (vllm,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-vllm")]
+    assert vllm["spec"]["template"]["spec"]["initContainers"][0]["args"][0] == f"{settings.artifact_root}/bases/{DIGEST}"
+    assert mode_settings(settings, "legal-assistant", "v1", [values])[1] == {"mode": "adapters", "base_model_digest": DIGEST}
+
+
+def test_adapters_mode_refuses_a_version_without_an_adapter(published, capsys):
+    settings, location, tmp = published
+    location.write_text("PROMOTED", "v3")
+    assert deploy.main(["--release", "assistant", "-f", str(_values(tmp, serving={"mode": "adapters"})), "--dry-run"]) == 2
+    assert "v3 carries no adapter (publish.artifact=merged), but serving.mode=adapters" in capsys.readouterr().err
+
+
+def test_merged_canary_deploys_the_challenger_and_drops_it_when_the_canary_ends(published):
+    settings, location, tmp = published
+    location.write_text("PROMOTED", "v3")
+    values = [_values(tmp, canary={"enabled": True}), _values(tmp, model={"name": "legal-assistant"})]
+    write_canary(location, Canary("v2", 10), read_canary(location)[1])
+    args, facts = mode_settings(settings, "legal-assistant", "v3", values)
+    assert args == ["--set-string", "canary.challengerVersion=v2"] and facts == {"mode": "merged", "challenger": "v2"}
+    write_canary(location, None, read_canary(location)[1])
+    assert mode_settings(settings, "legal-assistant", "v3", values)[0] == ["--set-string", "canary.challengerVersion="]
+    # A challenger with only an adapter cannot run as a merged Deployment.
+    write_canary(location, Canary("v1", 10), read_canary(location)[1])
+    with pytest.raises(ConfigError, match="challenger v1 carries only an adapter"):
+        mode_settings(settings, "legal-assistant", "v3", values)
+    # No canary values: nothing added, as before.
+    assert mode_settings(settings, "legal-assistant", "v3", [_values(tmp)]) == ([], {"mode": "merged"})
