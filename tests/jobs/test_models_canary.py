@@ -108,3 +108,25 @@ def test_two_operators_cannot_overwrite_each_others_canary(champion_and_challeng
     with pytest.raises(CanaryConflict):
         write_canary(root, seen, token)
     assert read_canary(root)[0].weight == 50
+
+
+def test_lineage_ends_at_the_releases_serving_the_version_and_its_share(champion_and_challengers):
+    from shared.publish.lineage import trace
+
+    settings, root = champion_and_challengers
+    record_release(root, release="assistant", namespace="serving", version="r1-aaaa", deployed_at="2026-12-01T00:00:00Z",
+                   helm_revision=3, mode="adapters", base_model_digest="b" * 64)
+    record_release(root, release="merged", namespace="serving", version="r1-aaaa", deployed_at="2026-12-01T00:00:00Z",
+                   helm_revision=1, mode="merged")
+    assert models.main(["canary", "legal", "r2-bbbb", "--weight", "10"]) == 0
+
+    def serving(version):
+        return trace(settings, f"{settings.models_uri('legal')}/{version}")[-1]
+
+    challenger = serving("r2-bbbb")
+    assert challenger.status == "ok"
+    assert [(r["release"], r["mode"], r["traffic_percent"]) for r in challenger.facts["releases"]] == [("assistant", "adapters", 10)]
+    assert challenger.facts["other_releases"] == {"serving/merged": "r1-aaaa"}, "a plain merged release runs only its version"
+    champion = serving("r1-aaaa")
+    assert sorted((r["release"], r["traffic_percent"]) for r in champion.facts["releases"]) == [("assistant", 90), ("merged", 100)]
+    assert serving("r3-cccc").status == "not deployed"
