@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,6 +125,7 @@ class AdaptersServing:
     def stop(self) -> None:
         for part in (self.gateway, self.agent, self.server):
             part.stop()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)  # logs, downloaded adapters, nginx's temp files
 
 
 def gateway_values(base_digest: str, syslog_port: int) -> dict:
