@@ -75,6 +75,9 @@ def run(settings: Settings, uri: str, target: Path) -> Result:
     version_uri = resolve_version(settings, uri)
     loc = open_location(version_uri, settings)
     manifest = read_manifest(loc)
+    if manifest.extra.get("artifact") == "adapter":  # nothing here vLLM could load as a model
+        raise ConfigError(f"{version_uri} carries only an adapter (publish.artifact=adapter): serve it on its base with the "
+                          "serving chart's serving.mode=adapters (make serve --mode adapters), or publish it merged")
     target = Path(target).resolve()
     # Replicas sharing one ReadWriteMany claim start together: one downloads, the others wait
     # and then find the version in place, instead of replacing a folder a server is loading.

@@ -49,6 +49,9 @@ def mode_settings(settings: Settings, model_name: str, version: str, values_file
                               "serves adapters on a base: publish with publish.artifact adapter or both, or deploy merged")
         digest = adapter["base_model_digest"]
         return ["--set-string", f"adapters.baseDigest={digest}"], {"mode": "adapters", "base_model_digest": digest}
+    if read_manifest(open_location(join(model_uri, version), settings)).extra.get("artifact") == "adapter":
+        raise ConfigError(f"{model_uri}/{version} carries only an adapter (publish.artifact=adapter): deploy it with "
+                          "serving.mode=adapters in your values, or publish it with publish.artifact merged or both")
     if values["canary"].get("enabled"):
         canary, _ = read_canary(open_location(model_uri, settings))
         challenger = canary.version if canary and canary.version != version else ""

@@ -133,3 +133,17 @@ def test_provenance_file_says_what_the_version_carries(settings, tiny_model, tmp
     provenance = json.loads(open_location(result.version_uri, settings).read_text("lawtune-model.json"))
     assert provenance["artifact"] == "adapter" and provenance["merge_check"] is None
     assert provenance["adapter"]["base_model_digest"] == weights_digest(tiny_model)
+
+
+def test_publish_promote_false_publishes_without_moving_promoted(settings, tiny_model, tmp_path, capsys, monkeypatch):
+    """For a version to be canaried first: the gate passed, PROMOTED stays."""
+    publish.run(_run(settings, tiny_model, tmp_path, "r1"), "legal", artifact="adapter")
+    before = open_location(settings.models_uri("legal"), settings).read_text("PROMOTED")
+    _run(settings, tiny_model, tmp_path, "r2", seed=1)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"publish": {"artifact": "adapter", "promote": False}}))
+    monkeypatch.setenv("LAWTUNE_RUN_ID", "r2")
+    assert publish.main(["--model-name", "legal", "--config", str(config)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:] == ["gate: PASSED", f"PROMOTED: not promoted: {settings.models_uri('legal')}/PROMOTED"]
+    assert open_location(settings.models_uri("legal"), settings).read_text("PROMOTED") == before

@@ -94,8 +94,8 @@ def test_what_vllm_refuses_in_the_config_is_refused_and_named(tiny_model, tmp_pa
 
 
 @pytest.mark.parametrize(("lora", "needle"), [
-    pytest.param({"target_modules": ["q_proj", "embed_tokens"]}, "embed_tokens", id="lora-on-embeddings"),
-    pytest.param({"target_modules": ["q_proj", "lm_head"]}, "lm_head", id="lora-on-the-head"),
+    pytest.param({"target_modules": ["q_proj", "embed_tokens"]}, "target_modules ['embed_tokens']: LoRA on embedding", id="lora-on-embeddings"),
+    pytest.param({"target_modules": ["q_proj", "lm_head"]}, "target_modules ['lm_head']: LoRA on embedding", id="lora-on-the-head"),
     pytest.param({"trainable_token_indices": [1, 2]}, "trainable_token_indices", id="trained-token-rows"),
 ])
 def test_embedding_or_head_weights_are_refused(tiny_model, tmp_path, lora, needle):

@@ -257,9 +257,12 @@ def test_pinned_versions_and_rollback(served):
     assert serving.server.process.poll() is None
 
 
-def _sample(text: str, series: str) -> float:
-    """One sample of Prometheus' text format (0 when the series is absent)."""
-    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
+def _sample(text: str, name: str, **labels) -> float:
+    """One sample of Prometheus' text format, by name and labels (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return next((sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                 if sample.name == name and sample.labels == labels), 0.0)
 
 
 def test_per_version_metrics_for_prometheus(served):
@@ -267,16 +270,52 @@ def test_per_version_metrics_for_prometheus(served):
     _serving_state(served, 50)
     candidates = [f"m{i}" for i in range(64)]
     one_each = [next(c for c in candidates if _expected(v2, c, 50, v1, v2) == v) for v in (v1, v2)]
-    series = {v: (f'lawtune_gateway_requests_total{{model="{NAME}",version="{v}",arm="{arm}",code="200"}}',
-                  f'lawtune_gateway_request_duration_seconds_count{{model="{NAME}",version="{v}",arm="{arm}"}}')
-              for v, arm in ((v1, "champion"), (v2, "challenger"))}
     before = serving.agent.metrics()
     for conversation in one_each * 3:
         _version(*_chat(serving.gateway.url, conversation=conversation))
     time.sleep(1.5)  # the log lines are on their way over UDP; the weights gauge follows the next poll
     after = serving.agent.metrics()
-    for version in (v1, v2):
-        for name in series[version]:
-            assert _sample(after, name) - _sample(before, name) == 3, (name, after[-3000:])
-        assert _sample(after, f'lawtune_canary_weight_percent{{model="{NAME}",version="{version}"}}') == 50
-    assert _sample(after, 'lawtune_gateway_log_lines_total{result="unparsed"}') == 0
+    for version, arm in ((v1, "champion"), (v2, "challenger")):
+        labels = {"model": NAME, "version": version, "arm": arm}
+        for name, extra in (("lawtune_gateway_requests_total", {"code": "200"}), ("lawtune_gateway_request_duration_seconds_count", {})):
+            assert _sample(after, name, **labels, **extra) - _sample(before, name, **labels, **extra) == 3, (name, after[-3000:])
+        assert _sample(after, "lawtune_canary_weight_percent", model=NAME, version=version) == 50
+    assert _sample(after, "lawtune_gateway_log_lines_total", result="unparsed") == 0
+
+
+def _copy_version(root, source: str, target: str, *, digest: str | None = None, corrupt: bool = False) -> None:
+    """A version folder made from ``source``'s files: its manifest naming another base, or a weights file damaged."""
+    from shared.store.artifacts import MANIFEST, Manifest
+
+    manifest = read_manifest(root.child(source))
+    for entry in manifest.files:
+        data = root.child(source).read_bytes(entry.path)
+        if corrupt and entry.path.endswith(".safetensors"):
+            data = data[:-16] + bytes(16)
+        root.child(target).write_bytes(entry.path, data)
+    extra = dict(manifest.extra)
+    if digest:
+        extra["adapter"] = {**extra["adapter"], "base_model_digest": digest}
+    root.child(target).write_text(MANIFEST, Manifest(**{**manifest.model_dump(), "extra": extra}).to_json())
+
+
+@pytest.mark.parametrize(("target", "change", "reason"), [
+    pytest.param("bad-base-0000000001", {"digest": "0" * 64}, "this server runs base", id="another-base"),
+    pytest.param("bad-bytes-000000002", {"corrupt": True}, "does not match the manifest", id="corrupted-adapter"),
+])
+def test_a_version_this_server_cannot_serve_is_refused_and_its_share_answered_by_the_champion(served, target, change, reason):
+    serving, root, v1 = served["serving"], served["root"], served["v1"]
+    _serving_state(served, None)
+    _copy_version(root, served["v2"], target, **change)
+    assert models.main(["canary", NAME, target, "--weight", "100"]) == 0
+    _wait_for(lambda: reason in serving.agent.log_tail(20000), what=f"the agent refusing {target}")
+    assert f"{NAME}:{target}" not in {m for m in _loaded(serving)}, "never loaded"
+    assert _version(*_chat(serving.gateway.url, conversation="refused")) == v1, "answered by the champion, not failed"
+    assert serving.agent.ready(), "a refused version does not hold the replica out of the Service"
+    assert models.main(["canary", NAME, "abort"]) == 0
+
+
+def _loaded(serving) -> set[str]:
+    request = urllib.request.Request(f"{serving.server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return {m["id"] for m in json.loads(resp.read())["data"]}

@@ -74,3 +74,14 @@ def test_merged_canary_deploys_the_challenger_and_drops_it_when_the_canary_ends(
         mode_settings(settings, "legal-assistant", "v3", values)
     # No canary values: nothing added, as before.
     assert mode_settings(settings, "legal-assistant", "v3", [_values(tmp)]) == ([], {"mode": "merged"})
+
+
+def test_merged_mode_refuses_an_adapter_only_version(published, capsys, tmp_path):
+    """Neither deploy nor the init container lets vLLM start on a folder that holds only an adapter."""
+    from jobs import fetch_model
+
+    settings, _, tmp = published  # v1, the promoted one, is adapter only
+    assert deploy.main(["--release", "assistant", "-f", str(_values(tmp)), "--dry-run"]) == 2
+    assert "v1 carries only an adapter (publish.artifact=adapter): deploy it with serving.mode=adapters" in capsys.readouterr().err
+    assert fetch_model.main([settings.models_uri("legal-assistant"), str(tmp_path / "model")]) == 2
+    assert "carries only an adapter" in capsys.readouterr().err and not (tmp_path / "model").exists()
