@@ -171,3 +171,19 @@ def test_bad_flags_exit_2_naming_them(store, capsys, argv, needle):
     assert agent_main(["--model-name", "legal", "--port", "0", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("agent: error: ") and needle in err[-1], err[-1]
+
+
+@pytest.mark.parametrize(("promote", "needle"), [
+    pytest.param(None, "nothing is promoted", id="nothing-promoted"),
+    pytest.param("r1-a", "the promoted version carries no adapter", id="merged-only-version"),
+])
+def test_make_serve_in_adapters_mode_refuses_what_it_cannot_serve(store, capsys, promote, needle):
+    """`make serve SERVE_MODE=adapters` stops with one line (exit 2) before starting anything."""
+    from shared.serve.serve_local import main as serve_main
+
+    _, root = store
+    if promote:
+        _promote(root, promote)
+    assert serve_main(["--mode", "adapters", "--port", str(free_port()), "--vllm-port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("serve: error: ") and needle in err[-1], err[-1]
