@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import shutil
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -71,12 +72,13 @@ class Upstream:
 @pytest.fixture
 def canary_gateway():
     helm_path()
-    started, upstreams = [], []
+    started, upstreams, folders = [], [], []
 
     def start(overrides: dict, state: ServingState | None, n_upstreams: int = 1):
         ups = [Upstream(f"u{i}") for i in range(n_upstreams)]
         upstreams.extend(ups)
         runtime = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix="lawtune-gw-")))
+        folders.append(runtime)
         port = free_port()
         values = {"gateway": {"rateLimit": {"requestsPerSecond": 1000, "burst": 1000}},
                   "canary": {"agent": {"syslogPort": free_port()}}, **overrides}
@@ -97,6 +99,8 @@ def canary_gateway():
         gateway.stop()
     for upstream in upstreams:
         upstream.close()
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 ADAPTERS = {"serving": {"mode": "adapters"}, "adapters": {"baseDigest": DIGEST}}
