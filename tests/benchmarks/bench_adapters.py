@@ -32,7 +32,6 @@ import os
 import platform
 import shlex
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -221,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     from shared.serve.adapter_sync import VLLMAdmin
     from shared.serve.local_adapters import LORA_ARGS, LORA_ENV, serve_adapters, start_agent
     from shared.serve.serve_local import CPU_SERVER_ARGS, GPU_SERVER_ARGS, fetch_model, start_vllm
-    from shared.store.serving import base_uri
     from shared.train.models import resolve_base_model
     from jobs import models
     from tests.servers import free_port
