@@ -144,24 +144,35 @@ def _gateway_version(url: str, conversation: str) -> tuple[int, str | None]:
 
 
 def time_change(command, replicas: dict[str, str], gateway_url: str, target: str, routes_file: Path, timeout: float = 180):
-    """Seconds from ``command()`` to: the gateway's routes naming ``target``; each replica serving it; 20 answers in a row."""
+    """Seconds from ``command()`` to: the gateway's routes naming ``target``; each replica serving it; and the
+    sending of the first of 3 requests in a row through the gateway that ``target`` answered (a request's own
+    duration on a busy CPU is not the switch's)."""
     started = time.monotonic()
     command()
     marks: dict[str, float] = {}
-    streak = 0
-    while len(marks) < len(replicas) + 2 and time.monotonic() - started < timeout:
+    probes: list[tuple[float, str | None]] = []
+    stop = threading.Event()
+
+    def probe() -> None:  # one request at a time through the gateway, each noting when it was sent
+        while not stop.is_set():
+            sent = time.monotonic() - started
+            probes.append((sent, _gateway_version(gateway_url, f"probe-{len(probes)}")[1]))
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    while time.monotonic() - started < timeout:
         now = time.monotonic() - started
         if "routes" not in marks and json.loads(routes_file.read_text()).get("champion") == target:
             marks["routes"] = now
         for name, url in replicas.items():
             if name not in marks and f"{NAME}:{target}" in _models(url):
                 marks[name] = now
-        if "answers" not in marks:
-            _, version = _gateway_version(gateway_url, f"probe-{streak}")
-            streak = streak + 1 if version == target else 0
-            if streak >= 20:
-                marks["answers"] = time.monotonic() - started
+        runs = [i for i in range(len(probes) - 2) if all(v == target for _, v in probes[i:i + 3])]
+        if runs and len(marks) >= len(replicas) + 1:
+            marks["answers"] = probes[runs[0]][0]
+            break
         time.sleep(0.05)
+    stop.set()
     return marks
 
 
@@ -244,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter_mib = sum(f.stat().st_size for f in (work / "src" / "finetune-0" / "adapter").glob("*.safetensors")) / 2**20
 
         rows: list[Row] = []
+        merged_mib = None
         if "throughput" not in skip:
             merged_dir = work / "merged"
             fetch_model(f"{settings.models_uri(NAME)}/{versions[0]}", merged_dir)
@@ -251,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             server = start_vllm(merged_dir, free_port(), KEY, served_model_name=NAME, log_path=work / "vllm-merged.log",
                                 extra_args=vllm_args, gpu=args.gpu)
             try:
+                merged_mib = _rss_mib(server.process.pid)
                 for c in levels:
                     rows.append(load("(a) merged model (baseline)", server.url, [NAME], c, max(8, args.waves * c), args.max_tokens))
                     print(f"  {c}: {rows[-1].tokens_per_s:.1f} tokens/s", flush=True)
@@ -309,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                          lambda: models.main(["canary", NAME, versions[1], "--weight", "50"]),
                          lambda: models.main(["canary", NAME, versions[1], "--weight", "100"]),
                          lambda: models.main(["canary", NAME, "promote"])]
-                shift = shift_under_load(serving.gateway.url, steps, settle=max(8.0, 3 * args.poll_seconds), clients=8)
+                shift = shift_under_load(serving.gateway.url, steps, settle=max(15.0, 3 * args.poll_seconds), clients=8)
                 fallbacks = sum(float(line.rsplit(" ", 1)[1]) for line in serving.agent.metrics().splitlines()
                                 if line.startswith("lawtune_gateway_requests_total") and 'arm="fallback"' in line)
                 shift["answered by the version before (fallback)"] = int(fallbacks)
@@ -319,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                     part.stop()
             serving.stop()
 
-        sections = _tables(rows, memory, adapter_mib, marks, shift, args)
+        sections = _tables(rows, memory, adapter_mib, marks, shift, args, merged_mib)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     machine = _machine(load_before)
@@ -349,7 +362,7 @@ def _fetch_adapter(settings, version: str, root: Path) -> Path:
     return root / version / "adapter"
 
 
-def _tables(rows, memory, adapter_mib, marks, shift, args) -> list[str]:
+def _tables(rows, memory, adapter_mib, marks, shift, args, merged_mib=None) -> list[str]:
     out = []
     if rows:
         base = {r.concurrency: r for r in rows if r.name.startswith("(a)")}
@@ -361,6 +374,8 @@ def _tables(rows, memory, adapter_mib, marks, shift, args) -> list[str]:
         out.append("\n".join(lines))
     if memory:
         lines = ["| adapters loaded | vLLM resident memory (MiB) | vs 1 adapter |", "|---|---|---|"]
+        if merged_mib:
+            lines.append(f"| merged model, LoRA off (after start) | {merged_mib:,.0f} | {merged_mib - memory[0][1]:+,.0f} |")
         lines += [f"| {k}{' (after serving requests on each)' if i == len(memory) - 1 else ''} | {mib:,.0f} | {mib - memory[0][1]:+,.0f} |"
                   for i, (k, mib) in enumerate(memory)]
         per = (memory[-2][1] - memory[0][1]) / max(1, memory[-2][0] - memory[0][0]) if len(memory) > 2 else float("nan")
@@ -369,7 +384,7 @@ def _tables(rows, memory, adapter_mib, marks, shift, args) -> list[str]:
     if marks:
         cols = ["routes", "replica A", "replica B", "answers"]
         lines = ["| change | gateway routes switched (s) | replica A serves it (s) | replica B serves it (s) | "
-                 "every replica serves it (s) | 20 answers in a row from it (s) |", "|" + "---|" * 6]
+                 "every replica serves it (s) | first of 3 answers in a row from it, sent at (s) |", "|" + "---|" * 6]
         for change, m in marks.items():
             every = max(m.get("routes", float("nan")), m.get("replica A", float("nan")), m.get("replica B", float("nan")))
             lines.append(f"| {change} | " + " | ".join(f"{m[c]:.1f}" if c in m else "not within 180" for c in cols[:3]) +
@@ -380,7 +395,8 @@ def _tables(rows, memory, adapter_mib, marks, shift, args) -> list[str]:
                  "|" + "---|" * 6,
                  f"| {shift['requests']} | {shift['2xx']} | {shift['429']} | {shift['other non-2xx']} | "
                  f"{shift['answered by the version before (fallback)']} | {', '.join(shift['versions'])} |"]
-        out.append("Weight shift under load (8 clients through the gateway; canary 10% -> 50% -> 100% -> promote):\n\n"
+        out.append("Weight shift under load (8 clients through the gateway, 1 new token each; canary 10% -> 50% -> 100% -> "
+                   "promote, 15 s apart):\n\n"
                    + "\n".join(lines))
     return out
 
