@@ -9,7 +9,9 @@ Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_RUN_ID``, ``LAWTUNE_S3_ENDPOIN
 
 Inputs: the committed ``data/`` (its test split, ``data_config.test_file``) and
 ``finetune/`` (``adapter/``, ``training_summary.json``; the base model is the one its
-manifest names). Both are verified against their manifests.
+manifest names). Both are verified against their manifests. The model's own code
+(ChatGLM3) runs only when this config sets ``trust_remote_code: true`` (never because the
+finetune manifest says so), and then only the code files finetune recorded by sha256.
 
 With ``--model-name``, the model's PROMOTED version (production) answers the same prompts
 too (champion/challenger; gate rules with ``min_improvement_over: promoted`` compare with
@@ -32,7 +34,6 @@ stdout lines name the report and the verdict: ``report: <uri>`` and ``gate: PASS
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import tempfile
@@ -44,6 +45,7 @@ from shared.publish.registry import check_name, read_pointer
 from shared.store.artifacts import Manifest, digest_inputs, find_manifest, read_manifest, sha256_file
 from shared.evaluate.golden import load_golden
 from shared.train.tracking import log_evaluation_to_mlflow, log_scores
+from shared.core.cli import MODEL_ENV, STAGE_ENV, command_parser
 from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.data.conversation import SchemaError, load_jsonl
 from shared.data.split_files import split_file
@@ -56,6 +58,7 @@ from shared.evaluate.metrics import METRICS
 from shared.evaluate.metrics import evaluate as score_all
 from shared.evaluate.report import ReportInput, write_report
 from shared.core.settings import Settings, load_settings
+from shared.store.model_code import RECORD, check_folder
 from shared.store.stage import StageOutput, fetch_stage
 from shared.store.storage import open_location
 
@@ -99,6 +102,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
     data_manifest = read_manifest(open_location(data_uri, settings))
     ft_manifest = read_manifest(open_location(finetune_uri, settings))
     base_ref = ft_manifest.extra.get("base_model") or config.base_model
+    config.expect_base_model(ft_manifest.extra.get("base_model"), finetune_uri)
     ev = config.evaluation
     champion = _champion(settings, model_name, ft_manifest.digest, output_uri)
     golden = _golden_source(settings, ev.questions)
@@ -128,8 +132,11 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
             records = _load_test(scratch / "data" / test_name, f"{data_uri}/{test_name}", ev.max_examples)
             golden_records = load_golden(golden[0], ev.questions, config.preprocess) if golden else []
             turns, refs = zip(*(prompt_turns(r["conversations"]) for r in [*records, *golden_records]))
-            trust = bool(ft_manifest.extra.get("trust_remote_code", config.trust_remote_code))  # as finetune ran it
+            # The operator's config decides whether model code runs, never the artifact; and only the code finetune ran.
+            trust = config.trust_remote_code
             base_dir = resolve_base_model(base_ref, settings, trust)
+            if trust:
+                check_folder(base_dir, ft_manifest.extra.get(RECORD), record=f"{finetune_uri}/MANIFEST.json")
             log.info("generating answers to %d test and %d golden question(s) with %s (+ adapter)", len(records),
                      len(golden_records), base_ref)
             # One generate pass per model over both sets: the golden questions ride along in the same batches.
@@ -139,12 +146,17 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
             production: list[str] | None = None
             if champion:
                 log.info("generating the production model's answers (%s)", champion.uri)
-                published = fetch_stage(settings, champion.uri, scratch / "production")
-                if published.extra.get("artifact") == "adapter":  # production is an adapter on its base (serving.mode=adapters)
-                    prod_base = resolve_base_model(published.extra["adapter"]["base_model"], settings, trust)
+                champion_manifest = fetch_stage(settings, champion.uri, scratch / "production")
+                record = f"{champion.uri}/MANIFEST.json"
+                if champion_manifest.extra.get("artifact") == "adapter":  # an adapter on its base (serving.mode=adapters)
+                    prod_base = resolve_base_model(champion_manifest.extra["adapter"]["base_model"], settings, trust)
+                    if trust:  # the base runs the code, and only the code the champion's finetune ran
+                        check_folder(prod_base, champion_manifest.extra.get(RECORD), record=record)
                     production = generate_answers(prod_base, scratch / "production" / "adapter", list(turns), ev.generation,
                                                   **kwargs).tuned
                 else:
+                    if trust:
+                        check_folder(scratch / "production", champion_manifest.extra.get(RECORD), record=record)
                     production = generate_answers(scratch / "production", None, list(turns), ev.generation, **kwargs).base
         n = len(records)
         scored = {label: score_all(texts[:n], refs[:n]) for label, texts in
@@ -244,13 +256,15 @@ def _write_outputs(workdir: Path, records, turns, refs, answers, production, row
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
-    parser.add_argument("--finetune", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
-    parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/evaluate)")
-    add_config_arguments(parser, required=True)  # its evaluation section applies
+    parser = command_parser("evaluate", __doc__, module="jobs.evaluate", image=True, env=(*STAGE_ENV, *MODEL_ENV, "MLFLOW_TRACKING_URI"))
+    parser.add_argument("--data", metavar="URI", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
+    parser.add_argument("--finetune", metavar="URI", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
+    parser.add_argument("--output", metavar="URI", help="output URI (default <artifact_root>/runs/<run_id>/evaluate)")
+    add_config_arguments(parser, required=True, reads="its evaluation, data_config and preprocess sections, "
+                         "max_input_length and seed", base_model="expect")
     parser.add_argument("--force", action="store_true", help="run even when the same inputs are committed")
-    parser.add_argument("--model-name", help="also score the PROMOTED version of this model (production) on the same questions")
+    parser.add_argument("--model-name", metavar="NAME",
+                        help="also score the PROMOTED version of this model (production) on the same questions")
     args = parser.parse_args(argv)
 
     def body() -> None:

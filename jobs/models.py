@@ -33,16 +33,16 @@ back to, or a failed gate without ``--force``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from shared.core.errors import ConfigError
+from shared.core.cli import command_parser
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.core.settings import Settings, load_settings
 from shared.evaluate.gate import gate_passed
 from shared.publish import registry
-from shared.store.releases import releases
+from shared.store.releases import release_name, releases
 from shared.store.serving import Canary, read_canary, record_event, serving_state, write_canary
 from shared.store.storage import Location, open_location
 
@@ -82,16 +82,17 @@ def list_versions(settings: Settings, name: str) -> list[str]:
                      f"since {canary.at} by {canary.actor})")
     split = ", ".join(f"{v} {w}%" for v, w in weights.items())
     for r in releases(root):  # what `lawtune deploy` last put in each release
-        where = f"serving: {r['namespace']}/{r['release']}"
+        where = f"serving: {release_name(r)}"
+        failed = " — ROLLOUT FAILED (not ready in time)" if r.get("status") == "failed" else ""
         when = f"(helm revision {r.get('helm_revision') or '?'}, deployed {r['deployed_at']} by {r.get('actor', '?')})"
         if r.get("mode") == "adapters":  # adapters follow the store at runtime: the split now is the release's
-            lines.append(f"{where} serves adapters on base {str(r.get('base_model_digest'))[:12]}…: {split} {when}")
+            lines.append(f"{where} serves adapters on base {str(r.get('base_model_digest'))[:12]}…: {split}{failed} {when}")
         else:
             # A merged release runs the versions deploy put in it; with a challenger Deployment the gateway splits
             # between the two by the store's weights.
             shown = r["version"] if not r.get("challenger") else \
                 ", ".join(f"{v} {weights.get(v, 0)}%" for v in (r["version"], r["challenger"]))
-            lines.append(f"{where} runs {shown} {when}")
+            lines.append(f"{where} runs {shown}{failed} {when}")
     lines.append("history:")
     for e in registry.history(root):
         if e.get("kind", "").startswith("canary") and not e.get("to"):
@@ -105,6 +106,7 @@ def list_versions(settings: Settings, name: str) -> list[str]:
 def promote(settings: Settings, name: str, version: str, *, force: bool = False) -> dict:
     root = _model_root(settings, name)
     target = registry.require_version(root, name, version)
+    registry.repair_history(root)  # an interrupted move is recorded before this one decides
     pointer = registry.read_pointer(root)
     if pointer.version == version:
         log.info("PROMOTED already names %s", version)
@@ -119,6 +121,7 @@ def promote(settings: Settings, name: str, version: str, *, force: bool = False)
 
 def rollback(settings: Settings, name: str) -> dict:
     root = _model_root(settings, name)
+    registry.repair_history(root)  # the target is read from the history: complete it first
     pointer = registry.read_pointer(root)
     target = registry.rollback_target(registry.history(root))
     if target is None:
@@ -169,17 +172,23 @@ def canary(settings: Settings, name: str, target: str, *, weight: int | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lawtune models", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("list", help="versions, gate, key metrics, which is PROMOTED, and the history").add_argument("name")
-    p = sub.add_parser("promote", help="move PROMOTED to a published version")
-    p.add_argument("name")
-    p.add_argument("version")
+    parser = command_parser("models", __doc__, module="jobs.models",
+                            env=("LAWTUNE_ARTIFACT_ROOT", "LAWTUNE_S3_ENDPOINT_URL", "LAWTUNE_ACTOR", "LAWTUNE_LOG_LEVEL"))
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{list,promote,rollback,canary}")
+    name_help = "the published model, <artifact_root>/models/<name>"
+    sub.add_parser("list", help="versions, gate, key metrics, which is PROMOTED, and the history",
+                   description="Versions, gate, key metrics, which is PROMOTED, and the history.").add_argument("name", help=name_help)
+    p = sub.add_parser("promote", help="move PROMOTED to a published version", description="Move PROMOTED to a published version.")
+    p.add_argument("name", help=name_help)
+    p.add_argument("version", help="the version to promote (lawtune models list shows them)")
     p.add_argument("--force", action="store_true", help="promote a version whose quality gate failed")
-    sub.add_parser("rollback", help="move PROMOTED back to the version promoted before it").add_argument("name")
-    c = sub.add_parser("canary", help="give a challenger version a share of the traffic; `promote` or `abort` ends it")
-    c.add_argument("name")
-    c.add_argument("target", metavar="VERSION|promote|abort")
+    sub.add_parser("rollback", help="move PROMOTED back to the version promoted before it",
+                   description="Move PROMOTED back to the version promoted before it.").add_argument("name", help=name_help)
+    c = sub.add_parser("canary", help="give a challenger version a share of the traffic; `promote` or `abort` ends it",
+                       description="Give a challenger version a share of the traffic; `promote` or `abort` ends it.")
+    c.add_argument("name", help=name_help)
+    c.add_argument("target", metavar="VERSION|promote|abort",
+                   help="the challenger version (lawtune models list shows them), or promote / abort to end the canary")
     c.add_argument("--weight", type=int, help="percent of clients the challenger answers (0-100; default 10, or the current one)")
     c.add_argument("--sticky", choices=("apiKey", "conversation"),
                    help="what keeps a client on one side: its API key (default) or the X-Lawtune-Conversation header")

@@ -21,7 +21,7 @@ from shared.core.settings import Settings
 from shared.core.uri import join
 from shared.publish import registry
 from shared.store.artifacts import Manifest, find_manifest, read_manifest
-from shared.store.releases import RELEASES, releases
+from shared.store.releases import RELEASES, release_name, releases
 from shared.store.serving import serving_state
 from shared.store.storage import open_location
 
@@ -113,11 +113,11 @@ def _serving(model_root, version: str) -> Link:
                     {"note": "no release of this model was deployed with `lawtune deploy` (a plain helm install records none)"})
     weights = serving_state(model_root.uri.rstrip("/").rsplit("/", 1)[-1], model_root).weights()
     running = [(r, share) for r in recorded if (share := _serves(r, version, weights)) is not None]
-    facts = {"releases": [{**{k: r.get(k) for k in ("namespace", "release", "helm_revision", "deployed_at", "actor")},
+    keys = ("cluster", "namespace", "release", "status", "helm_revision", "deployed_at", "actor")
+    facts = {"releases": [{**{k: r.get(k) for k in keys if k in r or k not in ("cluster", "status")},
                            "mode": r.get("mode", "merged"), "traffic_percent": share} for r, share in running]}
-    serving_names = {f"{r['namespace']}/{r['release']}" for r, _ in running}
-    others = {f"{r['namespace']}/{r['release']}": r.get("version") for r in recorded
-              if f"{r['namespace']}/{r['release']}" not in serving_names}
+    serving_names = {release_name(r) for r, _ in running}
+    others = {release_name(r): r.get("version") for r in recorded if release_name(r) not in serving_names}
     if others:
         facts["other_releases"] = others
     uri = join(model_root.uri, RELEASES)

@@ -37,6 +37,7 @@ from shared.core.settings import Settings
 from shared.core.uri import join
 from shared.serve.state_tracker import StateTracker
 from shared.store.artifacts import MANIFEST, Manifest, fetch_dir, read_manifest
+from shared.store.paths import check_version, inside
 from shared.store.serving import served_name
 from shared.store.storage import open_location
 
@@ -123,7 +124,10 @@ class AdapterSync:
             since = self._unwanted_since.setdefault(version, now)
             if now - since >= self.settle_seconds:
                 self.admin.unload(served_name(self.model, version))
-                shutil.rmtree(self.adapters_dir / version, ignore_errors=True)
+                try:  # a name vLLM lists becomes a path only when it is a version name
+                    shutil.rmtree(self._version_dir(version), ignore_errors=True)
+                except LawtuneError as exc:
+                    log.warning("%s", exc)
                 self._unwanted_since.pop(version, None)
                 del loaded[version]
                 log.info("unloaded %s (out of the serving state for %.0f s)", served_name(self.model, version), now - since)
@@ -138,8 +142,13 @@ class AdapterSync:
         refused = self._refused.get(version)
         return refused is None or self.clock() - refused[1] >= self.retry_refused_seconds
 
+    def _version_dir(self, version: str) -> Path:
+        """``<adapters_dir>/<version>``, refused unless it stays inside adapters_dir (the versions come from the store)."""
+        check_version(version, f"{self.model_uri} (PROMOTED, CANARY or history)")
+        return inside(self.adapters_dir, version, f"{self.model_uri}/{version}")
+
     def _adapter_path(self, version: str) -> Path:
-        return self.adapters_dir / version / "adapter"
+        return self._version_dir(version) / "adapter"
 
     def _load(self, version: str) -> None:
         location = open_location(join(self.model_uri, version), self.settings)
@@ -151,7 +160,7 @@ class AdapterSync:
         if adapter.get("base_model_digest") != self.base_digest:
             raise LawtuneError(f"{location.uri}'s adapter was trained on base {str(adapter.get('base_model_digest'))[:12]}…, "
                                f"this server runs base {self.base_digest[:12]}…")
-        target = self.adapters_dir / version
+        target = self._version_dir(version)
         if not _holds(target, manifest):
             started = self.clock()
             fetch_dir(location, target, max_workers=self.settings.s3_max_concurrency,

@@ -27,20 +27,22 @@ from shared.store.serving import read_canary
 from shared.store.storage import open_location
 
 
-def chart_values(values_files: list[Path]) -> dict[str, Any]:
-    """``serving`` and ``canary`` as the values files set them (the last file wins, as in helm)."""
+def chart_values(values_files: list[Path], kept: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``serving`` and ``canary`` as the values files set them over ``kept``, the values helm keeps
+    from the release (--reset-then-reuse-values); the last file wins, as in helm."""
     merged: dict[str, Any] = {"serving": {}, "canary": {}}
-    for path in values_files:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    for doc in [kept or {}, *(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {} for path in values_files)]:
         for key in merged:
             if isinstance(doc.get(key), dict):
                 merged[key].update(doc[key])
     return merged
 
 
-def mode_settings(settings: Settings, model_name: str, version: str, values_files: list[Path]) -> tuple[list[str], dict[str, Any]]:
-    """(helm ``--set-string`` arguments, facts for the release record) for the mode the values choose."""
-    values = chart_values(values_files)
+def mode_settings(settings: Settings, model_name: str, version: str, values_files: list[Path],
+                  kept: dict[str, Any] | None = None) -> tuple[list[str], dict[str, Any]]:
+    """(helm ``--set-string`` arguments, facts for the release record) for the mode the values choose
+    (``kept``: the values the upgrade keeps from the release)."""
+    values = chart_values(values_files, kept)
     model_uri = settings.models_uri(model_name)
     if values["serving"].get("mode") == "adapters":
         adapter = read_manifest(open_location(join(model_uri, version), settings)).extra.get("adapter")

@@ -27,6 +27,7 @@ from typing import Any
 from shared.core.errors import ConfigError, LawtuneError
 from shared.core.uri import join
 from shared.store.artifacts import now_iso
+from shared.store.paths import check_version
 from shared.store.releases import actor
 from shared.store.storage import Location
 
@@ -69,7 +70,9 @@ def read_canary(model_root: Location) -> tuple[Canary | None, str | None]:
         doc = json.loads(data)
         if doc.get("version") is None:
             return None, token
-        return Canary(str(doc["version"]), int(doc["weight"]), str(doc.get("sticky", "apiKey")), doc.get("at", ""),
+        # The version becomes a local folder beside vLLM (the adapter agent): checked like PROMOTED's.
+        version = check_version(str(doc["version"]), f"{model_root.uri}/{CANARY}")
+        return Canary(version, int(doc["weight"]), str(doc.get("sticky", "apiKey")), doc.get("at", ""),
                       doc.get("actor", "")), token
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{model_root.uri}/{CANARY} is not a canary record ({exc}); rewrite it with lawtune models canary") from None
@@ -138,10 +141,7 @@ class ServingState:
 def read_promoted(model_root: Location) -> str | None:
     if not model_root.exists(PROMOTED):
         return None
-    version = model_root.read_text(PROMOTED).strip()
-    if not version or "/" in version:
-        raise ConfigError(f"{model_root.uri}/{PROMOTED} holds {version!r}; expected a version name")
-    return version
+    return check_version(model_root.read_text(PROMOTED).strip(), f"{model_root.uri}/{PROMOTED}")
 
 
 def last_promotion(model_root: Location, champion: str | None) -> tuple[str | None, str | None]:
@@ -150,7 +150,8 @@ def last_promotion(model_root: Location, champion: str | None) -> tuple[str | No
     for name in reversed(names):
         event = json.loads(model_root.child(HISTORY).read_text(name))
         if event.get("to") == champion and event.get("from") != champion:
-            return event.get("from"), event.get("at")
+            before = event.get("from")
+            return (check_version(str(before), f"{model_root.uri}/{HISTORY}/{name}") if before else None), event.get("at")
     return None, None
 
 

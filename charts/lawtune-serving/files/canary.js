@@ -7,7 +7,8 @@
 //
 // pick()      which version answers: sha256(salt, sticky key) puts each client in one of 100
 //             buckets; buckets below the weight go to the challenger. The key is the API key (or,
-//             with sticky "conversation", the X-Lawtune-Conversation header when sent), so a
+//             with sticky "conversation", the X-Lawtune-Conversation header when sent; a page call,
+//             which carries no key, the user or address the gateway sets), so a
 //             client stays on one side while the weight stands, and raising the weight only
 //             moves clients from the champion to the challenger.
 // body()      rewrites a request for `<model>` (or one that names no model) to `<model>:<version>`,
@@ -35,7 +36,8 @@ function stickyKey(r, rt) {
     if (rt.sticky === 'conversation' && conversation) {
         return 'c:' + conversation;
     }
-    return 'k:' + (r.headersIn['Authorization'] || r.remoteAddress);
+    // Page calls (no key of their own): the user the ingress names, else the client's address.
+    return 'k:' + (r.headersIn['Authorization'] || r.variables.lawtune_client_id || r.remoteAddress);
 }
 
 function bucket(salt, key) {

@@ -91,7 +91,7 @@ _helpers.tpl; in merged mode they render nothing (or what the chart always rende
 {{- if eq (include "lawtune-serving.mode" .) "adapters" -}}
 {{- $a := .Values.adapters -}}
 - name: adapter-agent
-  image: "{{ .Values.fetchModel.image.repository }}:{{ .Values.fetchModel.image.tag }}"
+  image: {{ include "lawtune-serving.fetchModelImage" . | quote }}
   imagePullPolicy: {{ .Values.fetchModel.image.pullPolicy }}
   command: ["python", "-m", "shared.serve.agent"]
   args:

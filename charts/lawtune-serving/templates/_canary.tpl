@@ -56,6 +56,7 @@ js_var $lawtune_model;
 js_var $lawtune_arm;
 js_var $lawtune_served;
 js_var $lawtune_fallback_version;
+js_var $lawtune_client_id;
 js_set $lawtune_pick lawtune_canary.pick;
 js_set $lawtune_body lawtune_canary.body;
 js_set $lawtune_fallback_body lawtune_canary.fallbackBody;
@@ -105,15 +106,23 @@ proxy_pass http://lawtune_vllm;
 {{- end }}
 {{- end }}
 
-{{/* In the page's `location = /ui/api/v1/chat/completions` (ui.auth=ingress), in place of its proxy_pass. */}}
+{{/* In the page calls' second hop (lawtune-serving.nginx.pageUpstream, ui.auth=ingress or loopback), in place of
+its proxy_pass. Page calls carry no key of their own: they stick to a side by the user the ingress names
+(ui.ingress.identityHeader), else by the client's address, or by the page's conversation id. */}}
 {{- define "lawtune-serving.canary.uiProxy" -}}
 {{- if include "lawtune-serving.canary.active" . -}}
+{{- if eq (include "lawtune-serving.uiAuth" .) "ingress" }}
+set $lawtune_client_id "u:{{ include "lawtune-serving.headerVariable" .Values.ui.ingress.identityHeader }}";
+{{- else }}
+set $lawtune_client_id "a:$http_x_forwarded_for";
+{{- end }}
 set $lawtune_version $lawtune_pick;
 proxy_pass http://{{ include "lawtune-serving.canary.upstream" . }}/v1/chat/completions;
 proxy_set_body $lawtune_body;
 add_header X-Lawtune-Model-Version $lawtune_served always;
 proxy_intercept_errors on;
 error_page 404 = @lawtune_ui_fallback;
+error_page 502 503 504 = @upstream_unavailable;
 {{ include "lawtune-serving.canary.accessLog" . }}
 {{- else -}}
 proxy_pass http://lawtune_vllm/v1/chat/completions;
@@ -138,9 +147,17 @@ proxy_pass http://{{ ternary "$lawtune_fallback_upstream" "lawtune_vllm" (eq (in
 proxy_http_version 1.1;
 proxy_set_header Connection "";
 proxy_set_header Host $host;
+{{- if .page }}
+proxy_set_header X-Forwarded-For $http_x_forwarded_for;
+proxy_set_header X-Forwarded-Proto $http_x_forwarded_proto;
+proxy_set_header X-Request-Id $http_x_request_id;
+proxy_set_header X-Lawtune-Page-Body "";
+include {{ include "lawtune-serving.uiUpstreamAuthFile" .root }};
+{{- else }}
 proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
 proxy_set_header X-Forwarded-Proto $scheme;
 proxy_set_header X-Request-Id $request_id;
+{{- end }}
 proxy_set_body $lawtune_fallback_body;
 add_header X-Lawtune-Model-Version $lawtune_served always;
 proxy_buffering off;
@@ -155,15 +172,17 @@ proxy_send_timeout {{ $g.timeouts.send }};
 {{- define "lawtune-serving.canary.serverContext" -}}
 {{- if and (include "lawtune-serving.canary.active" .) (not .Values.maintenance.enabled) -}}
 location @lawtune_fallback {
-    {{- include "lawtune-serving.canary.fallbackBody" (dict "root" . "uri" "") | nindent 4 }}
-}
-{{- if eq (include "lawtune-serving.uiAuth" .) "ingress" }}
-location @lawtune_ui_fallback {
-    proxy_set_header Cookie "";
-    include {{ include "lawtune-serving.uiUpstreamAuthFile" . }};
-    {{- include "lawtune-serving.canary.fallbackBody" (dict "root" . "uri" "/v1/chat/completions") | nindent 4 }}
+    {{- include "lawtune-serving.canary.fallbackBody" (dict "root" . "uri" "" "page" false) | nindent 4 }}
 }
 {{- end }}
+{{- end }}
+
+{{/* Named location of the page calls' second hop (lawtune-serving.nginx.pageUpstream). */}}
+{{- define "lawtune-serving.canary.pageServerContext" -}}
+{{- if and (include "lawtune-serving.canary.active" .) (not .Values.maintenance.enabled) -}}
+location @lawtune_ui_fallback {
+    {{- include "lawtune-serving.canary.fallbackBody" (dict "root" . "uri" "/v1/chat/completions" "page" true) | nindent 4 }}
+}
 {{- end }}
 {{- end }}
 
@@ -206,7 +225,7 @@ checksum/canary: {{ .Files.Get "files/canary.js" | sha256sum }}
 {{- if include "lawtune-serving.canary.active" . -}}
 {{- $c := .Values.canary -}}
 - name: canary-agent
-  image: "{{ .Values.fetchModel.image.repository }}:{{ .Values.fetchModel.image.tag }}"
+  image: {{ include "lawtune-serving.fetchModelImage" . | quote }}
   imagePullPolicy: {{ .Values.fetchModel.image.pullPolicy }}
   command: ["python", "-m", "shared.serve.agent"]
   args:
