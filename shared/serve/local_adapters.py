@@ -141,10 +141,13 @@ def serve_adapters(settings: Settings, model_name: str, port: int, vllm_port: in
     ``fetch`` and ``start_vllm`` are shared/serve/serve_local.py's (the init container's command and
     the vLLM launcher; passed in, as serve_local imports this module); ``vllm_args`` its engine
     settings, to which the LoRA flags are added."""
+    root = open_location(settings.models_uri(model_name), settings)
+    if read_promoted(root) is None:
+        raise ConfigError(f"{root.uri}: nothing is promoted (lawtune models promote {model_name} <version>, or make train)")
     adapter = promoted_adapter(settings, model_name)
     if not adapter:
-        raise ConfigError(f"{settings.models_uri(model_name)}: the promoted version carries no adapter (publish it with "
-                          "publish.artifact: adapter or both), or nothing is promoted; serve it with --mode merged")
+        raise ConfigError(f"{root.uri}: the promoted version carries no adapter (publish it with publish.artifact: "
+                          "adapter or both); serve it with --mode merged")
     digest = adapter["base_model_digest"]
     base_dir = settings.cache_dir / "serving" / "bases" / digest[:16]
     print(fetch(base_uri(settings.artifact_root, digest), base_dir), flush=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.charts.test_lawtune_serving import (
-    CHART_DIR, CRD_KINDS, _deployment, _flag, _merge, _nginx_conf, _pod_labels, _render, _selects,
+    CHART_DIR, CRD_KINDS, PAGE_MODES, _deployment, _flag, _merge, _nginx_conf, _pod_labels, _render, _selects,
 )
 from tests.helm_utils import RenderError, by_kind, validate
 
@@ -22,8 +22,8 @@ MERGED_CANARY = {"canary": {"enabled": True, "challengerVersion": "r2-bbbb"}, "m
 
 @pytest.mark.parametrize("overrides", [
     pytest.param(ADAPTERS, id="adapters"),
-    pytest.param(_merge(ADAPTERS, {"vllm": {"device": "cpu"}, "serviceMonitor": {"enabled": True},
-                                   "ui": {"enabled": True, "auth": "ingress"}}), id="adapters-cpu-page-monitor"),
+    pytest.param(_merge(_merge(ADAPTERS, PAGE_MODES["ingress"]), {"vllm": {"device": "cpu"}, "serviceMonitor": {"enabled": True},
+                                                            "ui": {"enabled": True}}), id="adapters-cpu-page-monitor"),
     pytest.param(MERGED_CANARY, id="merged-canary"),
     pytest.param(_merge(MERGED_CANARY, {"serviceMonitor": {"enabled": True}, "autoscaling": {"type": "keda"}}), id="merged-canary-keda"),
 ])
@@ -36,14 +36,19 @@ def test_adapters_mode_runs_the_base_with_lora_and_the_adapter_agent():
     objects = _render(_merge(ADAPTERS, {"adapters": {"maxLoras": 8, "maxLoraRank": 64, "maxCpuLoras": 16}}))
     vllm = _deployment(objects, "vllm")
     pod = vllm["spec"]["template"]["spec"]
-    server, agent = pod["containers"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    # vLLM's /metrics only through the metrics sidecar, in adapters mode as in merged mode.
+    assert list(containers) == ["vllm", "metrics-proxy", "adapter-agent"]
+    server, agent = containers["vllm"], containers["adapter-agent"]
+    assert agent["image"] == "ghcr.io/lawtune/fetch-model:0.1.0"
     args = server["args"]
     assert ["--enable-lora", "--max-loras=8", "--max-lora-rank=64", "--max-cpu-loras=16"] == \
         [a for a in args if "lora" in a]
     assert _flag(args, "--served-model-name") == "legal-assistant:base"
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in server["env"]
     # The init container fetches the base by its digest (verified like any published folder) into the model dir.
-    (fetch,) = pod["initContainers"]
+    fetch = pod["initContainers"][0]
+    assert fetch["name"] == "fetch-model"
     assert fetch["args"] == [f"s3://lawtune/prod/bases/{DIGEST}", f"/models/base/{DIGEST[:16]}"]
     assert _flag(args, "--model") == fetch["args"][1]
     # The agent: loads adapters into this replica's vLLM, gates the pod's readiness, has the key from the Secret.
@@ -113,7 +118,8 @@ def test_merged_canary_runs_the_challenger_beside_the_champion_and_nothing_mixes
     assert challenger["spec"]["replicas"] == 1
     names = {d["metadata"]["name"]: d for d in (champion, challenger)}
     for dep, version in ((champion, "r1-aaaa"), (challenger, "r2-bbbb")):
-        (server,) = dep["spec"]["template"]["spec"]["containers"]
+        server, sidecar = dep["spec"]["template"]["spec"]["containers"]
+        assert sidecar["name"] == "metrics-proxy"
         args = server["args"]
         at = args.index("--served-model-name")
         assert args[at + 1:at + 3] == [f"legal-assistant:{version}", "legal-assistant"], "the version first: vLLM names it"
@@ -132,7 +138,47 @@ def test_merged_canary_runs_the_challenger_beside_the_champion_and_nothing_mixes
     conf = _nginx_conf(objects)
     assert "server t-lawtune-serving-vllm-challenger:8000;" in conf
     assert '"r2-bbbb" lawtune_vllm_challenger;' in conf and "proxy_pass http://$lawtune_upstream;" in conf
-    assert "t-lawtune-serving-vllm-challenger" in {m["metadata"]["name"] for m in by_kind(objects, "ServiceMonitor")}
+    # The challenger's metrics, like the champion's, only through its metrics sidecar.
+    challenger_monitor = next(m for m in by_kind(objects, "ServiceMonitor") if m["metadata"]["name"] == "t-lawtune-serving-vllm-challenger")
+    assert [e["port"] for e in challenger_monitor["spec"]["endpoints"]] == ["metrics"]
+    challenger_service = next(s for s in by_kind(objects, "Service") if s["metadata"]["name"] == "t-lawtune-serving-vllm-challenger")
+    assert {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"} in challenger_service["spec"]["ports"]
+    assert {p["port"] for r in challenger_policy["spec"]["ingress"] for p in r["ports"]} == {"http", "metrics"}
+
+
+def test_the_canary_in_the_hardened_gateway_page_calls_and_network_policy():
+    """sec's ui.auth=ingress: page calls are split in the second hop (after the body check, with the key the gateway
+    adds, sticky by the user the ingress names), and the gateway's NetworkPolicy admits the scraper to the canary's
+    metrics port (and nobody else)."""
+    objects = _render(_merge(_merge(ADAPTERS, PAGE_MODES["ingress"]), {"ui": {"enabled": True}, "vllm": {"device": "cpu"}}))
+    conf = _nginx_conf(objects)
+    hop = conf[conf.index("listen unix:"):]
+    assert 'set $lawtune_client_id "u:$http_x_auth_request_email";' in hop
+    assert hop.index("set $lawtune_client_id") < hop.index("set $lawtune_version $lawtune_pick;") < hop.index("proxy_set_body $lawtune_body;")
+    assert "location @lawtune_ui_fallback" in hop and "error_page 404 = @lawtune_ui_fallback;" in hop
+    fallback = hop[hop.index("location @lawtune_ui_fallback"):]
+    fallback = fallback[:fallback.index("\n    }")]  # the retry on the version before carries the key, not the page's marks
+    assert 'proxy_set_header X-Lawtune-Page-Body "";' in fallback and "/ui-upstream-auth.conf;" in fallback
+    assert "proxy_set_header X-Forwarded-For $http_x_forwarded_for;" in fallback
+    # The first hop forwards the checked body; the canary does not run there.
+    first = conf[:conf.index("listen unix:")]
+    page = first[first.index("location = /ui/api/v1/chat/completions"):]
+    assert "lawtune_pick" not in page.split("location @ui_rate_limited")[0]
+    (policy,) = [p for p in by_kind(objects, "NetworkPolicy") if p["metadata"]["name"].endswith("-gateway")]
+    rules = {tuple(p["port"] for p in r["ports"]): r.get("from") for r in policy["spec"]["ingress"]}
+    assert rules[("metrics",)] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    gateway = _deployment(objects, "gateway")
+    agent = next(c for c in gateway["spec"]["template"]["spec"]["containers"] if c["name"] == "canary-agent")
+    assert agent["image"] == "ghcr.io/lawtune/fetch-model:0.1.0-cpu"
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("njsModule", "/x.so; load_module /evil.so"), ("scriptDir", "/etc/nginx lawtune"), ("routesDir", "/run/{x}"),
+    ("challengerUpstream", "evil:80; server other:81"),
+])
+def test_canary_values_written_into_nginx_conf_are_refused_unless_plain(key, value):
+    with pytest.raises(RenderError, match=f"canary.{key}"):
+        _render(_merge(ADAPTERS, {"canary": {key: value}}))
 
 
 def test_canary_off_renders_no_canary():

@@ -40,7 +40,7 @@ from tests.servers import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[3]
 NAME = "legal"
-KEY = "sk-adapters-test-0123456789"
+KEY = "sk-adapters-test-0123456789abcdefghij"
 
 
 def _train(run_id: str, config: Path, env: dict, *sets: str) -> subprocess.CompletedProcess:

@@ -28,7 +28,7 @@ from tests.helm_utils import helm_path
 from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
-KEY = "sk-canary-test-0123456789"
+KEY = "sk-canary-test-0123456789abcdefghijk"
 DIGEST = "cd" * 32
 
 
@@ -202,3 +202,34 @@ def test_merged_mode_sends_each_version_to_its_own_deployment(canary_gateway):
     writer.write(ServingState("legal", "r1-a", "r2-b", 100))
     status, headers, reply = _post(gateway.url, {"model": "legal"})
     assert status == 200 and reply["upstream"] == "u0" and headers["x-lawtune-model-version"] == "r1-a"
+
+
+def _page_post(url: str, body: bytes) -> tuple[int, dict, dict]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", "/ui/api/v1/chat/completions", body=body,
+                 headers={"Content-Type": "application/json", "X-Lawtune-Page": "1", "X-Lawtune-Conversation": "p1"})
+    resp = conn.getresponse()
+    out = resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(resp.read() or b"{}")
+    conn.close()
+    return out
+
+
+def test_page_calls_are_split_after_the_body_check_with_the_key_the_gateway_adds(canary_gateway):
+    """ui.auth=loopback (make serve): a keyless page call passes sec's shape check in the first hop; the canary picks
+    the version in the second hop (the only one that adds the key), names it, and retries the version before on 404."""
+    page = {"model": {"name": "legal"}, "ui": {"enabled": True, "auth": "loopback", "maxTokens": 64}}
+    gateway, (upstream,), writer = canary_gateway({**ADAPTERS, **page}, ServingState("legal", "r1-a", "r2-b", 100))
+    body = b'{"model":"legal","messages":[{"role":"user","content":"What is a lease?"}],"stream":true,"max_tokens":64}'
+    status, headers, reply = _page_post(gateway.url, body)
+    assert status == 200 and headers["x-lawtune-model-version"] == "r2-b" and reply["model"] == "legal:r2-b"
+    assert reply["received"] == {"model": "legal:r2-b", "messages": [{"role": "user", "content": "What is a lease?"}],
+                                 "stream": True, "max_tokens": 64}
+    # The challenger's replica has not loaded it: the champion answers the page.
+    upstream.missing = {"legal:r2-b"}
+    status, headers, reply = _page_post(gateway.url, body)
+    assert status == 200 and headers["x-lawtune-model-version"] == "r1-a" and reply["model"] == "legal:r1-a"
+    # A body of another shape never reaches the canary or vLLM.
+    seen = len(upstream.raw)
+    status, _, reply = _page_post(gateway.url, body.replace(b'"max_tokens":64', b'"max_tokens":64,"n":50'))
+    assert status == 400 and reply["error"]["code"] == "invalid_page_request" and len(upstream.raw) == seen

@@ -85,3 +85,39 @@ def test_merged_mode_refuses_an_adapter_only_version(published, capsys, tmp_path
     assert "v1 carries only an adapter (publish.artifact=adapter): deploy it with serving.mode=adapters" in capsys.readouterr().err
     assert fetch_model.main([settings.models_uri("legal-assistant"), str(tmp_path / "model")]) == 2
     assert "carries only an adapter" in capsys.readouterr().err and not (tmp_path / "model").exists()
+
+
+def test_a_release_kept_in_adapters_mode_stays_there_without_its_values_file(published, tmp_path, monkeypatch, capfd):
+    """deploy keeps the release's values (helm --reset-then-reuse-values): an upgrade without the values file that
+    chose serving.mode=adapters is still an adapters release, so it must get the base digest, not a merged deploy's
+    refusal or a record that says merged. --reset-values drops the kept mode."""
+    import json
+
+    from shared.store.releases import releases
+
+    settings, location, tmp = published
+    log = tmp_path / "helm-calls.txt"
+    helm = tmp_path / "helm"
+    status = {"name": "assistant", "namespace": "serving", "version": 3, "info": {"status": "deployed"},
+              "config": {"serving": {"mode": "adapters"}, "apiKey": {"existingSecret": "lawtune-api-key"}}}
+    helm.write_text(f'#!/bin/sh\necho "$@" >> {log}\nif [ "$1" = status ]; then echo \'{json.dumps(status)}\'; fi\n')
+    helm.chmod(0o755)
+    monkeypatch.setenv("LAWTUNE_HELM", str(helm))
+    monkeypatch.setenv("LAWTUNE_CLUSTER", "staging")
+    assert deploy.main(["--release", "assistant", "--namespace", "serving"]) == 0
+    upgrade = next(c for c in log.read_text().splitlines() if c.startswith("upgrade"))
+    assert f"adapters.baseDigest={DIGEST}" in upgrade
+    assert "adapters on base" in capfd.readouterr().out
+    (record,) = releases(location)
+    assert record["mode"] == "adapters" and record["base_model_digest"] == DIGEST
+    # Dropping the kept values: the adapter-only v1 cannot be deployed merged.
+    assert deploy.main(["--release", "assistant", "--namespace", "serving", "--reset-values"]) == 2
+    assert "v1 carries only an adapter" in capfd.readouterr().err
+
+
+def test_adapters_mode_with_remote_code_is_refused(published, capsys):
+    """The shared base's code is not pinned by digest (sec's rule for remote code): refused, named, before helm runs."""
+    _, _, tmp = published
+    values = _values(tmp, serving={"mode": "adapters"})
+    assert deploy.main(["--release", "assistant", "-f", str(values), "--dry-run", "--trust-remote-code"]) == 2
+    assert "serving.mode=adapters with remote code" in capsys.readouterr().err

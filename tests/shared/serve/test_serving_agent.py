@@ -170,7 +170,7 @@ def test_gateway_agent_process_writes_routes_and_serves_ready_and_metrics(store,
 def test_bad_flags_exit_2_naming_them(store, capsys, argv, needle):
     assert agent_main(["--model-name", "legal", "--port", "0", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("agent: error: ") and needle in err[-1], err[-1]
+    assert err[-1].startswith("lawtune agent: error: ") and needle in err[-1], err[-1]
 
 
 @pytest.mark.parametrize(("promote", "needle"), [
@@ -184,6 +184,48 @@ def test_make_serve_in_adapters_mode_refuses_what_it_cannot_serve(store, capsys,
     _, root = store
     if promote:
         _promote(root, promote)
-    assert serve_main(["--mode", "adapters", "--port", str(free_port()), "--vllm-port", str(free_port())]) == 2
+    assert serve_main(["--model-name", "legal", "--mode", "adapters", "--port", str(free_port()),
+                       "--vllm-port", str(free_port())]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("serve: error: ") and needle in err[-1], err[-1]
+    assert err[-1].startswith("lawtune serve: error: ") and needle in err[-1], err[-1]
+
+
+class _Admin:
+    """vLLM's LoRA admin API as the agent sees it (load/unload/list); the e2e runs the real one."""
+
+    def __init__(self, listed: dict[str, str]):
+        self.listed, self.unloaded = dict(listed), []
+
+    def adapters(self):
+        return dict(self.listed)
+
+    def load(self, name, path):
+        self.listed[name] = str(path)
+
+    def unload(self, name):
+        self.unloaded.append(name)
+        self.listed.pop(name, None)
+
+
+@pytest.mark.parametrize("name", ["../outside", "/abs", "a/b", ".."])
+def test_versions_from_the_store_never_become_folders_outside_the_adapters_folder(store, tmp_path, name):
+    """sec's rule for names read from the store: a CANARY or history naming a path is refused before the adapter agent
+    fetches into, or deletes, <adapters_dir>/<version>; an odd name vLLM lists is unloaded but never deleted as a path."""
+    from shared.core.errors import ConfigError
+    from shared.serve.adapter_sync import AdapterSync
+
+    settings, root = store
+    _promote(root, "r1-a")
+    root.write_text("CANARY", json.dumps({"version": name, "weight": 10}))
+    with pytest.raises(ConfigError, match=r"CANARY holds .*expected a version name"):
+        read_canary(root)
+    adapters_dir = tmp_path / "serving" / "adapters"
+    victim = tmp_path / "serving" / "outside"
+    victim.mkdir(parents=True)
+    adapters_dir.mkdir()
+    sync = AdapterSync(settings, "legal", _Admin({f"legal:{name}": "/x"}), adapters_dir, "0" * 64, settle_seconds=0)
+    with pytest.raises(ConfigError):
+        sync._version_dir(name)
+    root.delete("CANARY")
+    sync.sync()
+    assert sync.admin.unloaded == [f"legal:{name}"] and victim.is_dir()
