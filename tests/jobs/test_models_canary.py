@@ -88,7 +88,7 @@ def test_bad_canary_commands_exit_2_naming_why(champion_and_challengers, capsys,
     _, root = champion_and_challengers
     assert models.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("models: error: ") and needle in err[-1], err[-1]
+    assert err[-1].startswith("lawtune models: error: ") and needle in err[-1], err[-1]
     assert read_canary(root)[0] is None
 
 

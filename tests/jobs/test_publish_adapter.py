@@ -103,7 +103,7 @@ def test_a_refused_adapter_exits_2_naming_why_and_writes_nothing(settings, tiny_
     config.write_text(yaml.safe_dump({"publish": {"artifact": "both"}}))
     assert publish.main(["--model-name", "legal", "--config", str(config), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("publish: error: ") and needle in err[-1], err[-1]
+    assert err[-1].startswith("lawtune publish: error: ") and needle in err[-1], err[-1]
     models = open_location(settings.models_uri("legal"), settings)
     assert not [f for f in models.list_files() if f.endswith("MANIFEST.json")] and not models.exists("PROMOTED")
     assert not open_location(f"{settings.artifact_root}/bases", settings).list_files()
