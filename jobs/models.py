@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="promote a version whose quality gate failed")
     sub.add_parser("rollback", help="move PROMOTED back to the version promoted before it",
                    description="Move PROMOTED back to the version promoted before it.").add_argument("name", help=name_help)
-    c = sub.add_parser("canary", help="give a challenger version a share of the traffic; `promote` or `abort` ends it",
-                       description="Give a challenger version a share of the traffic; `promote` or `abort` ends it.")
+    c = sub.add_parser("canary", help="give a challenger version a share of the traffic; promote or abort ends it",
+                       description="Give a challenger version a share of the traffic; promote or abort ends it.")
     c.add_argument("name", help=name_help)
     c.add_argument("target", metavar="VERSION|promote|abort",
                    help="the challenger version (lawtune models list shows them), or promote / abort to end the canary")
