@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("auth", ["ingress", "pasteKey"])
+@pytest.mark.parametrize("auth", ["loopback", "pasteKey"])
 def test_each_conversation_sends_one_id_and_a_new_chat_another(page_gateway, stand_in, tabs, auth):
     from tests.shared.serve.test_assistant_page import KEY
 
