@@ -179,7 +179,7 @@ location @lawtune_fallback {
 
 {{/* Named location of the page calls' second hop (lawtune-serving.nginx.pageUpstream). */}}
 {{- define "lawtune-serving.canary.pageServerContext" -}}
-{{- if and (include "lawtune-serving.canary.active" .) (not .Values.maintenance.enabled) -}}
+{{- if include "lawtune-serving.canary.active" . -}}
 location @lawtune_ui_fallback {
     {{- include "lawtune-serving.canary.fallbackBody" (dict "root" . "uri" "/v1/chat/completions" "page" true) | nindent 4 }}
 }
