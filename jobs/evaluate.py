@@ -147,9 +147,17 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
             if champion:
                 log.info("generating the production model's answers (%s)", champion.uri)
                 champion_manifest = fetch_stage(settings, champion.uri, scratch / "production")
-                if trust:
-                    check_folder(scratch / "production", champion_manifest.extra.get(RECORD), record=f"{champion.uri}/MANIFEST.json")
-                production = generate_answers(scratch / "production", None, list(turns), ev.generation, **kwargs).base
+                record = f"{champion.uri}/MANIFEST.json"
+                if champion_manifest.extra.get("artifact") == "adapter":  # an adapter on its base (serving.mode=adapters)
+                    prod_base = resolve_base_model(champion_manifest.extra["adapter"]["base_model"], settings, trust)
+                    if trust:  # the base runs the code, and only the code the champion's finetune ran
+                        check_folder(prod_base, champion_manifest.extra.get(RECORD), record=record)
+                    production = generate_answers(prod_base, scratch / "production" / "adapter", list(turns), ev.generation,
+                                                  **kwargs).tuned
+                else:
+                    if trust:
+                        check_folder(scratch / "production", champion_manifest.extra.get(RECORD), record=record)
+                    production = generate_answers(scratch / "production", None, list(turns), ev.generation, **kwargs).base
         n = len(records)
         scored = {label: score_all(texts[:n], refs[:n]) for label, texts in
                   (("base", answers.base), ("tuned", answers.tuned), ("production", production)) if texts is not None}

@@ -1,6 +1,6 @@
 """Publish: merge the best adapter into its base, store it as a model version, promote it if the gate passed.
 
-    python -m jobs.publish --model-name legal-assistant
+    python -m jobs.publish --model-name legal-assistant [--config C] [--artifact merged|adapter|both]
     python -m jobs.publish --finetune s3://b/runs/r1/finetune --evaluate s3://b/runs/r1/evaluate \\
         --model-name legal-assistant [--force] [--trust-remote-code]
 
@@ -13,8 +13,16 @@ about two safetensors shards + the adapter; every merged weight checked against 
 small models against base+adapter logits too), or in memory in float32 with peft's
 ``merge_and_unload`` for adapters the sharded merge cannot do (shared/publish/merge.py).
 
+``publish.artifact`` in the config (or ``--artifact``) says what a version carries: ``merged``
+(the default: the merged model), ``adapter`` (the verified adapter under ``adapter/``, served on a
+shared base by the serving chart's ``serving.mode=adapters``; the base goes to
+``bases/<digest>/`` once) or ``both``. An adapter vLLM cannot serve (modules_to_save, embedding
+or head weights, a rank above ``publish.max_lora_rank``, a base it does not fit or that differs
+from the one finetune trained on) is refused before anything is written
+(shared/publish/adapter_publish.py).
+
 Output: ``<artifact_root>/models/<name>/<version>/`` (sharded safetensors, tokenizer, chat
-template, generation config, ``lawtune-model.json`` provenance, ``MANIFEST.json`` last),
+template, generation config, and/or ``adapter/``; ``lawtune-model.json`` provenance, ``MANIFEST.json`` last),
 where ``<version>`` is ``<run_id>-<10 hex of the inputs digest>``: the same finetune and
 evaluate artifacts give the same version, so publishing a run twice is a no-op. Then
 ``models/<name>/PROMOTED`` (content: the version) is moved to it only when the gate passed,
@@ -29,7 +37,7 @@ overwritten.
 
 Exit codes: 0 published (promoted or not: stdout says which); 1 storage/runtime failure
 (retry), or another publish promoted first (the line names the winner); 2 missing/corrupt
-inputs, a quantised base, or a merge that fails its check.
+inputs, a quantised base, a merge that fails its check, or an adapter vLLM cannot serve.
 """
 
 from __future__ import annotations
@@ -68,16 +76,23 @@ class Result:
     gate_passed: bool
     promoted: bool  # PROMOTED names this version now
     forced: bool
+    artifact: str = "merged"
+
+
+ARTIFACTS = ("merged", "adapter", "both")
 
 
 def run(settings: Settings, model_name: str, finetune_uri: str | None = None, evaluate_uri: str | None = None,
-        *, force: bool = False, max_shard_size: str = "2GB", config: TrainConfig | None = None,
-        trust_remote_code: bool = False) -> Result:
-    """``config``: the --config/--base-model/--set every stage takes; an explicit base model other
+        *, force: bool = False, max_shard_size: str = "2GB", artifact: str = "merged", max_lora_rank: int = 16,
+        promote: bool = True, config: TrainConfig | None = None, trust_remote_code: bool = False) -> Result:
+    """``artifact``, ``max_lora_rank``, ``promote``: the config's publish section (``--artifact`` wins).
+    ``config``: the --config/--base-model/--set every stage takes; an explicit base model other
     than the one finetune recorded is refused (TrainConfig.expect_base_model). ``trust_remote_code``:
     the operator's switch (never the config's or a manifest's) to run the base model's own code."""
     from shared.core.errors import ConfigError
 
+    if artifact not in ARTIFACTS:
+        raise ConfigError(f"--artifact {artifact!r}: expected one of {', '.join(ARTIFACTS)}")
     if not _NAME.match(model_name):
         raise ConfigError(f"--model-name {model_name!r}: expected 1-63 lowercase letters, digits, '.', '_' or '-'")
     finetune_uri = finetune_uri or settings.run_uri("finetune")
@@ -96,7 +111,9 @@ def run(settings: Settings, model_name: str, finetune_uri: str | None = None, ev
     if config is not None:
         config.expect_base_model(base_ref, finetune_uri)
 
-    inputs = {"finetune": ft_manifest.digest, "evaluate": ev_manifest.digest, "code_version": settings.resolved_code_version}
+    inputs = {"finetune": ft_manifest.digest, "evaluate": ev_manifest.digest, "code_version": settings.resolved_code_version,
+              # merged versions keep the names they always had; an adapter version is another publication
+              **({"artifact": artifact} if artifact != "merged" else {})}
     version = f"{settings.run_id}-{digest_inputs(inputs)[:10]}"
     model_root = open_location(settings.models_uri(model_name), settings)
     version_uri = join(settings.models_uri(model_name), version)
@@ -109,10 +126,17 @@ def run(settings: Settings, model_name: str, finetune_uri: str | None = None, ev
             manifest = out.skipped
         else:
             manifest = _merge_and_commit(settings, out, ft_manifest, ev_manifest, finetune_uri, evaluate_uri, base_ref,
-                                         gate, version, max_shard_size, trust_remote_code)
+                                         gate, version, max_shard_size, trust_remote_code, artifact, max_lora_rank,
+                                         model_root)
     mark_published(settings, finetune_uri, version_uri)
-    promoted = _promote(model_root, pointer, version, manifest, passed, force, gate, settings.run_id)
-    return Result(version, version_uri, manifest, out.skipped is not None, passed, promoted, force and not passed)
+    if promote or force:
+        promoted = _promote(model_root, pointer, version, manifest, passed, force, gate, settings.run_id)
+    else:
+        log.info("publish.promote is false: PROMOTED stays at %s (lawtune models canary %s %s --weight 10 tries it on "
+                 "a share of the traffic)", pointer.version or "<none>", model_name, version)
+        promoted = pointer.version == version
+    return Result(version, version_uri, manifest, out.skipped is not None, passed, promoted, force and not passed,
+                  manifest.extra.get("artifact", "merged"))
 
 
 def mark_published(settings: Settings, finetune_uri: str, version_uri: str) -> None:
@@ -124,30 +148,44 @@ def mark_published(settings: Settings, finetune_uri: str, version_uri: str) -> N
 
 
 def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, ev_manifest: Manifest, finetune_uri: str,
-                      evaluate_uri: str, base_ref: str, gate, version: str, max_shard_size: str, trust: bool) -> Manifest:
+                      evaluate_uri: str, base_ref: str, gate, version: str, max_shard_size: str, trust: bool,
+                      artifact: str = "merged", max_lora_rank: int = 16, model_root: Location | None = None) -> Manifest:
+    from shared.publish.adapter_publish import prepare_adapter, publish_base
     from shared.publish.merge import merge_adapter
     from shared.train.models import resolve_base_model
 
     base_dir = resolve_base_model(base_ref, settings, trust, switch="--trust-remote-code")
     if trust:  # only the code finetune ran, by digest
         check_folder(base_dir, ft_manifest.extra.get(RECORD), record=f"{finetune_uri}/MANIFEST.json")
+    prepared, merge_check = None, None
     with tempfile.TemporaryDirectory(prefix="publish-in-", dir=out.workdir.parent) as scratch:
         adapter_files = [f.path for f in ft_manifest.files if f.path.startswith("adapter/")]
         fetch_stage(settings, finetune_uri, Path(scratch) / "finetune", only=adapter_files)
         model_dir = out.workdir
-        result = merge_adapter(base_dir, Path(scratch) / "finetune" / "adapter", model_dir, max_shard_size=max_shard_size,
-                               trust_remote_code=trust)
+        if artifact != "merged":  # refused adapters stop here, before the (long) merge
+            prepared = prepare_adapter(Path(scratch) / "finetune" / "adapter", base_dir, base_ref=base_ref,
+                                       trained_digest=ft_manifest.extra.get("base_model_digest"), max_lora_rank=max_lora_rank,
+                                       where=f"{finetune_uri}/adapter", model_root=model_root)
+        if artifact != "adapter":
+            result = merge_adapter(base_dir, Path(scratch) / "finetune" / "adapter", model_dir, max_shard_size=max_shard_size,
+                                   trust_remote_code=trust)
+            merge_check = {"max_abs_logit_diff": result.max_abs_diff, "saved_max_abs_logit_diff": result.saved_max_abs_diff,
+                           "saved_dtype": result.saved_dtype, "method": result.method,
+                           "max_forward_rel_err": result.max_forward_rel_err}
+        if prepared:
+            prepared.place(model_dir)
     provenance = {
         "version": version, "run_id": settings.run_id, "base_model": base_ref, "best_step": ft_manifest.extra.get("best_step"),
         "finetune": finetune_uri, "evaluate": evaluate_uri, "gate": gate, "published_at": now_iso(),
-        "merge_check": {"max_abs_logit_diff": result.max_abs_diff, "saved_max_abs_logit_diff": result.saved_max_abs_diff,
-                        "saved_dtype": result.saved_dtype, "method": result.method,
-                        "max_forward_rel_err": result.max_forward_rel_err},
+        "artifact": artifact, "merge_check": merge_check, **({"adapter": prepared.extra} if prepared else {}),
     }
     (model_dir / "lawtune-model.json").write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if prepared:  # the base is in the store before any manifest names it
+        publish_base(settings, prepared)
     return out.commit(extra={
         "gate": gate, "base_model": base_ref, "best_step": ft_manifest.extra.get("best_step"),
-        "merge_check": provenance["merge_check"], "run_id": settings.run_id, "trained_at": ft_manifest.finished_at,
+        "artifact": artifact, **({"adapter": prepared.extra} if prepared else {}),
+        "merge_check": merge_check, "run_id": settings.run_id, "trained_at": ft_manifest.finished_at,
         "metrics": ev_manifest.extra.get("metrics", {}), "data": ft_manifest.inputs.get("data"),
         # URI and digest of each upstream artifact: lineage follows these and notices changed content.
         "lineage": {"finetune": {"uri": finetune_uri, "digest": ft_manifest.digest},
@@ -198,10 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-name", metavar="NAME", required=True, help="published as <artifact_root>/models/<name>/<version>")
     parser.add_argument("--force", action="store_true", help="promote even if the quality gate failed (logged loudly)")
     parser.add_argument("--max-shard-size", metavar="SIZE", default="2GB", help="safetensors shard size of the merged model (default 2GB)")
+    parser.add_argument("--artifact", choices=ARTIFACTS, help="what the version carries (default: the config's publish.artifact, "
+                        "else merged)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the base model repository's own code (ChatGLM3), only the files finetune recorded; "
                              "make train passes it when the config sets trust_remote_code: true")
-    add_config_arguments(parser, reads="only base_model (the merge uses the base finetune recorded)", base_model="expect")
+    add_config_arguments(parser, reads="the publish section and base_model (the merge uses the base finetune recorded)",
+                         base_model="expect")
     args = parser.parse_args(argv)
 
     def body() -> None:
@@ -209,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_level)
         config = config_from_args(args)
         r = run(settings, args.model_name, args.finetune, args.evaluate, force=args.force, max_shard_size=args.max_shard_size,
-                config=config, trust_remote_code=args.trust_remote_code)
-        print(f"model: {r.version_uri}{' (already published)' if r.skipped else ''}")
+                artifact=args.artifact or config.publish.artifact, max_lora_rank=config.publish.max_lora_rank,
+                promote=config.publish.promote, config=config, trust_remote_code=args.trust_remote_code)
+        print(f"model: {r.version_uri} ({r.artifact}){' (already published)' if r.skipped else ''}")
         print(f"gate: {'PASSED' if r.gate_passed else 'FAILED'}")
         state = "promoted (FORCED)" if r.forced else "promoted" if r.promoted else "not promoted"
         print(f"PROMOTED: {state}: {settings.models_uri(args.model_name)}/{PROMOTED}")
