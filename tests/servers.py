@@ -215,37 +215,6 @@ class MlflowServer:
     process: subprocess.Popen
     log_path: Path
 
-    @property
-    def master_url(self) -> str:
-        return "http://127.0.0.1:" + next(a for a in self.cmd if a.startswith("-master.port=")).split("=", 1)[1]
-
-    def volumes(self) -> dict[str, int]:
-        """Volumes per collection (a bucket is a collection), from the master's /vol/status."""
-        import urllib.request
-
-        found: dict[str, int] = {}
-
-        def walk(node) -> None:
-            if isinstance(node, dict):
-                if "Id" in node and "Collection" in node:
-                    found[node["Collection"]] = found.get(node["Collection"], 0) + 1
-                for value in node.values():
-                    walk(value)
-            elif isinstance(node, list):
-                for value in node:
-                    walk(value)
-
-        with urllib.request.urlopen(f"{self.master_url}/vol/status", timeout=10) as answer:
-            walk(json.load(answer))
-        return found
-
-    def remove_bucket(self, name: str) -> None:
-        """Delete a bucket with what is in it. Every bucket is a collection holding 7 volumes of
-        the server's ``-volume.max``; a session's tests that only ever create buckets ran out of
-        volumes (InternalError on every PutObject) once the suite outgrew the cap. SeaweedFS
-        deletes a non-empty bucket and frees its collection's volumes."""
-        self.client().delete_bucket(Bucket=name)
-
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)  # uvicorn and its worker
