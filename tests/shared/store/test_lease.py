@@ -253,7 +253,10 @@ def test_a_lease_write_whose_answer_was_lost_is_recognised_as_ours(lease_proxy, 
             lease_proxy.add(Fault("lose-response", method="PUT", path_contains=LEASE))
             _wait_for(lambda: lease_proxy.hits("lose-response") == 1 and lease._etag == loc.read_with_token(LEASE)[1], 20,
                       "the renewal whose answer was lost, and one after it")
-            _wait_for(lambda: lease._writes >= 3, 20, "a renewal after the lost answer")
+            # check() right after a renewal: on loaded cores a renewal can take longer than the
+            # 2 s TTL's margin, which check() rightly refuses; that is not what this test is about.
+            _wait_for(lambda: lease._writes >= 3 and time.monotonic() - lease._renewed_at < lease.ttl_s / 3, 20,
+                      "a renewal after the lost answer")
         assert lease_proxy.hits("lose-response") == 1, lease_proxy.log
         lease.check()
         assert json.loads(loc.read_bytes(LEASE))["id"] == lease.info["id"]
