@@ -278,19 +278,26 @@ class S3Location(Location):
         return out
 
     def sha256(self, rel: str) -> str:
+        def digest(body) -> str:
+            h = hashlib.sha256()
+            for chunk in body.iter_chunks(_HASH_CHUNK):
+                h.update(chunk)
+            return h.hexdigest()
+
+        return self._read_body(rel, digest)
+
+    def _read_body(self, rel: str, consume):
+        """``consume(body)`` of the object, read again from the start when the body is cut off."""
         from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
 
+        # botocore retries a call until its headers arrive; a body cut off after that is ours to re-read.
         streaming = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, BotoConnectionError)
         attempts = self._client.meta.config.retries.get("total_max_attempts", 3)
         for attempt in range(1, attempts + 1):
-            h = hashlib.sha256()
             try:
-                body = self._client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
-                for chunk in body.iter_chunks(_HASH_CHUNK):
-                    h.update(chunk)
-                return h.hexdigest()
-            except streaming as exc:  # a body cut off mid-read: read it again from the start
+                return consume(self._client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"])
+            except streaming as exc:
                 if attempt == attempts:
                     raise self._wrap("get", rel, exc) from exc
                 time.sleep(min(2.0, 0.1 * 2**attempt))
@@ -310,22 +317,7 @@ class S3Location(Location):
             raise self._wrap("head", rel, exc) from exc
 
     def read_bytes(self, rel: str) -> bytes:
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
-
-        # botocore retries a call until its headers arrive; a body cut off after that is ours to re-read.
-        streaming = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, BotoConnectionError)
-        attempts = self._client.meta.config.retries.get("total_max_attempts", 3)
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
-            except streaming as exc:
-                if attempt == attempts:
-                    raise self._wrap("get", rel, exc) from exc
-                time.sleep(min(2.0, 0.1 * 2**attempt))
-            except Exception as exc:
-                raise self._wrap("get", rel, exc) from exc
-        raise AssertionError("unreachable")
+        return self._read_body(rel, lambda body: body.read())
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         try:
