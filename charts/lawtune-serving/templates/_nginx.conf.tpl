@@ -148,7 +148,10 @@ Slow clients. A connection costs a worker slot (worker_connections; a proxied st
 two) and, once its headers are in, up to maxBodySize of body buffer. Slow headers are cut after
 timeouts.clientHeader; a client address may hold at most connectionLimit.perClientIp
 connections with a request in progress, and further ones are closed at once (444, no answer),
-without waiting for a body a slow client would only trickle.
+without waiting for a body a slow client would only trickle. limit_req runs before limit_conn,
+so a slow request the rate limit refuses is answered 429 first and its body then read and dropped
+(nginx's lingering): timeouts.discardBody bounds how long that holds the slot (nginx's default
+is 30s, long enough for one address's refused connections to fill worker_connections).
 */}}
 {{- define "lawtune-serving.nginx.slowClients" -}}
 {{- $g := .Values.gateway -}}
@@ -157,6 +160,9 @@ client_header_timeout {{ $g.timeouts.clientHeader }};
 client_body_timeout {{ $g.timeouts.clientBody }};
 send_timeout {{ $g.timeouts.clientSend }};
 reset_timedout_connection on;
+# A request answered before its body is in still has the body read and dropped, on its slot.
+lingering_time {{ $g.timeouts.discardBody }};
+lingering_timeout {{ $g.timeouts.discardBody }};
 limit_conn_zone $binary_remote_addr zone=lawtune_conn:{{ $g.rateLimit.zoneSize }};
 limit_conn_status 444;
 limit_conn_log_level warn;
