@@ -40,24 +40,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.publish.registry import check_name, read_pointer
-from shared.store.artifacts import Manifest, digest_inputs, find_manifest, read_manifest, sha256_file
-from shared.evaluate.golden import load_golden
-from shared.train.tracking import log_evaluation_to_mlflow, log_scores
 from shared.core.config import TrainConfig, add_config_arguments, config_from_args
-from shared.data.conversation import SchemaError, load_jsonl
-from shared.data.split_files import split_file
 from shared.core.errors import DataError
-from shared.evaluate.gate import evaluate_gate
-from shared.evaluate.generation import generate_answers, prompt_turns
 from shared.core.job import run_main
 from shared.core.log import configure_logging
+from shared.core.settings import Settings, load_settings
+from shared.data.conversation import SchemaError, load_jsonl
+from shared.data.split_files import split_file
+from shared.evaluate import answers as answer_book
+from shared.evaluate.answering import Model, Question, collect
+from shared.evaluate.gate import evaluate_gate, training_checks
+from shared.evaluate.generation import prompt_turns, render_prompts
+from shared.evaluate.golden import load_golden
 from shared.evaluate.metrics import METRICS
 from shared.evaluate.metrics import evaluate as score_all
 from shared.evaluate.report import ReportInput, write_report
-from shared.core.settings import Settings, load_settings
+from shared.publish.registry import check_name, read_pointer
+from shared.store.artifacts import Manifest, digest_inputs, find_manifest, read_manifest, read_verified, sha256_file
 from shared.store.stage import StageOutput, fetch_stage
 from shared.store.storage import open_location
+from shared.train.tracking import log_evaluation_to_mlflow, log_scores
 
 STAGE = "evaluate"
 log = logging.getLogger("lawtune.evaluate")
@@ -91,6 +93,8 @@ def _question(turns: list[dict[str, str]]) -> str:
 
 def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, finetune_uri: str | None = None,
         output_uri: str | None = None, *, force: bool = False, model_name: str | None = None) -> Result:
+    from transformers import AutoTokenizer
+
     from shared.train.models import resolve_base_model
 
     data_uri = data_uri or settings.run_uri("data")
@@ -127,57 +131,153 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
 
             records = _load_test(scratch / "data" / test_name, f"{data_uri}/{test_name}", ev.max_examples)
             golden_records = load_golden(golden[0], ev.questions, config.preprocess) if golden else []
-            turns, refs = zip(*(prompt_turns(r["conversations"]) for r in [*records, *golden_records]))
             trust = bool(ft_manifest.extra.get("trust_remote_code", config.trust_remote_code))  # as finetune ran it
             base_dir = resolve_base_model(base_ref, settings, trust)
-            log.info("generating answers to %d test and %d golden question(s) with %s (+ adapter)", len(records),
-                     len(golden_records), base_ref)
-            # One generate pass per model over both sets: the golden questions ride along in the same batches.
-            kwargs = dict(backend=ev.backend, batch_size=ev.batch_size, max_input_length=config.max_input_length, seed=config.seed,
-                          trust_remote_code=trust)
-            answers = generate_answers(base_dir, adapter, list(turns), ev.generation, **kwargs)
-            production: list[str] | None = None
+            tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
+            questions = _questions(tokenizer, records, golden_records, config.max_input_length)
+            log.info("answering %d test and %d golden question(s) with %s (+ adapter)", len(records), len(golden_records), base_ref)
+            base_digest = ft_manifest.extra.get("base_model_digest") or f"ref:{base_ref}"
+            models = [Model("base", answer_book.base_key(base_digest), base_dir),
+                      Model("candidate", answer_book.adapter_key(base_digest, ft_manifest.digest), base_dir, adapter)]
+            book = answer_book.Book()
+            _add_earlier(book, settings, output_uri)
             if champion:
-                log.info("generating the production model's answers (%s)", champion.uri)
+                models.append(Model("production", _production_key(settings, champion, book), None))
+
+            def fetch_production() -> Path:
                 fetch_stage(settings, champion.uri, scratch / "production")
-                production = generate_answers(scratch / "production", None, list(turns), ev.generation, **kwargs).base
-        n = len(records)
-        scored = {label: score_all(texts[:n], refs[:n]) for label, texts in
-                  (("base", answers.base), ("tuned", answers.tuned), ("production", production)) if texts is not None}
-        base_metrics, tuned_metrics = scored["base"][0], scored["tuned"][0]
-        prod_metrics = scored["production"][0] if production is not None else None
-        gate = evaluate_gate(ev.gate, base_metrics, tuned_metrics, prod_metrics)
+                return scratch / "production"
+
+            rows, engine = collect(models, questions, book, ev, max_input_length=config.max_input_length, seed=config.seed,
+                                   trust_remote_code=trust, tokenizer=tokenizer, production_weights=fetch_production)
+        metrics, scored = _score(questions, rows)
+        gate_rows = {role: [r for q, r in zip(questions, per) if ev.gate.questions in ("all", q.set)] for role, per in scored.items()}
+        stops = {i: tokenizer.convert_ids_to_tokens(i) for i in
+                 ((summary.get("tokenization") or {}).get("train", {}).get("end_of_turn_labels") or {}).get("token_ids", [])}
+        gate = evaluate_gate(ev.gate, gate_rows["base"], gate_rows["candidate"], gate_rows.get("production"), seed=config.seed,
+                             training=training_checks(summary, stops))
         if model_name:  # publish checks that PROMOTED still names the model this verdict compared with
             gate["promoted"] = champion.version if champion else None
-        _write_outputs(out.workdir, records, turns, refs, answers, production, {k: v[1] for k, v in scored.items()})
-        metrics = {
-            "base": base_metrics, "tuned": tuned_metrics, "production": prod_metrics,
+        answer_book.write(out.workdir / answer_book.ANSWERS, [r for per in rows.values() for r in per])
+        _write_predictions(out.workdir, questions, rows, scored)
+        n = len(records)
+        reused = {role: sum(r.reused_from is not None for r in per) for role, per in rows.items()}
+        metrics.update({
             "production_version": champion.version if champion else None,
-            "delta": _delta(tuned_metrics, base_metrics), "delta_vs_production": _delta(tuned_metrics, prod_metrics),
-            "gate": gate, "examples": n, "backend": answers.backend, "base_model": base_ref,
+            "gate": gate, "examples": n, "backend": engine.name, "engine": engine.as_dict(), "base_model": base_ref,
             "best_step": ft_manifest.extra.get("best_step", summary.get("best_step")),
-            "generation": ev.generation.model_dump(), "metric_definitions": {m: "mean per-example score, 0-100" for m in METRICS},
-        }
+            "generation": ev.generation.model_dump(), "max_input_length": config.max_input_length,
+            "answers": {"keys": {m.role: m.key for m in models}, "reused": reused, "questions": len(questions)},
+            "metric_definitions": {m: "mean per-question score, 0-100" for m in METRICS},
+            "parity": ev.parity.model_dump(),
+            "serving": _serving_profile(base_dir, tokenizer, ev, engine, config.max_input_length),
+        })
         if golden_records:
-            g = {label: score_all(texts[n:], refs[n:])[0] for label, texts in
-                 (("base", answers.base), ("tuned", answers.tuned), ("production", production)) if texts is not None}
-            metrics["golden"] = {**g, "source": ev.questions, "sha256": golden[1], "examples": len(golden_records)}
+            metrics["golden"].update({"source": ev.questions, "sha256": golden[1], "examples": len(golden_records)})
         (out.workdir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        samples = [{"question": _question(t), "reference": r, "base": b, "tuned": u,
-                    **({"production": production[i]} if production is not None else {})}
-                   for i, (t, r, b, u) in enumerate(zip(turns[:n], refs[:n], answers.base, answers.tuned))][: ev.report_samples]
-        facts = {"run": settings.run_id, "base model": base_ref, "adapter": f"{finetune_uri}/adapter",
-                 "production model": champion.uri if champion else "none promoted yet",
-                 "test examples": n, "golden questions": f"{len(golden_records)} ({ev.questions})" if golden_records else "none",
-                 "backend": answers.backend,
-                 "decoding": "sampling" if ev.generation.do_sample else "greedy",
-                 "max new tokens": ev.generation.max_new_tokens}
-        write_report(ReportInput(base_metrics, tuned_metrics, gate, samples, summary, facts, production=prod_metrics,
-                                 golden=metrics.get("golden")), out.workdir)
+        write_report(_report_input(settings, ev, metrics, questions, rows, summary, finetune_uri, champion, base_ref, engine),
+                     out.workdir)
         log_scores(out.workdir / "tensorboard", metrics)
-        manifest = out.commit(extra={"gate": gate, "metrics": tuned_metrics, "production_version": metrics["production_version"]})
+        manifest = out.commit(extra={"gate": gate, "metrics": metrics["tuned"], "production_version": metrics["production_version"]})
         log_evaluation_to_mlflow(settings.run_id, digest_inputs(out.inputs)[:12], out.workdir, metrics, output_uri)
         return Result(manifest, False, output_uri, gate)
+
+
+def _serving_profile(base_dir: Path, tokenizer, ev, engine, max_input_length: int) -> dict[str, Any]:
+    """What the candidate was evaluated with, for publish's serving contract and parity check: the base folder's
+    template, tokenizer files and stop ids (the adapter changes none of them), the decoding, dtype and engine."""
+    from shared.store.serving_contract import describe
+
+    described = describe(base_dir)
+    stops = sorted({*described["eos_token_ids"], *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    return {**described, "stop_token_ids": stops, "stop_tokens": tokenizer.convert_ids_to_tokens(stops),
+            "generation": ev.generation.model_dump(), "dtype": engine.dtype, "engine": engine.as_dict(),
+            "max_input_length": max_input_length}
+
+
+def _questions(tokenizer, records, golden_records, max_input_length: int) -> list[Question]:
+    out = []
+    for name, recs in (("test", records), ("golden", golden_records)):
+        turns, refs = zip(*(prompt_turns(r["conversations"]) for r in recs)) if recs else ((), ())
+        whole = render_prompts(tokenizer, list(turns), 10**9)
+        for r, t, ref, ids in zip(recs, turns, refs, whole):
+            cut = ids[-max_input_length:]  # the generation prompt sits at the end
+            out.append(Question(name, r["id"], list(t), ref, cut, answer_book.prompt_key(cut), len(ids) > max_input_length))
+    return out
+
+
+def _score(questions: list[Question], rows: dict[str, list]) -> tuple[dict[str, Any], dict[str, list[dict[str, float]]]]:
+    """metrics.json's score blocks (test split at the top level, golden set under "golden") and
+    the per-question rows of every model."""
+    refs = [q.reference for q in questions]
+    scored = {role: score_all([r.text for r in per], refs, [r.ended for r in per])[1] for role, per in rows.items()}
+    label = {"base": "base", "candidate": "tuned", "production": "production"}
+    metrics: dict[str, Any] = {}
+    from shared.evaluate.metrics import aggregate
+
+    for name in ("test", "golden"):
+        chosen = [i for i, q in enumerate(questions) if q.set == name]
+        if not chosen:
+            continue
+        block = {label[role]: aggregate([per[i] for i in chosen]) for role, per in scored.items()}
+        block.setdefault("production", None)
+        block["delta"] = _delta(block["tuned"], block["base"])
+        block["delta_vs_production"] = _delta(block["tuned"], block["production"])
+        if name == "test":
+            metrics.update(block)
+        else:
+            metrics["golden"] = block
+    return metrics, scored
+
+
+def _add_earlier(book: "answer_book.Book", settings: Settings, uri: str) -> None:
+    """Answers of a committed evaluate artifact at ``uri`` (its files verified), when there is one."""
+    loc = open_location(uri, settings)
+    manifest = find_manifest(loc)
+    if manifest is None or not any(f.path == answer_book.ANSWERS for f in manifest.files):
+        return
+    try:
+        book.add(answer_book.read(read_verified(loc, answer_book.ANSWERS, manifest).decode("utf-8")), uri)
+    except Exception as exc:  # noqa: BLE001 - reuse is an optimisation: a bad earlier artifact means generating again
+        log.warning("not reusing answers from %s: %s", uri, exc)
+
+
+def _production_key(settings: Settings, champion: "_Champion", book: "answer_book.Book") -> str:
+    """The production version's answer key: the candidate key of the evaluation that published it (whose
+    answers join the book), else a key of the version's own."""
+    version = find_manifest(open_location(champion.uri, settings))
+    evaluated = ((version.extra.get("lineage") or {}).get("evaluate") or {}).get("uri") if version else None
+    if evaluated:
+        try:
+            metrics = json.loads(read_verified(open_location(evaluated, settings), "metrics.json"))
+            key = ((metrics.get("answers") or {}).get("keys") or {}).get("candidate")
+            if key:
+                _add_earlier(book, settings, evaluated)
+                return key
+        except Exception as exc:  # noqa: BLE001 - an older or removed evaluation: production answers again
+            log.info("production's evaluation %s gives no answers to reuse (%s)", evaluated, exc)
+    return f"published:{version.digest if version else champion.uri}"
+
+
+def _report_input(settings, ev, metrics, questions, rows, summary, finetune_uri, champion, base_ref, engine) -> ReportInput:
+    texts = {role: [r.text for r in per] for role, per in rows.items()}
+    test = [i for i, q in enumerate(questions) if q.set == "test"]
+    samples = [{"question": _question(questions[i].turns), "reference": questions[i].reference, "base": texts["base"][i],
+                "tuned": texts["candidate"][i], **({"production": texts["production"][i]} if "production" in texts else {})}
+               for i in test][: ev.report_samples]
+    reused = metrics["answers"]["reused"]
+    facts = {"run": settings.run_id, "base model": base_ref, "adapter": f"{finetune_uri}/adapter",
+             "production model": champion.uri if champion else "none promoted yet",
+             "test examples": len(test),
+             "golden questions": f"{len(questions) - len(test)} ({ev.questions})" if len(questions) > len(test) else "none",
+             "engine": f"{engine.name} {engine.version}, {engine.dtype} on {engine.device}"
+                       + (f", batch {engine.batch_size}" if engine.batch_size else "") + f", seed {engine.seed}",
+             "decoding": ("sampling" if ev.generation.do_sample else "greedy")
+                         + f", repetition_penalty {ev.generation.repetition_penalty:g}",
+             "max new tokens": ev.generation.max_new_tokens,
+             "answers reused": ", ".join(f"{role} {count}/{len(questions)}" for role, count in reused.items()) or "none"}
+    return ReportInput(metrics["base"], metrics["tuned"], metrics["gate"], samples, summary, facts,
+                       production=metrics["production"], golden=metrics.get("golden"))
 
 
 @dataclass(frozen=True)
@@ -227,14 +327,16 @@ def _delta(a: dict[str, float], b: dict[str, float] | None) -> dict[str, float] 
     return None if b is None else {k: a[k] - b[k] for k in a}
 
 
-def _write_outputs(workdir: Path, records, turns, refs, answers, production, rows: dict[str, list]) -> None:
+def _write_predictions(workdir: Path, questions: list[Question], rows: dict[str, list], scored: dict[str, list]) -> None:
+    """One row per question (test split first, then the golden set): the answers side by side and each model's scores."""
+    label = {"base": "base", "candidate": "tuned", "production": "production"}
     with open(workdir / "predictions.jsonl", "w", encoding="utf-8") as fh:
-        for i, rec in enumerate(records):
-            row = {"id": rec["id"], "question": _question(turns[i]), "prompt": turns[i], "reference": refs[i],
-                   "base": answers.base[i], "tuned": answers.tuned[i],
-                   "scores": {label: per_example[i] for label, per_example in rows.items()}}
-            if production is not None:
-                row["production"] = production[i]
+        for i, q in enumerate(questions):
+            row = {"set": q.set, "id": q.id, "question": _question(q.turns), "prompt": q.turns, "reference": q.reference,
+                   "prompt_key": q.key, "prompt_truncated": q.truncated,
+                   **{label[role]: per[i].text for role, per in rows.items()},
+                   "ended": {label[role]: per[i].ended for role, per in rows.items()},
+                   "scores": {label[role]: per[i] for role, per in scored.items()}}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 

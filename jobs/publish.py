@@ -63,6 +63,7 @@ class Result:
     gate_passed: bool
     promoted: bool  # PROMOTED names this version now
     forced: bool
+    parity: dict | None = None  # the pre-promotion check (shared/serve/parity.py); None for a version published without one
 
 
 def run(settings: Settings, model_name: str, finetune_uri: str | None = None, evaluate_uri: str | None = None,
@@ -81,6 +82,7 @@ def run(settings: Settings, model_name: str, finetune_uri: str | None = None, ev
                           "publish the pair that belongs together (re-run evaluate on this finetune output)")
     gate = ev_manifest.extra.get("gate")
     passed = gate_passed(gate)
+    evaluated = _evaluated(settings, evaluate_uri, ev_manifest)
     base_ref = ft_manifest.extra.get("base_model")
     if not base_ref:
         raise ConfigError(f"{finetune_uri}/MANIFEST.json names no base_model in its extra; cannot merge")
@@ -98,10 +100,30 @@ def run(settings: Settings, model_name: str, finetune_uri: str | None = None, ev
             manifest = out.skipped
         else:
             manifest = _merge_and_commit(settings, out, ft_manifest, ev_manifest, finetune_uri, evaluate_uri, base_ref,
-                                         gate, version, max_shard_size)
+                                         gate, version, max_shard_size, evaluated, serve_check=passed or force)
     mark_published(settings, finetune_uri, version_uri)
-    promoted = _promote(model_root, pointer, version, manifest, passed, force, gate, settings.run_id)
-    return Result(version, version_uri, manifest, out.skipped is not None, passed, promoted, force and not passed)
+    parity = manifest.extra.get("parity")
+    parity_ok = not isinstance(parity, dict) or parity.get("passed") is True
+    if passed and not parity_ok:
+        failures = "; ".join(c["message"] for c in parity.get("checks", []) if not c.get("passed"))
+        log.error("the version does not serve as evaluated (%s)", failures)
+    promoted = _promote(model_root, pointer, version, manifest, passed and parity_ok, force, gate, settings.run_id,
+                        None if parity_ok else parity)
+    return Result(version, version_uri, manifest, out.skipped is not None, passed, promoted, force and not (passed and parity_ok),
+                  parity if isinstance(parity, dict) else None)
+
+
+def _evaluated(settings: Settings, evaluate_uri: str, ev_manifest: Manifest):
+    """What evaluate recorded for the parity check, or None for an evaluation that recorded no serving profile."""
+    from shared.serve.parity import Evaluated
+    from shared.store.artifacts import read_verified
+
+    names = {f.path for f in ev_manifest.files}
+    if not {"metrics.json", "predictions.jsonl"} <= names:
+        return None
+    loc = open_location(evaluate_uri, settings)
+    metrics = json.loads(read_verified(loc, "metrics.json", ev_manifest))
+    return Evaluated.from_artifact(metrics, read_verified(loc, "predictions.jsonl", ev_manifest).decode("utf-8"))
 
 
 def mark_published(settings: Settings, finetune_uri: str, version_uri: str) -> None:
@@ -113,7 +135,8 @@ def mark_published(settings: Settings, finetune_uri: str, version_uri: str) -> N
 
 
 def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, ev_manifest: Manifest, finetune_uri: str,
-                      evaluate_uri: str, base_ref: str, gate, version: str, max_shard_size: str) -> Manifest:
+                      evaluate_uri: str, base_ref: str, gate, version: str, max_shard_size: str, evaluated,
+                      serve_check: bool) -> Manifest:
     from shared.publish.merge import merge_adapter
     from shared.train.models import resolve_base_model
 
@@ -123,8 +146,9 @@ def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, ev_mani
         adapter_files = [f.path for f in ft_manifest.files if f.path.startswith("adapter/")]
         fetch_stage(settings, finetune_uri, Path(scratch) / "finetune", only=adapter_files)
         model_dir = out.workdir
-        result = merge_adapter(base_dir, Path(scratch) / "finetune" / "adapter", model_dir, max_shard_size=max_shard_size,
-                               trust_remote_code=trust)
+        adapter_dir = Path(scratch) / "finetune" / "adapter"
+        result = merge_adapter(base_dir, adapter_dir, model_dir, max_shard_size=max_shard_size, trust_remote_code=trust)
+        contract, parity = _serving_checks(model_dir, evaluated, base_dir, adapter_dir, trust, serve_check, Path(scratch))
     provenance = {
         "version": version, "run_id": settings.run_id, "base_model": base_ref, "best_step": ft_manifest.extra.get("best_step"),
         "finetune": finetune_uri, "evaluate": evaluate_uri, "gate": gate, "published_at": now_iso(),
@@ -134,6 +158,7 @@ def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, ev_mani
     }
     (model_dir / "lawtune-model.json").write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out.commit(extra={
+        "serving": contract, "parity": parity,
         "gate": gate, "base_model": base_ref, "best_step": ft_manifest.extra.get("best_step"),
         "merge_check": provenance["merge_check"], "run_id": settings.run_id, "trained_at": ft_manifest.finished_at,
         "metrics": ev_manifest.extra.get("metrics", {}), "data": ft_manifest.inputs.get("data"),
@@ -143,10 +168,34 @@ def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, ev_mani
     })
 
 
+def _serving_checks(model_dir: Path, evaluated, base_dir: Path, adapter_dir: Path, trust: bool, serve_check: bool,
+                    scratch: Path) -> tuple[dict | None, dict | None]:
+    """The serving contract of the merged folder and the pre-promotion check (shared/serve/parity.py), whose
+    result also goes into the folder as parity.json; (None, None) for an evaluation that recorded no serving profile."""
+    from shared.serve import parity
+    from shared.store.serving_contract import build
+
+    if evaluated is None:
+        log.warning("the evaluate artifact records no serving profile (an older evaluation): no serving contract, no parity check")
+        return None, None
+    contract = build(model_dir, evaluated.serving)
+    report = parity.check(model_dir, evaluated, contract, base_dir=base_dir, adapter_dir=adapter_dir, trust_remote_code=trust,
+                          served=None if serve_check else False, log_dir=scratch)
+    result = report.as_dict()
+    if not serve_check and evaluated.parity.enabled:
+        result["note"] = "not served: the gate failed, nothing will be promoted"
+    (model_dir / parity.PARITY_FILE).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return contract, result
+
+
 def _promote(model_root: Location, pointer: Pointer, version: str, manifest: Manifest, passed: bool, force: bool,
-             gate, run_id: str) -> bool:
+             gate, run_id: str, parity_failed: dict | None = None) -> bool:
     current = pointer.version
     if not passed and not force:
+        if parity_failed is not None:
+            reasons = "; ".join(c["message"] for c in parity_failed.get("checks", []) if not c.get("passed"))
+            log.warning("parity check FAILED (%s): PROMOTED stays at %s", reasons, current or "<none>")
+            return current == version
         reasons = "; ".join(gate.get("reasons", [])) if isinstance(gate, dict) else "no verdict recorded"
         log.warning("gate FAILED (%s): PROMOTED stays at %s", reasons, current or "<none>")
         return current == version
@@ -158,6 +207,12 @@ def _promote(model_root: Location, pointer: Pointer, version: str, manifest: Man
         # The verdict compared this candidate with another production model than the one serving now.
         raise PromotionConflict(f"{model_root.uri}/{PROMOTED} moved to {current or '<none>'} after evaluate compared "
                                 f"{version} with {compared or '<none>'}; the other promotion won (re-run evaluate)")
+    if isinstance(gate, dict) and gate.get("verdict") == "inconclusive" and current is not None and current != version:
+        # allow_first lets an undecided comparison through only while nothing is promoted.
+        log.warning("the gate's verdict was inconclusive and allowed only as a first promotion; %s is promoted now: "
+                    "PROMOTED stays", current)
+        if not force:
+            return False
     if current is not None and not force:
         champion = find_manifest(model_root.child(current))
         if champion is not None and (champion.extra.get("trained_at") or "") > (manifest.extra.get("trained_at") or ""):
@@ -166,8 +221,10 @@ def _promote(model_root: Location, pointer: Pointer, version: str, manifest: Man
             return False
     if not passed:
         banner = "!" * 72
-        log.warning("%s\n--force: PROMOTING %s ALTHOUGH ITS QUALITY GATE FAILED (%s)\n%s", banner, version,
-                    "; ".join(gate.get("reasons", [])) if isinstance(gate, dict) else "no verdict recorded", banner)
+        what = "PARITY CHECK" if parity_failed is not None else "QUALITY GATE"
+        why = ("; ".join(c["message"] for c in parity_failed.get("checks", []) if not c.get("passed")) if parity_failed is not None
+               else "; ".join(gate.get("reasons", [])) if isinstance(gate, dict) else "no verdict recorded")
+        log.warning("%s\n--force: PROMOTING %s ALTHOUGH ITS %s FAILED (%s)\n%s", banner, version, what, why, banner)
     kind = "promote" if passed and not force else "forced"
     move_pointer(model_root, pointer, version, {"kind": kind, "gate": gate, "run_id": run_id})
     log.info("PROMOTED: %s -> %s", current or "<none>", version)
@@ -189,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         r = run(settings, args.model_name, args.finetune, args.evaluate, force=args.force, max_shard_size=args.max_shard_size)
         print(f"model: {r.version_uri}{' (already published)' if r.skipped else ''}")
         print(f"gate: {'PASSED' if r.gate_passed else 'FAILED'}")
+        if r.parity is not None:
+            print(f"parity: {'PASSED' if r.parity.get('passed') else 'FAILED'}")
+            for check in r.parity.get("checks", []):
+                print(f"  - {'ok' if check.get('passed') else 'FAIL'} {check.get('message')}")
         state = "promoted (FORCED)" if r.forced else "promoted" if r.promoted else "not promoted"
         print(f"PROMOTED: {state}: {settings.models_uri(args.model_name)}/{PROMOTED}")
 

@@ -1,0 +1,117 @@
+"""Who answers which question, and whether an earlier evaluation already holds the answer.
+
+Evaluate needs the answers of up to three models (base, candidate = base + adapter,
+production = the PROMOTED version) to the same rendered prompts. ``collect`` looks each one up
+in the answers of earlier evaluations (shared/evaluate/answers.py: the same model, decoding
+settings, engine and prompt tokens), generates only what is missing, in one engine session
+for base and candidate, and returns every answer with where it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from shared.core.config import EvaluationConfig
+from shared.evaluate import answers as book_of
+from shared.evaluate.generation import Answer, Answers, Engine, choose_backend, engine_version, generate, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Question:
+    set: str  # test | golden
+    id: str
+    turns: list[dict[str, str]]
+    reference: str
+    prompt: list[int]  # token ids after the chat template (cut to max_input_length, keeping the end)
+    key: str  # answers.prompt_key(prompt)
+    truncated: bool = False  # the rendered prompt was longer than max_input_length
+
+
+@dataclass(frozen=True)
+class Model:
+    role: str  # base | candidate | production
+    key: str  # answers.base_key / adapter_key / a published version's key
+    weights: Path | None  # the folder that answers (base model or published version); None: generated elsewhere
+    adapter: Path | None = None  # candidate: its adapter on ``weights``
+
+
+def planned_engine(ev: EvaluationConfig, seed: int) -> Engine:
+    """The engine ``generate`` will use, known before it starts, so stored answers can be looked up first."""
+    import torch
+
+    name = choose_backend(ev.backend)
+    version = engine_version(name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Engine(name, version, resolve_dtype(ev.dtype), device, ev.batch_size if name == "transformers" else None, seed)
+
+
+def collect(models: Sequence[Model], questions: Sequence[Question], book: book_of.Book, ev: EvaluationConfig, *,
+            max_input_length: int, seed: int, trust_remote_code: bool, tokenizer,
+            production_weights: Callable[[], Path] | None = None) -> tuple[dict[str, list[book_of.Row]], Engine]:
+    """Rows of answers per role, in question order, reused where found and generated otherwise.
+
+    ``production_weights`` fetches the production version when its answers must be generated
+    (called at most once, and only then)."""
+    engine = planned_engine(ev, seed)
+    decoding = book_of.decoding_key(ev.generation, max_input_length, engine)
+    keys = [q.key for q in questions]
+    rows: dict[str, list[book_of.Row | None]] = {}
+    for model in models:
+        found = book.lookup(model.key, decoding, keys)
+        rows[model.role] = [None if hit is None else _row(model, decoding, q, hit[0], hit[1]) for q, hit in zip(questions, found)]
+        reused = sum(r is not None for r in rows[model.role])
+        if reused:
+            log.info("%s: %d of %d answers reused from earlier evaluations", model.role, reused, len(questions))
+
+    by_role = {m.role: m for m in models}
+    pending = {role: [i for i, r in enumerate(found) if r is None] for role, found in rows.items()}
+    used = engine
+    base, cand = by_role.get("base"), by_role.get("candidate")
+    if base and cand and pending["base"] and pending["base"] == pending.get("candidate"):
+        # The usual first run: both models on the same prompts, one model load.
+        got = _generate(cand, pending["base"], questions, ("base", "tuned"), ev, max_input_length, seed, trust_remote_code, tokenizer)
+        used = got.engine
+        _fill(rows, base, pending["base"], questions, got.base_answers, got.engine, ev, max_input_length)
+        _fill(rows, cand, pending["candidate"], questions, got.tuned_answers, got.engine, ev, max_input_length)
+    else:
+        for model, side in ((base, "base"), (cand, "tuned")):
+            if model and pending[model.role]:
+                got = _generate(model, pending[model.role], questions, (side,), ev, max_input_length, seed, trust_remote_code,
+                                tokenizer)
+                used = got.engine
+                _fill(rows, model, pending[model.role], questions, got.base_answers if side == "base" else got.tuned_answers,
+                      got.engine, ev, max_input_length)
+    prod = by_role.get("production")
+    if prod and pending["production"]:
+        log.info("generating the production model's answers to %d question(s)", len(pending["production"]))
+        weights = production_weights() if production_weights else prod.weights
+        got = _generate(replace(prod, weights=weights, adapter=None), pending["production"], questions, ("base",), ev,
+                        max_input_length, seed, trust_remote_code, tokenizer)
+        used = got.engine
+        _fill(rows, prod, pending["production"], questions, got.base_answers, got.engine, ev, max_input_length)
+    return {role: [r for r in found if r is not None] for role, found in rows.items()}, used
+
+
+def _generate(model: Model, indices: list[int], questions: Sequence[Question], sides, ev: EvaluationConfig,
+              max_input_length: int, seed: int, trust_remote_code: bool, tokenizer) -> Answers:
+    log.info("generating %s answers to %d question(s)", "+".join("candidate" if s == "tuned" else model.role for s in sides),
+             len(indices))
+    return generate(model.weights, model.adapter, [questions[i].prompt for i in indices], ev.generation, tokenizer, sides=sides,
+                    backend=ev.backend, batch_size=ev.batch_size, max_input_length=max_input_length, seed=seed,
+                    trust_remote_code=trust_remote_code, dtype=ev.dtype)
+
+
+def _fill(rows, model: Model, indices: list[int], questions: Sequence[Question], got: list[Answer], engine: Engine,
+          ev: EvaluationConfig, max_input_length: int) -> None:
+    decoding = book_of.decoding_key(ev.generation, max_input_length, engine)
+    for i, answer in zip(indices, got):
+        rows[model.role][i] = _row(model, decoding, questions[i], answer, None)
+
+
+def _row(model: Model, decoding: str, q: Question, answer: Answer, source: str | None) -> book_of.Row:
+    return book_of.Row(model.role, model.key, decoding, q.key, q.set, q.id, answer.text, answer.tokens, answer.ended, source)
