@@ -48,15 +48,14 @@ from shared.core.settings import Settings, load_settings
 from shared.data.conversation import SchemaError, load_jsonl
 from shared.data.split_files import split_file
 from shared.evaluate import answers as answer_book
-from shared.evaluate.answering import Model, Question, collect
+from shared.evaluate.answering import Model, add_earlier, collect, production_key, questions_of
 from shared.evaluate.gate import evaluate_gate, training_checks
-from shared.evaluate.generation import prompt_turns, render_prompts
 from shared.evaluate.golden import load_golden
 from shared.evaluate.metrics import METRICS
-from shared.evaluate.metrics import evaluate as score_all
 from shared.evaluate.report import ReportInput, write_report
+from shared.evaluate.scoring import score, user_question, write_predictions
 from shared.publish.registry import check_name, read_pointer
-from shared.store.artifacts import Manifest, digest_inputs, find_manifest, read_manifest, read_verified, sha256_file
+from shared.store.artifacts import Manifest, digest_inputs, find_manifest, read_manifest, sha256_file
 from shared.store.stage import StageOutput, fetch_stage
 from shared.store.storage import open_location
 from shared.train.tracking import log_evaluation_to_mlflow, log_scores
@@ -85,10 +84,6 @@ def _load_test(path: Path, name: str, limit: int | None) -> list[dict[str, Any]]
     if not records:
         raise DataError(f"test split {name} has no examples; nothing to evaluate (raise preprocess.min_test)")
     return records[:limit] if limit else records
-
-
-def _question(turns: list[dict[str, str]]) -> str:
-    return next(t["content"] for t in reversed(turns) if t["role"] == "user")
 
 
 def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, finetune_uri: str | None = None,
@@ -134,15 +129,16 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
             trust = bool(ft_manifest.extra.get("trust_remote_code", config.trust_remote_code))  # as finetune ran it
             base_dir = resolve_base_model(base_ref, settings, trust)
             tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
-            questions = _questions(tokenizer, records, golden_records, config.max_input_length)
+            questions = questions_of(tokenizer, [("test", records), ("golden", golden_records)], config.max_input_length)
             log.info("answering %d test and %d golden question(s) with %s (+ adapter)", len(records), len(golden_records), base_ref)
             base_digest = ft_manifest.extra.get("base_model_digest") or f"ref:{base_ref}"
             models = [Model("base", answer_book.base_key(base_digest), base_dir),
-                      Model("candidate", answer_book.adapter_key(base_digest, ft_manifest.digest), base_dir, adapter)]
+                      Model("candidate", answer_book.adapter_key(base_digest, {f.path: f.sha256 for f in ft_manifest.files
+                                                                               if f.path.startswith("adapter/")}), base_dir, adapter)]
             book = answer_book.Book()
-            _add_earlier(book, settings, output_uri)
+            add_earlier(book, settings, output_uri)  # an earlier evaluation of this run (e.g. before a new golden set)
             if champion:
-                models.append(Model("production", _production_key(settings, champion, book), None))
+                models.append(Model("production", production_key(settings, champion.uri, book), None))
 
             def fetch_production() -> Path:
                 fetch_stage(settings, champion.uri, scratch / "production")
@@ -150,7 +146,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
 
             rows, engine = collect(models, questions, book, ev, max_input_length=config.max_input_length, seed=config.seed,
                                    trust_remote_code=trust, tokenizer=tokenizer, production_weights=fetch_production)
-        metrics, scored = _score(questions, rows)
+        metrics, scored = score(questions, rows)
         gate_rows = {role: [r for q, r in zip(questions, per) if ev.gate.questions in ("all", q.set)] for role, per in scored.items()}
         stops = {i: tokenizer.convert_ids_to_tokens(i) for i in
                  ((summary.get("tokenization") or {}).get("train", {}).get("end_of_turn_labels") or {}).get("token_ids", [])}
@@ -159,7 +155,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
         if model_name:  # publish checks that PROMOTED still names the model this verdict compared with
             gate["promoted"] = champion.version if champion else None
         answer_book.write(out.workdir / answer_book.ANSWERS, [r for per in rows.values() for r in per])
-        _write_predictions(out.workdir, questions, rows, scored)
+        write_predictions(out.workdir / "predictions.jsonl", questions, rows, scored)
         n = len(records)
         reused = {role: sum(r.reused_from is not None for r in per) for role, per in rows.items()}
         metrics.update({
@@ -195,74 +191,10 @@ def _serving_profile(base_dir: Path, tokenizer, ev, engine, max_input_length: in
             "max_input_length": max_input_length}
 
 
-def _questions(tokenizer, records, golden_records, max_input_length: int) -> list[Question]:
-    out = []
-    for name, recs in (("test", records), ("golden", golden_records)):
-        turns, refs = zip(*(prompt_turns(r["conversations"]) for r in recs)) if recs else ((), ())
-        whole = render_prompts(tokenizer, list(turns), 10**9)
-        for r, t, ref, ids in zip(recs, turns, refs, whole):
-            cut = ids[-max_input_length:]  # the generation prompt sits at the end
-            out.append(Question(name, r["id"], list(t), ref, cut, answer_book.prompt_key(cut), len(ids) > max_input_length))
-    return out
-
-
-def _score(questions: list[Question], rows: dict[str, list]) -> tuple[dict[str, Any], dict[str, list[dict[str, float]]]]:
-    """metrics.json's score blocks (test split at the top level, golden set under "golden") and
-    the per-question rows of every model."""
-    refs = [q.reference for q in questions]
-    scored = {role: score_all([r.text for r in per], refs, [r.ended for r in per])[1] for role, per in rows.items()}
-    label = {"base": "base", "candidate": "tuned", "production": "production"}
-    metrics: dict[str, Any] = {}
-    from shared.evaluate.metrics import aggregate
-
-    for name in ("test", "golden"):
-        chosen = [i for i, q in enumerate(questions) if q.set == name]
-        if not chosen:
-            continue
-        block = {label[role]: aggregate([per[i] for i in chosen]) for role, per in scored.items()}
-        block.setdefault("production", None)
-        block["delta"] = _delta(block["tuned"], block["base"])
-        block["delta_vs_production"] = _delta(block["tuned"], block["production"])
-        if name == "test":
-            metrics.update(block)
-        else:
-            metrics["golden"] = block
-    return metrics, scored
-
-
-def _add_earlier(book: "answer_book.Book", settings: Settings, uri: str) -> None:
-    """Answers of a committed evaluate artifact at ``uri`` (its files verified), when there is one."""
-    loc = open_location(uri, settings)
-    manifest = find_manifest(loc)
-    if manifest is None or not any(f.path == answer_book.ANSWERS for f in manifest.files):
-        return
-    try:
-        book.add(answer_book.read(read_verified(loc, answer_book.ANSWERS, manifest).decode("utf-8")), uri)
-    except Exception as exc:  # noqa: BLE001 - reuse is an optimisation: a bad earlier artifact means generating again
-        log.warning("not reusing answers from %s: %s", uri, exc)
-
-
-def _production_key(settings: Settings, champion: "_Champion", book: "answer_book.Book") -> str:
-    """The production version's answer key: the candidate key of the evaluation that published it (whose
-    answers join the book), else a key of the version's own."""
-    version = find_manifest(open_location(champion.uri, settings))
-    evaluated = ((version.extra.get("lineage") or {}).get("evaluate") or {}).get("uri") if version else None
-    if evaluated:
-        try:
-            metrics = json.loads(read_verified(open_location(evaluated, settings), "metrics.json"))
-            key = ((metrics.get("answers") or {}).get("keys") or {}).get("candidate")
-            if key:
-                _add_earlier(book, settings, evaluated)
-                return key
-        except Exception as exc:  # noqa: BLE001 - an older or removed evaluation: production answers again
-            log.info("production's evaluation %s gives no answers to reuse (%s)", evaluated, exc)
-    return f"published:{version.digest if version else champion.uri}"
-
-
 def _report_input(settings, ev, metrics, questions, rows, summary, finetune_uri, champion, base_ref, engine) -> ReportInput:
     texts = {role: [r.text for r in per] for role, per in rows.items()}
     test = [i for i, q in enumerate(questions) if q.set == "test"]
-    samples = [{"question": _question(questions[i].turns), "reference": questions[i].reference, "base": texts["base"][i],
+    samples = [{"question": user_question(questions[i].turns), "reference": questions[i].reference, "base": texts["base"][i],
                 "tuned": texts["candidate"][i], **({"production": texts["production"][i]} if "production" in texts else {})}
                for i in test][: ev.report_samples]
     reused = metrics["answers"]["reused"]
@@ -321,23 +253,6 @@ def _golden_source(settings: Settings, questions: str | None) -> tuple[Path, str
         path = settings.cache_dir / "golden" / name
         open_location(parent, settings).download_file(name, path)
     return path, sha256_file(path)
-
-
-def _delta(a: dict[str, float], b: dict[str, float] | None) -> dict[str, float] | None:
-    return None if b is None else {k: a[k] - b[k] for k in a}
-
-
-def _write_predictions(workdir: Path, questions: list[Question], rows: dict[str, list], scored: dict[str, list]) -> None:
-    """One row per question (test split first, then the golden set): the answers side by side and each model's scores."""
-    label = {"base": "base", "candidate": "tuned", "production": "production"}
-    with open(workdir / "predictions.jsonl", "w", encoding="utf-8") as fh:
-        for i, q in enumerate(questions):
-            row = {"set": q.set, "id": q.id, "question": _question(q.turns), "prompt": q.turns, "reference": q.reference,
-                   "prompt_key": q.key, "prompt_truncated": q.truncated,
-                   **{label[role]: per[i].text for role, per in rows.items()},
-                   "ended": {label[role]: per[i].ended for role, per in rows.items()},
-                   "scores": {label[role]: per[i] for role, per in scored.items()}}
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

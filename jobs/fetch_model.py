@@ -99,18 +99,19 @@ def _check_contract(target: Path, manifest: Manifest, version_uri: str) -> None:
     does not is removed, so serving never starts on it."""
     import shutil
 
-    from shared.store.serving_contract import ContractError, install
+    from shared.store.serving_contract import ContractError, verify
 
     contract = manifest.extra.get("serving")
     if contract is None:
         log.warning("%s carries no serving contract (published before lawtune wrote one); not verified beyond checksums",
                     version_uri)
+        return
     try:
-        install(target, contract)
+        verify(target, contract)
     except ContractError as exc:
         shutil.rmtree(target, ignore_errors=True)
         raise ConfigError(f"{version_uri} breaks its serving contract: {exc}") from None
-    if contract is not None:
+    else:
         log.info("serving contract verified: chat template, %d tokenizer file(s), stop ids %s",
                  len(contract.get("tokenizer_files") or {}), contract.get("eos_token_ids"))
 

@@ -173,12 +173,13 @@ def _serving_checks(model_dir: Path, evaluated, base_dir: Path, adapter_dir: Pat
     """The serving contract of the merged folder and the pre-promotion check (shared/serve/parity.py), whose
     result also goes into the folder as parity.json; (None, None) for an evaluation that recorded no serving profile."""
     from shared.serve import parity
-    from shared.store.serving_contract import build
+    from shared.store.serving_contract import build, write_vllm_config
 
     if evaluated is None:
         log.warning("the evaluate artifact records no serving profile (an older evaluation): no serving contract, no parity check")
         return None, None
     contract = build(model_dir, evaluated.serving)
+    write_vllm_config(model_dir, contract)
     report = parity.check(model_dir, evaluated, contract, base_dir=base_dir, adapter_dir=adapter_dir, trust_remote_code=trust,
                           served=None if serve_check else False, log_dir=scratch)
     result = report.as_dict()

@@ -15,8 +15,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from shared.core.config import EvaluationConfig
+from shared.core.settings import Settings
 from shared.evaluate import answers as book_of
-from shared.evaluate.generation import Answer, Answers, Engine, choose_backend, engine_version, generate, resolve_dtype
+from shared.evaluate.generation import (
+    Answer, Answers, Engine, choose_backend, engine_version, generate, prompt_turns, render_prompts, resolve_dtype,
+)
+from shared.store.artifacts import find_manifest, read_verified
+from shared.store.storage import open_location
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,51 @@ class Model:
     key: str  # answers.base_key / adapter_key / a published version's key
     weights: Path | None  # the folder that answers (base model or published version); None: generated elsewhere
     adapter: Path | None = None  # candidate: its adapter on ``weights``
+
+
+def questions_of(tokenizer, sets: Sequence[tuple[str, list[dict]]], max_input_length: int) -> list[Question]:
+    """The questions of each (set name, records), rendered by the chat template; a prompt longer than
+    ``max_input_length`` keeps its end (the generation prompt) and is marked truncated."""
+    out = []
+    for name, records in sets:
+        if not records:
+            continue
+        turns, refs = zip(*(prompt_turns(r["conversations"]) for r in records))
+        for r, t, ref, ids in zip(records, turns, refs, render_prompts(tokenizer, list(turns), 10**9)):
+            cut = ids[-max_input_length:]
+            out.append(Question(name, r["id"], list(t), ref, cut, book_of.prompt_key(cut), len(ids) > max_input_length))
+    return out
+
+
+def add_earlier(book: book_of.Book, settings: Settings, uri: str) -> None:
+    """Answers of a committed evaluate artifact at ``uri`` (verified against its manifest), when there is one."""
+    loc = open_location(uri, settings)
+    manifest = find_manifest(loc)
+    if manifest is None or not any(f.path == book_of.ANSWERS for f in manifest.files):
+        return
+    try:
+        book.add(book_of.read(read_verified(loc, book_of.ANSWERS, manifest).decode("utf-8")), uri)
+    except Exception as exc:  # noqa: BLE001 - reuse saves time; a bad earlier artifact only means generating again
+        log.warning("not reusing answers from %s: %s", uri, exc)
+
+
+def production_key(settings: Settings, version_uri: str, book: book_of.Book) -> str:
+    """The answer key of a published version: the candidate key of the evaluation that published it (its answers
+    join ``book``); a key of the version's own when that evaluation is gone or older than answer keys."""
+    import json
+
+    version = find_manifest(open_location(version_uri, settings))
+    evaluated = ((version.extra.get("lineage") or {}).get("evaluate") or {}).get("uri") if version else None
+    if evaluated:
+        try:
+            metrics = json.loads(read_verified(open_location(evaluated, settings), "metrics.json"))
+            key = ((metrics.get("answers") or {}).get("keys") or {}).get("candidate")
+            if key:
+                add_earlier(book, settings, evaluated)
+                return key
+        except Exception as exc:  # noqa: BLE001 - production is then answered from its own folder
+            log.info("production's evaluation %s gives no answers to reuse (%s)", evaluated, exc)
+    return f"published:{version.digest if version else version_uri}"
 
 
 def planned_engine(ev: EvaluationConfig, seed: int) -> Engine:

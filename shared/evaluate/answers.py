@@ -4,8 +4,9 @@
 the parity check and the next run read. A row's answer is reused instead of generated again
 when all three keys match:
 
-- ``model``: what answered. The base model is ``base:<sha256 of its weights>`` (finetune records
-  it); base + adapter is ``adapter:<base sha256>:<finetune artifact digest>``. A published
+- ``model``: what answered, by content. The base model is ``base:<sha256 of its weights>``
+  (finetune records it); base + adapter is ``adapter:<base sha256>:<digest of the adapter files'
+  sha256>``, so a second run that trained the same adapter bit for bit reuses every answer. A published
   version is the model its run evaluated as the candidate (the parity check verifies that the
   merged folder answers as evaluated), so production's answers are that run's candidate rows.
 - ``decoding``: the generation settings, the prompt budget, and the engine's name, version,
@@ -53,8 +54,10 @@ def base_key(base_digest: str) -> str:
     return f"base:{base_digest}"
 
 
-def adapter_key(base_digest: str, finetune_digest: str) -> str:
-    return f"adapter:{base_digest}:{finetune_digest}"
+def adapter_key(base_digest: str, adapter_files: dict[str, str]) -> str:
+    """``adapter_files``: the adapter's files and their sha256 (from the finetune manifest). Two runs that
+    trained bit-identical adapters (same data, config and seed on the same kind of machine) share a key."""
+    return f"adapter:{base_digest}:{_digest(adapter_files)}"
 
 
 @dataclass(frozen=True)

@@ -102,11 +102,10 @@ def serving_args(model_dir: Path, contract: dict | None, gpu: bool | None = None
     args = server_args(model_dir, gpu_present() if gpu is None else gpu)
     if not contract:
         return args
-    extra = vllm_args(model_dir, contract)
-    if "--dtype" in extra and "--dtype" in args:
+    if contract.get("dtype") and "--dtype" in args:  # flags beat the --config file: the evaluated dtype must win
         at = args.index("--dtype")
         del args[at:at + 2]
-    return [*args, *extra]
+    return [*args, *vllm_args(model_dir, contract)]
 
 
 def _cpu_server_env() -> dict[str, str]:

@@ -1,10 +1,11 @@
 """The serving contract: what a published model version must be served with, so that serving
 answers as evaluation scored.
 
-Publish writes it into the version's manifest (``extra.serving``); ``jobs.fetch_model`` checks
-the fetched folder against it; ``make serve`` and the serving chart pass its chat template and
-generation config (stop tokens, decoding defaults) to vLLM explicitly (``vllm_args``), so vLLM
-never guesses. It holds:
+Publish writes it into the version's manifest (``extra.serving``) and its engine settings into
+the version as ``lawtune-vllm.yaml`` (a vLLM ``--config`` file: the evaluated dtype and decoding
+defaults); ``jobs.fetch_model`` checks the fetched folder against it; ``make serve``, the parity
+check and the serving chart pass ``--config``, ``--chat-template`` and ``--generation-config``
+(its eos ids are the stop tokens) to vLLM explicitly (``vllm_args``), so vLLM never guesses. It holds:
 
 - ``chat_template``: the file and the sha256 of the template text evaluate rendered prompts with;
 - ``tokenizer_files``: sha256 of each tokenizer file of the version;
@@ -128,50 +129,55 @@ def verify(folder: Path, contract: dict[str, Any]) -> None:
         if _sha256(path.read_bytes()) != digest:
             raise ContractError(f"tokenizer file {name}: sha256 {_sha256(path.read_bytes())[:12]}… differs from the contract's "
                                 f"{digest[:12]}… (a swapped tokenizer file)")
+    _verify_vllm_config(folder, contract)
     expected = set(contract.get("eos_token_ids") or [])
     have = set(eos_token_ids(folder))
     if expected - have:
         missing = ", ".join(str(i) for i in sorted(expected - have))
-        raise ContractError(f"{GENERATION_CONFIG}: eos_token_id {sorted(have) or 'is missing'} lacks {missing} "
-                            f"({', '.join(contract.get('stop_tokens') or [])}): served answers would not stop where evaluated ones did")
+        found = f"eos_token_id {sorted(have)} lacks" if have else "eos_token_id is missing; it must hold"
+        raise ContractError(f"{GENERATION_CONFIG}: {found} {missing} ({', '.join(contract.get('stop_tokens') or [])}): "
+                            "served answers would not stop where evaluated ones did")
 
 
-def install(folder: Path, contract: dict[str, Any] | None) -> None:
-    """Verify a fetched folder against its contract (None: an older version without one: nothing to verify)
-    and write ``lawtune-vllm.yaml`` beside the model for the serving chart's ``--config``."""
+def _verify_vllm_config(folder: Path, contract: dict[str, Any]) -> None:
     import yaml
 
-    if contract is not None:
-        verify(folder, contract)
-    (folder / VLLM_CONFIG).write_text(yaml.safe_dump(vllm_config(contract), sort_keys=True), encoding="utf-8")
+    path = folder / VLLM_CONFIG
+    if not path.is_file():
+        raise ContractError(f"{VLLM_CONFIG}: missing; serving would not get the evaluated dtype and decoding defaults")
+    try:
+        found = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ContractError(f"{VLLM_CONFIG}: not valid YAML ({exc})") from None
+    if found != vllm_config(contract):
+        raise ContractError(f"{VLLM_CONFIG}: {found} is not the contract's engine settings {vllm_config(contract)}")
 
 
 def vllm_args(folder: Path, contract: dict[str, Any]) -> list[str]:
-    """vLLM server flags that make serving use the contract's template, stop tokens and decoding defaults:
-    ``--chat-template`` (the verified file), ``--generation-config`` (the folder: its
-    generation_config.json carries the stop ids) and ``--override-generation-config`` (evaluate's
-    decoding as the defaults a request that sets nothing gets; greedy is temperature 0)."""
-    args = []
+    """vLLM server flags that make serving use the contract: ``--config`` (the version's lawtune-vllm.yaml:
+    the evaluated dtype, and evaluate's decoding as the defaults a request that sets nothing gets),
+    ``--chat-template`` (the verified file) and ``--generation-config`` (the folder: its
+    generation_config.json carries the stop ids). The serving chart passes the same three."""
+    args = ["--config", str(folder / VLLM_CONFIG)]
     template = contract.get("chat_template")
     if template:
         args += ["--chat-template", str(folder / template["file"]) if template["file"] == CHAT_TEMPLATE
                  else str(_template_file(folder))]
-    args += ["--generation-config", str(folder)]
-    defaults = serving_defaults(contract)
-    if defaults:
-        args += ["--override-generation-config", json.dumps(defaults, sort_keys=True)]
-    if contract.get("dtype"):
-        args += ["--dtype", contract["dtype"]]
-    return args
+    return [*args, "--generation-config", str(folder)]
+
+
+def write_vllm_config(folder: Path, contract: dict[str, Any]) -> None:
+    """Publish writes the contract's engine settings beside the model (it is then in the manifest, checksummed)."""
+    import yaml
+
+    (folder / VLLM_CONFIG).write_text(yaml.safe_dump(vllm_config(contract), sort_keys=True), encoding="utf-8")
 
 
 VLLM_CONFIG = "lawtune-vllm.yaml"
 
 
 def vllm_config(contract: dict[str, Any] | None) -> dict[str, Any]:
-    """The contract's engine settings as a vLLM ``--config`` file's content (dtype, decoding defaults): what
-    fetch-model writes beside the model for the serving chart, which passes ``--config`` with the chat
-    template and generation config flags. ``{}`` for a version without a contract."""
+    """The contract's engine settings as a vLLM ``--config`` file's content (dtype, decoding defaults)."""
     if not contract:
         return {}
     out: dict[str, Any] = {}

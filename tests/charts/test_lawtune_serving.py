@@ -608,6 +608,24 @@ def test_drain_waits_for_the_gateway_keepalive_bound():
     assert server["lifecycle"]["preStop"]["exec"]["command"][2:] == ["8000", "11", "290"]
 
 
+# ---- issue 26: the serving contract ------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_vllm_gets_the_contracts_template_generation_config_and_engine_file(device):
+    """fetch-model verified the version against its serving contract; vLLM is told to use exactly its files."""
+    args = _pod_template(_render({"vllm": {"device": device}}), "vllm")["spec"]["containers"][0]["args"]
+    folder = "/models/legal-assistant"
+    assert _flag(args, "--config") == f"{folder}/lawtune-vllm.yaml", "the evaluated dtype and decoding defaults"
+    assert _flag(args, "--chat-template") == f"{folder}/chat_template.jinja"
+    assert _flag(args, "--generation-config") == folder, "its eos_token_id lists the stop tokens"
+    assert _flag(args, "--dtype") is None, "a --dtype flag would override the contract's"
+    explicit = _pod_template(_render({"vllm": {"device": device, "dtype": "float16"}}), "vllm")["spec"]["containers"][0]["args"]
+    assert _flag(explicit, "--dtype") == "float16"
+    legacy = _pod_template(_render({"vllm": {"device": device, "servingContract": False}}), "vllm")["spec"]["containers"][0]["args"]
+    assert not any(a.startswith(("--config", "--chat-template", "--generation-config")) for a in legacy)
+    assert _flag(legacy, "--dtype") == ("bfloat16" if device == "cpu" else None)
+
+
 # ---- issue 19: CPU mode -----------------------------------------------------------------------
 
 def test_cpu_mode_runs_the_engine_settings_of_make_serve():
@@ -621,7 +639,9 @@ def test_cpu_mode_runs_the_engine_settings_of_make_serve():
     args = server["args"]
     local = dict(zip(CPU_SERVER_ARGS[::2], CPU_SERVER_ARGS[1::2]))
     for flag, value in local.items():
-        assert _flag(args, flag) == value, flag
+        if flag != "--dtype":  # the version's evaluated dtype, from its serving contract (below)
+            assert _flag(args, flag) == value, flag
+    assert _flag(args, "--dtype") is None and _flag(args, "--config") == "/models/legal-assistant/lawtune-vllm.yaml"
     assert not any(a.startswith("--gpu-memory-utilization") for a in args)
     env = {e["name"]: e.get("value") for e in server["env"]}
     cpu = DEFAULTS["vllm"]["cpu"]
