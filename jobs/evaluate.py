@@ -12,13 +12,20 @@ Inputs: the committed ``data/`` (its test split, ``data_config.test_file``) and
 manifest names). Both are verified against their manifests.
 
 With ``--model-name``, the model's PROMOTED version (production) answers the same prompts
-too (champion/challenger; gate rules with ``min_improvement_over: promoted`` compare with
-it). ``evaluation.questions`` names a golden set (CSV/JSONL) scored besides the test split.
+too (champion/challenger; gate rules with ``compare: promoted`` compare with it).
+``evaluation.questions`` names a golden set (CSV/JSONL) scored besides the test split. An
+answer an earlier evaluation already gave (same model weights, decoding, engine and prompt ids:
+this run's earlier evaluation, or the one that published production) is reused, not generated
+(shared/evaluate/answers.py). The gate decides on the per-question scores of the questions
+``evaluation.gate.questions`` names, with paired bootstrap intervals (shared/evaluate/gate.py).
 
-Output (default ``<artifact_root>/runs/<run_id>/evaluate/``): ``predictions.jsonl`` (id,
-question, reference, base, tuned and production answers, per-example scores), ``metrics.json``
-(``{"base", "tuned", "production", "production_version", "delta", "delta_vs_production",
-"golden", "gate", ...}``), ``report.md``, ``report.html`` (loss plot embedded),
+Output (default ``<artifact_root>/runs/<run_id>/evaluate/``): ``answers.jsonl`` (every
+model's answer to every question, with its reuse keys), ``predictions.jsonl`` (one row per
+question, test split then golden set: the answers side by side, whether each ended on its own,
+per-question scores), ``metrics.json`` (``{"base", "tuned", "production", "production_version",
+"delta", "delta_vs_production", "golden", "gate", "engine", "answers", "serving", "parity", ...}``:
+the gate's intervals, the engine/version/dtype/batch size/seed, the serving profile publish builds
+the serving contract from), ``report.md``, ``report.html`` (loss plot embedded),
 ``loss_curves.png``, ``tensorboard/`` (the scores), and ``MANIFEST.json`` last with
 ``extra = {"gate": {...}, "metrics": {...}}``. With ``MLFLOW_TRACKING_URI`` set, the params,
 scores and report files also go to an MLflow run ``<run_id>-evaluate`` (shared/train/tracking.py). Skipped when data, finetune, the

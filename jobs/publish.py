@@ -13,12 +13,19 @@ about two safetensors shards + the adapter; every merged weight checked against 
 small models against base+adapter logits too), or in memory in float32 with peft's
 ``merge_and_unload`` for adapters the sharded merge cannot do (shared/publish/merge.py).
 
+Before the version is committed, the merged folder is checked against what evaluate recorded
+(shared/serve/parity.py): chat template, end-of-turn ids, tokenizer rendering, the merge's LoRA
+scale, and, with ``evaluation.parity.enabled`` and a passing gate, vLLM serving the folder must
+answer the golden questions as evaluate did. A failed check keeps PROMOTED where it is.
+
 Output: ``<artifact_root>/models/<name>/<version>/`` (sharded safetensors, tokenizer, chat
-template, generation config, ``lawtune-model.json`` provenance, ``MANIFEST.json`` last),
+template, generation config, ``lawtune-vllm.yaml`` (the serving contract's engine settings),
+``parity.json``, ``lawtune-model.json`` provenance, ``MANIFEST.json`` last, its ``extra.serving``
+the serving contract, shared/store/serving_contract.py),
 where ``<version>`` is ``<run_id>-<10 hex of the inputs digest>``: the same finetune and
 evaluate artifacts give the same version, so publishing a run twice is a no-op. Then
-``models/<name>/PROMOTED`` (content: the version) is moved to it only when the gate passed,
-or with ``--force`` (logged loudly), by compare-and-swap (shared/publish/registry.py), and
+``models/<name>/PROMOTED`` (content: the version) is moved to it only when the gate and the
+checks above passed, or with ``--force`` (logged loudly), by compare-and-swap (shared/publish/registry.py), and
 the move is recorded in ``models/<name>/history/``. A version trained before the promoted one
 does not move PROMOTED back without ``--force`` (or ``lawtune models promote/rollback``).
 ``runs/<run_id>/PUBLISHED`` lists the versions made from the run, which then refuses to be
