@@ -10,7 +10,7 @@ Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_S3_ENDPOINT_URL`` (shared/core
 ``list`` prints each version with its created time, gate verdict, key metrics, data digest
 and a ``*`` on the PROMOTED one, then the releases ``lawtune deploy`` recorded (which version
 each runs), then the history. ``promote`` moves PROMOTED to a version
-(``--force`` for one whose gate failed); ``rollback`` moves it to the version promoted before
+(``--force`` for one whose gate or parity check failed); ``rollback`` moves it to the version promoted before
 the current one. Both swap PROMOTED atomically and record the event
 (shared/publish/registry.py).
 
@@ -78,6 +78,12 @@ def promote(settings: Settings, name: str, version: str, *, force: bool = False)
     passed = gate_passed(target.gate)
     if not passed and not force:
         raise ConfigError(f"{name}/{version} failed its quality gate; promote it anyway with --force")
+    parity = target.manifest.extra.get("parity")
+    if isinstance(parity, dict) and parity.get("passed") is False:
+        failed = "; ".join(c.get("message", "?") for c in parity.get("checks", []) if not c.get("passed"))
+        if not force:
+            raise ConfigError(f"{name}/{version} does not serve as it was evaluated ({failed}); promote it anyway with --force")
+        passed = False
     kind = "promote" if passed else "forced"
     return registry.move_pointer(root, pointer, version, {"kind": kind, "gate": target.gate,
                                                           "run_id": target.manifest.extra.get("run_id")})

@@ -221,7 +221,7 @@ def greedy(model, tokenizer, records, device) -> list[list[int]]:
         prompts.append(ids[-MAX_INPUT:])
     # One left-padded batch, as evaluate's transformers backend generates.
     width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # the GGUF tokenizer of transformers 5.17 has none
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):

@@ -118,6 +118,13 @@ def test_a_merge_with_the_wrong_lora_scale_is_not_promoted(evaluated, monkeypatc
     assert failed["check"] == "merge_scale" and "a merge with the wrong LoRA scale" in failed["message"]
     assert "carries the adapter at scale 16" in failed["message"] and "gives 2" in failed["message"]
     assert not open_location(settings.models_uri(NAME), settings).exists("PROMOTED")
+    # Nor by hand, unless forced (and then recorded as such).
+    from jobs import models
+    from shared.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not serve as it was evaluated .*wrong LoRA scale"):
+        models.promote(settings, NAME, result.version)
+    assert models.promote(settings, NAME, result.version, force=True)["kind"] == "forced"
 
 
 def test_the_unchanged_folder_passes_every_check_and_carries_its_contract(evaluated):
