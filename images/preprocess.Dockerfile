@@ -1,58 +1,74 @@
-# syntax=docker/dockerfile:1
-# preprocess: CSV/JSONL of Q&A → train/dev/test chat JSONL. CPU only: a slim Python base.
+# preprocess: CSV/JSON/JSONL/Parquet of Q&A -> train/dev/test chat JSONL. CPU only: a slim Python base.
 #
-#   make image-preprocess              # = docker build -f images/preprocess.Dockerfile -t $(IMAGE_REGISTRY)/preprocess:$(IMAGE_TAG) .
-#   make image-preprocess DEVICE=cpu   # tagged $(IMAGE_TAG)-cpu, for the pipeline chart's `device: cpu`
+#   make image-preprocess              # = docker build -f images/preprocess.Dockerfile ... (tag $(IMAGE_TAG))
+#   make image-preprocess DEVICE=cpu   # the same image, tagged $(IMAGE_TAG)-cpu for the pipeline chart's `device: cpu`
 #
-# Dependency group: [data] of pyproject.toml, installed from pyproject.toml + constraints.txt in a
-# layer of its own before the code is copied: a code change rebuilds only the last two layers.
-# Base: a slim Python for both DEVICEs (this stage needs no torch; DEVICE=cpu only changes the
-# tag). Pin it by digest: DOCKER_BUILD_ARGS='--build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:<digest>'.
-# Size, unpacked (estimated from the bases and the installed wheels; no Docker engine measured it):
-#   size: cuda ~0.2 GB, cpu ~0.2 GB
+# Base: a slim Python for both DEVICEs (this stage needs no torch). Without a registry, `make
+# base-images` builds a Debian bookworm equivalent (BASES=local). Pin it by digest:
+#   DOCKER_BUILD_ARGS='--build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:<digest>'
+# The dependency layer comes first and is the same text in preprocess and fetch-model, so the two
+# images share it; a code change rebuilds only the code layers.
+# Measured (make bench-images; docs/benchmarks.md): see the `measured:` lines.
+#   measured: cpu 0 GB, cold build 0 s, rebuild after a one-line code change 0 s (unmeasured)
 # Runs as uid 10001 with a read-only root filesystem: HOME, TMPDIR and the caches point at paths the
-# pipeline chart mounts as emptyDirs.
+# pipeline chart mounts as emptyDirs; nothing else is written.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+# ---- shared by preprocess and fetch-model: keep this block identical in the two files ----
+# The requirement list, computed from pyproject.toml in a stage of its own: the install layer copies
+# only the list, so a pyproject.toml change that alters no requirement rebuilds nothing.
+# constraints.txt pins the dev environment; its torch (a CPU build) and triton are not installed here.
+FROM ${PYTHON_IMAGE} AS requirements
+COPY pyproject.toml constraints.txt images/requirements.py /src/
+RUN cd /src && mkdir /out \
+ && grep -v -E "^(torch|triton)==" constraints.txt > /out/constraints.txt \
+ && python3 requirements.py pyproject.toml data > /out/data.txt
+
 FROM ${PYTHON_IMAGE}
-
-ARG DEVICE=cpu
-ARG IMAGE_TAG=dev
-LABEL org.opencontainers.image.title="lawtune-preprocess" \
-      org.opencontainers.image.source="https://github.com/lawtune/lawtune" \
-      io.lawtune.stage="preprocess" \
-      io.lawtune.dependency-group="data" \
-      io.lawtune.device="${DEVICE}"
-
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    VIRTUAL_ENV=/opt/lawtune/venv \
+    PATH=/opt/lawtune/venv/bin:$PATH \
     HOME=/home/lawtune \
     TMPDIR=/tmp \
     LAWTUNE_CACHE_DIR=/var/cache/lawtune \
     HF_HOME=/var/cache/lawtune/huggingface \
     XDG_CACHE_HOME=/var/cache/lawtune/xdg \
     MPLCONFIGDIR=/tmp/matplotlib \
-    HF_HUB_OFFLINE=1 \
-    LAWTUNE_CODE_VERSION=${IMAGE_TAG}
-
+    HF_HUB_OFFLINE=1
+# A virtual environment: Debian's Python refuses system-wide pip installs (PEP 668).
 RUN groupadd --gid 10001 lawtune \
  && useradd --uid 10001 --gid 10001 --home-dir /home/lawtune --no-create-home --shell /usr/sbin/nologin lawtune \
  && mkdir -p /home/lawtune /var/cache/lawtune \
- && chown 10001:10001 /home/lawtune /var/cache/lawtune
+ && chown 10001:10001 /home/lawtune /var/cache/lawtune \
+ && python3 -m venv /opt/lawtune/venv
+COPY --from=requirements /out/data.txt /out/constraints.txt /opt/lawtune/requirements/
+# The build's own pip settings (a private index, a proxy's CA) arrive as BuildKit secrets, never in a layer:
+#   --secret id=pip.conf,src=<pip.conf>  --secret id=ca,src=<CA bundle the pip.conf names as /run/secrets/ca>
+RUN --mount=type=cache,id=lawtune-pip,target=/root/.cache/pip,sharing=locked \
+    --mount=type=secret,id=pip.conf \
+    --mount=type=secret,id=ca \
+    --mount=type=bind,source=images/wheels,target=/opt/lawtune/wheels \
+    cd /opt/lawtune/requirements \
+ && export PIP_CONFIG_FILE=/run/secrets/pip.conf \
+ && pip install --find-links /opt/lawtune/wheels -c constraints.txt -r data.txt
+# ---- end of the shared block ----
 
-WORKDIR /src
-COPY pyproject.toml constraints.txt images/requirements.py ./
-# constraints.txt pins the dev environment; torch (a CPU build there) and triton are not installed here.
-RUN grep -v -E "^(torch|triton)==" constraints.txt > /tmp/constraints.txt \
- && python requirements.py pyproject.toml data > /tmp/requirements.txt \
- && pip install -c /tmp/constraints.txt -r /tmp/requirements.txt
-COPY README.md ./
-COPY shared/ shared/
-# Only this stage's entrypoint: jobs never import each other.
-COPY jobs/__init__.py jobs/preprocess.py jobs/
-RUN pip install --no-deps . \
- && rm -rf /src /tmp/constraints.txt /tmp/requirements.txt
-WORKDIR /home/lawtune
+ARG DEVICE=cpu
+ARG IMAGE_TAG=dev
+LABEL org.opencontainers.image.title="lawtune-preprocess" \
+      org.opencontainers.image.source="https://github.com/lawtune/lawtune" \
+      org.opencontainers.image.version="${IMAGE_TAG}" \
+      io.lawtune.stage="preprocess" \
+      io.lawtune.dependency-group="data" \
+      io.lawtune.device="${DEVICE}"
+ENV LAWTUNE_CODE_VERSION=${IMAGE_TAG} \
+    PYTHONPATH=/opt/lawtune/app
+# The code, last: only this stage's entrypoint (jobs never import each other).
+COPY shared/ /opt/lawtune/app/shared/
+COPY jobs/__init__.py jobs/preprocess.py /opt/lawtune/app/jobs/
+# Not HOME: the chart mounts an emptyDir there, which would hide anything the image put in it.
+WORKDIR /opt/lawtune
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "jobs.preprocess"]

@@ -9,7 +9,9 @@ Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_RUN_ID``, ``LAWTUNE_S3_ENDPOIN
 
 Inputs: the committed ``data/`` (its test split, ``data_config.test_file``) and
 ``finetune/`` (``adapter/``, ``training_summary.json``; the base model is the one its
-manifest names). Both are verified against their manifests.
+manifest names). Both are verified against their manifests. The model's own code
+(ChatGLM3) runs only when this config sets ``trust_remote_code: true`` (never because the
+finetune manifest says so), and then only the code files finetune recorded by sha256.
 
 With ``--model-name``, the model's PROMOTED version (production) answers the same prompts
 too (champion/challenger; gate rules with ``compare: promoted`` compare with it).
@@ -39,7 +41,6 @@ stdout lines name the report and the verdict: ``report: <uri>`` and ``gate: PASS
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import tempfile
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.core.cli import MODEL_ENV, STAGE_ENV, command_parser
 from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.core.errors import DataError
 from shared.core.job import run_main
@@ -63,6 +65,7 @@ from shared.evaluate.report import ReportInput, write_report
 from shared.evaluate.scoring import score, user_question, write_predictions
 from shared.publish.registry import check_name, read_pointer
 from shared.store.artifacts import Manifest, digest_inputs, find_manifest, read_manifest, sha256_file
+from shared.store.model_code import RECORD, check_folder
 from shared.store.stage import StageOutput, fetch_stage
 from shared.store.storage import open_location
 from shared.train.tracking import log_evaluation_to_mlflow, log_scores
@@ -105,6 +108,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
     data_manifest = read_manifest(open_location(data_uri, settings))
     ft_manifest = read_manifest(open_location(finetune_uri, settings))
     base_ref = ft_manifest.extra.get("base_model") or config.base_model
+    config.expect_base_model(ft_manifest.extra.get("base_model"), finetune_uri)
     ev = config.evaluation
     champion = _champion(settings, model_name, ft_manifest.digest, output_uri)
     golden = _golden_source(settings, ev.questions)
@@ -133,8 +137,11 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
 
             records = _load_test(scratch / "data" / test_name, f"{data_uri}/{test_name}", ev.max_examples)
             golden_records = load_golden(golden[0], ev.questions, config.preprocess) if golden else []
-            trust = bool(ft_manifest.extra.get("trust_remote_code", config.trust_remote_code))  # as finetune ran it
+            # The operator's config decides whether model code runs, never the artifact; and only the code finetune ran.
+            trust = config.trust_remote_code
             base_dir = resolve_base_model(base_ref, settings, trust)
+            if trust:
+                check_folder(base_dir, ft_manifest.extra.get(RECORD), record=f"{finetune_uri}/MANIFEST.json")
             tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
             questions = questions_of(tokenizer, [("test", records), ("golden", golden_records)], config.max_input_length)
             log.info("answering %d test and %d golden question(s) with %s (+ adapter)", len(records), len(golden_records), base_ref)
@@ -148,7 +155,9 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
                 models.append(Model("production", production_key(settings, champion.uri, book), None))
 
             def fetch_production() -> Path:
-                fetch_stage(settings, champion.uri, scratch / "production")
+                champion_manifest = fetch_stage(settings, champion.uri, scratch / "production")
+                if trust:
+                    check_folder(scratch / "production", champion_manifest.extra.get(RECORD), record=f"{champion.uri}/MANIFEST.json")
                 return scratch / "production"
 
             rows, engine = collect(models, questions, book, ev, max_input_length=config.max_input_length, seed=config.seed,
@@ -263,13 +272,15 @@ def _golden_source(settings: Settings, questions: str | None) -> tuple[Path, str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
-    parser.add_argument("--finetune", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
-    parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/evaluate)")
-    add_config_arguments(parser, required=True)  # its evaluation section applies
+    parser = command_parser("evaluate", __doc__, module="jobs.evaluate", image=True, env=(*STAGE_ENV, *MODEL_ENV, "MLFLOW_TRACKING_URI"))
+    parser.add_argument("--data", metavar="URI", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
+    parser.add_argument("--finetune", metavar="URI", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
+    parser.add_argument("--output", metavar="URI", help="output URI (default <artifact_root>/runs/<run_id>/evaluate)")
+    add_config_arguments(parser, required=True, reads="its evaluation, data_config and preprocess sections, "
+                         "max_input_length and seed", base_model="expect")
     parser.add_argument("--force", action="store_true", help="run even when the same inputs are committed")
-    parser.add_argument("--model-name", help="also score the PROMOTED version of this model (production) on the same questions")
+    parser.add_argument("--model-name", metavar="NAME",
+                        help="also score the PROMOTED version of this model (production) on the same questions")
     args = parser.parse_args(argv)
 
     def body() -> None:

@@ -10,7 +10,8 @@ Input: ``models/<name>`` (``PROMOTED`` names the version) or ``models/<name>/<ve
 Every file of the version's manifest is downloaded in parallel into a temporary sibling of
 the target and checked (size, sha256) before one rename puts it in place, so the target
 directory is either complete (with its ``MANIFEST.json``) or absent. A target that already
-holds exactly this version is left as it is (a restarted pod does not download again), and
+holds exactly this version, every file checked against its sha256, is left as it is (a
+restarted pod does not download again; a file damaged on the volume is fetched anew), and
 fetches into one target are serialised by a lock file beside it (``.<target>.lock``), so
 replicas sharing a ReadWriteMany claim download once.
 
@@ -18,21 +19,31 @@ The version's serving contract (``extra.serving`` of its manifest: chat template
 files, stop ids; shared/store/serving_contract.py) is checked too; a folder that breaks it is
 removed.
 
+With ``--trust-remote-code`` (the serving chart passes it when ``vllm.trustRemoteCode`` is on;
+``make serve`` with ``TRUST_REMOTE_CODE=1``) the version's ``*.py`` files must be exactly those
+its manifest's ``extra.remote_code`` records (the code finetune ran), checked before anything
+is downloaded.
+
 Exit codes: 0 fetched or already there; 1 storage failure (retry); 2 nothing published or
-promoted at that URI, a checksum mismatch, or a broken serving contract (one line on stderr says which).
+promoted at that URI, a checksum mismatch, a broken serving contract, code files the record does
+not allow, or a manifest path or PROMOTED content that would reach outside the target (absolute,
+``..``; one line on stderr says which).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.store.artifacts import MANIFEST, Manifest, fetch_dir, read_manifest
-from shared.core.errors import ConfigError
+from shared.store.artifacts import MANIFEST, Manifest, fetch_dir, read_manifest, verify_file
+from shared.store.model_code import RECORD, check_code, manifest_code
+from shared.store.paths import check_version, inside
+from shared.core.errors import ConfigError, IntegrityError
+from shared.core.cli import command_parser
+from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.core.settings import Settings, load_settings
@@ -58,27 +69,43 @@ def resolve_version(settings: Settings, uri: str) -> str:
     if loc.exists(MANIFEST):
         return uri
     if loc.exists(PROMOTED):
-        version = loc.read_text(PROMOTED).strip()
-        if not version or "/" in version:
-            raise ConfigError(f"{uri}/{PROMOTED} holds {version!r}; expected a version name")
+        version = check_version(loc.read_text(PROMOTED).strip(), f"{uri}/{PROMOTED}")
         log.info("%s/%s names version %s", uri, PROMOTED, version)
         return join(uri, version)
     raise ConfigError(f"{uri} has neither {MANIFEST} (a model version) nor {PROMOTED} (a promoted model): nothing to fetch")
 
 
 def _same_version(target: Path, manifest: Manifest) -> bool:
+    """The target holds exactly this version: its manifest, and every file's size and sha256 (a file that
+    rotted or was edited on the volume since is fetched again, not served)."""
     try:
         local = Manifest.model_validate_json((target / MANIFEST).read_bytes())
     except (OSError, ValueError):
         return False
-    return local.digest == manifest.digest and all((target / f.path).is_file() and (target / f.path).stat().st_size == f.size
-                                                   for f in manifest.files)
+    if local.digest != manifest.digest:
+        return False
+    for entry in manifest.files:
+        try:
+            verify_file(inside(target, entry.path, str(target / MANIFEST)), entry, str(target))
+        except (OSError, IntegrityError) as exc:
+            log.warning("%s: %s; fetching the version again", target, exc)
+            return False
+    return True
 
 
-def run(settings: Settings, uri: str, target: Path) -> Result:
+def run(settings: Settings, uri: str, target: Path, config: TrainConfig | None = None, *,
+        trust_remote_code: bool = False) -> Result:
+    """``config``: the --config/--base-model/--set every stage takes; a version trained on another
+    base model than one explicitly asked for is refused before anything is downloaded.
+    ``trust_remote_code``: the server will run the version's code, so its code files must be the
+    ones finetune ran (its manifest's record), also checked before any download."""
     version_uri = resolve_version(settings, uri)
     loc = open_location(version_uri, settings)
     manifest = read_manifest(loc)
+    if config is not None:
+        config.expect_base_model(manifest.extra.get("base_model"), version_uri)
+    if trust_remote_code:
+        check_code(manifest_code(manifest), manifest.extra.get(RECORD), where=version_uri, record=f"{version_uri}/{MANIFEST}")
     target = Path(target).resolve()
     # Replicas sharing one ReadWriteMany claim start together: one downloads, the others wait
     # and then find the version in place, instead of replacing a folder a server is loading.
@@ -138,19 +165,25 @@ def _exclusive(lock_path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.fetch_model", description=__doc__.split("\n\n")[0])
+    parser = command_parser("fetch-model", __doc__, module="jobs.fetch_model", image=True,
+                            env=("LAWTUNE_S3_ENDPOINT_URL", "LAWTUNE_BASE_MODEL", "LAWTUNE_LOG_LEVEL"))
     parser.add_argument("uri", help="models/<name> (follows PROMOTED) or models/<name>/<version>")
     parser.add_argument("target", type=Path, help="local directory to create (replaced only when complete)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="the server will run the model's own code: refuse a version whose code files are not "
+                             "exactly those its manifest records (extra.remote_code)")
+    add_config_arguments(parser, reads="only base_model (checked against the version's)", base_model="expect")
     args = parser.parse_args(argv)
 
     def body() -> None:
         settings = load_settings()
         configure_logging(settings.log_level)
-        result = run(settings, args.uri, args.target)
+        result = run(settings, args.uri, args.target, config=config_from_args(args),
+                     trust_remote_code=args.trust_remote_code)
         state = "fetched" if result.downloaded else "already present"
         print(f"{state}: {result.version_uri} -> {result.target} ({len(result.manifest.files)} files verified)")
 
-    return run_main("fetch_model", body)
+    return run_main("fetch-model", body)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ JSON per logging/eval event), ``tensorboard/`` (the same curves as TensorBoard e
 manifest), and ``MANIFEST.json`` last, whose ``extra`` holds ``base_model`` (and
 ``base_model_from``: ``--base-model``, ``LAWTUNE_BASE_MODEL``, ``config`` or ``default``,
 whichever won), ``base_model_digest`` (sha256 over its weight files), ``config_digest``,
-``data_uri``, ``trust_remote_code`` and ``best_step``. With ``MLFLOW_TRACKING_URI`` set and
+``data_uri``, ``trust_remote_code``, ``remote_code`` (with trust_remote_code: every ``*.py`` of
+the base model's folder -> sha256, the only code later stages run; shared/store/model_code.py)
+and ``best_step``. With ``MLFLOW_TRACKING_URI`` set and
 the MLflow client installed (``lawtune[mlflow]``), params, the curves (live, by step) and the
 summary files also go to one MLflow run ``<run_id>-finetune`` (shared/train/tracking.py). The stage
 is skipped when the data manifest, the training config sections and the code version match the
@@ -30,7 +32,6 @@ storage failure; 2 bad config, data or base model (one line on stderr names it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import yaml
 
+from shared.core.cli import MODEL_ENV, STAGE_ENV, command_parser
 from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.core.errors import LawtuneError
 from shared.core.job import run_main
@@ -69,6 +71,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
     from shared.store.artifacts import digest_inputs, read_manifest
     from shared.data.split_files import split_file
     from shared.train.models import needs_remote_code, resolve_base_model
+    from shared.store.model_code import RECORD, code_files
     from shared.store.stage import StageOutput, fetch_stage
     from shared.store.storage import open_location
 
@@ -133,6 +136,8 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         log_training(out.workdir / "tensorboard", result.log_history)
         out.commit(extra={"base_model": config.base_model, "base_model_from": base_from,
                           "trust_remote_code": config.trust_remote_code, "best_step": result.best_step,
+                          # The code that ran, by digest: evaluate, publish and serving run only these files.
+                          RECORD: code_files(model_dir) if config.trust_remote_code else None,
                           "base_model_digest": _model_digest(model_dir), "config_digest": inputs["config"],
                           "data_uri": data_uri})
         if tracker:  # the view after the record
@@ -177,10 +182,10 @@ def _leave_process_group() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
-    parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/finetune)")
-    add_config_arguments(parser, required=True)
+    parser = command_parser("finetune", __doc__, module="jobs.finetune", image=True, env=(*STAGE_ENV, *MODEL_ENV, "MLFLOW_TRACKING_URI"))
+    parser.add_argument("--data", metavar="URI", help="data artifact URI (default <artifact_root>/runs/<run_id>/data)")
+    parser.add_argument("--output", metavar="URI", help="output URI (default <artifact_root>/runs/<run_id>/finetune)")
+    add_config_arguments(parser, required=True, reads="every section but evaluation", base_model="override")
     args = parser.parse_args(argv)
 
     def body() -> None:

@@ -15,8 +15,8 @@ Exit codes: 0 printed; 1 storage failure; 2 not a published version (the line li
 
 from __future__ import annotations
 
-import argparse
 
+from shared.core.cli import command_parser
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.core.settings import load_settings
@@ -24,7 +24,7 @@ from shared.publish.lineage import as_json, as_text, trace
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lawtune lineage", description=__doc__.split("\n\n")[0])
+    parser = command_parser("lineage", __doc__, module="jobs.lineage", env=("LAWTUNE_S3_ENDPOINT_URL", "LAWTUNE_LOG_LEVEL"))
     parser.add_argument("uri", help="<artifact_root>/models/<name>/<version>")
     parser.add_argument("--json", action="store_true", help="machine-readable: a list of links")
     args = parser.parse_args(argv)

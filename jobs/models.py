@@ -21,16 +21,16 @@ back to, or a failed gate without ``--force``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from shared.core.errors import ConfigError
+from shared.core.cli import command_parser
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.core.settings import Settings, load_settings
 from shared.evaluate.gate import gate_passed
 from shared.publish import registry
-from shared.store.releases import releases
+from shared.store.releases import release_name, releases
 from shared.store.storage import Location, open_location
 
 log = logging.getLogger("lawtune.models")
@@ -59,7 +59,8 @@ def list_versions(settings: Settings, name: str) -> list[str]:
         lines.append(f"{'*' if v.name == current else ' ':2}{v.name:<28} {v.created:<27} {gate:<7} {' '.join(scores)}  {data}")
     lines += ["", f"PROMOTED: {current or '<none>'}"]
     for r in releases(root):  # what `lawtune deploy` last put in each release
-        lines.append(f"serving: {r['namespace']}/{r['release']} runs {r['version']} "
+        failed = " — ROLLOUT FAILED (not ready in time)" if r.get("status") == "failed" else ""
+        lines.append(f"serving: {release_name(r)} runs {r['version']}{failed} "
                      f"(helm revision {r.get('helm_revision') or '?'}, deployed {r['deployed_at']} by {r.get('actor', '?')})")
     lines.append("history:")
     for e in registry.history(root):
@@ -71,6 +72,7 @@ def list_versions(settings: Settings, name: str) -> list[str]:
 def promote(settings: Settings, name: str, version: str, *, force: bool = False) -> dict:
     root = _model_root(settings, name)
     target = registry.require_version(root, name, version)
+    registry.repair_history(root)  # an interrupted move is recorded before this one decides
     pointer = registry.read_pointer(root)
     if pointer.version == version:
         log.info("PROMOTED already names %s", version)
@@ -91,6 +93,7 @@ def promote(settings: Settings, name: str, version: str, *, force: bool = False)
 
 def rollback(settings: Settings, name: str) -> dict:
     root = _model_root(settings, name)
+    registry.repair_history(root)  # the target is read from the history: complete it first
     pointer = registry.read_pointer(root)
     target = registry.rollback_target(registry.history(root))
     if target is None:
@@ -102,14 +105,18 @@ def rollback(settings: Settings, name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lawtune models", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("list", help="versions, gate, key metrics, which is PROMOTED, and the history").add_argument("name")
-    p = sub.add_parser("promote", help="move PROMOTED to a published version")
-    p.add_argument("name")
-    p.add_argument("version")
+    parser = command_parser("models", __doc__, module="jobs.models",
+                            env=("LAWTUNE_ARTIFACT_ROOT", "LAWTUNE_S3_ENDPOINT_URL", "LAWTUNE_ACTOR", "LAWTUNE_LOG_LEVEL"))
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{list,promote,rollback}")
+    name_help = "the published model, <artifact_root>/models/<name>"
+    sub.add_parser("list", help="versions, gate, key metrics, which is PROMOTED, and the history",
+                   description="Versions, gate, key metrics, which is PROMOTED, and the history.").add_argument("name", help=name_help)
+    p = sub.add_parser("promote", help="move PROMOTED to a published version", description="Move PROMOTED to a published version.")
+    p.add_argument("name", help=name_help)
+    p.add_argument("version", help="the version to promote (lawtune models list shows them)")
     p.add_argument("--force", action="store_true", help="promote a version whose quality gate failed")
-    sub.add_parser("rollback", help="move PROMOTED back to the version promoted before it").add_argument("name")
+    sub.add_parser("rollback", help="move PROMOTED back to the version promoted before it",
+                   description="Move PROMOTED back to the version promoted before it.").add_argument("name", help=name_help)
     args = parser.parse_args(argv)
 
     def body() -> None:

@@ -29,7 +29,6 @@ the config is invalid (one line on stderr names the file and the problem; no man
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.store.artifacts import Manifest
+from shared.core.cli import STAGE_ENV, command_parser
 from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.core.errors import DataError
 from shared.core.job import run_main
@@ -128,12 +128,12 @@ def _weight(spec: InputSpec) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.preprocess", description=__doc__.split("\n\n")[0])
+    parser = command_parser("preprocess", __doc__, module="jobs.preprocess", image=True, env=STAGE_ENV)
     parser.add_argument("--input", action="append", metavar="PATH[:WEIGHT]",
                         help="CSV, JSON, JSONL, Parquet file, saved dataset folder, or URI; repeat for several "
                              "(default: the config's preprocess.inputs)")
-    parser.add_argument("--output", help="output URI (default <artifact_root>/runs/<run_id>/data)")
-    add_config_arguments(parser)  # its preprocess and data_config sections apply
+    parser.add_argument("--output", metavar="URI", help="output URI (default <artifact_root>/runs/<run_id>/data)")
+    add_config_arguments(parser, reads="its preprocess and data_config sections", base_model="unused")
     parser.add_argument("--force", action="store_true", help="run even when the same inputs are committed")
     args = parser.parse_args(argv)
 

@@ -2,7 +2,7 @@
 
     python -m jobs.publish --model-name legal-assistant
     python -m jobs.publish --finetune s3://b/runs/r1/finetune --evaluate s3://b/runs/r1/evaluate \\
-        --model-name legal-assistant [--force]
+        --model-name legal-assistant [--force] [--trust-remote-code]
 
 Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_RUN_ID``, ``LAWTUNE_S3_ENDPOINT_URL``,
 ``LAWTUNE_CACHE_DIR`` (shared/core/settings.py); AWS credentials the standard way.
@@ -28,6 +28,9 @@ evaluate artifacts give the same version, so publishing a run twice is a no-op. 
 checks above passed, or with ``--force`` (logged loudly), by compare-and-swap (shared/publish/registry.py), and
 the move is recorded in ``models/<name>/history/``. A version trained before the promoted one
 does not move PROMOTED back without ``--force`` (or ``lawtune models promote/rollback``).
+The base model's own code (ChatGLM3) runs only with ``--trust-remote-code`` (the operator's
+switch, never the finetune manifest's), and only the files finetune recorded by sha256; they
+are copied beside the weights and recorded again in the version's ``extra.remote_code``.
 ``runs/<run_id>/PUBLISHED`` lists the versions made from the run, which then refuses to be
 overwritten.
 
@@ -38,7 +41,6 @@ inputs, a quantised base, or a merge that fails its check.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -48,13 +50,16 @@ from pathlib import Path
 
 from shared.store.artifacts import Manifest, digest_inputs, find_manifest, now_iso, read_manifest
 from shared.evaluate.gate import gate_passed
+from shared.core.cli import STAGE_ENV, command_parser
+from shared.core.config import TrainConfig, add_config_arguments, config_from_args
 from shared.core.job import run_main
 from shared.core.log import configure_logging
 from shared.core.settings import Settings, load_settings
+from shared.store.model_code import RECORD, check_folder, code_files
 from shared.store.stage import PUBLISHED, StageOutput, fetch_stage
 from shared.store.storage import Location, open_location
 from shared.core.uri import join
-from shared.publish.registry import PROMOTED, Pointer, PromotionConflict, move_pointer, read_pointer
+from shared.publish.registry import PROMOTED, Pointer, PromotionConflict, move_pointer, read_pointer, repair_history
 
 STAGE = "publish"
 log = logging.getLogger("lawtune.publish")
@@ -74,7 +79,11 @@ class Result:
 
 
 def run(settings: Settings, model_name: str, finetune_uri: str | None = None, evaluate_uri: str | None = None,
-        *, force: bool = False, max_shard_size: str = "2GB") -> Result:
+        *, force: bool = False, max_shard_size: str = "2GB", config: TrainConfig | None = None,
+        trust_remote_code: bool = False) -> Result:
+    """``config``: the --config/--base-model/--set every stage takes; an explicit base model other
+    than the one finetune recorded is refused (TrainConfig.expect_base_model). ``trust_remote_code``:
+    the operator's switch (never the config's or a manifest's) to run the base model's own code."""
     from shared.core.errors import ConfigError
 
     if not _NAME.match(model_name):
@@ -93,6 +102,8 @@ def run(settings: Settings, model_name: str, finetune_uri: str | None = None, ev
     base_ref = ft_manifest.extra.get("base_model")
     if not base_ref:
         raise ConfigError(f"{finetune_uri}/MANIFEST.json names no base_model in its extra; cannot merge")
+    if config is not None:
+        config.expect_base_model(base_ref, finetune_uri)
 
     inputs = {"finetune": ft_manifest.digest, "evaluate": ev_manifest.digest, "code_version": settings.resolved_code_version}
     version = f"{settings.run_id}-{digest_inputs(inputs)[:10]}"
@@ -107,7 +118,7 @@ def run(settings: Settings, model_name: str, finetune_uri: str | None = None, ev
             manifest = out.skipped
         else:
             manifest = _merge_and_commit(settings, out, ft_manifest, ev_manifest, finetune_uri, evaluate_uri, base_ref,
-                                         gate, version, max_shard_size, evaluated, serve_check=passed or force)
+                                         gate, version, max_shard_size, trust_remote_code, evaluated, serve_check=passed or force)
     mark_published(settings, finetune_uri, version_uri)
     parity = manifest.extra.get("parity")
     parity_ok = not isinstance(parity, dict) or parity.get("passed") is True
@@ -142,13 +153,14 @@ def mark_published(settings: Settings, finetune_uri: str, version_uri: str) -> N
 
 
 def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, ev_manifest: Manifest, finetune_uri: str,
-                      evaluate_uri: str, base_ref: str, gate, version: str, max_shard_size: str, evaluated,
+                      evaluate_uri: str, base_ref: str, gate, version: str, max_shard_size: str, trust: bool, evaluated,
                       serve_check: bool) -> Manifest:
     from shared.publish.merge import merge_adapter
     from shared.train.models import resolve_base_model
 
-    trust = bool(ft_manifest.extra.get("trust_remote_code", False))  # finetune ran the model's code with it on
-    base_dir = resolve_base_model(base_ref, settings, trust)
+    base_dir = resolve_base_model(base_ref, settings, trust, switch="--trust-remote-code")
+    if trust:  # only the code finetune ran, by digest
+        check_folder(base_dir, ft_manifest.extra.get(RECORD), record=f"{finetune_uri}/MANIFEST.json")
     with tempfile.TemporaryDirectory(prefix="publish-in-", dir=out.workdir.parent) as scratch:
         adapter_files = [f.path for f in ft_manifest.files if f.path.startswith("adapter/")]
         fetch_stage(settings, finetune_uri, Path(scratch) / "finetune", only=adapter_files)
@@ -172,6 +184,8 @@ def _merge_and_commit(settings, out: StageOutput, ft_manifest: Manifest, ev_mani
         # URI and digest of each upstream artifact: lineage follows these and notices changed content.
         "lineage": {"finetune": {"uri": finetune_uri, "digest": ft_manifest.digest},
                     "evaluate": {"uri": evaluate_uri, "digest": ev_manifest.digest}},
+        # The code files copied beside the weights (the ones finetune ran), for fetch-model and deploy to check.
+        RECORD: code_files(model_dir) if trust else None,
     })
 
 
@@ -198,6 +212,8 @@ def _serving_checks(model_dir: Path, evaluated, base_dir: Path, adapter_dir: Pat
 
 def _promote(model_root: Location, pointer: Pointer, version: str, manifest: Manifest, passed: bool, force: bool,
              gate, run_id: str, parity_failed: dict | None = None) -> bool:
+    if repair_history(model_root):  # an earlier attempt swapped PROMOTED and died before recording it
+        log.warning("recorded the promotion to %s that an interrupted publish left unrecorded", read_pointer(model_root).version)
     current = pointer.version
     if not passed and not force:
         if parity_failed is not None:
@@ -240,18 +256,25 @@ def _promote(model_root: Location, pointer: Pointer, version: str, manifest: Man
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.publish", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--finetune", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
-    parser.add_argument("--evaluate", help="evaluate artifact URI (default <artifact_root>/runs/<run_id>/evaluate)")
-    parser.add_argument("--model-name", required=True, help="published as <artifact_root>/models/<name>/<version>")
+    parser = command_parser("publish", __doc__, module="jobs.publish", image=True,
+                            env=(*STAGE_ENV, "LAWTUNE_BASE_MODEL", "LAWTUNE_ACTOR"))
+    parser.add_argument("--finetune", metavar="URI", help="finetune artifact URI (default <artifact_root>/runs/<run_id>/finetune)")
+    parser.add_argument("--evaluate", metavar="URI", help="evaluate artifact URI (default <artifact_root>/runs/<run_id>/evaluate)")
+    parser.add_argument("--model-name", metavar="NAME", required=True, help="published as <artifact_root>/models/<name>/<version>")
     parser.add_argument("--force", action="store_true", help="promote even if the quality gate failed (logged loudly)")
-    parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size of the merged model")
+    parser.add_argument("--max-shard-size", metavar="SIZE", default="2GB", help="safetensors shard size of the merged model (default 2GB)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the base model repository's own code (ChatGLM3), only the files finetune recorded; "
+                             "make train passes it when the config sets trust_remote_code: true")
+    add_config_arguments(parser, reads="only base_model (the merge uses the base finetune recorded)", base_model="expect")
     args = parser.parse_args(argv)
 
     def body() -> None:
         settings = load_settings()
         configure_logging(settings.log_level)
-        r = run(settings, args.model_name, args.finetune, args.evaluate, force=args.force, max_shard_size=args.max_shard_size)
+        config = config_from_args(args)
+        r = run(settings, args.model_name, args.finetune, args.evaluate, force=args.force, max_shard_size=args.max_shard_size,
+                config=config, trust_remote_code=args.trust_remote_code)
         print(f"model: {r.version_uri}{' (already published)' if r.skipped else ''}")
         print(f"gate: {'PASSED' if r.gate_passed else 'FAILED'}")
         if r.parity is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -20,6 +21,25 @@ def pytest_report_header(config):
 
     where = tempfile.gettempdir()
     return f"disk: {shutil.disk_usage(where).free / 2**30:.1f} GiB free under {where} (a full make test peaks at ~4 GiB there)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test marked ``fault("<class>")`` appends its outcome to ``FAULTS_REPORT`` (JSON lines), failing
+    ones included: tests/faults/summarise.py counts tried / survived / lost per class from them. A test
+    that measured what was lost says so with ``record_property("lost_files", n)``; else a pass means
+    its assertions found nothing lost and a failure leaves "lost" unknown."""
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("fault")
+    path = os.environ.get("FAULTS_REPORT")
+    if marker is None or not path or (report.when != "call" and report.passed):
+        return
+    props = dict(item.user_properties)
+    row = {"fault": marker.args[0], "case": item.nodeid.split("::", 1)[1], "survived": report.passed,
+           "lost_files": props.get("lost_files", 0 if report.passed else None), "seconds": round(report.duration, 1)}
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
 
 
 @pytest.fixture(autouse=True)

@@ -89,6 +89,12 @@ def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 def helm_install_dry_run_server(api_port: int, release: str, chart: Path, *args: str, namespace: str = "lawtune") -> dict[str, Any]:
     """``helm install --dry-run=server`` against an API server on 127.0.0.1:``api_port`` (the
     tests' stand-in, so Helm's ``lookup`` runs for real); the release as ``-o json`` prints it."""
+    return helm_dry_run_server(api_port, [str(helm_path()), "install", release, str(chart), *args], namespace=namespace)
+
+
+def helm_dry_run_server(api_port: int, cmd: list[str], namespace: str = "lawtune") -> dict[str, Any]:
+    """Any helm command line (``helm upgrade --install ...`` too) with ``--dry-run=server -o json``
+    against the stand-in API server on 127.0.0.1:``api_port``; the release it prints."""
     with tempfile.TemporaryDirectory(prefix="helm-home-") as home:
         kubeconfig = Path(home) / "kubeconfig"
         kubeconfig.write_text(yaml.safe_dump({
@@ -97,8 +103,8 @@ def helm_install_dry_run_server(api_port: int, release: str, chart: Path, *args:
             "users": [{"name": "u", "user": {"token": "stand-in"}}],
             "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": namespace}}]}))
         env = {**os.environ, "HOME": home, "HELM_CACHE_HOME": f"{home}/c", "HELM_CONFIG_HOME": f"{home}/g", "HELM_DATA_HOME": f"{home}/d"}
-        proc = subprocess.run([str(helm_path()), "install", release, str(chart), "--dry-run=server", "--disable-openapi-validation",
-                               "--kubeconfig", str(kubeconfig), "-n", namespace, "-o", "json", *args],
+        proc = subprocess.run([*cmd, "--dry-run=server", "--disable-openapi-validation",
+                               "--kubeconfig", str(kubeconfig), "-n", namespace, "-o", "json"],
                               capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)

@@ -70,3 +70,58 @@ def test_gpu_constraints_pin_cuda_torch_and_vllm_as_pyproject_does():
     cpu = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (REPO / "constraints.txt").read_text(), re.M))
     for name in ("transformers", "peft", "pydantic", "accelerate"):
         assert pins[name] == cpu[name], f"{name}: the two environments train with the same library"
+
+
+def test_preprocess_passes_base_model_and_settings_through(tmp_path):
+    out = dry_run(tmp_path, "preprocess", "GPU=0", "BASE_MODEL=./m", "SET=preprocess.columns.title=问题 preprocess.columns.reply=回答")
+    line = next(line for line in out.splitlines() if " preprocess --input" in line)
+    assert line.endswith("--base-model ./m --set preprocess.columns.title=问题 --set preprocess.columns.reply=回答")
+
+
+def _doc_examples() -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """Every `make <target> VAR=value ...` the README and docs show: (where, target, assignments)."""
+    found = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), *sorted((REPO / "charts").glob("*/README.md"))]:
+        text = doc.read_text(encoding="utf-8")
+        for match in re.finditer(r"make ([a-z][a-z-]*)((?: [A-Z_]+=(?:\"[^\"]*\"|'[^']*'|[^\s`\"']*))+)", text):
+            pairs = re.findall(r"([A-Z_]+)=(\"[^\"]*\"|'[^']*'|[^\s`\"']*)", match.group(2))
+            found.append((f"{doc.relative_to(REPO)}: {match.group(0)}", match.group(1), [(k, v.strip("\"'")) for k, v in pairs]))
+    return found
+
+
+DOC_EXAMPLES = _doc_examples()
+
+
+@pytest.mark.parametrize(("where", "target", "assignments"), [pytest.param(*e, id=e[0]) for e in DOC_EXAMPLES])
+def test_every_make_example_in_the_docs_passes_what_it_sets(tmp_path, where, target, assignments):
+    """What a README or docs example sets reaches the command the target runs (placeholders like
+    CONFIG=... are left out: they stand for the reader's own value)."""
+    given = [(k, v) for k, v in assignments if v and "..." not in v]
+    out = dry_run(tmp_path, target, "GPU=0", *(f"{k}={v}" for k, v in given))
+    for key, value in given:
+        for word in value.split():
+            assert word in out, f"{where}: make {target} drops {key}={value} ({word!r} is in no command)"
+
+
+def test_the_docs_show_make_preprocess_with_a_mapping():
+    assert any(target == "preprocess" and any(k == "SET" for k, _ in pairs) for _, target, pairs in DOC_EXAMPLES)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    pytest.param(("serve", "SET=training_args.max_steps=5"), "make serve reads no SET: SET is for make train or make preprocess",
+                 id="serve-SET"),
+    pytest.param(("deploy", "INPUT=a.csv"), "make deploy reads no INPUT: INPUT is for make train or make preprocess", id="deploy-INPUT"),
+    pytest.param(("preprocess", "MODEL_NAME=m"), "make preprocess reads no MODEL_NAME: MODEL_NAME is for make train or make serve "
+                 "or make deploy", id="preprocess-MODEL_NAME"),
+    pytest.param(("preprocess", "TARGET=k8s"), "make preprocess runs the data stage here; TARGET=k8s is for make train",
+                 id="preprocess-TARGET"),
+])
+def test_a_variable_no_goal_reads_is_refused_with_its_name(tmp_path, args, message):
+    result = subprocess.run(["make", "-n", *args, f"VENV={tmp_path / 'venv'}", "GPU=0"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_a_variable_one_of_the_goals_reads_is_kept(tmp_path):
+    out = dry_run(tmp_path, "train", "serve", "GPU=0", "SET=training_args.max_steps=5", "SERVE_PORT=9090")
+    assert "--set training_args.max_steps=5" in out and "--port 9090" in out

@@ -12,7 +12,6 @@ unchanged skip themselves, so re-running is cheap and resumes where a run stoppe
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import subprocess
@@ -21,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.core.cli import MODEL_ENV, STAGE_ENV, command_parser, error_line
 from shared.core.config import add_config_arguments, config_from_args
 from shared.core.errors import EXIT_CONFIG, EXIT_OK, ConfigError
 from shared.data.inputs import parse_input
@@ -38,18 +38,21 @@ class Step:
 
 
 def plan(config: str, input_uri: str | list[str], model_name: str, base_model: str | None = None,
-         sets: tuple[str, ...] = ()) -> list[Step]:
+         sets: tuple[str, ...] = (), trust_remote_code: bool = False) -> list[Step]:
     """The stages of one run, in order, with the flags each takes (design.md's stage interface).
 
     ``base_model`` and ``sets`` (``KEY=VALUE``) override the config in every stage that reads it.
-    No input: preprocess reads the config's ``preprocess.inputs``."""
+    No input: preprocess reads the config's ``preprocess.inputs``. ``trust_remote_code`` (the
+    config's, as loaded) is handed to publish as its flag: publish reads only base_model of the
+    config, and its remote code is the operator's explicit switch."""
     inputs = [input_uri] if isinstance(input_uri, str) else input_uri
     overrides = (*(("--base-model", base_model) if base_model else ()), *(a for s in sets for a in ("--set", s)))
     return [
         Step("preprocess", (*(a for i in inputs for a in ("--input", i)), "--config", config, *overrides)),
         Step("finetune", ("--config", config, *overrides)),
         Step("evaluate", ("--config", config, *overrides, "--model-name", model_name)),
-        Step("publish", ("--model-name", model_name)),
+        Step("publish", ("--config", config, *overrides, "--model-name", model_name,
+                         *(("--trust-remote-code",) if trust_remote_code else ()))),
     ]
 
 
@@ -78,33 +81,42 @@ def run_local(settings: Settings, steps: list[Step]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.cluster.driver", description=__doc__.splitlines()[0])
-    parser.add_argument("--target", choices=("local", "k8s"), default="local")
-    add_config_arguments(parser, required=True)
+    parser = command_parser("train", __doc__, module="shared.cluster.driver",
+                            env=(*STAGE_ENV, *MODEL_ENV, "MLFLOW_TRACKING_URI", "LAWTUNE_K8S_*", "KUBECONFIG"))
+    parser.add_argument("--target", choices=("local", "k8s"), default="local",
+                        help="local: each stage as a process here (default); k8s: each stage as a Job on the cluster")
+    add_config_arguments(parser, required=True, base_model="override")
     parser.add_argument("--input", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="CSV, JSON(L), Parquet, saved dataset folder, or URI; repeat for several "
                              "(default: the config's preprocess.inputs)")
-    parser.add_argument("--run-id", default=None, help="default: LAWTUNE_RUN_ID or 'dev'")
-    parser.add_argument("--model-name", default="legal-assistant")
-    parser.add_argument("--values", action="append", default=[], help="extra pipeline chart values (k8s)")
-    parser.add_argument("--namespace", default=None, help="Kubernetes namespace (k8s)")
+    parser.add_argument("--run-id", default=None, help="the run's folder name (default: LAWTUNE_RUN_ID, else dev)")
+    parser.add_argument("--model-name", metavar="NAME", default="legal-assistant",
+                        help="publish as models/<name>/ and compare with its PROMOTED version (default legal-assistant)")
+    parser.add_argument("--values", metavar="FILE", action="append", default=[],
+                        help="pipeline chart values file, repeatable (--target k8s)")
+    parser.add_argument("--namespace", default=None, help="Kubernetes namespace (--target k8s; default: the kube context's)")
     args = parser.parse_args(argv)
 
     overrides = {"run_id": args.run_id} if args.run_id else {}
-    settings = load_settings(**overrides)
+    try:
+        settings = load_settings(**overrides)
+    except ConfigError as exc:  # e.g. a --run-id that cannot be a path segment and a label
+        print(error_line("train", exc), file=sys.stderr)
+        return EXIT_CONFIG
     configure_logging(settings.log_level)
     log.info("run %s → %s", settings.run_id, settings.run_uri())
 
     if args.target == "k8s":
         if args.base_model or args.set:
             # The pipeline chart ships the config file as it is; an override would be lost on the way.
-            log.error("--base-model/--set (BASE_MODEL/SET) apply to TARGET=local only; write them into %s for k8s", args.config)
+            print(error_line("train", f"--base-model/--set (BASE_MODEL/SET) apply to --target local only; write them into "
+                                      f"{args.config} for k8s"), file=sys.stderr)
             return EXIT_CONFIG
         from shared.cluster.k8s import run_pipeline
 
         if len(args.input) != 1:
-            print(f"driver: error: --target k8s takes one --input (got {len(args.input)}); list several as s3:// URIs "
-                  "in the config's preprocess.inputs", file=sys.stderr)
+            print(error_line("train", f"--target k8s takes one --input (got {len(args.input)}); list several as s3:// URIs "
+                                      "in the config's preprocess.inputs"), file=sys.stderr)
             return EXIT_CONFIG
         return run_pipeline(
             settings,
@@ -119,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)  # a bad config or override fails here, before any stage starts
     except ConfigError as exc:
-        log.error("%s", exc)
+        print(error_line("train", exc), file=sys.stderr)
         return EXIT_CONFIG
     log.info("base model %s (from %s)", config.base_model, config.origin("base_model"))
     steps = plan(_absolute(args.config), [_absolute(i) for i in args.input], args.model_name, args.base_model,
-                 tuple(args.set))
+                 tuple(args.set), config.trust_remote_code)
     code = run_local(settings, steps)
     if code == EXIT_OK:
         summarize(settings, args.model_name)

@@ -19,7 +19,7 @@ A Job Kubernetes would keep forever (a pod nobody can schedule, an image nobody 
 deleted once the driver gives up on it, so it does not take a GPU when one frees up later.
 
 Environment: the kube config (or in-cluster service account; the pipeline chart's
-``driverRbac.create`` grants exactly the calls below); ``LAWTUNE_HELM`` (default ``.tools/helm``,
+``driverRbac.only`` / ``driverRbac.create`` Role grants exactly the calls ``Cluster`` makes); ``LAWTUNE_HELM`` (default ``.tools/helm``,
 then ``helm`` on PATH); ``LAWTUNE_K8S_*`` (``DriverSettings``).
 """
 
@@ -42,6 +42,7 @@ import yaml
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.core.cli import error_line
 from shared.core.errors import EXIT_OK, EXIT_RETRY, ConfigError, LawtuneError
 from shared.cluster.k8s_explain import (
     DEFAULT_PULL_GRACE_S,
@@ -214,7 +215,7 @@ class Cluster:
         return [self._dict(j) for j in self.batch.list_namespaced_job(self.namespace, label_selector=selector).items]
 
     def create_job(self, job: dict[str, Any]) -> None:
-        self.batch.create_namespaced_job(self.namespace, job)
+        self.batch.create_namespaced_job(self.namespace, quantities_as_strings(job))
 
     def delete_job(self, name: str, timeout_s: float = 300) -> None:
         """Delete the Job and its pods (not its artifacts) and wait until the name is free."""
@@ -258,6 +259,18 @@ class Cluster:
         thread = threading.Thread(target=_run, name=f"logs-{pod}", daemon=True)
         thread.start()
         return thread
+
+
+def quantities_as_strings(node: Any) -> Any:
+    """Resource quantities as strings: the chart renders ``nvidia.com/gpu: 1`` (YAML int), which the
+    API server takes, but the client (kubernetes 37) validates ``requests``/``limits`` as strings and
+    refuses the number before sending anything."""
+    if isinstance(node, dict):
+        return {k: ({q: str(v) for q, v in value.items()} if k in ("requests", "limits") and isinstance(value, dict)
+                    else quantities_as_strings(value)) for k, value in node.items()}
+    if isinstance(node, list):
+        return [quantities_as_strings(item) for item in node]
+    return node
 
 
 def _started(pod: dict[str, Any], container: str) -> bool:
@@ -320,11 +333,11 @@ def run_pipeline(
         return _run(settings, config_path=config_path, input_uri=input_uri, run_id=run_id, model_name=model_name,
                     values_files=values_files, namespace=namespace)
     except LawtuneError as exc:  # bad config/values (2), the store unreachable (1)
-        print(f"k8s: error: {exc}", file=sys.stderr)
+        print(error_line("train", exc), file=sys.stderr)
         return exc.exit_code
     except (ApiException, HTTPError, OSError) as exc:
         reason = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
-        print(f"k8s: error: the Kubernetes API call failed ({reason}); re-run to resume", file=sys.stderr)
+        print(error_line("train", f"the Kubernetes API call failed ({reason}); re-run to resume"), file=sys.stderr)
         return EXIT_RETRY
 
 

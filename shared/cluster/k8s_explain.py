@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 from shared.core.errors import EXIT_CONFIG, EXIT_RETRY
 
 SPEC_DIGEST = "lawtune.io/spec-digest"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 # GPU node pools scale from zero in 10-25 minutes on some clouds; the chart's multi-node join
 # timeout is longer than this.
 DEFAULT_UNSCHEDULABLE_GRACE_S = 1800.0
@@ -121,8 +122,45 @@ def _init_blocker(pod: Obj) -> Obj | None:
 
 
 def _kubelet_evicted(pod: Obj) -> bool:
-    cond = _conditions(pod).get("DisruptionTarget") or {}
-    return cond.get("reason") == "TerminationByKubelet" and pod.get("status", {}).get("reason") == "Evicted"
+    """The kubelet evicted the pod: it writes phase Failed and reason "Evicted" in every case. Only
+    node-pressure evictions also get a DisruptionTarget condition; an emptyDir over its sizeLimit or
+    a container over its ephemeral-storage limit gets none (eviction_manager.go localStorageEviction)."""
+    status = pod.get("status", {})
+    return status.get("phase") == "Failed" and status.get("reason") == "Evicted"
+
+
+def _ignored_by_the_job(job: Obj, pod: Obj) -> bool:
+    """A kubelet eviction the Job does not count: it carries DisruptionTarget and the Job's
+    podFailurePolicy ignores that condition (the chart's default, countDisruptions=false)."""
+    if not (_kubelet_evicted(pod) and "DisruptionTarget" in _conditions(pod)):
+        return False
+    rules = (job.get("spec", {}).get("podFailurePolicy") or {}).get("rules") or []
+    return any(r.get("action") == "Ignore" and any(c.get("type") == "DisruptionTarget" for c in r.get("onPodConditions") or [])
+               for r in rules)
+
+
+# What to change for each kind of kubelet eviction, by the kubelet's own message (pkg/kubelet/eviction/helpers.go).
+_EMPTYDIR_ADVICE = {
+    "cache": "raise cache.sizeLimit (or stages.<stage>.cacheSizeLimit): the stage's models and work files outgrew its cache",
+    "tmp": "raise tmp.sizeLimit",
+    "dshm": "raise shm.sizeLimit (/dev/shm is memory-backed and counts against the memory limit)",
+    "home": "HOME is a 1Gi scratch folder: the stage wrote more there than it should (set HF_HOME/XDG_CACHE_HOME to the cache)",
+}
+
+
+def _eviction_advice(message: str) -> str:
+    emptydir = re.search(r'EmptyDir volume "([^"]+)" exceeds the limit', message)
+    if emptydir:
+        return _EMPTYDIR_ADVICE.get(emptydir.group(1), f"raise the sizeLimit of volume {emptydir.group(1)}")
+    if "local ephemeral storage" in message:
+        return "raise the stage's resources.limits.ephemeral-storage, or drop that limit (the emptyDirs have their own)"
+    if "low on resource: memory" in message:
+        return ("the node ran out of memory and the kubelet evicts pods above their memory request first: "
+                "request the memory the stage uses (stages.<stage>.resources.limits.memory, which the chart also requests)")
+    if "low on resource: ephemeral-storage" in message or "low on resource: inodes" in message:
+        return ("the node's disk filled up: give the nodes more disk, or keep other pods' logs and images off the node "
+                "(the stage requests its scratch space, so it is not the kubelet's first pick)")
+    return "move the stage to a node with room"
 
 
 def _terminated(pod: Obj, container: str | None) -> Obj | None:
@@ -153,12 +191,8 @@ def _failed_pod_story(job: Obj, pod: Obj, container: str | None) -> tuple[str, s
     term = _terminated(pod, container)
     name = pod["metadata"]["name"]
     if _kubelet_evicted(pod):
-        return (
-            "Evicted",
-            f"pod {name} was evicted by the kubelet: {pod['status'].get('message', '')} "
-            f"(raise cache.sizeLimit / tmp.sizeLimit or the stage's memory, or move it to a node with room)",
-            EXIT_RETRY,
-        )
+        message = pod["status"].get("message", "").strip()
+        return "Evicted", f"pod {name} was evicted by the kubelet: {message} ({_eviction_advice(message)})", EXIT_RETRY
     init = _init_blocker(pod)
     if term is None and init is not None:
         init_term = (init.get("state") or {}).get("terminated") or (init.get("lastState") or {}).get("terminated") or {}
@@ -264,9 +298,10 @@ def assess(
     attempt = f" (attempt {retries + 1}; {retries} failed before)" if retries else ""
     live = sorted((p for p in pods if p.get("status", {}).get("phase") in (None, "Pending", "Running")), key=_pod_time)
     disrupted = [p for p in pods if "DisruptionTarget" in _conditions(p)]
-    # The Job's podFailurePolicy cannot tell a kubelet eviction (node pressure, an emptyDir over its
-    # sizeLimit) from a drain and ignores both; the driver counts the kubelet's against backoffLimit.
-    evicted = sorted((p for p in pods if _kubelet_evicted(p)), key=_pod_time)
+    # The Job's podFailurePolicy cannot tell a node-pressure eviction (DisruptionTarget, reason
+    # TerminationByKubelet) from a drain and ignores both; the driver counts those against backoffLimit.
+    # (Evictions without the condition, such as an emptyDir over its sizeLimit, the Job counts itself.)
+    evicted = sorted((p for p in pods if _ignored_by_the_job(job, p)), key=_pod_time)
     limit = job.get("spec", {}).get("backoffLimit", 6)
     if len(evicted) + retries > limit:
         reason, detail, code = _failed_pod_story(job, evicted[-1], container)
@@ -280,7 +315,49 @@ def assess(
                            f"{cond.get('message', '')}); the Job retries it without counting a failure")
         return Verdict("waiting", f"waiting for the Job to create a pod{attempt}")
 
-    pod = live[-1]
+    # Every index of an Indexed (multi-node) Job has its own pod, and the Job runs only when all do:
+    # one index that cannot be scheduled holds the others at torchrun's rendezvous. Judge each
+    # index's newest pod; the first that failed (or waits) speaks for the Job.
+    current: dict[str | None, Obj] = {}
+    for pod in live:
+        current[_completion_index(pod)] = pod
+    verdicts = [_judge_pod(job, pod, now=now, container=container, attempt=attempt, pull_grace_s=pull_grace_s,
+                           unschedulable_grace_s=unschedulable_grace_s) for _, pod in sorted(current.items(), key=_index_order)]
+    expected = max(int(job.get("spec", {}).get("parallelism") or 1), len(current))
+    for index, verdict in zip((i for i, _ in sorted(current.items(), key=_index_order)), verdicts):
+        if verdict.state == "failed":
+            if len(current) > 1 or expected > 1:
+                verdict = replace(verdict, detail=f"{verdict.detail}. That is index {index} of {expected}: the other pods "
+                                                  f"wait for it at torchrun's rendezvous, so the whole stage waits")
+            return verdict
+    if len(verdicts) == 1 and expected <= 1:
+        return verdicts[0]
+    indexes = [index for index, _ in sorted(current.items(), key=_index_order)]
+    running = sum(v.state == "running" for v in verdicts)
+    if running == len(verdicts) and len(verdicts) >= expected:
+        return Verdict("running", f"{running} pods running ({', '.join(v.pod for v in verdicts)}){attempt}", pod=verdicts[0].pod)
+    first = next(((i, v) for i, v in zip(indexes, verdicts) if v.state != "running"), None)
+    if first is None:  # every live pod runs, but an index has no pod yet
+        return Verdict("waiting", f"{running} of {expected} pods running; waiting for the Job to create the others{attempt}",
+                       pod=verdicts[0].pod)
+    index, verdict = first
+    return Verdict("waiting", f"index {index}: {verdict.summary}; {running} of {expected} pods running", pod=verdict.pod)
+
+
+def _completion_index(pod: Obj) -> str | None:
+    """The pod's index in an Indexed Job (None for other Jobs: every pod then stands for the one index)."""
+    meta = pod.get("metadata", {})
+    return (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (meta.get("labels") or {}).get(COMPLETION_INDEX)
+
+
+def _index_order(item: tuple[str | None, Obj]) -> tuple[int, str]:
+    index = item[0]
+    return (int(index), "") if index is not None and index.isdigit() else (-1, index or "")
+
+
+def _judge_pod(job: Obj, pod: Obj, *, now: datetime, container: str | None, attempt: str, pull_grace_s: float,
+               unschedulable_grace_s: float) -> Verdict:
+    """One live pod: running, waiting (pulling, being scheduled, creating) or failed past a grace period."""
     name = pod["metadata"]["name"]
     phase = pod.get("status", {}).get("phase", "Pending")
     cstatus = _container_status(pod, container) or {}
@@ -303,7 +380,7 @@ def assess(
                 f"build and push it (make images IMAGE_REGISTRY=... IMAGE_TAG=...), fix image.registry/image.tag, "
                 f"or set imagePullSecrets for a private registry",
                 EXIT_RETRY, name, abandoned=True)
-        return Verdict("waiting", f"pulling image {_image(pod, container)}: {wreason}, retrying ({age:.0f} s)")
+        return Verdict("waiting", f"pulling image {_image(pod, container)}: {wreason}, retrying ({age:.0f} s)", pod=name)
     if wreason in CONFIG_WAITING:
         if age >= pull_grace_s:
             return Verdict(
@@ -311,7 +388,7 @@ def assess(
                 f"pod {name} cannot create its container ({wreason}: {waiting.get('message', '')}); "
                 f"a Secret or ConfigMap it names is missing (s3.existingSecret?)",
                 EXIT_CONFIG, name, abandoned=True)
-        return Verdict("waiting", f"{wreason}: {waiting.get('message', '')} ({age:.0f} s)")
+        return Verdict("waiting", f"{wreason}: {waiting.get('message', '')} ({age:.0f} s)", pod=name)
 
     scheduled = next((c for c in pod.get("status", {}).get("conditions") or [] if c.get("type") == "PodScheduled"), None)
     if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
@@ -321,14 +398,33 @@ def assess(
             return Verdict(
                 "failed", "failed: Unschedulable", "Unschedulable",
                 f"pod {name} could not be scheduled for {waited:.0f} s; the scheduler says: {message} "
-                f"Check the stage's resources (gpus, memory), nodeSelector and tolerations against the cluster's nodes, "
+                f"{_unschedulable_advice(job, pod, message)}, "
                 f"or wait longer (LAWTUNE_K8S_UNSCHEDULABLE_GRACE_S, now {unschedulable_grace_s:.0f})",
                 EXIT_RETRY, name, abandoned=True)
-        return Verdict("waiting", f"unschedulable for {waited:.0f} s: {message}")
+        return Verdict("waiting", f"unschedulable for {waited:.0f} s: {message}", pod=name)
 
     if phase == "Running":
         return Verdict("running", f"pod {name} running{attempt}", pod=name)
     return Verdict("waiting", f"pod {name} {wreason or phase}{attempt}", pod=name)
+
+
+def _requested(job: Obj, pod: Obj, resource: str) -> str | None:
+    containers = pod.get("spec", {}).get("containers") or job.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+    for spec in containers:
+        value = (spec.get("resources", {}).get("requests") or {}).get(resource)
+        if value:
+            return str(value)
+    return None
+
+
+def _unschedulable_advice(job: Obj, pod: Obj, message: str) -> str:
+    """What to change, by the resource the scheduler says no node has."""
+    if "Insufficient ephemeral-storage" in message:
+        return (f"No node has {_requested(job, pod, 'ephemeral-storage') or 'the requested'} of free ephemeral storage (node disk) "
+                f"for the pod's scratch emptyDirs, which it requests so that the kubelet does not evict it: give the nodes "
+                f"bigger disks, or set a smaller cache.sizeLimit (or stages.<stage>.cacheSizeLimit) / tmp.sizeLimit "
+                f"if the model needs less")
+    return "Check the stage's resources (gpus, memory), nodeSelector and tolerations against the cluster's nodes"
 
 
 def explain(stage: str, job: Obj, verdict: Verdict, log_tail: list[str], *, namespace: str, job_fate: str | None = None) -> str:

@@ -407,6 +407,18 @@ class TrainConfig(_Strict):
             return self._origins[key]
         return "config" if key in self.model_fields_set else "default"
 
+    def expect_base_model(self, recorded: str | None, where: str) -> None:
+        """Refuse an explicitly given base model (``--base-model``, ``LAWTUNE_BASE_MODEL``, ``--set
+        base_model=``) other than ``recorded``, the one the adapter at ``where`` was trained on. A
+        config file's own base_model is not a request: the recorded model is used whatever it says."""
+        origin = self.origin("base_model")
+        if not recorded or origin in ("config", "default") or _same_model(self.base_model, recorded):
+            return
+        raise ConfigError(
+            f"{origin} names base model {self.base_model!r}, but the adapter in {where} was trained on {recorded!r}; "
+            f"an adapter only works on its own base model: drop {origin}, or re-run finetune with it"
+        )
+
     @property
     def training_seed(self) -> int:
         """The Trainer's seed (init, dropout, shuffling): ``training_args.seed``, else the top-level ``seed``."""
@@ -421,33 +433,113 @@ class TrainConfig(_Strict):
         return hashlib.sha256(repr([(n, dumped[n]) for n in names]).encode()).hexdigest()
 
 
-def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in error["loc"]) or "<top level>"
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return f"{key}: unknown key (value {error['input']!r}); expected one of the documented keys"
-    if kind == "missing":
-        return f"{key}: missing; {error['msg'].lower()}"
-    value = error.get("input")
-    shown = repr(value) if not isinstance(value, dict) else "{…}"
-    return f"{key}: got {shown}, expected {error['msg'].removeprefix('Value error, ')}"
+def expectation(error: dict[str, Any]) -> str:
+    """What a pydantic error says was expected, in words ("a whole number", "a number of at least 1")."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    words = {
+        "int_parsing": "a whole number", "int_type": "a whole number", "int_from_float": "a whole number",
+        "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
+        "string_type": "text", "list_type": "a list", "dict_type": "a section of keys (key: value lines)",
+        "model_type": "a section of keys (key: value lines)", "model_attributes_type": "a section of keys (key: value lines)",
+    }
+    if kind in words:
+        return words[kind]
+    bounds = {"greater_than_equal": ("ge", "a number of at least"), "greater_than": ("gt", "a number above"),
+              "less_than_equal": ("le", "a number of at most"), "less_than": ("lt", "a number below")}
+    if kind in bounds:
+        name, text = bounds[kind]
+        return f"{text} {ctx.get(name)}"
+    if kind == "literal_error":
+        return f"one of {ctx.get('expected')}" if " or " in str(ctx.get("expected")) else str(ctx.get("expected"))
+    message = error["msg"].removeprefix("Value error, ")
+    return message[len("Input should be "):] if message.startswith("Input should be ") else message
 
 
-def format_validation_error(source: str, exc: ValidationError) -> str:
-    lines = [f"{source}: {len(exc.errors())} invalid setting(s):"]
-    lines += [f"  - {_describe(e)}" for e in exc.errors()]
-    return "\n".join(lines)
+def _path(loc: tuple) -> str:
+    """A dotted key; list items as [i]; union members' tags (``constrained-int``, ``list[str]``) left out."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier():
+            out += f".{part}" if out else part
+    return out or "<top level>"
 
 
-def parse_config(data: Any, source: str = "<config>") -> TrainConfig:
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys the section holding ``loc``'s last part accepts (for "did you mean")."""
+    import typing
+
+    cls: Any = TrainConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return []
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [inner for c in list(candidates) for inner in typing.get_args(c)]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cls is None:
+            return []
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
+def _origin_of(path: str, origins: Mapping[str, str]) -> str:
+    """`` (from --set KEY=VALUE)`` when an override set the key (or a key inside it), else empty."""
+    found = [k for k in origins if path == k or path.startswith((k + ".", k + "[")) or k.startswith(path + ".")]
+    return f" (from {origins[max(found, key=len)]})" if found else ""
+
+
+def describe_errors(exc: ValidationError, origins: Mapping[str, str] | None = None) -> list[str]:
+    """One sentence per invalid key: the key, the value, where it came from when an override set it,
+    and what was expected. Errors of one key (a union's members) become one line."""
+    import difflib
+
+    origins = origins or {}
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for error in exc.errors():
+        grouped.setdefault(_path(error["loc"]), []).append(error)
+    lines = []
+    for path, errors in grouped.items():
+        first, origin = errors[0], _origin_of(path, origins)
+        kinds = {e["type"] for e in errors}
+        if "extra_forbidden" in kinds:
+            known = _known_keys(first["loc"])
+            close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            where = origin or f" (value {first['input']!r})"
+            lines.append(f"{path}: not a key lawtune knows{where}{hint}")
+        elif "missing" in kinds:
+            lines.append(f"{path}: missing; a value is required{origin}")
+        elif kinds == {"value_error"} and isinstance(first.get("input"), dict):
+            # A section's own rule (dev_ratio + test_ratio, a mapping's roles): its message is a sentence.
+            lines.append(f"{path}: {first['msg'].removeprefix('Value error, ')}{origin}")
+        else:
+            value = first.get("input")
+            shown = repr(value) if not isinstance(value, dict) else "a section of keys"
+            wanted = " or ".join(dict.fromkeys(expectation(e) for e in errors))
+            lines.append(f"{path}: got {shown}{origin}; expected {wanted}")
+    return lines
+
+
+def format_validation_error(source: str | None, exc: ValidationError, origins: Mapping[str, str] | None = None) -> str:
+    lines = describe_errors(exc, origins)
+    count = f"{len(lines)} invalid setting{'s' if len(lines) != 1 else ''}"
+    head = f"{source}: {count}:" if source else f"{count}:"
+    return "\n".join([head, *(f"  - {line}" for line in lines)])
+
+
+def parse_config(data: Any, source: str | None = None, origins: Mapping[str, str] | None = None) -> TrainConfig:
+    """``data`` validated; ``source`` (the file) and ``origins`` (key -> the override that set it) label errors."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{source or 'the config'}: expected a mapping of keys at the top level, got {type(data).__name__}")
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(source, exc)) from None
+        raise ConfigError(format_validation_error(source, exc, origins)) from None
 
 
 def load_config(path: str | Path | None, *, base_model: str | None = None, overrides: Sequence[str] = (),
@@ -456,25 +548,32 @@ def load_config(path: str | Path | None, *, base_model: str | None = None, overr
 
     On top of the file, in rising precedence: ``overrides`` (``KEY=VALUE`` with dotted keys,
     the value read as YAML: ``training_args.max_steps=20``), ``LAWTUNE_BASE_MODEL`` from ``env``,
-    then ``base_model``. ``config.origin(key)`` says which one set a key.
+    then ``base_model``. ``config.origin(key)`` says which one set a key; an invalid value names it.
     """
     data = _read_yaml(path) if path is not None else {}
-    source = str(path) if path is not None else "<defaults>"
-    origins: dict[str, str] = {}
+    labels: dict[str, str] = {}  # dotted key -> the override that set it
     for assignment in overrides:
-        key = _assign(data, assignment)
-        origins[key.split(".")[0]] = "--set"
+        labels[_assign(data, assignment)] = f"--set {assignment.strip()}"
     env_model = (env or {}).get(BASE_MODEL_ENV, "").strip()
     for value, name in ((env_model, BASE_MODEL_ENV), ((base_model or "").strip(), "--base-model")):
         if value:
             data["base_model"] = value
-            origins["base_model"] = name
-    config = parse_config(data, source)
-    config._origins = origins
+            labels["base_model"] = name
+    config = parse_config(data, str(path) if path is not None else None, labels)
+    config._origins = {key.split(".")[0]: "--set" if label.startswith("--set") else label for key, label in labels.items()}
     return config
 
 
 BASE_MODEL_ENV = "LAWTUNE_BASE_MODEL"
+
+
+def _same_model(a: str, b: str) -> bool:
+    """The same model reference: equal text, or two spellings of one local directory."""
+    a, b = a.strip().rstrip("/"), b.strip().rstrip("/")
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
 
 
 def _assign(data: dict[str, Any], assignment: str) -> str:
@@ -497,15 +596,28 @@ def _assign(data: dict[str, Any], assignment: str) -> str:
     return key
 
 
-def add_config_arguments(parser: "argparse.ArgumentParser", required: bool = False) -> None:
-    """``--config``, ``--base-model`` and ``--set`` for a stage (and the driver), read by ``config_from_args``."""
-    parser.add_argument("--config", required=required, help="training config YAML (configs/*.yaml)")
-    parser.add_argument(
-        "--base-model", help=f"overrides the config's base_model (and {BASE_MODEL_ENV}): HF id, s3:// URI, directory, bundled:<name>"
-    )
+# What --base-model means for a command: the model to fine-tune, or the one its adapter must have been trained on.
+_BASE_MODEL_HELP = {
+    "override": f"the base model, overriding the config's base_model and {BASE_MODEL_ENV}: a Hugging Face id, s3:// URI, "
+                "local directory or bundled:<name>",
+    "expect": "the base model the adapter must have been trained on; default: the one finetune recorded, which is always "
+              f"the one used. Another one ({BASE_MODEL_ENV} and --set base_model=... count the same) is refused with exit 2",
+    "unused": "accepted as by every stage, checked like the rest of the config; this stage reads no model",
+}
+
+
+def add_config_arguments(parser: "argparse.ArgumentParser", required: bool = False, *, reads: str = "every section",
+                         base_model: Literal["override", "expect", "unused"] = "override") -> None:
+    """``--config``, ``--base-model`` and ``--set``: the arguments every stage and ``lawtune train`` share,
+    read by ``config_from_args``. ``reads`` names what the command uses of the config, ``base_model``
+    what its --base-model does (``TrainConfig.expect_base_model`` for "expect")."""
+    default = "" if required else "; without it, the built-in defaults"
+    parser.add_argument("--config", required=required, metavar="YAML",
+                        help=f"training config (configs/*.yaml); this command reads {reads}{default}")
+    parser.add_argument("--base-model", metavar="MODEL", help=_BASE_MODEL_HELP[base_model])
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config key, dotted (repeatable): --set training_args.max_steps=20",
+        help="override one config key, dotted, the value read as YAML (repeatable): --set training_args.max_steps=20",
     )
 
 

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(default=10, ge=1, le=50, description="Attempts per S3 call, the first included.")
     s3_connect_timeout: float = Field(default=10.0, gt=0)
     s3_read_timeout: float = Field(default=60.0, gt=0, description="Seconds without a byte before a call is retried.")
+    lease_ttl_s: float = Field(
+        default=60.0, ge=1.0,
+        description="An S3 writer lease's lifetime: renewed every third of it; a writer that could not renew it for "
+                    "5/6 of it does not commit; a contender takes over one left unchanged for a whole TTL.",
+    )
     run_id: str = "dev"
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     log_level: str = "INFO"
@@ -99,6 +104,7 @@ def load_settings(**overrides) -> Settings:
     """
     from pydantic import ValidationError
 
+    from shared.core.config import expectation
     from shared.core.errors import ConfigError
 
     try:
@@ -107,5 +113,8 @@ def load_settings(**overrides) -> Settings:
         problems = []
         for error in exc.errors():
             name = "LAWTUNE_" + "_".join(str(p) for p in error["loc"]).upper()
-            problems.append(f"{name}={error.get('input')!r}: expected {error['msg'].removeprefix('Value error, ')}")
+            if error["type"] == "value_error":  # our validators' messages are sentences already
+                problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+            else:
+                problems.append(f"{name}={error.get('input')!r}: expected {expectation(error)}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None

@@ -3,9 +3,11 @@
     {"id": "<16 hex>", "conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
 
 An optional system turn comes first, then user and assistant turns alternate, starting with
-a user turn and ending with an assistant turn. ``id`` is a hash of the normalised question
-(the user turns with case, width, whitespace and punctuation folded away), so the same
-question asked with different punctuation gets the same id, the same split and is kept once.
+a user turn and ending with an assistant turn. ``id`` is a hash of the question's identity,
+``question_key``: the user turns with case, width, whitespace and punctuation folded away. It is
+the one identity of a question in every input shape (a Q&A-table row's is that of the user turn
+its title and detail make), so the same question, from any shape and with any punctuation, gets
+the same id and the same split, and is kept once.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ def normalise_key(text: str) -> str:
 
 
 def question_key(conversations: list[dict[str, str]]) -> str:
-    """The normalised question of a conversation: every user turn, in order."""
+    """A question's identity, the same for every input shape: every user turn, normalised, in order.
+
+    Dedup groups on it and the split hashes it (shared/data/dedup.py, split.py)."""
     return "\n".join(normalise_key(t["content"]) for t in conversations if t["role"] == "user")
 
 

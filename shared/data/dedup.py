@@ -1,8 +1,10 @@
 """Duplicates and the best-reply rule: one example per normalised question.
 
-Rows are grouped by their question key (``conversation.question_key``; for lawzhidao CSV
-the normalised ``title``, since every reply to one Zhidao question repeats its title). Each
-group keeps exactly one row, chosen by this rule, in order:
+Rows are grouped by their question's identity (``conversation.question_key``: every user turn,
+normalised), whatever shape they came from; a Q&A-table row's user turn is its title plus its
+detail (``preprocessing.compose_user``), so the replies to one question, which repeat its title
+and detail, form one group, and the same question in an Alpaca, prompt/response or chat input
+joins it too. Each group keeps exactly one row, chosen by this rule, in order:
 
   1. a row flagged best (``is_best`` reads as true: ``1``, ``1.0``, ``true``, ``yes``, ``y``,
      ``t``, ``是``; case and surrounding space ignored) beats an unflagged one (``0``,

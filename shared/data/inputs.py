@@ -9,6 +9,7 @@ config); a path that exists as written is never split, so a ``:`` in a file name
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from shared.core.errors import ConfigError
 from shared.data.readers import Source
 from shared.store.artifacts import sha256_file
 
-_WEIGHTED = re.compile(r"^(?P<path>.+):(?P<weight>\d+(?:\.\d*)?|\.\d+)$")
+_WEIGHTED = re.compile(r"^(?P<path>.+):(?P<weight>[^:/]+)$")
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,23 @@ class InputSpec:
 
 
 def parse_input(text: str) -> InputSpec:
-    """``PATH`` or ``PATH:WEIGHT`` (a weight > 0)."""
+    """``PATH`` or ``PATH:WEIGHT`` (a weight > 0). A local path that exists as written is never
+    split; one that does not, ending in ``:`` + something that is no number, is refused naming
+    the weight (an s3:// key may hold a colon, so a URI's tail is a weight only when it is a number)."""
     found = _WEIGHTED.match(text)
-    if found and not Path(text).exists():
+    if not found or Path(text).exists():
+        return InputSpec(text)
+    try:
         weight = float(found["weight"])
-        if weight <= 0:
-            raise ConfigError(f"--input {text}: weight {weight:g}; expected a number above 0")
-        return InputSpec(found["path"], weight)
-    return InputSpec(text)
+    except ValueError:
+        if "://" in text:
+            return InputSpec(text)
+        raise ConfigError(f"--input {text}: the weight {found['weight']!r} is not a number, and no file {text} exists; "
+                          f"PATH:WEIGHT takes a number above 0, e.g. {found['path']}:0.5") from None
+    if not math.isfinite(weight) or weight <= 0:
+        raise ConfigError(f"--input {text}: the weight {found['weight']} is not above 0; PATH:WEIGHT takes a number above 0, "
+                          f"e.g. {found['path']}:0.5 (keep half) or {found['path']}:2 (repeat twice)")
+    return InputSpec(found["path"], weight)
 
 
 def input_specs(cli: list[str] | None, cfg: PreprocessConfig) -> list[InputSpec]:

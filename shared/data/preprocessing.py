@@ -19,8 +19,10 @@ counts every input on its own under ``sources``.
 lawzhidao rows become a conversation like this: the user turn is the title, plus the
 ``question`` field on a new line when it adds detail (it is neither empty, nor the title
 again, nor contained in it; when it already contains the title it replaces it); the
-assistant turn is the reply. ``system_prompt`` from the config, when set, is prepended to
-every conversation that has no system turn of its own.
+assistant turn is the reply. The row's identity (dedup and split) is that user turn's, as in every
+other shape, so the replies to one question must repeat its title and detail (a Zhidao export
+does); a row with the same title and another detail is another question. ``system_prompt`` from
+the config, when set, is prepended to every conversation that has no system turn of its own.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def from_csv(row: CsvRow, cfg: PreprocessConfig, reply_at: int | None = None, so
     )
     if problem:
         return problem, f"question {len(user)} chars, answer {len(reply)} chars"
-    key = title_key or normalise_key(user)
+    key = question_key([{"role": "user", "content": user}])  # the identity any other shape gives this user turn
     if not key:
         return "empty_question", "the question is only punctuation"
     turns = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
@@ -488,6 +490,8 @@ def build(
         for index, source in enumerate(sources):
             ctx = replace(base, source_name=source.name, fmt=source.format, header=source.header,
                           columns=source.columns, layout=getattr(source, "layout", CHAT), source=index)
+            if ctx.layout.unused:
+                log.warning("%s", unused_warning(source.name, ctx.layout))
             before = _sizes(written)
             try:
                 found, sampled_out = _pass1(pool, ctx, source, outdir, pieces=True, window=2 * workers + 1)
@@ -565,6 +569,15 @@ def build(
     return report
 
 
+def unused_warning(name: str, layout: Layout) -> str:
+    """One line naming the columns (keys) of an input that no role of its layout reads."""
+    one = len(layout.unused) == 1
+    names = ", ".join(layout.unused)
+    return (f"{name}: {'column' if one else 'columns'} {names} {'is' if one else 'are'} read by no role of "
+            f"{layout.describe()}; {'its' if one else 'their'} values are left out of the examples (map "
+            f"{'it' if one else 'them'} in preprocess.columns if {'it holds' if one else 'they hold'} data)")
+
+
 def _input_report(source: Source, size: int | None, found: Counter) -> dict[str, Any]:
     """One input's line in ``report.json``: what it was, and what became of its rows."""
     splits = {s: found[s] for s in SPLITS}
@@ -573,6 +586,7 @@ def _input_report(source: Source, size: int | None, found: Counter) -> dict[str,
     return {
         **_source_info(source, size),
         "layout": getattr(source, "layout", CHAT).describe(),
+        "unused_columns": list(getattr(source, "layout", CHAT).unused),  # names no role reads: their values are left out
         "weight": float(getattr(source, "weight", 1.0)),
         "rows_read": kept + sum(reasons.values()) + found["sampled_out"],
         "kept": kept,

@@ -18,7 +18,8 @@ is refused with the names found and a mapping that would fit (``DataError``, exi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 from shared.core.config import QA_ROLES, ColumnsConfig
@@ -38,12 +39,19 @@ DEFAULT_LAYOUTS: tuple[tuple[str, str, dict[str, str], tuple[str, ...]], ...] = 
 CHAT_KEYS = ("messages", "conversations")
 EXPECTED = ("title,reply[,question,is_best] (lawzhidao), instruction,output[,input,system,history] (Alpaca), "
             "prompt,response[,system]")
-# Names people give the two essential columns, for the suggestion in the error message.
-_ASK = ("question", "questions", "q", "prompt", "instruction", "query", "input", "ask", "title", "问题", "问", "提问",
-        "咨询", "咨询内容", "标题", "题目", "指令", "输入", "用户")
-_ANSWER = ("answer", "answers", "a", "response", "output", "reply", "completion", "target", "回答", "答案", "答",
-           "回复", "解答", "输出", "律师回答", "助手")
-_SYSTEM = ("system", "system_prompt", "系统", "系统提示")
+# Names people give each role's column, for the mapping the error message suggests (compared
+# case-free, without spaces, '_' or '-'). A flag-like or detail-like column makes it a Q&A table.
+_TITLE = ("title", "subject", "headline", "标题", "题目", "问题标题", "主题")
+_ASK = ("question", "questions", "q", "prompt", "instruction", "query", "ask", "问题", "问", "提问", "咨询", "咨询内容",
+        "指令", "用户", "用户问题", "问题内容")
+_DETAIL = ("detail", "details", "description", "desc", "body", "questiondetail", "questionbody", "补充说明", "补充", "问题描述",
+           "问题详情", "问题补充", "详情", "详细描述", "描述", "说明", "背景")
+_INPUT = ("input", "context", "输入", "上下文")
+_ANSWER = ("answer", "answers", "a", "response", "output", "reply", "replytext", "completion", "target", "bestanswer", "回答",
+           "答案", "答", "回复", "解答", "输出", "律师回答", "助手")
+_FLAG = ("isbest", "best", "isaccepted", "accepted", "isbestanswer", "是否最佳", "最佳", "是否采纳", "采纳", "已采纳")
+_SYSTEM = ("system", "systemprompt", "系统", "系统提示")
+_HISTORY = ("history", "历史", "对话历史")
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class Layout:
     kind: str  # "qa" | "prompt" | "chat"
     fields: tuple[tuple[str, str], ...] = ()  # (role, name as it appears in the data)
     origin: str = ""  # "lawzhidao", "alpaca", "preprocess.columns"...
+    unused: tuple[str, ...] = ()  # names in the data that no role reads: their values are not used
 
     def get(self, role: str) -> str | None:
         return dict(self.fields).get(role)
@@ -83,39 +92,86 @@ def match(names: Iterable[str], columns: ColumnsConfig | None, *, where: str, wh
     if columns is not None:
         mapping = columns.mapping()
         if all(name.lower() in folded for name in mapping.values()):
-            return Layout(_kind(mapping), tuple((r, folded[n.lower()]) for r, n in mapping.items()), "preprocess.columns")
+            fields = tuple((r, folded[n.lower()]) for r, n in mapping.items())
+            return Layout(_kind(mapping), fields, "preprocess.columns", _unused(found, fields))
     if chat and any(k in folded for k in CHAT_KEYS):
-        return CHAT
+        used = next(k for k in CHAT_KEYS if k in folded)  # chat_turns reads messages before conversations
+        return replace(CHAT, unused=tuple(n for n in found if n.lower() != used))
     for name, kind, roles, required in DEFAULT_LAYOUTS:
         if all(roles[r] in folded for r in required):
             # JSON objects may carry optional keys (system, history) the first one lacked; a CSV has its header.
-            return Layout(kind, tuple((r, folded.get(n, n)) for r, n in roles.items() if n in folded or chat), name)
+            fields = tuple((r, folded.get(n, n)) for r, n in roles.items() if n in folded or chat)
+            return Layout(kind, fields, name, _unused(found, fields))
     shown = ", ".join(found)[:200] or "none"
     mapped = ""
     if columns is not None:
         absent = [n for n in columns.mapping().values() if n.lower() not in folded]
         mapped = f"preprocess.columns names {', '.join(absent)}, not in the {what}; "
     expected = EXPECTED + (", or a conversations/messages list" if chat else "")
+    roles = suggested_roles(found)
+    left = [n for n in found if n not in roles.values()]
+    unused = f" ({_and(left)} {'fits' if len(left) == 1 else 'fit'} no role and would stay unused)" if left else ""
     raise DataError(f"{where}: unknown {what} ({shown}); {mapped}expected {expected}; "
-                    f"map your names in the config: {suggest(found)}")
+                    f"map your names in the config{unused}: {suggest(found)}")
+
+
+def _unused(found: list[str], fields: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    used = {name.lower() for _, name in fields}
+    return tuple(n for n in found if n.lower() not in used)
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _fold(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name.lower())
+
+
+def suggested_roles(found: list[str]) -> dict[str, str]:
+    """Role -> name for every one of ``found`` that fits a role: the Q&A-table roles (title,
+    question, reply, is_best) when a flag-like or detail-like column is there, or a title beside
+    a question, else the prompt/response roles (prompt, query, response, system, history).
+    Without a recognisable question or answer, the first columns left stand in for them."""
+    taken: set[str] = set()
+
+    def pick(*candidates: tuple[str, ...]) -> str | None:
+        for names in candidates:
+            for want in names:
+                for name in found:
+                    if _fold(name) == want and name not in taken:
+                        taken.add(name)
+                        return name
+        return None
+
+    def first_left() -> str | None:
+        name = next((n for n in found if n not in taken), None)
+        if name is not None:
+            taken.add(name)
+        return name
+
+    folded = {_fold(n) for n in found}
+    qa = bool(folded & set(_FLAG + _DETAIL)) or bool(folded & set(_TITLE) and folded & set(_ASK))
+    roles: dict[str, str | None]
+    if qa:
+        title = pick(_TITLE, _ASK)
+        reply = pick(_ANSWER)
+        roles = {"title": title, "question": pick(_DETAIL, _ASK), "reply": reply, "is_best": pick(_FLAG)}
+        roles["title"] = title or first_left() or "<question column>"
+        roles["reply"] = reply or first_left() or "<answer column>"
+    else:
+        prompt = pick(_ASK, _TITLE)
+        response = pick(_ANSWER)
+        roles = {"prompt": prompt, "query": pick(_INPUT), "response": response, "system": pick(_SYSTEM),
+                 "history": pick(_HISTORY)}
+        roles["prompt"] = prompt or first_left() or "<question column>"
+        roles["response"] = response or first_left() or "<answer column>"
+    return {r: n for r, n in roles.items() if n is not None}
 
 
 def suggest(found: list[str]) -> str:
-    """A ``preprocess.columns`` mapping that would fit these names, as one line of YAML."""
-    def pick(candidates: tuple[str, ...], taken: set[str]) -> str | None:
-        for want in candidates:
-            for name in found:
-                if name.lower() == want and name not in taken:
-                    return name
-        return None
-
-    prompt = pick(_ASK, set()) or (found[0] if found else "<question column>")
-    response = pick(_ANSWER, {prompt}) or next((n for n in found if n != prompt), "<answer column>")
-    roles = {"prompt": prompt, "response": response}
-    system = pick(_SYSTEM, {prompt, response})
-    if system:
-        roles["system"] = system
-    inner = ", ".join(f"{r}: {json.dumps(n, ensure_ascii=False)}" for r, n in roles.items())
+    """A ``preprocess.columns`` mapping that fits these names (``suggested_roles``), as one line of YAML."""
+    inner = ", ".join(f"{r}: {json.dumps(n, ensure_ascii=False)}" for r, n in suggested_roles(found).items())
     return "preprocess: {columns: {" + inner + "}}"
 
 

@@ -1,6 +1,7 @@
 """The deterministic train/dev/test split.
 
-Each example's split follows from a hash of its normalised question salted with
+Each example's split follows from a hash of its question's identity (``conversation.question_key``,
+the same for every input shape) salted with
 ``split_seed``: a point ``u`` in [0, 1); ``u < test_ratio`` → test, ``u < test_ratio +
 dev_ratio`` → dev, else train. The same question therefore never lands in two splits, and
 a rerun (or a run on a superset of the data) puts every question where it was before.

@@ -21,7 +21,7 @@ from shared.core.settings import Settings
 from shared.core.uri import join
 from shared.publish import registry
 from shared.store.artifacts import Manifest, find_manifest, read_manifest
-from shared.store.releases import RELEASES, releases
+from shared.store.releases import RELEASES, release_name, releases
 from shared.store.storage import open_location
 
 
@@ -97,8 +97,9 @@ def _serving(model_root, version: str) -> Link:
         return Link("serving", None, None, "not recorded",
                     {"note": "no release of this model was deployed with `lawtune deploy` (a plain helm install records none)"})
     running = [r for r in recorded if r.get("version") == version]
-    facts = {"releases": [{k: r.get(k) for k in ("namespace", "release", "helm_revision", "deployed_at", "actor")} for r in running]}
-    others = {f"{r['namespace']}/{r['release']}": r.get("version") for r in recorded if r.get("version") != version}
+    keys = ("cluster", "namespace", "release", "status", "helm_revision", "deployed_at", "actor")
+    facts = {"releases": [{k: r.get(k) for k in keys if k in r or k not in ("cluster", "status")} for r in running]}
+    others = {release_name(r): r.get("version") for r in recorded if r.get("version") != version}
     if others:
         facts["other_releases"] = others
     uri = join(model_root.uri, RELEASES)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,25 @@ CHART = REPO / "charts" / "lawtune-serving"
 GATEWAY_TEMPLATE = "templates/gateway-configmap.yaml"
 GATEWAY_DEPLOYMENT = "templates/gateway-deployment.yaml"
 UI_TEMPLATE = "templates/ui-configmap.yaml"
+
+
+# The chart's init container refuses shorter keys too (lawtune-serving.apiKeyMinLength): a key is
+# the only thing between the internet and the model, so it must resist guessing (32 characters of
+# `openssl rand -hex 24` or `secrets.token_urlsafe(24)` carry 128-192 bits).
+MIN_API_KEY_LENGTH = 32
+MAX_API_KEY_LENGTH = 256  # lawtune-serving.apiKeyMaxLength: one nginx map hash bucket holds the key
+_KEY_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")
+
+
+def check_api_key(key: str, source: str = "LAWTUNE_API_KEY") -> str:
+    """``key``, or ConfigError (exit 2) naming ``source`` when it is too short or has characters the
+    gateway's config cannot hold; the message never repeats the key."""
+    if not MIN_API_KEY_LENGTH <= len(key) <= MAX_API_KEY_LENGTH:
+        raise ConfigError(f"{source} is {len(key)} characters; {MIN_API_KEY_LENGTH} to {MAX_API_KEY_LENGTH} are accepted "
+                          "(e.g. openssl rand -hex 24), or leave it unset for a random one")
+    if not _KEY_CHARS.fullmatch(key):
+        raise ConfigError(f"{source} has characters outside A-Za-z0-9._~+/=- (the gateway embeds the key in its config)")
+    return key
 
 
 def helm_binary() -> str:
@@ -119,10 +139,13 @@ def write_ui_files(rendered: RenderedGateway) -> None:
         path.chmod(0o644)
 
 
-def write_keys_file(rendered: RenderedGateway, api_key: str) -> None:
-    """Run the chart's own init-container script, so the key file is written exactly as in the pod."""
-    proc = subprocess.run(["sh", "-c", rendered.keys_script], env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                          "LAWTUNE_API_KEY": api_key}, capture_output=True, text=True, timeout=30)
+def write_keys_file(rendered: RenderedGateway, api_key: str, previous_key: str | None = None) -> None:
+    """Run the chart's own init-container script, so the key file is written exactly as in the pod
+    (``previous_key``: the Secret's previous key during a rotation, accepted as well)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LAWTUNE_API_KEY": api_key}
+    if previous_key is not None:
+        env["LAWTUNE_PREVIOUS_API_KEY"] = previous_key
+    proc = subprocess.run(["sh", "-c", rendered.keys_script], env=env, capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise ConfigError(proc.stderr.strip() or f"the gateway's key script failed with {proc.returncode}")
 

@@ -172,7 +172,7 @@ def _served(report: Report, folder: Path, evaluated: Evaluated, contract: dict, 
     result = compare([(r["tuned"], bool((r.get("ended") or {}).get("tuned"))) for r in usable], answers, tokenizer, cfg)
     result.update(questions=len(usable), left_out_truncated=len(rows) - len([r for r in rows if not r.get("prompt_truncated")]),
                   seconds={"start": round(ready, 1), "total": round(time.monotonic() - started, 1)},
-                  engine={"engine": "vllm", "dtype": contract.get("dtype"), "args": server_args_for(folder, contract)})
+                  engine={"engine": "vllm", "dtype": contract.get("dtype"), "args": server_args_for(folder, contract, trust_remote_code)})
     for pair, row in zip(result["pairs"], usable):
         pair["question"] = row.get("question")
     n = cfg.first_tokens
@@ -212,12 +212,12 @@ def compare(evaluated: list[tuple[str, bool]], served: list[tuple[str, bool]], t
             "pairs": pairs}
 
 
-def server_args_for(folder: Path, contract: dict) -> list[str]:
+def server_args_for(folder: Path, contract: dict, trust_remote_code: bool = False) -> list[str]:
     """What serving itself runs (shared/serve/serve_local.py's profile, the contract's flags), started eager:
     compiling saves nothing on a few dozen answers and costs a minute on 2 cores."""
     from shared.serve.serve_local import serving_args
 
-    return [*serving_args(folder, contract), "--enforce-eager"]
+    return [*serving_args(folder, contract, trust_remote_code=trust_remote_code), "--enforce-eager"]
 
 
 def _start(folder: Path, contract: dict, trust_remote_code: bool, log_dir: Path, cfg: ParityConfig):
@@ -228,7 +228,7 @@ def _start(folder: Path, contract: dict, trust_remote_code: bool, log_dir: Path,
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = server_args_for(folder, contract)
+    args = server_args_for(folder, contract, trust_remote_code)
     log.info("parity: serving %s with vLLM on 127.0.0.1:%d (%s)", folder, port, " ".join(args))
     log_dir.mkdir(parents=True, exist_ok=True)
     return start_vllm(folder, port, secrets.token_urlsafe(16), served_model_name="parity", log_path=log_dir / "parity-vllm.log",

@@ -6,7 +6,8 @@
     open http://127.0.0.1:8080/                  # the assistant page (the chart's ui.*, on by default here)
 
 Environment: ``LAWTUNE_ARTIFACT_ROOT`` (``make serve``: ``file://$(CURDIR)/artifacts``),
-``LAWTUNE_CACHE_DIR``, ``LAWTUNE_S3_*``; ``LAWTUNE_API_KEY`` (else a random key, printed once).
+``LAWTUNE_CACHE_DIR``, ``LAWTUNE_S3_*``; ``LAWTUNE_API_KEY`` (at least 32 characters, else exit 2;
+unset or empty: a random key, printed once).
 
 What the cluster does, in the same order and with the same code: ``python -m
 jobs.fetch_model <root>/models/<name> <dir>`` (the init container: PROMOTED → verified
@@ -17,7 +18,6 @@ chart values (shared/serve/gateway.py). Ctrl-C stops both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -36,10 +36,11 @@ from pathlib import Path
 
 import yaml
 
+from shared.core.cli import command_parser
 from shared.core.errors import ConfigError, LawtuneError
 from shared.serve.gateway import (
-    Gateway, merge_values, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, stop_process_group,
-    write_keys_file, write_ui_files,
+    Gateway, check_api_key, merge_values, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway,
+    stop_process_group, write_keys_file, write_ui_files,
 )
 from shared.core.job import run_main
 from shared.core.log import configure_logging
@@ -73,14 +74,18 @@ def gpu_present() -> bool:
         return False
 
 
-def server_args(model_dir: Path, gpu: bool) -> list[str]:
-    """vLLM flags for a published model: the CPU or GPU profile, plus ``--trust-remote-code`` when
-    the model folder carries its repository's code (published from a trust_remote_code run)."""
+def server_args(model_dir: Path, gpu: bool, trust_remote_code: bool = False) -> list[str]:
+    """vLLM flags for a published model: the CPU or GPU profile, plus ``--trust-remote-code`` when the
+    operator said so. A model that needs its repository's code without it is refused, naming the switch
+    (the model's own config never turns it on)."""
     from shared.train.models import needs_remote_code
 
     args = list(GPU_SERVER_ARGS if gpu else CPU_SERVER_ARGS)
-    if needs_remote_code(model_dir):
+    if trust_remote_code:
         args.append("--trust-remote-code")
+    elif code := needs_remote_code(model_dir):
+        raise ConfigError(f"{model_dir} needs its repository's own code ({code}) and remote code is off: "
+                          "run with --trust-remote-code (make serve TRUST_REMOTE_CODE=1) to let vLLM run it")
     return args
 
 
@@ -93,13 +98,13 @@ def serving_contract_of(model_dir: Path) -> dict | None:
     return contract if isinstance(contract, dict) else None
 
 
-def serving_args(model_dir: Path, contract: dict | None, gpu: bool | None = None) -> list[str]:
+def serving_args(model_dir: Path, contract: dict | None, gpu: bool | None = None, trust_remote_code: bool = False) -> list[str]:
     """``server_args`` plus the serving contract's flags (shared/store/serving_contract.py): the chat
     template, the generation config with its stop ids, evaluate's decoding as the defaults, and
     evaluate's dtype in place of the profile's, so vLLM serves what was evaluated and guesses nothing."""
     from shared.store.serving_contract import vllm_args
 
-    args = server_args(model_dir, gpu_present() if gpu is None else gpu)
+    args = server_args(model_dir, gpu_present() if gpu is None else gpu, trust_remote_code)
     if not contract:
         return args
     if contract.get("dtype") and "--dtype" in args:  # flags beat the --config file: the evaluated dtype must win
@@ -154,9 +159,10 @@ class VLLMProcess:
         stop_process_group(self.process, signal.SIGTERM, grace=30)
 
 
-def fetch_model(uri: str, target: Path) -> str:
+def fetch_model(uri: str, target: Path, trust_remote_code: bool = False) -> str:
     """Run the chart's init container command; returns its one-line summary."""
-    proc = subprocess.run([sys.executable, "-m", "jobs.fetch_model", uri, str(target)], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "jobs.fetch_model", uri, str(target), *(["--trust-remote-code"] if trust_remote_code else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
         raise (ConfigError if proc.returncode == 2 else LawtuneError)(lines[-1])
@@ -196,13 +202,14 @@ def start_vllm(model_dir: Path, port: int, api_key: str, *, served_model_name: s
 
 
 def local_page_values(model_name: str, fetch_summary: str) -> dict:
-    """The assistant page on by default under ``make serve``, in auth mode ``ingress``: the gateway
-    listens on loopback only, so this machine is the authenticated boundary and the page works
-    without pasting the key (``--gateway-values`` with ``ui: {auth: pasteKey}`` or ``{enabled: false}``
-    changes that). The page shows the version fetch_model resolved."""
+    """The assistant page on by default under ``make serve``, in auth mode ``loopback``: the gateway
+    listens on 127.0.0.1 only (the chart refuses the mode elsewhere), so this machine is the
+    authenticated boundary and the page works without pasting the key (``--gateway-values`` with
+    ``ui: {auth: pasteKey}`` or ``{enabled: false}`` changes that). The page shows the version
+    fetch_model resolved."""
     version_uri = re.search(r": (\S+) -> ", fetch_summary)
     version = version_uri.group(1).rstrip("/").rsplit("/", 1)[-1] if version_uri else ""
-    return {"model": {"name": model_name, "version": version}, "ui": {"enabled": True, "auth": "ingress"}}
+    return {"model": {"name": model_name, "version": version}, "ui": {"enabled": True, "auth": "loopback"}}
 
 
 def page_enabled(gateway_overrides: dict) -> bool:
@@ -210,9 +217,10 @@ def page_enabled(gateway_overrides: dict) -> bool:
 
 
 def serve(settings: Settings, model_name: str, port: int, vllm_port: int, api_key: str,
-          gateway_overrides: dict | None = None, vllm_args: list[str] | None = None) -> tuple[VLLMProcess, Gateway]:
+          gateway_overrides: dict | None = None, vllm_args: list[str] | None = None,
+          trust_remote_code: bool = False) -> tuple[VLLMProcess, Gateway]:
     model_dir = settings.cache_dir / "serving" / model_name
-    fetched = fetch_model(settings.models_uri(model_name), model_dir)
+    fetched = fetch_model(settings.models_uri(model_name), model_dir, trust_remote_code)
     print(fetched, flush=True)
     workdir = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix="lawtune-serve-")))
     gpu = gpu_present()
@@ -226,7 +234,8 @@ def serve(settings: Settings, model_name: str, port: int, vllm_port: int, api_ke
         log.warning("%s carries no serving contract (published before lawtune recorded one): vLLM picks its own chat "
                     "template, stop tokens and decoding defaults", model_dir)
     server = start_vllm(model_dir, vllm_port, api_key, served_model_name=model_name, log_path=workdir / "vllm.log",
-                        extra_args=serving_args(model_dir, contract, gpu) if vllm_args is None else vllm_args, gpu=gpu)
+                        extra_args=serving_args(model_dir, contract, gpu, trust_remote_code) if vllm_args is None else vllm_args,
+                        gpu=gpu)
     try:
         values = local_gateway_values(port=port, upstream=f"127.0.0.1:{vllm_port}", runtime_dir=workdir,
                                       overrides=merge_values(local_page_values(model_name, fetched), gateway_overrides or {}))
@@ -252,11 +261,17 @@ def curl_command(url: str, model_name: str, key: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.serve.serve_local", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-name", default="legal-assistant", help="published model (models/<name>/PROMOTED)")
-    parser.add_argument("--port", type=int, default=8080, help="gateway port on 127.0.0.1")
-    parser.add_argument("--vllm-port", type=int, default=8000, help="vLLM port on 127.0.0.1 (behind the gateway)")
-    parser.add_argument("--gateway-values", type=Path, help="extra chart values for the gateway (e.g. maintenance, rateLimit)")
+    parser = command_parser("serve", __doc__, module="shared.serve.serve_local",
+                            env=("LAWTUNE_ARTIFACT_ROOT", "LAWTUNE_S3_ENDPOINT_URL", "LAWTUNE_CACHE_DIR", "LAWTUNE_API_KEY",
+                                 "LAWTUNE_GPU", "LAWTUNE_LOG_LEVEL"))
+    parser.add_argument("--model-name", metavar="NAME", default="legal-assistant",
+                        help="published model to serve, models/<name>/PROMOTED (default legal-assistant)")
+    parser.add_argument("--port", type=int, default=8080, help="gateway port on 127.0.0.1 (default 8080)")
+    parser.add_argument("--vllm-port", type=int, default=8000, help="vLLM port on 127.0.0.1, behind the gateway (default 8000)")
+    parser.add_argument("--gateway-values", metavar="YAML", type=Path,
+                        help="extra chart values for the gateway (e.g. maintenance, rateLimit, ui)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let vLLM run the model repository's own code (ChatGLM3), only the files its manifest records")
     args = parser.parse_args(argv)
 
     def body() -> None:
@@ -268,11 +283,17 @@ def main(argv: list[str] | None = None) -> int:
                 overrides = yaml.safe_load(args.gateway_values.read_text()) or {}
             except (OSError, yaml.YAMLError) as exc:
                 raise ConfigError(f"--gateway-values {args.gateway_values}: {exc}") from exc
-        key = os.environ.get("LAWTUNE_API_KEY") or secrets.token_urlsafe(24)
+        # Set but empty counts as unset: the printed curl then carries the random key itself, since
+        # "$LAWTUNE_API_KEY" would expand to nothing in the user's shell and get a 401.
+        from_env = bool(os.environ.get("LAWTUNE_API_KEY", "").strip())
+        if "LAWTUNE_API_KEY" in os.environ and not from_env:
+            log.warning("LAWTUNE_API_KEY is set but empty: serving with a random key, printed below")
+        key = check_api_key(os.environ["LAWTUNE_API_KEY"]) if from_env else secrets.token_urlsafe(24)
         # vLLM and nginx run in their own sessions: on SIGTERM, unwind through `finally` to stop them.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        server, gateway = serve(settings, args.model_name, args.port, args.vllm_port, key, overrides)
-        shown = key if "LAWTUNE_API_KEY" not in os.environ else "$LAWTUNE_API_KEY"
+        server, gateway = serve(settings, args.model_name, args.port, args.vllm_port, key, overrides,
+                                trust_remote_code=args.trust_remote_code)
+        shown = "$LAWTUNE_API_KEY" if from_env else key
         print(f"\nServing {args.model_name} at {gateway.url}/v1 (gateway log: {gateway.log_path}, vLLM log: {server.log_path})\n"
               f"{curl_command(gateway.url, args.model_name, shown)}", flush=True)
         if page_enabled(overrides):

@@ -15,11 +15,13 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from shared.core.errors import IntegrityError
+from shared.core.errors import IntegrityError, StorageError
+from shared.core.failpoints import failpoint
+from shared.store.paths import check_relative_path, inside
 from shared.store.storage import Location
 
 MANIFEST = "MANIFEST.json"
@@ -28,9 +30,14 @@ _HASH_CHUNK = 1024 * 1024
 
 
 class FileEntry(BaseModel):
-    path: str
+    path: str  # relative, '/'-separated, inside the folder: checked, since readers write <target>/<path>
     size: int
     sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_folder(cls, path: str) -> str:
+        return check_relative_path(path)
 
 
 class Manifest(BaseModel):
@@ -95,6 +102,9 @@ def read_manifest(loc: Location) -> Manifest:
         )
     try:
         return Manifest.model_validate_json(loc.read_bytes(MANIFEST))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        raise IntegrityError(f"{loc.uri}/{MANIFEST} is not a valid manifest, refused: {problems}") from exc
     except ValueError as exc:
         raise IntegrityError(f"{loc.uri}/{MANIFEST} is not a valid manifest: {exc}") from exc
 
@@ -107,11 +117,30 @@ def find_manifest(loc: Location) -> Manifest | None:
 
 
 def should_skip(loc: Location, inputs: dict[str, Any]) -> Manifest | None:
-    """The committed manifest when it records exactly these inputs (the stage can be skipped)."""
+    """The committed manifest when it records exactly these inputs (the stage can be skipped).
+
+    Only the manifest is read: ``damaged_files`` checks the files under it before a skip is final."""
     manifest = find_manifest(loc)
     if manifest and manifest.status == "complete" and manifest.inputs_digest == digest_inputs(inputs):
         return manifest
     return None
+
+
+def damaged_files(loc: Location, manifest: Manifest) -> list[str]:
+    """The manifest's files whose stored bytes are missing or differ from it (size, then sha256), each
+    with what is wrong. A skip trusts the files under a manifest for good; a file that rotted, was
+    overwritten or removed since must not be skipped over (every later reader would fail on it)."""
+    sizes = loc.sizes()
+    damaged = []
+    for entry in manifest.files:
+        size = sizes.get(entry.path)
+        if size is None:
+            damaged.append(f"{entry.path} (missing)")
+        elif size != entry.size:
+            damaged.append(f"{entry.path} (size {size} bytes, manifest says {entry.size})")
+        elif (digest := loc.sha256(entry.path)) != entry.sha256:
+            damaged.append(f"{entry.path} (sha256 {digest[:12]}… , manifest says {entry.sha256[:12]}…)")
+    return damaged
 
 
 def commit_dir(
@@ -126,11 +155,14 @@ def commit_dir(
     extra: dict[str, Any] | None = None,
     max_workers: int = 8,
     clean: bool = True,
+    guard: Callable[[], None] | None = None,
 ) -> Manifest:
     """Upload every file of ``local_dir`` to ``loc`` and then, last, its manifest.
 
     Any earlier manifest is deleted first, so a crash mid-upload leaves a folder that
-    readers refuse rather than a mix of old and new files that looks complete.
+    readers refuse rather than a mix of old and new files that looks complete. ``guard``
+    (the writer lease's check) runs immediately before the manifest is written: uploads can
+    take minutes, and a writer that lost its folder meanwhile must not commit over the new one.
     """
     loc.delete(MANIFEST)
     files = _local_files(local_dir)
@@ -163,6 +195,9 @@ def commit_dir(
         files=entries,
         extra=extra or {},
     )
+    failpoint(f"commit:{stage}")
+    if guard is not None:
+        guard()
     loc.write_text(MANIFEST, manifest.to_json())
     return manifest
 
@@ -187,6 +222,7 @@ def build_atomically(target: Path, build) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         build(staging)
+        failpoint("fetch:verified")
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -200,13 +236,19 @@ def fetch_dir(loc: Location, target: Path, *, max_workers: int = 8, only: list[s
 
     Files land in a temporary sibling folder that is renamed into place only after every
     checksum passed, so ``target`` is either complete or absent.
+
+    A file that fails its check while the folder's manifest changed or vanished meanwhile was
+    not corrupted: the folder's writer is re-running and rewrote it under the reader. That is a
+    ``StorageError`` (exit 1: the retry reads the new commit), not an ``IntegrityError`` (exit
+    2, which fails a Job for good).
     """
     manifest = read_manifest(loc)
+    failpoint("fetch:manifest-read")
     wanted = [e for e in manifest.files if only is None or e.path in only]
 
     def _build(staging: Path) -> None:
         def _one(entry: FileEntry) -> None:
-            dest = staging / entry.path
+            dest = inside(staging, entry.path, f"{loc.uri}/{MANIFEST}")
             loc.download_file(entry.path, dest)
             verify_file(dest, entry, loc.uri)
 
@@ -214,8 +256,20 @@ def fetch_dir(loc: Location, target: Path, *, max_workers: int = 8, only: list[s
             list(pool.map(_one, wanted))
         (staging / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
 
-    build_atomically(Path(target), _build)
+    try:
+        build_atomically(Path(target), _build)
+    except (IntegrityError, StorageError) as exc:
+        _raise_if_rewritten(loc, manifest, exc)
+        raise
     return manifest
+
+
+def _raise_if_rewritten(loc: Location, read: Manifest, cause: Exception) -> None:
+    now = find_manifest(loc)
+    if now is None or now.digest != read.digest:
+        state = "its manifest is gone" if now is None else f"it was committed again at {now.finished_at}"
+        raise StorageError(f"{loc.uri} changed while it was being read ({state}: its writer re-ran); "
+                           f"retry once it has committed ({cause})") from cause
 
 
 def read_verified(loc: Location, rel: str, manifest: Manifest | None = None) -> bytes:
@@ -224,5 +278,7 @@ def read_verified(loc: Location, rel: str, manifest: Manifest | None = None) -> 
     entry = manifest.file(rel)
     data = loc.read_bytes(rel)
     if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise IntegrityError(f"{loc.uri}/{rel}: content does not match the manifest (corrupted)")
+        error = IntegrityError(f"{loc.uri}/{rel}: content does not match the manifest (corrupted)")
+        _raise_if_rewritten(loc, manifest, error)
+        raise error
     return data

@@ -26,6 +26,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shared.store.paths import unsafe_relative_path
+
 SCHEMA = "lawtune.serving/v1"
 CHAT_TEMPLATE = "chat_template.jinja"
 GENERATION_CONFIG = "generation_config.json"
@@ -123,6 +125,8 @@ def verify(folder: Path, contract: dict[str, Any]) -> None:
             raise ContractError(f"chat template: {found[0]} (sha256 {_sha256(found[1].encode())[:12]}…) is not the template "
                                 f"the version was evaluated with (sha256 {template['sha256'][:12]}…)")
     for name, digest in (contract.get("tokenizer_files") or {}).items():
+        if reason := unsafe_relative_path(str(name)):  # names read from the store never reach outside the folder
+            raise ContractError(f"tokenizer file {name!r} {reason}; refused")
         path = folder / name
         if not path.is_file():
             raise ContractError(f"tokenizer file {name}: missing from the folder")

@@ -24,10 +24,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from shared.core.errors import ConfigError
+from shared.core.errors import ConfigError, IntegrityError
 from shared.core.settings import Settings
 from shared.core.uri import parse_uri
-from shared.store.artifacts import Manifest, commit_dir, fetch_dir, find_manifest, now_iso, should_skip
+from shared.store.artifacts import Manifest, commit_dir, damaged_files, fetch_dir, find_manifest, now_iso, should_skip
 from shared.store.lease import Lease
 from shared.store.storage import Location, open_location
 
@@ -52,11 +52,15 @@ class StageOutput:
         self.lease: Lease | None = None
 
     def __enter__(self) -> "StageOutput":
+        if self.skipped:
+            self._check_before_skipping()
         if not self.skipped and os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
-            self.lease = Lease(self.location).acquire()
+            self.lease = Lease(self.location, self.settings.lease_ttl_s).acquire()
             try:
                 # The writer we may have waited behind could have committed these very inputs.
                 self.skipped = should_skip(self.location, self.inputs)
+                if self.skipped:
+                    self._check_before_skipping()
                 if not self.skipped:
                     swept = self.location.sweep_temporaries()
                     if swept:
@@ -74,6 +78,18 @@ class StageOutput:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.stage}-", dir=work_root))
         return self
 
+    def _check_before_skipping(self) -> None:
+        """A skip trusts the committed files for good: check them first (sizes, sha256). Damaged ones make
+        the stage run again and overwrite them, unless the run is published (then exit 2, naming them)."""
+        damaged = damaged_files(self.location, self.skipped)
+        if not damaged:
+            return
+        self.skipped = None
+        what = f"{self.location.uri} is committed with these inputs, but {len(damaged)} file(s) differ from its manifest: " + \
+            ", ".join(damaged[:5]) + (" …" if len(damaged) > 5 else "")
+        _refuse_rewriting_published(self.location, self.location.uri, self.settings, because=what)
+        log.warning("%s: %s; running the stage again", self.stage, what)
+
     def commit(self, extra: dict[str, Any] | None = None) -> Manifest:
         assert self.workdir is not None, "commit() on a skipped stage"
         self.check_lease()
@@ -87,6 +103,7 @@ class StageOutput:
             code_version=self.settings.resolved_code_version,
             extra=extra,
             max_workers=self.settings.s3_max_concurrency,
+            guard=self.check_lease,  # again immediately before the manifest: the uploads may have taken minutes
         )
         log.info("%s: committed %d file(s) to %s", self.stage, len(self.manifest.files), self.location.uri)
         return self.manifest
@@ -107,12 +124,16 @@ class StageOutput:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _refuse_rewriting_published(location: Location, output_uri: str, settings: Settings) -> None:
+def _refuse_rewriting_published(location: Location, output_uri: str, settings: Settings, because: str = "") -> None:
     """A committed stage of a published run keeps its content: published versions' lineage points at it."""
     if find_manifest(location) is None:
         return
     run_root = open_location(output_uri.rstrip("/").rsplit("/", 1)[0], settings)
     if run_root.exists(PUBLISHED):
+        if because:
+            raise IntegrityError(
+                f"{because}; it belongs to a published run ({run_root.uri}/{PUBLISHED}), so it is not rewritten: "
+                "restore the files from a backup, or train again under a new run id")
         raise ConfigError(
             f"{output_uri} belongs to a published run ({run_root.uri}/{PUBLISHED}) and its inputs changed; "
             "re-running it would change what published models' lineage points at: use a new run id (LAWTUNE_RUN_ID / --run-id)")

@@ -32,6 +32,7 @@ from shared.core.settings import Settings
 from shared.core.uri import ParsedURI, join, parse_uri
 
 MULTIPART_CHUNK = 8 * 1024 * 1024
+_HASH_CHUNK = 1024 * 1024
 # Names starting with this are the store's bookkeeping (temp files, the writer lease), never artifact files.
 HIDDEN_PREFIX = ".lawtune-"
 TMP_PREFIX = ".lawtune-tmp-"
@@ -71,6 +72,14 @@ class Location(ABC):
     @abstractmethod
     def delete(self, rel: str) -> None:
         """Remove one file; missing is fine."""
+
+    @abstractmethod
+    def sizes(self) -> dict[str, int]:
+        """Every file below this location (as ``list_files`` names them) and its size in bytes."""
+
+    @abstractmethod
+    def sha256(self, rel: str) -> str:
+        """The sha256 of one stored file, read from the store in chunks (never whole into memory)."""
 
     @abstractmethod
     def sweep_temporaries(self) -> int:
@@ -126,6 +135,19 @@ class FileLocation(Location):
 
     def exists(self, rel: str) -> bool:
         return (self.path / rel).is_file()
+
+    def sizes(self) -> dict[str, int]:
+        return {rel: (self.path / rel).stat().st_size for rel in self.list_files()}
+
+    def sha256(self, rel: str) -> str:
+        h = hashlib.sha256()
+        try:
+            with open(self.path / rel, "rb") as fh:
+                while chunk := fh.read(_HASH_CHUNK):
+                    h.update(chunk)
+        except FileNotFoundError as exc:
+            raise StorageError(f"{join(self.uri, rel)} does not exist") from exc
+        return h.hexdigest()
 
     def read_bytes(self, rel: str) -> bytes:
         try:
@@ -225,7 +247,13 @@ class S3Location(Location):
 
     def _wrap(self, action: str, rel: str, exc: Exception) -> StorageError:
         # str(exc) from botocore names the operation and the error code, never credentials.
-        return StorageError(f"S3 {action} {join(self.uri, rel)} failed: {exc}")
+        hint = ""
+        if _status(exc) == 403:
+            # Static keys rotated under a running pod, or a session token past its expiry: the retried
+            # Job's new pod reads the current Secret / token. Seen again there, it is the credentials.
+            hint = ("; the store refused this process's credentials (expired or rotated?): the retry starts with "
+                    "fresh ones, and if it fails the same way, check AWS_ACCESS_KEY_ID / the role and the bucket policy")
+        return StorageError(f"S3 {action} {join(self.uri, rel)} failed: {exc}{hint}")
 
     def list_files(self) -> list[str]:
         base = f"{self.prefix}/" if self.prefix else ""
@@ -237,6 +265,38 @@ class S3Location(Location):
         except Exception as exc:  # botocore raises many unrelated types
             raise self._wrap("list", "", exc) from exc
         return sorted(out)
+
+    def sizes(self) -> dict[str, int]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        out: dict[str, int] = {}
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                out.update((obj["Key"][len(base):], obj["Size"]) for obj in page.get("Contents", [])
+                           if not obj["Key"].rpartition("/")[2].startswith(HIDDEN_PREFIX))
+        except Exception as exc:
+            raise self._wrap("list", "", exc) from exc
+        return out
+
+    def sha256(self, rel: str) -> str:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+        streaming = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, BotoConnectionError)
+        attempts = self._client.meta.config.retries.get("total_max_attempts", 3)
+        for attempt in range(1, attempts + 1):
+            h = hashlib.sha256()
+            try:
+                body = self._client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
+                for chunk in body.iter_chunks(_HASH_CHUNK):
+                    h.update(chunk)
+                return h.hexdigest()
+            except streaming as exc:  # a body cut off mid-read: read it again from the start
+                if attempt == attempts:
+                    raise self._wrap("get", rel, exc) from exc
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+            except Exception as exc:
+                raise self._wrap("get", rel, exc) from exc
+        raise AssertionError("unreachable")
 
     def exists(self, rel: str) -> bool:
         from botocore.exceptions import ClientError
@@ -327,6 +387,13 @@ class S3Location(Location):
             # 412: the object changed (or appeared); 409: a concurrent conditional write won.
             if (exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
                     or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)):
+                if exc.response.get("ResponseMetadata", {}).get("RetryAttempts"):
+                    # An earlier attempt may have been applied and only its answer lost (a reset, a timeout):
+                    # botocore's retry then fails its own condition. The object holding exactly our bytes
+                    # is that write of ours (callers put a unique id in what they write).
+                    held, etag = self.read_with_token(rel)
+                    if held == data:
+                        return etag
                 return None
             raise self._wrap("conditional put", rel, exc) from exc
         except Exception as exc:
@@ -354,8 +421,13 @@ class S3Location(Location):
     def write_if(self, rel: str, data: bytes, token: str | None) -> bool:
         if not self.lock:
             return self._swap(rel, data, token)
-        owner = self._acquire(f"{rel}.lock")
+        owner, acquired = self._acquire(f"{rel}.lock")
         try:
+            # A contender takes the lock over once it saw it unchanged for LOCK_TTL_S: swap well before that.
+            held_for = time.monotonic() - acquired
+            if held_for > self.LOCK_TTL_S * 5 / 6:
+                raise StorageError(f"{join(self.uri, rel)}.lock was taken {held_for:.0f} s ago (this process stalled); "
+                                   "not swapping under a lock another writer may have taken over: retry")
             return self._swap(rel, data, token)
         finally:
             held, _ = self.read_with_token(f"{rel}.lock")
@@ -371,20 +443,40 @@ class S3Location(Location):
         etag = self.put_if_absent(rel, data) if token is None else self.put_if_match(rel, data, token)
         return etag is not None
 
-    def _acquire(self, lock: str) -> str:
+    def _acquire(self, lock: str) -> tuple[str, float]:
+        """Take the lock object: (our owner id, the monotonic time it became ours).
+
+        A held lock is taken over only after it stayed unchanged for ``LOCK_TTL_S`` on this process's own
+        monotonic clock: the ``expires`` it records is another machine's wall clock, and a contender whose
+        clock runs ahead would otherwise take a live holder's lock (both would then swap)."""
         me = uuid.uuid4().hex
         deadline = time.monotonic() + self.WAIT_S
+        seen: tuple[str | None, float] | None = None  # (the lock's ETag, when we first saw that one)
         while True:
-            held, _ = self.read_with_token(lock)
-            if held is None or json.loads(held).get("expires", 0) < time.time():
+            held, etag = self.read_with_token(lock)
+            now = time.monotonic()
+            if held is not None and (seen is None or seen[0] != etag):
+                seen = (etag, now)
+            if held is None or now - seen[1] > self.LOCK_TTL_S:
                 self.write_bytes(lock, json.dumps({"owner": me, "expires": time.time() + self.LOCK_TTL_S}).encode())
+                taken = time.monotonic()
                 time.sleep(self.SETTLE_S)  # a writer that read "free" with us has written by now: last one owns it
                 mine, _ = self.read_with_token(lock)
                 if mine is not None and json.loads(mine).get("owner") == me:
-                    return me
+                    return me, taken
             if time.monotonic() > deadline:
                 raise StorageError(f"{join(self.uri, lock)} stayed locked for {self.WAIT_S:.0f}s; is another promotion stuck?")
             time.sleep(self.SETTLE_S * (0.5 + random.random()))
+
+
+def _status(exc: BaseException | None) -> int | None:
+    """The HTTP status behind a botocore/boto3 error (boto3's transfer errors wrap the ClientError)."""
+    while exc is not None:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def s3_client(settings: Settings):

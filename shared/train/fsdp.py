@@ -318,11 +318,14 @@ def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, che
 
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
-    import torch.distributed.checkpoint as dcp
+    """The sharded optimizer state of a fetched checkpoint, verified against its manifest and read
+    without unpickling anything but DCP's metadata classes (shared.train.safe_dcp)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+    from shared.train import safe_dcp
+
     state = {"optimizer": _optimizer_state(model, optimizer)}  # the layout to read into (states created empty)
-    dcp.load(state, checkpoint_id=str(Path(checkpoint) / OPTIMIZER_DIR))
+    safe_dcp.load(state, Path(checkpoint), OPTIMIZER_DIR)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
 
 

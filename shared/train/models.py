@@ -11,7 +11,9 @@
   downloaded verified (all or nothing) into ``<cache_dir>/models/store-<hash>/``.
 - a local directory with ``config.json``;
 - a Hugging Face id (``Qwen/Qwen2.5-7B-Instruct``) through huggingface_hub's own cache
-  (``HF_HUB_OFFLINE=1`` makes that cache-only).
+  (``HF_HUB_OFFLINE=1`` makes that cache-only). Without ``trust_remote_code`` its ``config.json``
+  comes first, alone: a model that needs its repository's code is refused before any weight
+  file is downloaded.
 
 Every cache entry appears by an atomic rename, so a half-written one is never used; a file
 lock keeps concurrent processes (DDP ranks, parallel jobs) from converting twice. A missing
@@ -58,11 +60,13 @@ BUNDLED: dict[str, BundledModel] = {
 }
 
 
-def resolve_base_model(ref: str, settings: Settings, trust_remote_code: bool = False) -> Path:
+def resolve_base_model(ref: str, settings: Settings, trust_remote_code: bool = False,
+                       switch: str = "trust_remote_code: true in the config") -> Path:
     """A local directory loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer``; ConfigError otherwise.
 
     A model whose config needs the repository's own code (``auto_map`` naming a class
-    transformers lacks, e.g. ``THUDM/chatglm3-6b``) is refused unless ``trust_remote_code``."""
+    transformers lacks, e.g. ``THUDM/chatglm3-6b``) is refused unless ``trust_remote_code``;
+    the error names ``switch``, the caller's way to turn it on."""
     ref = ref.strip()
     if not ref:
         raise ConfigError("base_model is empty; expected a Hugging Face id, s3:// or file:// URI, local dir or bundled:<name>")
@@ -75,13 +79,13 @@ def resolve_base_model(ref: str, settings: Settings, trust_remote_code: bool = F
         if not path.is_dir():
             raise ConfigError(f"base_model {ref!r}: no such directory")
     elif _HF_ID.match(ref):
-        path = _from_hf_hub(ref, trust_remote_code)
+        path = _from_hf_hub(ref, trust_remote_code, switch)
     else:
         raise ConfigError(
             f"base_model {ref!r} is not a Hugging Face id, an s3:// or file:// URI, an existing directory "
             f"or one of {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}"
         )
-    check_model_dir(path, ref, trust_remote_code)
+    check_model_dir(path, ref, trust_remote_code, switch)
     return path
 
 
@@ -105,17 +109,19 @@ def remote_code_in(config: dict) -> str | None:
     return str(auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoConfig") or next(iter(auto_map.values())))
 
 
-def check_model_dir(path: Path, ref: str, trust_remote_code: bool = False) -> None:
+def check_model_dir(path: Path, ref: str, trust_remote_code: bool = False,
+                    switch: str = "trust_remote_code: true in the config") -> None:
     """Fail early (one line) unless ``path`` holds a config transformers can read and tokenizer files."""
+    from shared.store.model_code import foreign_code
+
     if not (path / "config.json").is_file():
         raise ConfigError(f"base_model {ref!r}: {path} has no config.json (not a transformers model directory)")
     code = needs_remote_code(path)
     if code and not trust_remote_code:
-        raise ConfigError(
-            f"base_model {ref!r} needs its repository's own code ({code}) and trust_remote_code is false; "
-            "set trust_remote_code: true in the config to run that Python code from the model repository, "
-            "or use a model transformers supports itself (e.g. THUDM/glm-4-9b-chat-hf)"
-        )
+        raise _remote_code_refused(ref, code, switch)
+    if trust_remote_code and (foreign := foreign_code(json.loads((path / "config.json").read_text(encoding="utf-8")))):
+        raise ConfigError(f"base_model {ref!r}: {foreign} names code in another repository, which no digest record "
+                          "can cover; use a folder that holds its own code files")
     try:
         from transformers import AutoConfig
 
@@ -124,6 +130,14 @@ def check_model_dir(path: Path, ref: str, trust_remote_code: bool = False) -> No
         raise ConfigError(f"base_model {ref!r}: {path}/config.json is unreadable: {_one_line(exc)}") from None
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ConfigError(f"base_model {ref!r}: {path} has no tokenizer files")
+
+
+def _remote_code_refused(ref: str, code: str, switch: str = "trust_remote_code: true in the config") -> ConfigError:
+    return ConfigError(
+        f"base_model {ref!r} needs its repository's own code ({code}) and trust_remote_code is false; "
+        f"set {switch} to run that Python code from the model repository, "
+        "or use a model transformers supports itself (e.g. THUDM/glm-4-9b-chat-hf)"
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -217,6 +231,7 @@ def _convert_gguf(gguf: Path, out: Path, source: dict) -> None:
 
 def _from_store(ref: str, settings: Settings) -> Path:
     from shared.store.artifacts import MANIFEST, find_manifest
+    from shared.store.paths import check_version
     from shared.store.stage import fetch_stage
     from shared.store.storage import open_location
     from shared.core.uri import join
@@ -224,7 +239,7 @@ def _from_store(ref: str, settings: Settings) -> Path:
     uri = ref.rstrip("/")
     loc = open_location(uri, settings)
     if not loc.exists(MANIFEST) and loc.exists("PROMOTED"):
-        version = loc.read_text("PROMOTED").strip()
+        version = check_version(loc.read_text("PROMOTED").strip(), f"{uri}/PROMOTED")
         uri = join(uri, version)
         loc = open_location(uri, settings)
         log.info("base_model %s: PROMOTED names version %s", ref, version)
@@ -256,7 +271,8 @@ def _manifest_digest(folder: Path) -> str | None:
 # --- Hugging Face hub cache ----------------------------------------------------------------
 
 
-def _from_hf_hub(ref: str, trust_remote_code: bool = False) -> Path:
+def _from_hf_hub(ref: str, trust_remote_code: bool = False,
+                 switch: str = "trust_remote_code: true in the config") -> Path:
     """Download (or find in the cache). Only what no retry can change is a configuration error (exit
     2: the pipeline chart fails the Job at once): a repository or revision that does not exist, a
     gated one without access, an offline cache miss. Network trouble and 5xx answers exit 1, so the
@@ -269,7 +285,16 @@ def _from_hf_hub(ref: str, trust_remote_code: bool = False) -> Path:
     # The repository's code files only when they may run (and so the merged model keeps them).
     patterns = [*_HF_PATTERNS, "*.py"] if trust_remote_code else _HF_PATTERNS
     try:
+        if not trust_remote_code:
+            # config.json alone first (one small file): a model that needs its repository's code is
+            # refused before gigabytes of weights are downloaded for nothing. (snapshot_download, not
+            # hf_hub_download: the same requests and failure modes as the full download below.)
+            code = needs_remote_code(Path(snapshot_download(ref, allow_patterns=["config.json"])))
+            if code:
+                raise _remote_code_refused(ref, code, switch)
         return Path(snapshot_download(ref, allow_patterns=patterns))
+    except ConfigError:
+        raise
     except Exception as exc:
         # A cache miss is permanent only offline; online it means the hub could not be reached.
         cache_miss = isinstance(exc, errors.LocalEntryNotFoundError)  # an EntryNotFoundError too

@@ -225,6 +225,7 @@ class CheckpointStore:
             run_id=self.run_id,
             code_version=self.code_version,
             extra={"step": step, **extra},
+            guard=self.guard,  # again before the checkpoint's manifest, after its uploads
         )
 
     def fetch(self, step: int, target: Path, only: list[str] | None = None) -> Manifest:

@@ -48,7 +48,7 @@ from shared.serve.serve_local import CPU_SERVER_ARGS, CPU_SERVER_ENV, start_vllm
 from shared.core.settings import load_settings  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
-KEY = "sk-bench-0123456789"
+KEY = "sk-bench-0123456789abcdefghijklmnopq"  # the gateway takes keys of 32+ characters
 NAME = "legal-assistant"
 PROMPTS = [
     "What is a contract?",

@@ -220,6 +220,17 @@ def test_stage_arguments_follow_the_stage_interface(rendered):
         assert _container(job)["image"] == f"ghcr.io/lawtune/{stage}:0.1.0"
 
 
+def test_publish_runs_model_code_only_when_the_shipped_config_says_so(config_file):
+    """issue 24 item 2: publish reads no config; the config's trust_remote_code (the operator's) becomes its flag."""
+    def publish_args(config_text: str) -> list[str]:
+        config_file.write_text(config_text, encoding="utf-8")
+        return _container(_jobs(render(CHART, _merge(BASE, {"modelName": "legal"}), set_files={"config": config_file}))["publish"])["args"]
+
+    assert publish_args(CONFIG_TEXT) == ["--model-name", "legal"]
+    assert publish_args(CONFIG_TEXT + "trust_remote_code: false\n") == ["--model-name", "legal"]
+    assert publish_args(CONFIG_TEXT + "trust_remote_code: true\n") == ["--model-name", "legal", "--trust-remote-code"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "gpus"),
     [
@@ -362,7 +373,7 @@ def test_torchrun_checks_the_config_first_and_fails_at_once_on_exit_2(rendered, 
     proc = subprocess.run([sys.executable, *init["command"][1:], *code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == exit_code, proc.stderr
     if exit_code:
-        assert "max_stepz" in proc.stderr and proc.stderr.startswith("finetune: error:")
+        assert "max_stepz" in proc.stderr and proc.stderr.startswith("lawtune finetune: error:")
 
 
 def test_helm_lint_strict_passes(config_file, tmp_path):
@@ -532,7 +543,7 @@ def test_gpu_stages_tolerate_the_gpu_taint_and_cpu_stages_do_not(rendered):
 
 def test_images_can_be_pinned_by_digest(rendered):
     digest = "sha256:" + "ab" * 32
-    objects = rendered({"image": {"digests": {"finetune": digest}},
+    objects = rendered({"image": {"digests": {"gpu": {"finetune": digest}}},
                         "stages": {"finetune": {"gpus": 2, "distributed": {"nprocPerNode": 2}}}})
     jobs = _jobs(objects)
     assert _container(jobs["finetune"])["image"] == f"ghcr.io/lawtune/finetune@{digest}"
@@ -541,9 +552,26 @@ def test_images_can_be_pinned_by_digest(rendered):
     assert validate(objects) == []
 
 
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_digests_are_pinned_per_device(rendered, device):
+    """The CUDA build and the `-cpu` build are different images: a digest pinned for one device
+    must never run in the other mode."""
+    cuda, cpu = "sha256:" + "ab" * 32, "sha256:" + "cd" * 32
+    jobs = _jobs(rendered({"device": device, "image": {"digests": {"gpu": {"finetune": cuda, "evaluate": cuda},
+                                                                   "cpu": {"finetune": cpu}}}}))
+    want = {"gpu": {"finetune": f"ghcr.io/lawtune/finetune@{cuda}", "evaluate": f"ghcr.io/lawtune/evaluate@{cuda}"},
+            "cpu": {"finetune": f"ghcr.io/lawtune/finetune@{cpu}", "evaluate": "ghcr.io/lawtune/evaluate:0.1.0-cpu"}}[device]
+    assert {s: _container(jobs[s])["image"] for s in want} == want
+
+
+def test_digests_not_keyed_by_device_are_refused_naming_the_key(config_file):
+    with pytest.raises(RenderError, match="image.digests: Additional property finetune is not allowed"):
+        render(CHART, {**BASE, "image": {"digests": {"finetune": "sha256:" + "ab" * 32}}}, set_files={"config": config_file})
+
+
 def test_a_digest_that_is_not_one_is_rejected(config_file):
     with pytest.raises(RenderError, match="digests"):
-        render(CHART, {**BASE, "image": {"digests": {"finetune": "latest"}}}, set_files={"config": config_file})
+        render(CHART, {**BASE, "image": {"digests": {"gpu": {"finetune": "latest"}}}}, set_files={"config": config_file})
 
 
 def test_cpu_mode_requests_no_gpu_and_runs_the_cpu_images(rendered):
@@ -580,3 +608,133 @@ def test_driver_rbac_is_optional_and_binds_the_driver_service_account(rendered):
     (binding,) = [b for b in by_kind(objects, "RoleBinding") if b["metadata"]["name"].endswith("-driver")]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ci-runner", "namespace": "lawtune"}]
     assert validate(objects) == []
+
+
+# ---------------------------------------------------------------- second review (issue 25)
+
+
+def _hashes(objects) -> dict[str, str]:
+    return {s: j["metadata"]["annotations"]["lawtune.io/spec-hash"] for s, j in _jobs(objects).items()}
+
+
+@pytest.mark.parametrize(
+    "toggle",
+    [
+        pytest.param({"rerunCompleted": True}, id="rerunCompleted"),
+        pytest.param({"driverRbac": {"create": True}}, id="driverRbac.create"),
+        pytest.param({"cleanup": {"enabled": False}}, id="cleanup.enabled"),
+        pytest.param({"logLevel": "DEBUG"}, id="logLevel"),
+    ],
+)
+@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "plain"])
+def test_values_no_pod_runs_leave_the_spec_hash_and_names_alone(rendered, toggle, hooks):
+    """The hash covers what a stage's pod runs. Toggling a value that changes no pod must neither
+    re-run a completed GPU stage (hook mode) nor rename and re-create its Job (plain mode)."""
+    mode = {"hooks": {"enabled": hooks}}
+    before, after = rendered(mode), rendered(_merge(mode, toggle))
+    assert _hashes(after) == _hashes(before) and _names(after) == _names(before)
+    if "logLevel" in toggle:  # the level reaches the pods through the run's ConfigMap
+        (cm,) = by_kind(after, "ConfigMap")
+        assert cm["data"]["logLevel"] == "DEBUG"
+        env = {e["name"]: e for e in _container(_jobs(after)["finetune"])["env"]}
+        assert env["LAWTUNE_LOG_LEVEL"]["valueFrom"]["configMapKeyRef"] == {"name": cm["metadata"]["name"], "key": "logLevel"}
+
+
+def test_the_spec_hash_follows_the_rendered_spec_not_the_values(rendered, tmp_path):
+    """Two value sets that render the same pod give the same hash; a config change moves every hash."""
+    auto = rendered()
+    volumes = {v["name"]: v for v in _jobs(auto)["finetune"]["spec"]["template"]["spec"]["volumes"]}
+    explicit = rendered({"stages": {"finetune": {"cacheSizeLimit": volumes["cache"]["emptyDir"]["sizeLimit"]}}})
+    assert _jobs(explicit)["finetune"]["spec"] == _jobs(auto)["finetune"]["spec"]
+    assert _hashes(explicit) == _hashes(auto)
+    other = tmp_path / "other.yaml"
+    other.write_text(CONFIG_TEXT + "seed: 43\n", encoding="utf-8")
+    moved = _hashes(render(CHART, BASE, set_files={"config": other}))
+    assert all(moved[s] != h for s, h in _hashes(rendered()).items())
+
+
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_every_container_requests_the_memory_it_may_use(rendered, device):
+    """The kubelet evicts pods above their memory request first: CPU stages (preprocess, publish,
+    every stage with device=cpu) and init containers request their limit, as GPU stages do."""
+    for obj in by_kind(rendered({"device": device}), "Job"):
+        spec = obj["spec"]["template"]["spec"]
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            resources = container["resources"]
+            assert resources["requests"]["memory"] == resources["limits"]["memory"], (obj["metadata"]["name"], container["name"])
+
+
+CONFIG_FOR = {
+    "bundled": "base_model: bundled:smollm2-135m-instruct\n",
+    "7b": "base_model: Qwen/Qwen2.5-7B-Instruct\n",
+    "6b": "base_model: THUDM/chatglm3-6b\n",
+    "no-size-in-name": "base_model: s3://models/house-model\n",
+}
+
+
+def _scratch(objects) -> dict[str, tuple[str, str]]:
+    out = {}
+    for stage, job in _jobs(objects).items():
+        volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        out[stage] = (volumes["cache"]["emptyDir"]["sizeLimit"], _container(job)["resources"]["requests"]["ephemeral-storage"])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("model", "caches"),
+    [
+        pytest.param("bundled", {"preprocess": "2Gi", "finetune": "3Gi", "evaluate": "4Gi", "publish": "4Gi"}, id="bundled"),
+        pytest.param("7b", {"preprocess": "2Gi", "finetune": "17Gi", "evaluate": "32Gi", "publish": "32Gi"}, id="qwen2.5-7b"),
+        pytest.param("6b", {"preprocess": "2Gi", "finetune": "15Gi", "evaluate": "28Gi", "publish": "28Gi"}, id="chatglm3-6b"),
+        pytest.param("no-size-in-name", {"preprocess": "2Gi", "finetune": "10Gi", "evaluate": "10Gi", "publish": "10Gi"},
+                     id="unknown-size"),
+    ],
+)
+def test_scratch_space_is_sized_from_the_model(tmp_path, model, caches):
+    """A stock EKS node has a 20 GiB disk: the bundled model's stages (and a model whose size the
+    name does not give) must fit it; a 7B gets the room its weights need, per stage."""
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG_FOR[model], encoding="utf-8")
+    scratch = _scratch(render(CHART, BASE, set_files={"config": config}))
+    assert {s: cache for s, (cache, _) in scratch.items()} == caches
+    for stage, (cache, request) in scratch.items():
+        assert request == f"{int(cache.removesuffix('Gi')) * 1024 + 5 * 1024 + 1024}Mi", stage  # + tmp 5Gi + HOME 1Gi
+    if model in ("bundled", "no-size-in-name"):
+        assert max(int(r.removesuffix("Mi")) for _, r in scratch.values()) <= 16 * 1024  # fits a 20 GiB node's allocatable
+
+
+def test_an_explicit_cache_size_wins_over_the_model(rendered):
+    scratch = _scratch(rendered({"cache": {"sizeLimit": "40Gi"}, "stages": {"publish": {"cacheSizeLimit": "60Gi"}}}))
+    assert {s: c for s, (c, _) in scratch.items()} == {"preprocess": "2Gi", "finetune": "40Gi", "evaluate": "40Gi", "publish": "60Gi"}
+
+
+def test_driver_rbac_installs_alone_without_run_values_or_a_run(tmp_path):
+    """`--set driverRbac.only=true`: the Role and its binding and nothing else, with no runId, config
+    or artifact root, and (hooks on by default) no hook that would start a run."""
+    objects = render(CHART, {"driverRbac": {"only": True, "serviceAccountName": "ci-runner"}})
+    assert sorted(o["kind"] for o in objects) == ["Role", "RoleBinding"]
+    assert validate(objects) == []
+    (binding,) = by_kind(objects, "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ci-runner", "namespace": "lawtune"}]
+    assert all("lawtune.io/run-id" not in o["metadata"]["labels"] for o in objects)
+    with pytest.raises(RenderError, match="driverRbac.serviceAccountName is required with driverRbac.only"):
+        render(CHART, {"driverRbac": {"only": True}})
+
+
+@pytest.mark.integration
+def test_driver_rbac_alone_through_helm_install_creates_no_hooks():
+    """The real `helm install --dry-run=server` (Helm's install path, hooks included) against the
+    stand-in API server of test_lawtune_pipeline_upgrade: the release holds the two RBAC objects, no hook."""
+    from tests.charts.test_lawtune_pipeline_upgrade import StandInApiServer
+    from tests.helm_utils import helm_install_dry_run_server
+
+    api = StandInApiServer({})
+    try:
+        release = helm_install_dry_run_server(api.server.server_address[1], "driver-rbac", REPO / CHART,
+                                              "--set", "driverRbac.only=true,driverRbac.serviceAccountName=ci-runner")
+    finally:
+        api.close()
+    assert release.get("hooks") in (None, [])
+    kinds = sorted(d["kind"] for d in yaml.safe_load_all(release["manifest"]) if d)
+    assert kinds == ["Role", "RoleBinding"]
+    assert "no run was started" in release["info"]["notes"]

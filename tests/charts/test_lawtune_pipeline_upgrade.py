@@ -115,6 +115,14 @@ STAGES = ["evaluate", "finetune", "preprocess", "publish"]
         pytest.param({"finetune": ("Failed", None)}, (), STAGES, id="failed-runs-again"),
         pytest.param({"finetune": ("Complete", None)}, ("--set", "rerunCompleted=true"), STAGES, id="forced"),
         pytest.param({"finetune": ("Complete", None)}, ("--set", "hooks.enabled=false"), STAGES, id="plain-mode-keeps-its-resources"),
+        # Values no pod runs (and the log level, read from the ConfigMap) leave a completed stage alone.
+        pytest.param({"finetune": ("Complete", None)}, ("--set", "cleanup.enabled=false"), ["evaluate", "preprocess", "publish"],
+                     id="cleanup-toggled"),
+        pytest.param({"finetune": ("Complete", None)}, ("--set", "driverRbac.create=true"), ["evaluate", "preprocess", "publish"],
+                     id="driver-rbac-toggled"),
+        pytest.param({"finetune": ("Complete", None)}, ("--set", "logLevel=DEBUG"), ["evaluate", "preprocess", "publish"],
+                     id="log-level-changed"),
+        pytest.param({"finetune": ("Complete", None)}, ("--set", "stages.finetune.backoffLimit=5"), STAGES, id="its-spec-changed"),
     ],
 )
 def test_an_upgrade_requests_no_gpu_for_a_stage_that_completed_with_this_spec(existing, extra, rendered):

@@ -25,6 +25,14 @@ RELEASE = "t"
 
 BASE = yaml.safe_load((CHART_DIR / "ci" / "test-values.yaml").read_text())
 DEFAULTS = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+INGRESS_PEERS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+PAGE_MODES = {
+    "ingress": {"ui": {"auth": "ingress", "ingress": {"identityHeader": "X-Auth-Request-Email", "from": INGRESS_PEERS}}},
+    "pasteKey": {"ui": {"auth": "pasteKey"}},
+    "loopback": {"ui": {"auth": "loopback"}, "gateway": {"listenAddress": "127.0.0.1"}},
+}
+
+
 VALUE_SETS = [
     pytest.param({}, id="defaults"),
     pytest.param({"autoscaling": {"type": "keda"}, "serviceMonitor": {"enabled": True}}, id="keda"),
@@ -49,7 +57,11 @@ VALUE_SETS = [
                   "gateway": {"rateLimit": {"key": "apiKey"}, "realIp": {"trustedCidrs": ["10.0.0.0/8"]}},
                   "imagePullSecrets": [{"name": "regcred"}], "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}}},
                  id="everything-on"),
-    pytest.param({"ui": {"enabled": True, "auth": "ingress"}}, id="page-ingress"),
+    pytest.param({"ui": {"enabled": True, "auth": "ingress", "ingress": {
+        "identityHeader": "X-Auth-Request-Email",
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]}},
+        "ingress": {"enabled": True}}, id="page-ingress"),
+    pytest.param({"ui": {"enabled": True, "auth": "loopback"}, "gateway": {"listenAddress": "127.0.0.1"}}, id="page-loopback"),
     pytest.param({"ui": {"enabled": True, "auth": "pasteKey"}, "maintenance": {"enabled": True}}, id="page-paste-key-maintenance"),
     pytest.param({"vllm": {"device": "cpu"}}, id="cpu"),
     pytest.param({"vllm": {"device": "cpu", "tensorParallelSize": 2, "cpu": {"threads": 8, "resources": {
@@ -173,7 +185,8 @@ def test_rendered_invariants(overrides):
 
     # vLLM: probes, /dev/shm exactly when sharded, GPUs per shard, the key from the Secret.
     pod = vllm["spec"]["template"]["spec"]
-    (server,) = pod["containers"]
+    server, sidecar = pod["containers"]
+    assert (server["name"], sidecar["name"]) == ("vllm", "metrics-proxy")
     args = server["args"]
     extra = [str(a) for a in values.get("vllm", {}).get("extraArgs", [])]
     tp = int(values.get("vllm", {}).get("tensorParallelSize", 1))
@@ -184,7 +197,7 @@ def test_rendered_invariants(overrides):
             tp = int(arg.split("=", 1)[1])
     pp = int(next((a.split("=", 1)[1] for a in extra if a.startswith("--pipeline-parallel-size=")), 1))
     shm_mounts = [m for m in server["volumeMounts"] if m["mountPath"] == "/dev/shm"]
-    shm_volumes = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+    shm_volumes = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory" and v["name"] != "keys"]
     assert bool(shm_mounts) == (tp * pp > 1) == bool(shm_volumes)
     if shm_mounts:
         assert shm_mounts[0]["name"] == shm_volumes[0]["name"]
@@ -203,8 +216,11 @@ def test_rendered_invariants(overrides):
     assert server["lifecycle"]["preStop"]["exec"]["command"][1] == "/etc/lawtune/drain.py"
     assert pod["terminationGracePeriodSeconds"] >= 60
     assert _flag(args, "--served-model-name") == "legal-assistant"
-    assert {e["name"] for e in server["env"]} >= {"VLLM_API_KEY", "HF_HUB_OFFLINE"}
-    (fetch,) = pod["initContainers"]
+    # The keys reach vLLM in a config file the api-keys init container wrote, never as env or an argument.
+    assert "HF_HUB_OFFLINE" in {e["name"] for e in server["env"]} and "VLLM_API_KEY" not in {e["name"] for e in server["env"]}
+    assert args[:2] == ["--config", "/etc/lawtune-keys/vllm-api-keys.yaml"]
+    fetch, keys = pod["initContainers"]
+    assert keys["name"] == "api-keys" and keys["image"] == server["image"]
     assert fetch["command"] == ["python", "-m", "jobs.fetch_model"]
     version = values.get("model", {}).get("version")
     suffix = f"/{version}" if version else ""
@@ -216,8 +232,8 @@ def test_rendered_invariants(overrides):
     else:
         assert "emptyDir" in models
 
-    # Only the gateway (and the metrics scraper, and extra peers) reach vLLM.
-    (policy,) = by_kind(objects, "NetworkPolicy")
+    # Only the gateway (and the metrics scraper, on the metrics sidecar's port, and extra peers) reach vLLM.
+    (policy,) = [p for p in by_kind(objects, "NetworkPolicy") if p["metadata"]["name"] == vllm["metadata"]["name"]]
     assert policy["spec"]["podSelector"]["matchLabels"] == vllm["spec"]["selector"]["matchLabels"]
     rule, *metrics_rules = policy["spec"]["ingress"]
     peers = rule["from"]
@@ -227,6 +243,7 @@ def test_rendered_invariants(overrides):
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
     metrics_from = values.get("networkPolicy", {}).get("metricsFrom", DEFAULTS["networkPolicy"]["metricsFrom"])
     assert [r["from"] for r in metrics_rules] == ([metrics_from] if metrics_from else [])
+    assert all(r["ports"] == [{"port": "metrics", "protocol": "TCP"}] for r in metrics_rules)
 
     # The gateway mounts the rendered config and the key file written by its init container.
     gw_pod = gateway["spec"]["template"]["spec"]
@@ -283,6 +300,7 @@ def test_custom_resources_structure():
     assert sm["spec"]["namespaceSelector"] == {"matchNames": ["serving"]}
     (endpoint,) = sm["spec"]["endpoints"]
     assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    assert endpoint["port"] == "metrics"  # the sidecar, /metrics only (issue 24 item 5)
 
 
 def test_maintenance_leaves_vllm_alone_and_rolls_only_the_gateway():
@@ -357,6 +375,19 @@ def test_long_release_names_are_cut_to_63():
                  id="keepalive-beyond-drain-window"),
     pytest.param({"vllm": {"device": "tpu"}}, "vllm.device", id="unknown-device"),
     pytest.param({"vllm": {"image": {"cudaVariant": "12.9"}}}, "vllm.image.cudaVariant", id="bad-cuda-variant"),
+    # issue 24 item 4: a keyless page proxy only behind the authenticating ingress, or on loopback.
+    pytest.param(_merge(PAGE_MODES["ingress"], {"ui": {"enabled": True}, "gateway": {"service": {"type": "LoadBalancer"}}}),
+                 "ui.auth=ingress with gateway.service.type=LoadBalancer", id="page-ingress-on-a-load-balancer"),
+    pytest.param(_merge(PAGE_MODES["ingress"], {"ui": {"enabled": True, "ingress": {"identityHeader": ""}}}),
+                 "ui.ingress.identityHeader is required with ui.auth=ingress", id="page-ingress-without-identity-header"),
+    pytest.param(_merge(PAGE_MODES["ingress"], {"ui": {"enabled": True, "ingress": {"from": []}}}),
+                 "ui.ingress.from is required with ui.auth=ingress", id="page-ingress-without-peers"),
+    pytest.param(_merge(PAGE_MODES["ingress"], {"ui": {"enabled": True, "ingress": {"containerPort": 8080}}}),
+                 "ui.ingress.containerPort (8080) must differ", id="page-port-is-the-api-port"),
+    pytest.param({"ui": {"enabled": True, "auth": "loopback"}}, "ui.auth=loopback needs gateway.listenAddress on loopback",
+                 id="page-loopback-on-all-addresses"),
+    pytest.param({"ui": {"enabled": True, "auth": "loopback"}, "gateway": {"listenAddress": "10.0.0.5"}},
+                 "ui.auth=loopback needs gateway.listenAddress on loopback", id="page-loopback-on-a-pod-address"),
 ])
 def test_bad_values_fail_naming_the_key(overrides, message):
     with pytest.raises(RenderError, match=re.escape(message)):
@@ -418,16 +449,16 @@ def test_page_is_off_by_default():
     assert "ui-upstream-auth" not in _deployment(objects, "gateway")["spec"]["template"]["spec"]["initContainers"][0]["command"][-1]
 
 
-@pytest.mark.parametrize("auth", ["ingress", "pasteKey"])
+@pytest.mark.parametrize("auth", list(PAGE_MODES))
 def test_page_files_config_and_auth_mode(auth):
-    objects = _render({"ui": {"enabled": True, "auth": auth, "notice": "Not legal advice.", "statusPollSeconds": 7},
-                       "model": {"version": "v3"}})
+    objects = _render(_merge(PAGE_MODES[auth], {"ui": {"enabled": True, "notice": "Not legal advice.", "statusPollSeconds": 7},
+                                                "model": {"version": "v3"}}))
     (page,) = [c for c in by_kind(objects, "ConfigMap") if "index.html" in c["data"]]
     assert set(page["data"]) == {"index.html", "app.js", "app.css", "config.json"}
     config = json.loads(page["data"]["config.json"])
     assert config == {"title": "Legal assistant", "notice": "Not legal advice.", "auth": auth, "model": "legal-assistant",
                       "modelVersion": "v3", "statusPollSeconds": 7, "maxTokens": 512,
-                      "apiPath": "/ui/api/v1/chat/completions" if auth == "ingress" else "/v1/chat/completions"}
+                      "apiPath": "/v1/chat/completions" if auth == "pasteKey" else "/ui/api/v1/chat/completions"}
     gateway = _deployment(objects, "gateway")
     pod = gateway["spec"]["template"]["spec"]
     assert next(v for v in pod["volumes"] if v["name"] == "ui")["configMap"]["name"] == page["metadata"]["name"]
@@ -436,14 +467,44 @@ def test_page_files_config_and_auth_mode(auth):
     conf = _nginx_conf(objects)
     assert "location = / {" in conf and "location /ui/ {" in conf and "location = /ui/status {" in conf
     script = pod["initContainers"][0]["command"][-1]
-    if auth == "ingress":
+    if auth == "pasteKey":
+        assert "ui-upstream-auth" not in script and "/ui/api/" not in conf and "lawtune_ui" not in conf
+    else:
         # The key reaches nginx through the init container's file, never through values or the page.
         assert 'proxy_set_header Authorization "Bearer %s"' in script
         assert "include /etc/nginx/keys/ui-upstream-auth.conf;" in conf
         assert "limit_req_zone $binary_remote_addr zone=lawtune_ui:10m rate=20r/m;" in conf
         assert "limit_req zone=lawtune_ui burst=5 nodelay;" in conf
-    else:
-        assert "ui-upstream-auth" not in script and "/ui/api/" not in conf and "lawtune_ui" not in conf
+
+
+def test_ingress_mode_serves_the_page_on_a_port_only_the_ingress_controller_reaches():
+    """issue 24 item 4: the keyless page API listens on its own port; the gateway's NetworkPolicy
+    admits the ingress controller (ui.ingress.from) there and everyone to the API port; the Service
+    and the chart's Ingress carry the page port."""
+    objects = _render(_merge(PAGE_MODES["ingress"], {"ui": {"enabled": True}, "ingress": {"enabled": True}}))
+    gateway = _deployment(objects, "gateway")
+    ports = {p["name"]: p["containerPort"] for p in gateway["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ports == {"http": 8080, "page": 8081}
+    conf = _nginx_conf(objects)
+    api_server, page_server = re.findall(r"\n    server \{\n        listen (\d+);(.*?)\n    \}", conf, re.S)[:2]
+    assert api_server[0] == "8080" and "/ui/api/" not in api_server[1] and "location = / {" not in api_server[1]
+    assert page_server[0] == "8081" and "location = /ui/api/v1/chat/completions" in page_server[1]
+    (svc,) = [s for s in by_kind(objects, "Service") if s["metadata"]["name"] == gateway["metadata"]["name"]]
+    assert {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]} == {"http": "http", "page": "page"}
+    (ingress,) = by_kind(objects, "Ingress")
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["port"] == {"name": "page"}
+    (policy,) = [p for p in by_kind(objects, "NetworkPolicy") if p["metadata"]["name"] == gateway["metadata"]["name"]]
+    assert policy["spec"]["podSelector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
+    ingress_ns, other_ns = {"kubernetes.io/metadata.name": "ingress-nginx"}, {"kubernetes.io/metadata.name": "default"}
+    assert _admitted(policy, namespace="ingress-nginx", ns_labels=ingress_ns, pod_labels={"app": "controller"}, port="page")
+    assert not _admitted(policy, namespace="default", ns_labels=other_ns, pod_labels={"app": "x"}, port="page")
+    assert not _admitted(policy, namespace="lawtune", ns_labels={"kubernetes.io/metadata.name": "lawtune"},
+                         pod_labels={"app": "x"}, port="page")
+    assert _admitted(policy, namespace="default", ns_labels=other_ns, pod_labels={"app": "x"}, port="http")
+    # Without the page (or with the other modes) no policy selects the gateway: nothing changes for the API.
+    for mode in ("pasteKey", "loopback"):
+        names = [p["metadata"]["name"] for p in by_kind(_render(_merge(PAGE_MODES[mode], {"ui": {"enabled": True}})), "NetworkPolicy")]
+        assert gateway["metadata"]["name"] not in names
 
 
 def test_page_changes_roll_only_the_gateway():
@@ -469,12 +530,16 @@ def _matches(selector: dict | None, labels: dict) -> bool:
     return True
 
 
-def _admitted(policy: dict, *, namespace: str, ns_labels: dict, pod_labels: dict, policy_namespace: str = "lawtune") -> bool:
-    """Whether a NetworkPolicy's ingress rules let a pod reach the policed pods' `http` port
-    (NetworkPolicyPeer semantics: podSelector alone = same namespace; namespaceSelector [+ podSelector])."""
+def _admitted(policy: dict, *, namespace: str, ns_labels: dict, pod_labels: dict, policy_namespace: str = "lawtune",
+              port: str = "http") -> bool:
+    """Whether a NetworkPolicy's ingress rules let a pod reach the policed pods' ``port``
+    (NetworkPolicyPeer semantics: podSelector alone = same namespace; namespaceSelector [+ podSelector];
+    a rule without `from` admits every source)."""
     for rule in policy["spec"].get("ingress", []):
-        if not any(p.get("port") == "http" for p in rule.get("ports", [{"port": "http"}])):
+        if not any(p.get("port") == port for p in rule.get("ports", [{"port": port}])):
             continue
+        if "from" not in rule:
+            return True
         for peer in rule.get("from", []):
             if "namespaceSelector" in peer:
                 ns_ok = _matches(peer["namespaceSelector"], ns_labels)
@@ -490,14 +555,17 @@ def test_prometheus_in_the_monitoring_namespace_reaches_vllm_metrics_by_default(
     installs into `monitoring`) is admitted to vLLM's port; an arbitrary pod elsewhere is not."""
     (policy,) = by_kind(_render(), "NetworkPolicy")
     monitoring = {"kubernetes.io/metadata.name": "monitoring"}
-    assert _admitted(policy, namespace="monitoring", ns_labels=monitoring, pod_labels={"app.kubernetes.io/name": "prometheus"})
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    assert _admitted(policy, namespace="monitoring", ns_labels=monitoring, pod_labels=prometheus, port="metrics")
+    # issue 24 item 5: the scraper reaches the metrics sidecar, not vLLM's own port (keyless /tokenize, /invocations).
+    assert not _admitted(policy, namespace="monitoring", ns_labels=monitoring, pod_labels=prometheus, port="http")
     gateway = _pod_labels(_deployment(_render(), "gateway"))
     assert _admitted(policy, namespace="lawtune", ns_labels={"kubernetes.io/metadata.name": "lawtune"}, pod_labels=gateway)
     assert not _admitted(policy, namespace="default", ns_labels={"kubernetes.io/metadata.name": "default"}, pod_labels={"app": "x"})
     assert not _admitted(policy, namespace="lawtune", ns_labels={"kubernetes.io/metadata.name": "lawtune"}, pod_labels={"app": "x"})
     # Autoscaling off: an empty metricsFrom is allowed and then nothing but the gateway gets in.
     (closed,) = by_kind(_render({"autoscaling": {"enabled": False}, "networkPolicy": {"metricsFrom": []}}), "NetworkPolicy")
-    assert not _admitted(closed, namespace="monitoring", ns_labels=monitoring, pod_labels={"app.kubernetes.io/name": "prometheus"})
+    assert not _admitted(closed, namespace="monitoring", ns_labels=monitoring, pod_labels=prometheus, port="metrics")
 
 
 def test_vllm_env_gives_a_user_name_to_a_uid_without_passwd_entry(tmp_path):
@@ -508,7 +576,7 @@ def test_vllm_env_gives_a_user_name_to_a_uid_without_passwd_entry(tmp_path):
 
     uid = next(u for u in range(54321, 60000) if not _has_passwd_entry(pwd, u))
     vllm = _deployment(_render({"vllm": {"podSecurityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid}}}), "vllm")
-    (server,) = vllm["spec"]["template"]["spec"]["containers"]
+    server = vllm["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in server["env"] if "value" in e}
     env["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")
     if os.geteuid() != 0:
@@ -538,7 +606,7 @@ def _has_passwd_entry(pwd, uid: int) -> bool:
 ])
 def test_vllm_image_per_device_and_cuda_variant(overrides, image):
     """Item 3 and issue 19: the CUDA-12 build is one value; CPU mode serves the same release's CPU image."""
-    (server,) = _deployment(_render(overrides), "vllm")["spec"]["template"]["spec"]["containers"]
+    server = _deployment(_render(overrides), "vllm")["spec"]["template"]["spec"]["containers"][0]
     assert server["image"] == image
     assert DEFAULTS["vllm"]["image"]["tag"] == f"v{yaml.safe_load((CHART_DIR / 'Chart.yaml').read_text())['appVersion'].lstrip('v')}"
 
@@ -562,7 +630,7 @@ def test_model_version_and_api_key_roll_every_pod_and_show_to_clients():
     v1, v2 = _render({"model": {"version": "sample-aaaa"}}), _render({"model": {"version": "sample-bbbb"}})
     vllm = _pod_template(v1, "vllm")
     assert vllm["metadata"]["annotations"]["lawtune.io/model-version"] == "sample-aaaa"
-    (server,) = vllm["spec"]["containers"]
+    server = vllm["spec"]["containers"][0]
     assert _flag(server["args"], "--model") == "/models/legal-assistant/sample-aaaa"
     assert _flag(server["args"], "--served-model-name") == "legal-assistant"
     assert vllm["spec"]["initContainers"][0]["args"][0].endswith("/models/legal-assistant/sample-aaaa")
@@ -604,26 +672,72 @@ def test_drain_waits_for_the_gateway_keepalive_bound():
     conf = next(c for c in by_kind(objects, "ConfigMap") if "nginx.conf" in c["data"])["data"]["nginx.conf"]
     upstream = re.search(r"upstream lawtune_vllm \{(.*?)\}", conf, re.S).group(1)
     assert "keepalive_time 7s;" in upstream and "keepalive_timeout 7s;" in upstream
-    (server,) = _deployment(objects, "vllm")["spec"]["template"]["spec"]["containers"]
+    server = _deployment(objects, "vllm")["spec"]["template"]["spec"]["containers"][0]
     assert server["lifecycle"]["preStop"]["exec"]["command"][2:] == ["8000", "11", "290"]
 
 
 # ---- issue 26: the serving contract ------------------------------------------------------------
 
 @pytest.mark.parametrize("device", ["gpu", "cpu"])
-def test_vllm_gets_the_contracts_template_generation_config_and_engine_file(device):
+def test_vllm_gets_the_contracts_template_and_generation_config(device):
     """fetch-model verified the version against its serving contract; vLLM is told to use exactly its files."""
-    args = _pod_template(_render({"vllm": {"device": device}}), "vllm")["spec"]["containers"][0]["args"]
+    pod = _pod_template(_render({"vllm": {"device": device}}), "vllm")["spec"]
+    args = pod["containers"][0]["args"]
     folder = "/models/legal-assistant"
-    assert _flag(args, "--config") == f"{folder}/lawtune-vllm.yaml", "the evaluated dtype and decoding defaults"
+    assert args.count("--config") == 1 and not any(a.startswith("--config=") for a in args), "vLLM reads one --config file"
     assert _flag(args, "--chat-template") == f"{folder}/chat_template.jinja"
     assert _flag(args, "--generation-config") == folder, "its eos_token_id lists the stop tokens"
     assert _flag(args, "--dtype") is None, "a --dtype flag would override the contract's"
+    (keys,) = [c for c in pod["initContainers"] if c["name"] == "api-keys"]
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in keys["volumeMounts"]
     explicit = _pod_template(_render({"vllm": {"device": device, "dtype": "float16"}}), "vllm")["spec"]["containers"][0]["args"]
     assert _flag(explicit, "--dtype") == "float16"
-    legacy = _pod_template(_render({"vllm": {"device": device, "servingContract": False}}), "vllm")["spec"]["containers"][0]["args"]
-    assert not any(a.startswith(("--config", "--chat-template", "--generation-config")) for a in legacy)
-    assert _flag(legacy, "--dtype") == ("bfloat16" if device == "cpu" else None)
+    legacy = _pod_template(_render({"vllm": {"device": device, "servingContract": False}}), "vllm")["spec"]
+    assert not any(a.startswith(("--chat-template", "--generation-config")) for a in legacy["containers"][0]["args"])
+    assert _flag(legacy["containers"][0]["args"], "--dtype") == ("bfloat16" if device == "cpu" else None)
+    (keys,) = [c for c in legacy["initContainers"] if c["name"] == "api-keys"]
+    assert "lawtune-vllm.yaml" not in keys["command"][-1] and all(m["name"] != "models" for m in keys["volumeMounts"])
+
+
+def _vllm_args_after_init(tmp_path, values: dict, contract_file: str | None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run the vLLM pod's api-keys init script on a model folder under tmp_path (holding ``contract_file`` as its
+    lawtune-vllm.yaml, if any) and return it with the vLLM container's args pointing at the file it wrote."""
+    pod = _pod_template(_render(values), "vllm")["spec"]
+    (init,) = [c for c in pod["initContainers"] if c["name"] == "api-keys"]
+    keys_file, folder = "/etc/lawtune-keys/vllm-api-keys.yaml", "/models/legal-assistant"
+    (tmp_path / "model").mkdir()
+    if contract_file is not None:
+        (tmp_path / "model" / "lawtune-vllm.yaml").write_text(contract_file, encoding="utf-8")
+    script = init["command"][-1].replace(keys_file, str(tmp_path / "keys.yaml")).replace(folder, str(tmp_path / "model"))
+    proc = subprocess.run(["sh", "-c", script], env={"PATH": "/usr/bin:/bin", "LAWTUNE_API_KEY": "k" * 32},
+                          capture_output=True, text=True, timeout=30)
+    args = [str(tmp_path / "keys.yaml") if a == keys_file else a.replace(folder, str(tmp_path / "model"))
+            for a in pod["containers"][0]["args"]]
+    return proc, args
+
+
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_vllm_parses_the_contracts_dtype_and_decoding_beside_the_keys(tmp_path, device):
+    """vLLM's own argument parser, on the pod's args after its init containers ran: the keys and the version's
+    lawtune-vllm.yaml arrive through the one --config file vLLM reads (a second --config is refused by vLLM,
+    and a --config=<path> form is not read at all)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from shared.store.serving_contract import vllm_config
+
+    contract = {"dtype": "float32", "generation": {"do_sample": False, "repetition_penalty": 1.1}}
+    proc, args = _vllm_args_after_init(tmp_path, {"vllm": {"device": device}}, yaml.safe_dump(vllm_config(contract)))
+    assert proc.returncode == 0, proc.stderr
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(args)
+    assert parsed.api_key == ["k" * 32]
+    assert parsed.dtype == "float32", "the evaluated dtype"
+    assert parsed.override_generation_config == {"repetition_penalty": 1.1, "temperature": 0.0}, "evaluate's decoding"
+
+
+def test_a_version_without_engine_settings_stops_the_pod_naming_the_switch(tmp_path):
+    proc, _ = _vllm_args_after_init(tmp_path, {}, None)
+    assert proc.returncode == 2 and "has no lawtune-vllm.yaml" in proc.stderr and "vllm.servingContract=false" in proc.stderr
 
 
 # ---- issue 19: CPU mode -----------------------------------------------------------------------
@@ -635,13 +749,14 @@ def test_cpu_mode_runs_the_engine_settings_of_make_serve():
 
     objects = _render({"vllm": {"device": "cpu"}})
     pod = _pod_template(objects, "vllm")["spec"]
-    (server,) = pod["containers"]
+    server, sidecar = pod["containers"]
+    assert (server["name"], sidecar["name"]) == ("vllm", "metrics-proxy")
     args = server["args"]
     local = dict(zip(CPU_SERVER_ARGS[::2], CPU_SERVER_ARGS[1::2]))
     for flag, value in local.items():
         if flag != "--dtype":  # the version's evaluated dtype, from its serving contract (below)
             assert _flag(args, flag) == value, flag
-    assert _flag(args, "--dtype") is None and _flag(args, "--config") == "/models/legal-assistant/lawtune-vllm.yaml"
+    assert _flag(args, "--dtype") is None, "the contract's dtype, through the --config file"
     assert not any(a.startswith("--gpu-memory-utilization") for a in args)
     env = {e["name"]: e.get("value") for e in server["env"]}
     cpu = DEFAULTS["vllm"]["cpu"]
@@ -659,7 +774,7 @@ def test_cpu_mode_runs_the_engine_settings_of_make_serve():
     threads = _pod_template(_render({"vllm": {"device": "cpu", "cpu": {"threads": 6}}}), "vllm")["spec"]["containers"][0]["env"]
     assert {e["name"]: e.get("value") for e in threads}["OMP_NUM_THREADS"] == "6"
     # GPU mode is unchanged by the CPU block.
-    (gpu_server,) = _pod_template(_render(), "vllm")["spec"]["containers"]
+    gpu_server = _pod_template(_render(), "vllm")["spec"]["containers"][0]
     assert gpu_server["resources"]["limits"]["nvidia.com/gpu"] == 1 and "VLLM_CPU_KVCACHE_SPACE" not in str(gpu_server["env"])
 
 
@@ -694,3 +809,116 @@ def gpu_only_paths() -> set[str]:
 def test_every_gpu_only_key_is_refused_in_cpu_mode():
     assert gpu_only_paths() == {"vllm.gpuMemoryUtilization", "vllm.gpu.count", "vllm.gpu.resourceName", "vllm.image.cudaVariant",
                                 "vllm.runtimeClassName", "vllm.tolerations"}
+
+
+# ---- issue 24 item 8: values written raw into nginx.conf cannot carry directives ------------
+
+INJECTION = "location /open {proxy_pass http://lawtune_vllm/;}#"  # no ": " or " #", so the YAML around it still parses
+RAW_VALUES = [
+    pytest.param({"gateway": {"realIp": {"trustedCidrs": ["10.0.0.0/8"], "header": f"X-Forwarded-For;{INJECTION}"}}},
+                 "gateway.realIp.header", id="real-ip-header"),
+    pytest.param({"gateway": {"realIp": {"trustedCidrs": [f"10.0.0.0/8;{INJECTION}"]}}}, "gateway.realIp.trustedCidrs", id="trusted-cidr"),
+    pytest.param({"gateway": {"listenAddress": f"0.0.0.0:9999;{INJECTION}"}}, "gateway.listenAddress", id="listen-address"),
+    pytest.param({"gateway": {"runtimeDir": f"/tmp/nginx;{INJECTION}"}}, "gateway.runtimeDir", id="runtime-dir"),
+    pytest.param({"gateway": {"apiKeysFile": f"/etc/nginx/keys/k.map;{INJECTION}"}}, "gateway.apiKeysFile", id="api-keys-file"),
+    pytest.param({"ui": {"enabled": True, "auth": "pasteKey", "filesDir": f"/ui;{INJECTION}"}}, "ui.filesDir", id="ui-files-dir"),
+    pytest.param(_merge(PAGE_MODES["ingress"], {"ui": {"enabled": True, "ingress": {"identityHeader": f"X-User = \"\") {{ }} if ($a{INJECTION}"}}}),
+                 "ui.ingress.identityHeader", id="identity-header"),
+    pytest.param({"ui": {"enabled": True, "auth": "loopback"}, "gateway": {"listenAddress": "127.0.0.1"},
+                  "model": {"servedModelName": f"m\",\"n\":9}}';{INJECTION}"}}, "model.servedModelName", id="served-model-name"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), RAW_VALUES)
+def test_values_that_would_inject_nginx_directives_fail_the_schema_naming_the_key(overrides, key):
+    """Each value above lands in nginx.conf as it is. Without the schema's pattern (helm's
+    --skip-schema-validation) the payload's `location /open`, a keyless proxy to vLLM, is in the
+    rendered config; with it, helm refuses the values file and names the key."""
+    unchecked = _nginx_conf(_render(overrides, extra_args=["--skip-schema-validation", "--show-only", "templates/gateway-configmap.yaml"]))
+    assert "location /open {proxy_pass http://lawtune_vllm/;}" in unchecked
+    with pytest.raises(RenderError, match=re.escape(key)):
+        _render(overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    pytest.param({"gateway": {"realIp": {"trustedCidrs": ["10.0.0.0/8", "192.168.1.7", "fd00::/8", "::1"], "header": "X-Real-IP"}}}, id="cidrs"),
+    pytest.param({"gateway": {"listenAddress": "::1"}}, id="ipv6-listen"),
+    pytest.param({"gateway": {"listenAddress": "[::]"}}, id="ipv6-any-bracketed"),
+    pytest.param({"model": {"servedModelName": "Qwen/Qwen2.5-7B-Instruct"}}, id="hub-style-name"),
+])
+def test_ordinary_values_still_render(overrides):
+    conf = _nginx_conf(_render(overrides))
+    if "listenAddress" in overrides.get("gateway", {}):
+        assert re.search(r"listen \[::1?\]:8080;", conf)
+
+
+# ---- issue 25: second review --------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("vllm", "threads"),
+    [
+        pytest.param({"tensorParallelSize": 2}, "4", id="tp2-of-8-cores"),
+        pytest.param({"extraArgs": ["-tp", "4"]}, "2", id="tp4-from-extra-args"),
+        pytest.param({"tensorParallelSize": 2, "extraArgs": ["--pipeline-parallel-size", "2"]}, "2", id="tp2-pp2"),
+        pytest.param({"tensorParallelSize": 16}, "1", id="more-workers-than-cores"),
+        pytest.param({}, "8", id="one-worker"),
+    ],
+)
+def test_cpu_threads_are_shared_among_the_parallel_workers(vllm, threads):
+    """Each tensor/pipeline-parallel worker inherits OMP_NUM_THREADS and, with threads unbound,
+    vLLM sets no per-worker count (ompmultiprocessing.py skips it for `nobind`): the pod's cores
+    are divided among the workers instead of each taking them all."""
+    eight = {"requests": {"cpu": "8", "memory": "16Gi"}, "limits": {"cpu": "8", "memory": "16Gi"}}
+    pod = _pod_template(_render({"vllm": {"device": "cpu", "cpu": {"resources": eight}, **vllm}}), "vllm")["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["OMP_NUM_THREADS"] == threads
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env  # 8 cores, or several workers: vLLM's own processes
+
+
+def test_vllm_gets_no_service_links_that_vllm_refuses(monkeypatch):
+    """Kubernetes injects <SERVICE>_PORT=tcp://... for every Service in the namespace; one named
+    `vllm` gives VLLM_PORT, which vLLM's own settings refuse at start. The vLLM pod turns the
+    links off (nothing in it uses them)."""
+    import importlib
+
+    monkeypatch.setenv("VLLM_PORT", "tcp://10.96.0.12:8000")  # what a Service named vllm injects
+    envs = importlib.import_module("vllm.envs")
+    with pytest.raises(ValueError, match="appears to be a URI"):
+        envs.get_vllm_port()
+    for overrides in ({}, {"vllm": {"device": "cpu"}}):
+        assert _pod_template(_render(overrides), "vllm")["spec"]["enableServiceLinks"] is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [
+        pytest.param({}, True, id="floating-with-autoscaling"),
+        pytest.param({"model": {"version": "legal-001-3f9c2a1b7e"}}, False, id="pinned"),
+        pytest.param({"autoscaling": {"enabled": False}}, False, id="floating-fixed-replicas"),
+        pytest.param({"maintenance": {"enabled": True, "scaleVllmToZero": True}}, False, id="scaled-to-zero"),
+    ],
+)
+def test_a_floating_version_with_autoscaling_is_warned_where_gitops_shows_it(overrides, warned):
+    """Argo CD never shows NOTES.txt and Flux keeps them in the release: the warning is an
+    annotation on the vLLM Deployment (and in NOTES.txt for helm, tested below)."""
+    vllm = _deployment(_render(_merge({"model": {"version": ""}}, overrides)), "vllm")
+    warning = vllm["metadata"].get("annotations", {}).get("lawtune.io/warning", "")
+    assert ("model.version is empty while autoscaling is on" in warning) is warned
+
+
+@pytest.mark.integration
+def test_helm_prints_the_floating_version_warning_in_its_notes():
+    from tests.charts.test_lawtune_serving_key_rotation import ServingApiServer
+    from tests.helm_utils import helm_install_dry_run_server
+
+    notes = {}
+    for name, extra in (("floating", ()), ("pinned", ("--set-string", "model.version=legal-001-3f9c2a1b7e"))):
+        api = ServingApiServer({})
+        try:
+            release = helm_install_dry_run_server(api.server.server_address[1], "assistant", CHART_DIR,
+                                                  "-f", str(CHART_DIR / "ci" / "test-values.yaml"), *extra)
+        finally:
+            api.close()
+        notes[name] = release["info"]["notes"]
+    assert "WARNING: model.version is empty while autoscaling is on" in notes["floating"]
+    assert "WARNING" not in notes["pinned"] and "model.version is empty" not in notes["pinned"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from tests.servers import free_port
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 DRAIN = REPO / "charts" / "lawtune-serving" / "files" / "drain.py"
-KEY = "sk-drain-test"
+KEY = "sk-drain-test-0123456789abcdefghijk"
 REQUEST_S = 0.05
 
 
@@ -203,6 +204,7 @@ def test_a_draining_pod_stops_getting_requests_and_drain_sees_it_idle():
         service.stop()
         a.stop()
         b.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
 
     assert "no requests in flight" in drain.stderr, drain.stderr
     assert t_drained - t0 < deadline, f"drain took {t_drained - t0:.1f}s (deadline {deadline}s)"

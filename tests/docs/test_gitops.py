@@ -148,3 +148,28 @@ def test_argocd_never_retries_a_run_and_runs_plain_jobs():
     app, objects = _argocd_pipeline_objects()
     assert "retry" not in app["spec"].get("syncPolicy", {})
     assert not [o for o in objects if "helm.sh/hook" in o["metadata"].get("annotations", {})]
+
+
+def _serving_examples() -> list[tuple[str, dict, str]]:
+    (app,) = load("argocd/lawtune-serving.yaml")
+    (release,) = load("flux/lawtune-serving.yaml")
+    return [("argocd", app["spec"]["source"]["helm"]["valuesObject"], app["spec"]["source"]["helm"]["releaseName"]),
+            ("flux", release["spec"]["values"], release["metadata"]["name"])]
+
+
+@pytest.mark.parametrize("example", [0, 1], ids=["argocd", "flux"])
+def test_serving_examples_pin_the_model_version(example):
+    """With autoscaling on (the chart's default) a floating version lets a scale-up serve a newer
+    model beside older pods: the examples pin it, and their manifests carry no floating warning."""
+    import json
+    import re
+
+    _, values, release = _serving_examples()[example]
+    version = values["model"].get("version")
+    schema = json.loads((REPO / "charts" / "lawtune-serving" / "values.schema.json").read_text())
+    assert version and re.fullmatch(schema["properties"]["model"]["properties"]["version"]["pattern"], version)
+    objects = render("charts/lawtune-serving", values, release=release, namespace="lawtune")
+    (vllm,) = [d for d in by_kind(objects, "Deployment") if d["metadata"]["name"].endswith("-vllm")]
+    assert vllm["spec"]["template"]["metadata"]["annotations"]["lawtune.io/model-version"] == version
+    assert "lawtune.io/warning" not in vllm["metadata"].get("annotations", {})
+    assert any(h.get("kind") == "HorizontalPodAutoscaler" for h in objects)  # the case the pin protects

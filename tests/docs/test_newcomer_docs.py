@@ -42,3 +42,46 @@ def test_quickstart_sets_expectations_and_says_how_to_switch_models():
     assert "BASE_MODEL=Qwen/Qwen2.5-1.5B-Instruct make train" in quickstart
     # a real before/after pair, quoted from the sample run's report
     assert re.search(r"微调前.*\n.*微调后", quickstart) or ("before" in quickstart and "after" in quickstart)
+
+
+def _data_docs() -> str:
+    return (REPO / "docs" / "data.md").read_text(encoding="utf-8")
+
+
+def test_data_docs_say_what_preprocess_does_without_a_config():
+    """The table of built-in defaults against the sample config matches both (their splits differ)."""
+    from shared.core.config import PreprocessConfig, load_config
+
+    defaults, sample = PreprocessConfig(), load_config(REPO / "configs" / "smollm2-135m-cpu.yaml").preprocess
+    rows = re.findall(r"^\| `preprocess\.([a-z_]+)`(?: / `([a-z_]+)`)? \| ([^|]+) \| ([^|]+) \|$", _data_docs(), re.M)
+    assert {r[0] for r in rows} >= {"dev_ratio", "test_ratio", "min_dev", "min_test", "split_seed"}, rows
+    for first, second, without, with_sample in rows:
+        keys = [first, second] if second else [first]
+        for column, config in ((without, defaults), (with_sample, sample)):
+            shown = [v.strip() for v in column.split("/")]
+            assert shown == [str(getattr(config, k)) for k in keys], (keys, column)
+    assert defaults.dev_ratio != sample.dev_ratio  # the reason the table is there
+
+
+def test_data_docs_show_the_mapping_through_set_and_it_runs(tmp_path):
+    """The `lawtune preprocess ... --set preprocess.columns...` line of docs/data.md, run as written."""
+    import json
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    (line,) = [l for l in _data_docs().splitlines() if l.startswith("lawtune preprocess --input own.csv --set ")]
+    (tmp_path / "own.csv").write_text("问题,补充说明,回答,是否最佳\n"
+                                      "公司不发工资怎么办,拖了三个月,可以申请劳动仲裁。,是\n"
+                                      "公司不发工资怎么办,拖了三个月,去找老板。,否\n"
+                                      "房东不退押金怎么办,,可以起诉要求返还。,是\n", encoding="utf-8")
+    lawtune = Path(sys.executable).with_name("lawtune")
+    env = {**os.environ, "LAWTUNE_ARTIFACT_ROOT": f"file://{tmp_path / 'root'}", "LAWTUNE_CACHE_DIR": str(tmp_path / "cache"),
+           "LAWTUNE_RUN_ID": "docs"}
+    result = subprocess.run([str(lawtune), *shlex.split(line)[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "root" / "runs" / "docs" / "data" / "report.json").read_text(encoding="utf-8"))
+    assert report["kept"] == 2 and report["rejected_by_reason"] == {"not_best_reply": 1}
+    assert report["sources"][0]["unused_columns"] == []

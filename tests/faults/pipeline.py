@@ -73,10 +73,11 @@ class Pipeline:
             "fetch_model": [*py, self.settings.models_uri(MODEL_NAME), str(self.fetch_target)],
         }[stage]
 
-    def start(self, stage: str, log: Path) -> subprocess.Popen:
+    def start(self, stage: str, log: Path, failpoints: tuple[str, ...] = ()) -> subprocess.Popen:
         fh = open(log, "wb")
-        return subprocess.Popen(self.command(stage), cwd=REPO, env={**os.environ, **self.env}, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ, **self.env, **({"LAWTUNE_FAILPOINTS": ",".join(failpoints)} if failpoints else {})}
+        return subprocess.Popen(self.command(stage), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
     def run(self, stage: str, log: Path, timeout: float = 600) -> float:
         """Run to the end; its wall time (raises with the log tail on failure)."""
@@ -87,23 +88,41 @@ class Pipeline:
             raise AssertionError(f"{stage} exited {code}:\n{log.read_text(errors='replace')[-3000:]}")
         return time.monotonic() - t0
 
-    def kill_at(self, stage: str, marker: str, delay: float, log: Path, timeout: float = 900) -> int | None:
-        """Start the stage, wait for ``marker`` in its log, ``delay`` seconds more, then SIGKILL its
-        whole process group; its exit code instead if it ended first."""
-        proc = self.start(stage, log)
+    def kill_at(self, stage: str, marker: str, delay: float, log: Path, timeout: float = 900) -> str:
+        """Start the stage, wait for ``marker`` in its log and ``delay`` seconds more, then SIGKILL its whole
+        process group; where the kill landed. The stage's commit point is armed as a failpoint, so the
+        process stops there at the latest and the kill always lands before its commit (then: "commit point").
+
+        Raises AssertionError, with the log's tail, when the marker never appeared or the process ended by
+        itself: a trial whose kill did not happen proves nothing."""
+        backstop = COMMIT_POINT[stage]
+        armed = marker.split()[1].rstrip(":") if marker.startswith("failpoint ") else backstop
+        proc = self.start(stage, log, failpoints=(armed,))
         deadline = time.monotonic() + timeout
-        while marker.encode() not in log.read_bytes():
-            if proc.poll() is not None:
-                return proc.returncode
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
         try:
-            return proc.wait(delay)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-            return None
+            while marker.encode() not in (text := log.read_bytes()):
+                if armed == backstop and f"failpoint {backstop}: stopped".encode() in text:
+                    raise AssertionError(f"{stage} reached its commit point before its kill marker {marker!r}")
+                if proc.poll() is not None:
+                    raise AssertionError(f"{stage} ended ({proc.returncode}) before its kill marker {marker!r} appeared:\n"
+                                         f"{log.read_text(errors='replace')[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{stage}: kill marker {marker!r} did not appear within {timeout:.0f} s:\n"
+                                         f"{log.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.02)
+            try:
+                code = proc.wait(delay)
+                raise AssertionError(f"{stage} ended ({code}) within {delay} s of {marker!r}, before its kill:\n"
+                                     f"{log.read_text(errors='replace')[-3000:]}")
+            except subprocess.TimeoutExpired:
+                pass
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+        assert proc.returncode == -signal.SIGKILL, f"{stage} ended with {proc.returncode}, not by the kill"
+        stopped = f"failpoint {backstop}: stopped".encode() in log.read_bytes()
+        return "commit point" if stopped and not marker.startswith("failpoint ") else f"{marker!r} +{delay}s"
 
     def reset(self, stage: str) -> None:
         """Back to the state before ``stage`` ran: its output removed, upstream untouched."""
@@ -136,10 +155,21 @@ MARKERS = {
     "finetune": [("trainable params", 5.0), ("checkpoint step-1 committed", 1.0), ("step 2/4", 2.0),
                  ("checkpoint step-3 committed", 1.0), ("step 4/4", 1.0)],
     "evaluate": [("generating answers", 2.0), ("generating answers", 10.0)],
-    "publish": [("merge check (float32, in memory)", 3.0), ("merge check (reloaded", 0.5),
-                ("merge check (reloaded", 2.0)],
+    # The sharded merge (publish's default path) logs these; "merge check (float32, in memory)" is the
+    # in-memory fallback's line, never logged here: the kill trials' missing-marker check found it stale.
+    "publish": [("merged shard ", 1.0), ("sharded merge: ", 0.5), ("merge check (reloaded", 2.0)],
     "fetch_model": [("fetching ", 0.5), ("fetching ", 2.0)],
 }
+
+
+# The gap inside each stage's commit (shared/core/failpoints.py): the files are stored, the manifest (or
+# for fetch_model the rename into place) is not. Armed in every trial as the latest point a kill can land.
+COMMIT_POINT = {"preprocess": "commit:data", "finetune": "commit:finetune", "evaluate": "commit:evaluate",
+                "publish": "commit:publish", "fetch_model": "fetch:verified"}
+# Kills inside the commits, tried on every run beside the seeded points: between the uploads and the
+# manifest, and (publish) between PROMOTED's swap and its history record.
+COMMIT_KILLS = {stage: [(f"failpoint {point}: stopped", 0.0)] for stage, point in COMMIT_POINT.items()}
+COMMIT_KILLS["publish"].append(("failpoint promote:swapped: stopped", 0.0))
 
 
 def kill_points(stage: str, n: int, seed: int) -> list[tuple[str, float]]:
@@ -166,4 +196,4 @@ def file_paths(manifest: Manifest) -> list[str]:
                   for f in manifest.files)
 
 
-__all__ = ["MANIFEST", "Pipeline", "pipeline", "kill_points", "committed", "file_digests", "file_paths", "STAGES"]
+__all__ = ["MANIFEST", "Pipeline", "pipeline", "kill_points", "committed", "file_digests", "file_paths", "STAGES", "COMMIT_KILLS"]

@@ -23,6 +23,8 @@ from tests.conftest import REPO
 
 SAMPLE = REPO / "configs" / "data" / "legal_qa_sample.csv"
 
+pytestmark = pytest.mark.fault("harmful inputs (section 4)")
+
 
 def _run(tmp_path: Path, *args: str, run_id: str = "r1", module: str = "jobs.preprocess") -> subprocess.CompletedProcess:
     env = {**os.environ, "LAWTUNE_ARTIFACT_ROOT": f"file://{tmp_path / 'root'}", "LAWTUNE_RUN_ID": run_id,
@@ -42,7 +44,7 @@ def _one_line_exit_2(result: subprocess.CompletedProcess, stage: str, needle: st
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
-    assert errors[0].startswith(f"{stage}: error: ") and needle in errors[0], errors[0]
+    assert errors[0].startswith(f"lawtune {stage}: error: ") and needle in errors[0], errors[0]
 
 
 @pytest.mark.parametrize("run_id", ["../escape", "..", "a/../../b", "a/b"])

@@ -112,6 +112,24 @@ def test_missing_finetune_is_exit_2_and_leaves_no_manifest(bundled_run, monkeypa
     assert not open_location(out, settings).exists("MANIFEST.json")
 
 
+def test_a_finetune_manifest_path_outside_the_scratch_folder_is_exit_2(bundled_run, monkeypatch, capsys):
+    """issue 24 item 1: evaluate fetches the adapter files the finetune manifest lists into a scratch folder."""
+    settings = bundled_run
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", settings.artifact_root)
+    monkeypatch.setenv("LAWTUNE_S3_ENDPOINT_URL", settings.s3_endpoint_url)
+    hostile = open_location(f"{settings.run_uri()}/finetune-hostile", settings)
+    manifest = json.loads(open_location(settings.run_uri("finetune"), settings).read_text("MANIFEST.json"))
+    entry = next(f for f in manifest["files"] if f["path"] == "adapter/adapter_config.json")
+    manifest["files"].append({**entry, "path": "adapter/../../../../escaped.json"})
+    hostile.write_text("MANIFEST.json", json.dumps(manifest))
+    out = f"{settings.run_uri()}/evaluate-hostile"
+    code = evaluate.main(["--finetune", hostile.uri, "--data", settings.run_uri("data"), "--output", out, "--config", "/dev/null"])
+    assert code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("lawtune evaluate: error: ") and "finetune-hostile/MANIFEST.json" in line and "'adapter/../../../../escaped.json'" in line
+    assert not open_location(out, settings).exists("MANIFEST.json")
+
+
 GOLDEN_CSV = """title,question,reply,is_best
 试用期内公司可以随时辞退员工吗？,,不可以随时辞退。用人单位在试用期内解除劳动合同，须证明劳动者不符合录用条件并说明理由。,1
 劳动仲裁的时效是多久？,,劳动争议申请仲裁的时效期间为一年，从当事人知道或者应当知道其权利被侵害之日起计算。,1

@@ -108,7 +108,7 @@ def test_cli_fails_with_exit_2_and_one_line(artifact_root, tmp_path, capsys, set
     code = fetch_model.main([root, str(tmp_path / "model")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].startswith("fetch_model: error: ") and needle in err[-1]
+    assert err[-1].startswith("lawtune fetch-model: error: ") and needle in err[-1]
     assert not (tmp_path / "model").exists()
 
 
@@ -118,12 +118,48 @@ def test_cli_success_line(published, capsys):
     assert capsys.readouterr().out.startswith(f"fetched: {root}/v2 -> ")
 
 
-def test_resolve_version_rejects_path_in_promoted(artifact_root):
+@pytest.mark.parametrize("promoted", ["../../etc", "..", "v2/..", "."])
+def test_resolve_version_rejects_path_in_promoted(artifact_root, promoted):
     settings = load_settings()
     root = settings.models_uri("x")
-    open_location(root, settings).write_text("PROMOTED", "../../etc")
+    open_location(root, settings).write_text("PROMOTED", promoted)
     with pytest.raises(ConfigError, match="expected a version name"):
         fetch_model.resolve_version(settings, root)
+
+
+def _hostile_manifest(loc, path: str, payload: bytes = b"pwned\n") -> None:
+    """A committed-looking version whose manifest lists ``path`` (written raw: our own writer would refuse it)."""
+    import hashlib
+    import json
+
+    loc.write_bytes("config.json", b"{}")
+    files = [{"path": "config.json", "size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
+             {"path": path, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}]
+    loc.write_text("MANIFEST.json", json.dumps({"schema": "lawtune.manifest/v1", "stage": "publish", "inputs_digest": "x",
+                                                "started_at": "t", "finished_at": "t", "files": files}))
+
+
+@pytest.mark.parametrize("path", ["../x", "../../x", "sub/../../x", "<tmp>/abs-x"])
+def test_a_manifest_path_outside_the_target_is_refused_and_nothing_is_written(artifact_root, tmp_path, capsys, path):
+    """issue 24 item 1: before the fix, `../x` was written beside the target and fetch-model exited 0.
+    The object the entry names exists with the right digest, so only the path check stops it."""
+    path = path.replace("<tmp>", str(tmp_path))
+    settings = load_settings()
+    root = settings.models_uri("m")
+    version = open_location(f"{root}/v1", settings)
+    _hostile_manifest(version, path)
+    if artifact_root.startswith("file://") and not path.startswith("/"):
+        # What a reader joining the path fetches: the bytes the manifest promises (AWS S3 stores such a key
+        # as it is; SeaweedFS refuses to, so on S3 here only the manifest names it).
+        open_location(root, settings).child("v1").write_bytes(path, b"pwned\n")
+    open_location(root, settings).write_text("PROMOTED", "v1")
+    out = tmp_path / "out" / "deep"
+    code = fetch_model.main([root, str(out / "model")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("lawtune fetch-model: error: ") and "MANIFEST.json" in err[-1] and repr(path) in err[-1], err[-1]
+    assert not out.exists(), "refused before anything is created, the target's folder included"
+    assert not (tmp_path / "out" / "x").exists() and not (tmp_path / "x").exists() and not (tmp_path / "abs-x").exists()
 
 
 def test_a_fetch_killed_mid_download_leaves_nothing_after_the_next_one(published):
@@ -136,3 +172,18 @@ def test_a_fetch_killed_mid_download_leaves_nothing_after_the_next_one(published
     (leftover / "sub" / "weights.bin").write_bytes(b"half")
     fetch_model.run(settings, root, target)
     assert sorted(p.name for p in target.parent.iterdir()) == [".model.lock", "model"]
+
+
+@pytest.mark.fault("a damaged file in a fetched model's target, then a pod restart")
+def test_a_file_damaged_in_the_target_is_fetched_again_not_served(published):
+    """A restarted pod finds its version in place, but one file's bytes changed on the volume (same size):
+    before, sizes alone said "already there" and vLLM loaded the damaged file."""
+    settings, root, tmp = published
+    target = tmp / "out" / "model"
+    fetch_model.run(settings, root, target)
+    weights = target / "sub" / "weights.bin"
+    good = weights.read_bytes()
+    weights.write_bytes(b"X" + good[1:])
+    again = fetch_model.run(settings, root, target)
+    assert again.downloaded, "the damaged target was fetched again"
+    assert weights.read_bytes() == good

@@ -23,8 +23,8 @@ from shared.core.settings import Settings
 from shared.store.stage import fetch_stage
 from shared.store.storage import open_location
 from tests.conftest import FIXTURES, REPO
+from tests.lora_fixtures import RESUME_TOLERANCE as TOLERANCE  # max |Δ| of an adapter weight, resumed vs not: why there
 
-TOLERANCE = 1e-5  # max |difference| of any adapter weight, resumed vs uninterrupted (fp32 CPU, same seed)
 BUNDLED_CONFIG = {
     "max_input_length": 48,
     "max_output_length": 48,
@@ -81,7 +81,7 @@ def test_missing_base_model_fails_with_one_line_before_reading_data(tmp_path, mo
     config = write_config(tmp_path / "c.yaml", {**BUNDLED_CONFIG, "base_model": str(tmp_path / "no-such-model")})
     assert main(["--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("finetune: error: base_model") and "no such directory" in err[-1]
+    assert err[-1].startswith("lawtune finetune: error: base_model") and "no such directory" in err[-1]
     assert not open_location(settings.run_uri("finetune"), settings).exists(MANIFEST)
     assert not list((settings.cache_dir / "work").glob("finetune-data-*")), "no data was fetched"
 
@@ -204,7 +204,7 @@ def test_sigterm_after_a_checkpoint_then_restart_resumes_to_the_same_adapter(ref
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("finetune: error: SIGTERM: checkpoint step-") and "Job retries" in last
+    assert last.startswith("lawtune finetune: error: SIGTERM: checkpoint step-") and "Job retries" in last
     killed_at = int(last.split("step-")[1].split()[0])
     assert 1 <= killed_at < 4
     assert not out.exists(MANIFEST), "a preempted stage commits no manifest"

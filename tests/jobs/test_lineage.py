@@ -83,7 +83,7 @@ def test_unknown_version_exits_2_with_the_known_ones(published, capsys):
     settings, result, _, _ = published
     assert lineage.main([f"{settings.models_uri('legal')}/r9-nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("lineage: error: ") and f"known versions of {settings.models_uri('legal')}: {result.version}" in err
+    assert err.startswith("lawtune lineage: error: ") and f"known versions of {settings.models_uri('legal')}: {result.version}" in err
 
 
 def test_lineage_ends_at_the_releases_deploy_recorded(published, capsys):

@@ -82,7 +82,7 @@ def test_promote_list_and_rollback(three_versions, capsys):
 def test_unknown_model_or_version_exits_2_listing_known_ones(three_versions, capsys, args, needle):
     assert models.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("models: error: ") and needle in err[-1]
+    assert err[-1].startswith("lawtune models: error: ") and needle in err[-1]
 
 
 def test_cli_dispatches_models(three_versions):

@@ -67,7 +67,7 @@ def test_subprocess_not_a_dataset_exits_2_with_one_line_and_no_manifest(tmp_path
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("preprocess: error: ") and "upload.csv" in lines[0] and message in lines[0]
+    assert lines[0].startswith("lawtune preprocess: error: ") and "upload.csv" in lines[0] and message in lines[0]
     assert not (out / MANIFEST).exists()
 
 

@@ -108,6 +108,41 @@ def test_prompt_response_mapping_and_the_error_that_suggests_it(tmp_path):
     assert report["kept"] == 3 and conversation(out, "第二行")[0]["content"] == "多行的问题\n第二行"
 
 
+def _qa_table_in_own_names(path: Path) -> Path:
+    """30 questions, 2 replies each (the second flagged best); 7 questions carry a detail."""
+    rows = ["问题,补充说明,回答,是否最佳"]
+    for i in range(30):
+        detail = f"第{i}号问题的补充说明：签了合同。" if i < 7 else ""
+        rows += [f"第{i}号问题：公司不发工资怎么办？,{detail},去仲裁。,否", f"第{i}号问题：公司不发工资怎么办？,{detail},第{i}号最佳回答：可以申请劳动仲裁。,是"]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_the_suggested_mapping_for_a_qa_table_in_own_names_loses_nothing(tmp_path, caplog):
+    path = _qa_table_in_own_names(tmp_path / "own.csv")
+    with pytest.raises(DataError) as err:
+        stage(tmp_path, str(path))
+    import yaml
+
+    columns = yaml.safe_load(str(err.value).rsplit("in the config: ", 1)[1])["preprocess"]["columns"]
+    assert columns == {"title": "问题", "question": "补充说明", "reply": "回答", "is_best": "是否最佳"}
+    with caplog.at_level("WARNING"):
+        report, out, _ = stage(tmp_path, str(path), columns)
+    users = [e["conversations"][0]["content"] for e in examples(out)]
+    assert len(users) == 30 and sum("补充说明" in u for u in users) == 7  # every detail joined its title
+    assert all("最佳回答" in e["conversations"][-1]["content"] for e in examples(out))  # is_best picked
+    assert report["sources"][0]["unused_columns"] == [] and "read by no role" not in caplog.text
+
+
+def test_a_mapping_that_leaves_columns_unused_says_which_in_the_report_and_a_warning(tmp_path, caplog):
+    path = _qa_table_in_own_names(tmp_path / "own.csv")
+    with caplog.at_level("WARNING"):
+        report, _, _ = stage(tmp_path, str(path), {"prompt": "问题", "response": "回答"})
+    assert report["sources"][0]["unused_columns"] == ["补充说明", "是否最佳"]
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "read by no role" in r.getMessage()]
+    assert line.startswith("own.csv: columns 补充说明, 是否最佳 are read by no role of preprocess.columns: prompt=问题, response=回答")
+
+
 def test_a_mapping_that_names_absent_columns_is_refused_with_the_headers_found(tmp_path):
     with pytest.raises(DataError, match=r"unknown CSV header \(问题, 补充说明, 律师回答, 是否最佳\); preprocess.columns names 答案, not in"):
         stage(tmp_path, str(SHAPES / "mapped_qa.csv"), {"title": "问题", "reply": "答案"})
@@ -173,12 +208,13 @@ def test_several_inputs_weighted_and_counted_per_source(tmp_path):
                                   {"dev_ratio": 0.0, "test_ratio": 0.0, "min_dev": 0, "min_test": 0})
     sample, alpaca, qa = report["sources"]
     assert (sample["name"], alpaca["name"], qa["name"]) == ("legal_qa_sample.csv", "alpaca.jsonl", "question_answer.csv")
-    assert sample["kept"] == 48 and sample["rejected"] == 13 and sample["train_lines"] == 48
+    # 49: the sample's "公司拖欠工资三个月了怎么办" reply with its own detail is a question of its own
+    assert sample["kept"] == 49 and sample["rejected"] == 12 and sample["train_lines"] == 49
     assert alpaca["kept"] == 3 and alpaca["weight"] == 3.0 and alpaca["train_lines"] == 9  # repeated 3 times
     assert qa["kept"] == 0 and qa["sampled_out"] == 3  # a weight of 1/10,000 keeps none of 3
-    assert report["kept"] == 51 and report["rows_read"] == 61 + 7 + 3
+    assert report["kept"] == 52 and report["rows_read"] == 61 + 7 + 3
     train = (out / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(train) == report["train_lines"] == 48 + 9
+    assert len(train) == report["train_lines"] == 49 + 9
     assert sum("没休的年假" in line for line in train) == 3
     assert {r["source"] for r in map(json.loads, (out / "rejected.jsonl").read_text(encoding="utf-8").splitlines())} == {
         "legal_qa_sample.csv", "alpaca.jsonl"}

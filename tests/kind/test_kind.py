@@ -29,12 +29,10 @@ REPO = Path(__file__).resolve().parent.parent.parent
 HERE = Path(__file__).resolve().parent
 CLUSTER = os.environ.get("LAWTUNE_KIND_CLUSTER", "lawtune-test")
 NS = "lawtune"
-from tests.kind.plan import DEVICE, REGISTRY, TAG, built, pulled  # the same lists make kind-test prints
-
-VLLM_IMAGE = pulled()[0]
+from tests.kind.plan import DEVICE, REGISTRY, TAG, built  # the same lists make kind-test prints
 S3_HOST = "http://127.0.0.1:30833"
 ACCESS, SECRET = "lawtune-test-access", "lawtune-test-secret-0123456789"
-API_KEY = "kind-test-key-0123456789"
+API_KEY = "kind-test-key-0123456789abcdefghijkl"  # the gateway takes keys of 32+ characters
 
 
 def _missing() -> str | None:
@@ -71,12 +69,7 @@ def kube(tmp_path_factory):
 
     if os.environ.get("LAWTUNE_KIND_SKIP_BUILD") != "1":
         sh("make", "images", f"DEVICE={DEVICE}", f"IMAGE_REGISTRY={REGISTRY}", f"IMAGE_TAG={TAG}", cwd=REPO, timeout=7200)
-    # The serving values name fetch-model by the plain tag.
-    sh("docker", "tag", f"{REGISTRY}/fetch-model:{TAG}-{DEVICE}", f"{REGISTRY}/fetch-model:{TAG}")
-    if subprocess.run(["docker", "image", "inspect", VLLM_IMAGE], capture_output=True).returncode != 0:
-        sh("docker", "pull", VLLM_IMAGE, timeout=3600)
-    for image in built() + [f"{REGISTRY}/fetch-model:{TAG}", VLLM_IMAGE]:
-        sh("kind", "load", "docker-image", image, "--name", CLUSTER, timeout=1800)
+    side_load(built(), CLUSTER, home)
 
     k = lambda *a, **kw: sh(str(kubectl), *a, env=env, **kw)  # noqa: E731
     k("apply", "-f", str(HERE / "seaweedfs.yaml"))
@@ -94,6 +87,30 @@ def kube(tmp_path_factory):
     yield {"env": env, "helm": str(helm), "kubectl": str(kubectl), "kubeconfig": str(kubeconfig)}
     if os.environ.get("LAWTUNE_KIND_KEEP") != "1":
         sh("kind", "delete", "cluster", "--name", CLUSTER, check=False)
+
+
+def side_load(images: list[str], cluster: str, scratch: Path) -> None:
+    """Put locally built images on the kind node. `kind load docker-image` pipes a plain `docker save`
+    into `ctr images import --all-platforms`, which fails under Docker's containerd image store
+    (Docker 29's default: the archive names platforms whose blobs were never pulled; kind issue
+    3795). What kind's maintainers advise works with either image store: save the host's platform
+    only, then `kind load image-archive`."""
+    archive = scratch / "images.tar"
+    sh(*save_command(images, archive, docker_supports_platform()), timeout=3600)
+    sh("kind", "load", "image-archive", str(archive), "--name", cluster, timeout=3600)
+    archive.unlink()
+
+
+def docker_supports_platform() -> bool:
+    """`docker save --platform` exists from Docker 28 (API 1.48); older clients and engines store one platform anyway."""
+    return "--platform" in subprocess.run(["docker", "save", "--help"], capture_output=True, text=True).stdout
+
+
+def save_command(images: list[str], archive: Path, with_platform: bool) -> list[str]:
+    import platform
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    return ["docker", "save", *(["--platform", f"linux/{arch}"] if with_platform else []), "-o", str(archive), *images]
 
 
 def _s3_env() -> dict[str, str]:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from tests.helm_utils import by_kind, render, validate
+from tests.kind import plan
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,7 +44,7 @@ def test_kind_values_render_valid_manifests_without_gpus(chart, tmp_path):
         for container in pod.get("initContainers", []) + pod["containers"]:
             assert "nvidia.com/gpu" not in str(container.get("resources", {})), container["name"]
             if container["image"].startswith("localhost/lawtune/"):
-                assert container["image"].endswith((":kind", ":kind-cpu")) and container["imagePullPolicy"] == "Never"
+                assert container["image"] in plan.built() and container["imagePullPolicy"] == "Never"
 
 
 # ---------------------------------------------------------------- CPU mode, a laptop's size, what it pulls
@@ -138,9 +139,28 @@ def test_kind_serving_values_use_cpu_mode_without_gpu_only_keys():
     assert "nvidia" not in yaml.safe_dump(values)
 
 
-def test_the_vllm_image_the_kind_test_preloads_is_the_one_the_chart_runs():
-    from tests.kind.test_kind import VLLM_IMAGE
+def test_cpu_serving_asks_for_the_images_make_images_builds():
+    """vllm.device=cpu asks for the fetch-model tag `make images DEVICE=cpu` gives (`<tag>-cpu`) and
+    the vLLM-CPU image it builds: the kind test side-loads exactly those, with no re-tagging."""
+    from tests.kind import plan
 
     objects = render("charts/lawtune-serving", yaml.safe_load((HERE / "values-serving.yaml").read_text()))
-    (vllm,) = [d for d in by_kind(objects, "Deployment") if d["metadata"]["name"].endswith("-vllm")]
-    assert vllm["spec"]["template"]["spec"]["containers"][0]["image"] == VLLM_IMAGE
+    (vllm,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("vllm")]
+    pod = vllm["spec"]["template"]["spec"]
+    images = {c["image"] for c in pod["initContainers"] + pod["containers"]}
+    assert images == {f"{plan.REGISTRY}/fetch-model:{plan.TAG}-cpu", f"{plan.REGISTRY}/vllm-openai-cpu:v{plan.vllm_version()}"}
+    assert images <= set(plan.built())
+
+
+@pytest.mark.parametrize("with_platform", [True, False])
+def test_side_loading_saves_the_host_platform_only_where_docker_can(with_platform, tmp_path):
+    """kind issue 3795: under Docker's containerd image store a plain `docker save` names platforms
+    whose blobs are missing; `--platform` (Docker 28+) saves the host's only."""
+    import platform
+
+    from tests.kind.test_kind import save_command
+
+    argv = save_command(["a:1", "b:2"], tmp_path / "x.tar", with_platform)
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    expected = ["docker", "save", *(["--platform", f"linux/{arch}"] if with_platform else []), "-o", str(tmp_path / "x.tar"), "a:1", "b:2"]
+    assert argv == expected

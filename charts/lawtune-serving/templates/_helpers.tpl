@@ -97,22 +97,96 @@ claim never swaps files under a running server. */}}
 {{- end }}
 {{- end }}
 
+{{/* A warning while model.version floats and an autoscaler adds pods: empty when pinned or scaled by hand. */}}
+{{- define "lawtune-serving.floatingVersionWarning" -}}
+{{- if and (not .Values.model.version) (include "lawtune-serving.autoscalerActive" .) -}}
+model.version is empty while autoscaling is on: each vLLM pod serves the version models/{{ .Values.model.name }}/PROMOTED names when it starts, so a scale-up after the next promotion serves a newer model beside older pods. Pin model.version (lawtune deploy, or a commit that changes it in git).
+{{- end }}
+{{- end }}
+
 {{/* The version this release serves, as the pods' annotation carries it. */}}
 {{- define "lawtune-serving.modelVersionLabel" -}}
 {{- default "PROMOTED-at-pod-start" .Values.model.version }}
 {{- end }}
 
 {{/*
-Changes whenever the key would: the Secret's name and key, the key's value where Helm can read
-the Secret (helm install/upgrade; `helm template` and Argo CD cannot, and then
-apiKey.revision is what rolls the pods), and apiKey.revision.
+Changes whenever the keys would: the Secret's name and keys, the Secret object itself where Helm
+can read it (helm install/upgrade; its uid and resourceVersion, which every change of the Secret
+moves, a previous key added or dropped included; `helm template` and Argo CD cannot, and then
+apiKey.revision is what rolls the pods), and apiKey.revision. Nothing derived from a key's value:
+pod annotations are readable by anyone who may read Deployments, and an unsalted hash of a short
+key gives the key away. Where Helm can read the Secret it also refuses a key (current, or the
+previous one when set) shorter than the minimum, at install.
 */}}
 {{- define "lawtune-serving.apiKeyChecksum" -}}
 {{- $name := include "lawtune-serving.apiKeySecret" . }}
 {{- $secret := lookup "v1" "Secret" .Release.Namespace $name }}
-{{- $value := "" }}
-{{- if $secret }}{{ $value = index (default dict $secret.data) .Values.apiKey.secretKey | default "" }}{{ end }}
-{{- printf "%s/%s/%s/%s" $name .Values.apiKey.secretKey $value (toString .Values.apiKey.revision) | sha256sum }}
+{{- $version := "" }}
+{{- if $secret }}
+{{- $version = printf "%s/%s" (toString $secret.metadata.uid) (toString $secret.metadata.resourceVersion) }}
+{{- $data := default dict $secret.data }}
+{{- $min := int (include "lawtune-serving.apiKeyMinLength" .) }}
+{{- $value := index $data .Values.apiKey.secretKey | default "" | b64dec }}
+{{- if lt (len $value) $min }}
+{{- fail (printf "apiKey: the key in Secret %s (key %s) is %d characters; at least %d are required (e.g. openssl rand -hex 24)" $name .Values.apiKey.secretKey (len $value) $min) }}
+{{- end }}
+{{- $previous := index $data .Values.apiKey.previousSecretKey | default "" | b64dec }}
+{{- if and $previous (lt (len $previous) $min) }}
+{{- fail (printf "apiKey: the previous key in Secret %s (key %s) is %d characters; at least %d are required, for it too while the rotation lasts" $name .Values.apiKey.previousSecretKey (len $previous) $min) }}
+{{- end }}
+{{- end }}
+{{- printf "%s/%s/%s/%s/%s" $name .Values.apiKey.secretKey .Values.apiKey.previousSecretKey $version (toString .Values.apiKey.revision) | sha256sum }}
+{{- end }}
+
+{{/* The shortest and longest API key the gateway and vLLM accept (shared/serve/gateway.py says the same). */}}
+{{- define "lawtune-serving.apiKeyMinLength" -}}32{{- end }}
+{{- define "lawtune-serving.apiKeyMaxLength" -}}256{{- end }}
+
+{{/*
+The Secret's current and previous key as container env (LAWTUNE_API_KEY, LAWTUNE_PREVIOUS_API_KEY;
+the previous one optional: no rotation under way). Read by the init containers only.
+*/}}
+{{- define "lawtune-serving.apiKeyEnv" -}}
+- name: LAWTUNE_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lawtune-serving.apiKeySecret" . }}
+      key: {{ .Values.apiKey.secretKey }}
+- name: LAWTUNE_PREVIOUS_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lawtune-serving.apiKeySecret" . }}
+      key: {{ .Values.apiKey.previousSecretKey }}
+      optional: true
+{{- end }}
+
+{{/* vLLM's config file holding the accepted API keys (the api-keys init container writes it). */}}
+{{- define "lawtune-serving.vllmKeysFile" -}}
+/etc/lawtune-keys/vllm-api-keys.yaml
+{{- end }}
+
+{{/*
+Shell lines that refuse (exit 2) an empty key, one with characters outside A-Za-z0-9._~+/=-, or
+one outside apiKeyMinLength..apiKeyMaxLength characters, for both keys (the previous one when set).
+*/}}
+{{- define "lawtune-serving.apiKeyCheck" -}}
+{{- $secret := include "lawtune-serving.apiKeySecret" . -}}
+{{- $min := include "lawtune-serving.apiKeyMinLength" . -}}
+{{- $max := include "lawtune-serving.apiKeyMaxLength" . -}}
+check_key() {
+  case "$1" in
+    ""|*[!A-Za-z0-9._~+/=-]*)
+      echo "api-keys: the key in Secret {{ $secret }} (key $2) is empty or has characters outside A-Za-z0-9._~+/=-" >&2
+      exit 2;;
+  esac
+  if [ "${#1}" -lt {{ $min }} ] || [ "${#1}" -gt {{ $max }} ]; then
+    echo "api-keys: the key in Secret {{ $secret }} (key $2) is ${#1} characters; {{ $min }} to {{ $max }} are accepted" >&2
+    exit 2
+  fi
+}
+check_key "$LAWTUNE_API_KEY" {{ .Values.apiKey.secretKey }}
+if [ -n "$LAWTUNE_PREVIOUS_API_KEY" ]; then check_key "$LAWTUNE_PREVIOUS_API_KEY" {{ .Values.apiKey.previousSecretKey }}; fi
+umask 077
 {{- end }}
 
 {{/* vLLM's image: the CUDA build (with its variant suffix) or, with vllm.device=cpu, the CPU build of the same release. */}}
@@ -127,6 +201,12 @@ apiKey.revision is what rolls the pods), and apiKey.revision.
 {{- end }}
 {{- end }}
 
+{{/* The fetch-model init container's image: CPU mode asks for the `-cpu` tag `make images DEVICE=cpu` builds. */}}
+{{- define "lawtune-serving.fetchModelImage" -}}
+{{- $i := .Values.fetchModel.image }}
+{{- printf "%s:%s%s" $i.repository $i.tag (ternary $i.cpuTagSuffix "" (eq .Values.vllm.device "cpu")) }}
+{{- end }}
+
 {{/* Whole cores of a CPU quantity, at least 1: "100m" -> 1, "2500m" -> 2, 4 -> 4. */}}
 {{- define "lawtune-serving.wholeCores" -}}
 {{- $q := toString . }}
@@ -136,14 +216,25 @@ apiKey.revision is what rolls the pods), and apiKey.revision.
 {{- max 1 (div $milli 1000) }}
 {{- end }}
 
-{{/* OpenMP threads of vLLM on CPU: vllm.cpu.threads, else the whole cores of the CPU limit (or request). */}}
+{{/* Whole cores of the vLLM container on CPU: its CPU limit (or request). */}}
+{{- define "lawtune-serving.cpuCores" -}}
+{{- $res := default dict .Values.vllm.cpu.resources }}
+{{- include "lawtune-serving.wholeCores" ((default dict $res.limits).cpu | default (default dict $res.requests).cpu) }}
+{{- end }}
+
+{{/* vLLM's worker processes per replica: tensor x pipeline parallel size. */}}
+{{- define "lawtune-serving.parallelWorkers" -}}
+{{- mul (int (include "lawtune-serving.tensorParallelSize" .)) (int (include "lawtune-serving.pipelineParallelSize" .)) }}
+{{- end }}
+
+{{/* OpenMP threads per vLLM worker on CPU: vllm.cpu.threads, else the whole cores of the CPU limit
+divided among the workers (each TP/PP worker inherits OMP_NUM_THREADS; with threads unbound,
+vLLM sets no per-worker count), at least 1. */}}
 {{- define "lawtune-serving.cpuThreads" -}}
 {{- $c := .Values.vllm.cpu }}
 {{- if gt (int $c.threads) 0 }}{{ int $c.threads }}
 {{- else }}
-{{- $res := default dict $c.resources }}
-{{- $cpu := (default dict $res.limits).cpu | default (default dict $res.requests).cpu }}
-{{- include "lawtune-serving.wholeCores" $cpu }}
+{{- max 1 (div (include "lawtune-serving.cpuCores" . | int) (include "lawtune-serving.parallelWorkers" . | int)) }}
 {{- end }}
 {{- end }}
 
@@ -212,7 +303,7 @@ wins, as in vLLM's argparse). Usage: include "lawtune-serving.parallelArg" (list
 
 {{/* Workers of a sharded model talk through shared memory: /dev/shm whenever more than one. */}}
 {{- define "lawtune-serving.needsShm" -}}
-{{- if gt (mul (int (include "lawtune-serving.tensorParallelSize" .)) (int (include "lawtune-serving.pipelineParallelSize" .))) 1 }}true{{ end }}
+{{- if gt (include "lawtune-serving.parallelWorkers" . | int) 1 }}true{{ end }}
 {{- end }}
 
 {{/* vLLM replicas: zero under maintenance.scaleVllmToZero; left to the autoscaler otherwise when on. */}}
@@ -233,10 +324,52 @@ wins, as in vLLM's argparse). Usage: include "lawtune-serving.parallelArg" (list
 {{/* The assistant page (ui.*): its auth mode, refused when missing, so ui.enabled alone never opens a proxy. */}}
 {{- define "lawtune-serving.uiAuth" -}}
 {{- if .Values.ui.enabled }}
-{{- if not (has .Values.ui.auth (list "ingress" "pasteKey")) }}
-{{- fail "ui.auth is required with ui.enabled: `ingress` (your ingress authenticates users; the gateway adds the API key to page calls) or `pasteKey` (users paste a key, kept in the tab only); see the chart README, \"The assistant page\"" }}
+{{- if not (has .Values.ui.auth (list "ingress" "pasteKey" "loopback")) }}
+{{- fail "ui.auth is required with ui.enabled: `ingress` (your ingress authenticates users; the gateway adds the API key to page calls), `pasteKey` (users paste a key, kept in the tab only) or `loopback` (the gateway listens on 127.0.0.1 only, as under make serve); see the chart README, \"The assistant page\"" }}
 {{- end }}
 {{- .Values.ui.auth }}
+{{- end }}
+{{- end }}
+
+{{/* Whether page calls go through the gateway's keyless proxy (ui.auth=ingress or loopback): "true" or empty. */}}
+{{- define "lawtune-serving.pageProxy" -}}
+{{- if has (include "lawtune-serving.uiAuth" .) (list "ingress" "loopback") }}true{{ end }}
+{{- end }}
+
+{{/* The unix socket of the page calls' internal hop (lawtune-serving.nginx.pageUpstream). */}}
+{{- define "lawtune-serving.pageSocket" -}}
+{{- printf "%s/lawtune-page.sock" .Values.gateway.runtimeDir }}
+{{- end }}
+
+{{/* nginx's variable for a request header: X-Auth-Request-Email -> $http_x_auth_request_email. */}}
+{{- define "lawtune-serving.headerVariable" -}}
+{{- printf "$http_%s" (. | lower | replace "-" "_") }}
+{{- end }}
+
+{{/*
+What the gateway refuses to render, naming the key: a keyless page proxy that could be reached
+from anywhere (ui.auth=ingress on a Service other than ClusterIP; without the peers of its
+NetworkPolicy or the header the ingress sets; ui.auth=loopback on a non-loopback address).
+*/}}
+{{- define "lawtune-serving.validateGateway" -}}
+{{- $ui := .Values.ui -}}
+{{- $uiAuth := include "lawtune-serving.uiAuth" . -}}
+{{- if eq $uiAuth "ingress" }}
+{{- if ne .Values.gateway.service.type "ClusterIP" }}
+{{- fail (printf "ui.auth=ingress with gateway.service.type=%s: the gateway adds the API key to page calls, so its page port must be reached through your authenticating ingress only; keep gateway.service.type ClusterIP (expose it with ingress.enabled or your own Ingress)" .Values.gateway.service.type) }}
+{{- end }}
+{{- if not $ui.ingress.identityHeader }}
+{{- fail "ui.ingress.identityHeader is required with ui.auth=ingress: the request header your ingress sets to the authenticated user (e.g. X-Auth-Request-Email from oauth2-proxy through ingress-nginx's auth-response-headers); page calls without it get 401" }}
+{{- end }}
+{{- if not $ui.ingress.from }}
+{{- fail "ui.ingress.from is required with ui.auth=ingress: your ingress controller's pods (a NetworkPolicyPeer list, e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: ingress-nginx}}}]); only they may reach the page port" }}
+{{- end }}
+{{- if eq (int $ui.ingress.containerPort) (int .Values.gateway.containerPort) }}
+{{- fail (printf "ui.ingress.containerPort (%v) must differ from gateway.containerPort: the page port is the one only the ingress reaches" $ui.ingress.containerPort) }}
+{{- end }}
+{{- end }}
+{{- if and (eq $uiAuth "loopback") (not (regexMatch "^(127\\.[0-9.]+|::1|\\[::1\\]|localhost)$" (toString .Values.gateway.listenAddress))) }}
+{{- fail (printf "ui.auth=loopback needs gateway.listenAddress on loopback (127.0.0.1, ::1), got %q: the gateway adds the API key to page calls, which only this machine may make" (toString .Values.gateway.listenAddress)) }}
 {{- end }}
 {{- end }}
 
@@ -244,13 +377,42 @@ wins, as in vLLM's argparse). Usage: include "lawtune-serving.parallelArg" (list
 {{- printf "%s-ui" (include "lawtune-serving.gateway.fullname" . | trunc 60 | trimSuffix "-") }}
 {{- end }}
 
-{{/* nginx include holding `proxy_set_header Authorization "Bearer <key>"`, written by the api-keys init container (ui.auth=ingress). */}}
+{{/* nginx include holding `proxy_set_header Authorization "Bearer <key>"`, written by the api-keys init container (ui.auth=ingress or loopback). */}}
 {{- define "lawtune-serving.uiUpstreamAuthFile" -}}
 {{- printf "%s/ui-upstream-auth.conf" (dir .Values.gateway.apiKeysFile) }}
+{{- end }}
+
+{{/* The exact-case half of the key check (lawtune-serving.nginx.apiKeys), beside gateway.apiKeysFile. */}}
+{{- define "lawtune-serving.apiKeysExactFile" -}}
+{{- printf "%s/api-keys-exact.map" (dir .Values.gateway.apiKeysFile) }}
 {{- end }}
 
 {{/* What the page reads at start (/ui/config.json): nothing secret. */}}
 {{- define "lawtune-serving.uiConfig" -}}
 {{- $ui := .Values.ui -}}
-{{- dict "title" $ui.title "notice" $ui.notice "auth" $ui.auth "model" (include "lawtune-serving.servedModelName" .) "modelVersion" .Values.model.version "statusPollSeconds" $ui.statusPollSeconds "maxTokens" $ui.maxTokens "apiPath" (ternary "/ui/api/v1/chat/completions" "/v1/chat/completions" (eq $ui.auth "ingress")) | toPrettyJson }}
+{{- dict "title" $ui.title "notice" $ui.notice "auth" $ui.auth "model" (include "lawtune-serving.servedModelName" .) "modelVersion" .Values.model.version "statusPollSeconds" $ui.statusPollSeconds "maxTokens" $ui.maxTokens "apiPath" (ternary "/ui/api/v1/chat/completions" "/v1/chat/completions" (eq (include "lawtune-serving.pageProxy" .) "true")) | toPrettyJson }}
+{{- end }}
+
+{{/* The vLLM pod's metrics sidecar (templates/_metrics-proxy.conf.tpl): the scraper's only way in. */}}
+{{- define "lawtune-serving.metricsProxyContainer" -}}
+{{- $p := .Values.vllm.metricsProxy -}}
+{{- $g := .Values.gateway -}}
+- name: metrics-proxy
+  image: "{{ $g.image.repository }}:{{ $g.image.tag }}"
+  imagePullPolicy: {{ $g.image.pullPolicy }}
+  command: ["nginx", "-e", "stderr", "-c", "/etc/lawtune/metrics-proxy.conf", "-g", "daemon off;"]
+  ports:
+    - name: metrics
+      containerPort: {{ $p.port }}
+      protocol: TCP
+  securityContext:
+    {{- toYaml .Values.vllm.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml $p.resources | nindent 4 }}
+  volumeMounts:
+    - name: drain
+      mountPath: /etc/lawtune
+      readOnly: true
+    - name: metrics-proxy-runtime
+      mountPath: {{ $p.runtimeDir }}
 {{- end }}

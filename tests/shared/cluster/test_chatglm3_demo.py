@@ -26,8 +26,7 @@ SHORTER = ("training_args.max_steps=4", "evaluation.max_examples=3", "evaluation
 
 @pytest.mark.integration
 def test_demo_lora_yaml_runs_preprocess_finetune_evaluate_publish(tmp_path, model_cache_dir, bundled_model_dir):
-    config = tmp_path / "lora.yaml"
-    config.write_text(CHATGLM3_LORA, encoding="utf-8")
+    config = CHATGLM3_LORA  # the fixture file itself, as a user passes theirs
     root = tmp_path / "artifacts"
     env = {**os.environ, "LAWTUNE_ARTIFACT_ROOT": f"file://{root}", "LAWTUNE_CACHE_DIR": str(model_cache_dir),
            "LAWTUNE_BASE_MODEL": "/env/loses/to/the/flag"}
@@ -79,12 +78,11 @@ def test_base_model_precedence_flag_env_config(tmp_path, flag, env, want, origin
 
 
 def test_set_overrides_dotted_keys_and_errors_name_the_key(tmp_path):
-    path = tmp_path / "lora.yaml"
-    path.write_text(CHATGLM3_LORA, encoding="utf-8")
+    path = CHATGLM3_LORA
     config = load_config(path, overrides=["training_args.max_steps=20", "evaluation.generation.do_sample=true"])
     assert config.training_args.max_steps == 20 and config.evaluation.generation.do_sample is True
     assert config.training_args.learning_rate == pytest.approx(5e-5)  # the rest of the file stays
-    with pytest.raises(ConfigError, match="training_args.max_stepz: unknown key"):
+    with pytest.raises(ConfigError, match="training_args.max_stepz: not a key lawtune knows"):
         load_config(path, overrides=["training_args.max_stepz=20"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(path, overrides=["training_args.max_steps"])
@@ -95,7 +93,7 @@ def test_set_overrides_dotted_keys_and_errors_name_the_key(tmp_path):
 @pytest.mark.parametrize(
     ("data_config", "needle"),
     [
-        pytest.param({"train_file": "../train.json"}, "data_config.train_file: got '../train.json', expected a plain file name", id="path"),
+        pytest.param({"train_file": "../train.json"}, "data_config.train_file: got '../train.json'; expected a plain file name", id="path"),
         pytest.param({"val_file": "report.json"}, "data_config.val_file: got 'report.json'", id="reserved-name"),
         pytest.param({"train_file": "a.json", "test_file": "a.json"}, "train_file and test_file both name 'a.json'", id="train-is-test"),
     ],

@@ -32,3 +32,11 @@ def test_k8s_takes_one_input(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path}")
     assert main(["--target", "k8s", "--config", "c.yaml", "--input", "a.csv", "--input", "b.csv"]) == 2
     assert "takes one --input (got 2)" in capsys.readouterr().err
+
+
+def test_publish_gets_the_configs_trust_remote_code_as_its_flag():
+    """publish reads only base_model of the config it is given: the driver hands it the config's
+    trust_remote_code (the operator's switch) as its own flag (issue 24 item 2)."""
+    assert plan("/c.yaml", [], "m")[-1].args == ("--config", "/c.yaml", "--model-name", "m")
+    assert plan("/c.yaml", [], "m", trust_remote_code=True)[-1].args == ("--config", "/c.yaml", "--model-name", "m",
+                                                                        "--trust-remote-code")

@@ -250,6 +250,8 @@ def test_drive_follows_a_running_job_instead_of_resubmitting(rendered_jobs, caps
         pytest.param("finetune", "unschedulable", EXIT_RETRY, ["(Unschedulable)", "Insufficient nvidia.com/gpu"], id="unschedulable"),
         pytest.param("finetune", "image_pull_backoff", EXIT_RETRY, ["(ImagePullBackOff)", "not found"], id="image-pull"),
         pytest.param("evaluate", "deadline_exceeded", EXIT_RETRY, ["(DeadlineExceeded)"], id="deadline"),
+        pytest.param("finetune", "multinode_index_unschedulable", EXIT_RETRY, ["(Unschedulable)", "index 0 of 2"], id="multinode-index"),
+        pytest.param("finetune", "kubelet_evicted", EXIT_RETRY, ["(Evicted)", "raise cache.sizeLimit"], id="emptydir-eviction"),
     ],
 )
 @pytest.mark.timeout(30)
@@ -378,3 +380,52 @@ def test_the_driver_role_grants_exactly_the_calls_the_driver_makes(config_file):
     (role,) = [r for r in by_kind(objects, "Role") if r["metadata"]["name"].endswith("-driver")]
     granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     assert granted == _driver_api_calls()
+
+
+@pytest.mark.timeout(120)
+def test_the_driver_role_grants_exactly_the_calls_the_driver_sent(config_file, tmp_path, monkeypatch):
+    """The real ``Cluster`` (the kubernetes client, over HTTP) drives a run against a stand-in API
+    server that logs every request: the apply of the run's objects, a failed Job of an earlier
+    attempt deleted and re-submitted, logs followed, a failure's log tail read. The verbs the
+    server saw, resolved as the API server does for RBAC, are exactly what the chart's Role grants."""
+    import tempfile
+
+    from tests.helm_utils import by_kind, render
+    from tests.shared.cluster.stand_in_api import RecordingApiServer
+
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", "s3://lawtune/artifacts")
+    values = tmp_path / "v.yaml"
+    values.write_text("stages:\n  finetune:\n    distributed: {nodes: 2}\n")  # the rendezvous Service too
+    objects = k8s.render_chart(load_settings(run_id="sample"), config_path=str(config_file), input_uri="s3://l/in.csv",
+                               run_id="sample", model_name="legal-assistant", values_files=[str(values)], namespace="lawtune")
+    jobs = k8s.stage_jobs(objects)
+    outcomes = {"preprocess": "succeeded", "finetune": "succeeded", "evaluate": "deadline_exceeded", "publish": "succeeded"}
+
+    def stamp(job: dict, outcome: str | None = None) -> None:
+        fx = fixture(outcome or outcomes[job["metadata"]["labels"]["lawtune.io/stage"]])
+        job["status"] = fx["job"]["status"]
+        api.pods[job["metadata"]["name"]] = fx["pods"]
+        api.logs[job["metadata"]["name"]] = fx["logs"]
+
+    api = RecordingApiServer(on_create=stamp)
+    try:
+        earlier = copy.deepcopy(dict(jobs)["finetune"])  # an attempt that failed: replaced, its artifacts kept
+        stamp(earlier, "oomkilled")
+        api.objects[("jobs", earlier["metadata"]["name"])] = earlier
+        from kubernetes.config import kube_config
+
+        # The client reads KUBECONFIG once, when first imported: point its default at the stand-in.
+        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(api.kubeconfig(tmp_path, "lawtune")))
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the dynamic client's discovery cache
+        cluster = k8s.Cluster(None)
+        for obj in k8s.applied_objects(objects):
+            cluster.apply(obj)
+        assert k8s.drive(cluster, jobs, poll_s=0) == EXIT_RETRY  # evaluate ran past its deadline
+    finally:
+        api.close()
+    sent = api.rbac_calls()
+    assert {("batch", "jobs", "delete"), ("", "pods/log", "get"), ("", "configmaps", "create")} <= sent  # every path ran
+    role_objects = render("charts/lawtune-pipeline", {"driverRbac": {"only": True, "serviceAccountName": "ci"}})
+    (role,) = by_kind(role_objects, "Role")
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert sent == granted

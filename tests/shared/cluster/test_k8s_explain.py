@@ -64,8 +64,19 @@ def _stage(fx: dict) -> str:
                      id="init-container-image-pull"),
         pytest.param("init_image_pull", -400, "waiting", None, None, ["pulling image", "ImagePullBackOff"], id="init-image-pull-within-grace"),
         pytest.param("kubelet_evicted", 0, "failed", "Evicted", EXIT_RETRY,
-                     ["evicted by the kubelet", 'EmptyDir volume "cache" exceeds the limit "50Gi"', "4 kubelet eviction(s)", "backoffLimit 3"],
-                     id="kubelet-evictions-count"),
+                     ["evicted by the kubelet", 'EmptyDir volume "cache" exceeds the limit "50Gi"', "raise cache.sizeLimit",
+                      "4 failed attempt(s)", "backoffLimit 3"], id="emptydir-over-its-size-limit"),
+        pytest.param("node_pressure_evicted", 0, "failed", "Evicted", EXIT_RETRY,
+                     ["evicted by the kubelet", "low on resource: ephemeral-storage", "more disk", "4 kubelet eviction(s)",
+                      "backoffLimit 3"], id="node-pressure-evictions-count"),
+        pytest.param("unschedulable_ephemeral_storage", 0, "failed", "Unschedulable", EXIT_RETRY,
+                     ["Insufficient ephemeral-storage", "No node has 57344Mi of free ephemeral storage", "bigger disks",
+                      "cache.sizeLimit"], id="unschedulable-for-disk"),
+        pytest.param("multinode_index_unschedulable", 0, "failed", "Unschedulable", EXIT_RETRY,
+                     ["finetune-0-w9zn4 could not be scheduled for 1919 s", "3 Insufficient nvidia.com/gpu", "index 0 of 2"],
+                     id="multinode-one-index-unschedulable"),
+        pytest.param("multinode_index_unschedulable", -1000, "waiting", None, None,
+                     ["index 0: unschedulable for 919 s", "1 of 2 pods running"], id="multinode-one-index-within-grace"),
     ],
 )
 def test_assess(fixture, shift_s, state, reason, exit_code, words):
@@ -158,7 +169,9 @@ def test_explain_is_one_paragraph_with_the_log_tail(fixture, must_contain):
         pytest.param("unschedulable", True, id="unschedulable"),
         pytest.param("image_pull_backoff", True, id="image-pull"),
         pytest.param("init_image_pull", True, id="init-image-pull"),
-        pytest.param("kubelet_evicted", True, id="evicted"),
+        pytest.param("node_pressure_evicted", True, id="node-pressure-evicted"),
+        pytest.param("kubelet_evicted", False, id="evicted-and-failed-by-kubernetes"),
+        pytest.param("multinode_index_unschedulable", True, id="multinode-index-unschedulable"),
         pytest.param("oomkilled", False, id="failed-by-kubernetes"),
         pytest.param("indexed_init_config_error", False, id="failed-by-policy"),
     ],
@@ -167,6 +180,47 @@ def test_a_job_the_driver_gives_up_on_is_marked_abandoned(fixture, abandoned):
     """Kubernetes never fails these Jobs itself: the driver must remove what it gave up on."""
     fx = load(fixture)
     assert assess(fx["job"], fx["pods"], now=_now(fx), container=_stage(fx)).abandoned is abandoned
+
+
+def _swap_creation_order(pods: list[dict]) -> list[dict]:
+    """The same pods, listed and created the other way round."""
+    pods = copy.deepcopy(pods)
+    first, second = pods[0]["metadata"], pods[1]["metadata"]
+    first["creationTimestamp"], second["creationTimestamp"] = second["creationTimestamp"], first["creationTimestamp"]
+    return pods[::-1]
+
+
+@pytest.mark.parametrize("shift_s", [0, -1000], ids=["past-grace", "within-grace"])
+def test_every_index_of_a_multi_node_job_is_judged_whatever_the_pod_order(shift_s):
+    """Index 0 unschedulable while index 1 runs: the Job does not run, in whichever order the API
+    lists or created the pods (judging only the newest pod read one order as "running")."""
+    fx = load("multinode_index_unschedulable")
+    one = assess(fx["job"], fx["pods"], now=_now(fx, shift_s), container="finetune")
+    other = assess(fx["job"], _swap_creation_order(fx["pods"]), now=_now(fx, shift_s), container="finetune")
+    for verdict in (one, other):
+        assert (verdict.state, verdict.reason, verdict.pod) == (("failed", "Unschedulable", "lawtune-sample-finetune-0-w9zn4")
+                                                                if shift_s == 0 else ("waiting", None, "lawtune-sample-finetune-0-w9zn4"))
+        assert "index 0" in (verdict.detail or verdict.summary)
+
+
+def test_a_multi_node_job_runs_when_every_index_runs():
+    fx = load("multinode_index_unschedulable")
+    pods = copy.deepcopy(fx["pods"])
+    pods[0]["status"] = copy.deepcopy(pods[1]["status"])
+    verdict = assess(fx["job"], pods, now=_now(fx), container="finetune")
+    assert verdict.state == "running" and "2 pods running" in verdict.summary
+    verdict = assess(fx["job"], pods[1:], now=_now(fx), container="finetune")  # index 0's pod not created yet
+    assert verdict.state == "waiting" and "1 of 2 pods running" in verdict.summary
+
+
+def test_the_driver_counts_only_the_evictions_the_job_ignores():
+    """With countDisruptions the Job's podFailurePolicy has no Ignore rule: it counts node-pressure
+    evictions itself (status.failed), and the driver must not count them a second time."""
+    fx = load("node_pressure_evicted")
+    job = copy.deepcopy(fx["job"])
+    job["spec"]["podFailurePolicy"]["rules"] = [r for r in job["spec"]["podFailurePolicy"]["rules"] if r["action"] != "Ignore"]
+    assert assess(fx["job"], fx["pods"], now=_now(fx), container="finetune").state == "failed"
+    assert assess(job, fx["pods"], now=_now(fx), container="finetune").state == "running"
 
 
 def test_the_unschedulable_grace_is_a_setting():

@@ -45,6 +45,8 @@ def test_environment_is_read_and_typed(monkeypatch, env, field, value):
         pytest.param({"LAWTUNE_RUN_ID": "run."}, "LAWTUNE_RUN_ID", id="run-id-ends-with-dot"),
         pytest.param({"LAWTUNE_RUN_ID": "run_"}, "LAWTUNE_RUN_ID", id="run-id-ends-with-underscore"),
         pytest.param({"LAWTUNE_S3_MAX_CONCURRENCY": "0"}, "LAWTUNE_S3_MAX_CONCURRENCY", id="concurrency-range"),
+        # a sentence, not pydantic's "Input should be a valid integer"
+        pytest.param({"LAWTUNE_S3_MAX_ATTEMPTS": "abc"}, r"LAWTUNE_S3_MAX_ATTEMPTS='abc': expected a whole number$", id="not-a-number"),
         pytest.param({"LAWTUNE_ARTIFACT_ROOT": "gs://bucket"}, "unsupported scheme 'gs'", id="scheme"),
         pytest.param({"LAWTUNE_ARTIFACT_ROOT": "s3:///nobucket"}, "has no bucket", id="s3-no-bucket"),
     ],

@@ -39,19 +39,58 @@ def test_the_mapping_wins_when_its_names_are_present_else_the_defaults():
 
 
 @pytest.mark.parametrize(
-    "names, expected",
+    "names, expected, unused",
     [
-        pytest.param(["问题", "回答"], {"prompt": "问题", "response": "回答"}, id="chinese"),
+        pytest.param(["问题", "回答"], {"prompt": "问题", "response": "回答"}, [], id="chinese"),
         pytest.param(["id", "Question", "Answer", "system_prompt"], {"prompt": "Question", "response": "Answer", "system": "system_prompt"},
-                     id="english-with-system"),
-        pytest.param(["col_a", "col_b"], {"prompt": "col_a", "response": "col_b"}, id="unknown-names-first-two"),
+                     ["id"], id="english-with-system"),
+        pytest.param(["col_a", "col_b"], {"prompt": "col_a", "response": "col_b"}, [], id="unknown-names-first-two"),
+        # a flag-like or a detail-like column makes it a Q&A table: every column finds its role
+        pytest.param(["问题", "补充说明", "回答", "是否最佳"], {"title": "问题", "question": "补充说明", "reply": "回答", "is_best": "是否最佳"},
+                     [], id="qa-detail-and-flag"),
+        pytest.param(["question", "answer", "Is Best"], {"title": "question", "reply": "answer", "is_best": "Is Best"}, [], id="qa-flag-only"),
+        pytest.param(["标题", "问题描述", "律师回答"], {"title": "标题", "question": "问题描述", "reply": "律师回答"}, [], id="qa-detail-only"),
+        pytest.param(["subject", "question", "reply_text", "accepted", "votes"],
+                     {"title": "subject", "question": "question", "reply": "reply_text", "is_best": "accepted"}, ["votes"],
+                     id="qa-title-and-question-unused-votes"),
+        pytest.param(["指令", "输入", "输出", "系统", "历史"],
+                     {"prompt": "指令", "query": "输入", "response": "输出", "system": "系统", "history": "历史"}, [],
+                     id="alpaca-in-chinese-every-role"),
+        pytest.param(["instruction", "context", "response"], {"prompt": "instruction", "query": "context", "response": "response"}, [],
+                     id="dolly"),
     ],
 )
-def test_the_suggested_mapping_is_valid_yaml_and_a_valid_config(names, expected):
+def test_the_suggested_mapping_uses_every_column_that_fits_a_role(names, expected, unused):
     line = suggest(names)
     parsed = yaml.safe_load(line)
     assert parsed["preprocess"]["columns"] == expected
     assert parse_config(parsed).preprocess.columns.mapping() == expected
+    layout = match(names, parse_config(parsed).preprocess.columns, where="x.csv")
+    assert list(layout.unused) == unused
+
+
+def test_the_unknown_header_error_names_the_columns_its_suggestion_leaves_unused():
+    with pytest.raises(DataError) as err:
+        match(["id", "问题", "回答", "分类"], None, where="qa.csv", what="CSV header")
+    message = str(err.value)
+    assert "(id and 分类 fit no role and would stay unused)" in message
+    assert yaml.safe_load(message.rsplit("in the config", 1)[1].split(": ", 1)[1])["preprocess"]["columns"] == {
+        "prompt": "问题", "response": "回答"}
+
+
+@pytest.mark.parametrize(
+    "names, columns, chat, unused",
+    [
+        pytest.param(["title", "question", "reply", "is_best", "category"], None, False, ["category"], id="lawzhidao-plus-a-column"),
+        pytest.param(["问题", "补充说明", "回答", "是否最佳"], {"prompt": "问题", "response": "回答"}, False, ["补充说明", "是否最佳"],
+                     id="mapping-drops-detail-and-flag"),
+        pytest.param(["conversations", "system", "id"], None, True, ["system", "id"], id="chat-with-a-top-level-system"),
+        pytest.param(["instruction", "output"], None, True, [], id="alpaca-optional-keys-absent"),
+    ],
+)
+def test_a_layout_names_the_columns_it_leaves_unused(names, columns, chat, unused):
+    layout = match(names, ColumnsConfig(**columns) if columns else None, where="x", chat=chat)
+    assert list(layout.unused) == unused
 
 
 def test_unknown_names_exit_2_with_the_names_found_and_a_mapping():
@@ -66,7 +105,7 @@ def test_unknown_names_exit_2_with_the_names_found_and_a_mapping():
     [
         pytest.param({"title": "a", "response": "b"}, "mixes Q&A roles (title) with prompt/response roles", id="mixed"),
         pytest.param({"prompt": "a"}, "maps no column to response", id="no-response"),
-        pytest.param({"title": "a", "answer": "b"}, "preprocess.columns.answer: unknown key", id="unknown-role"),
+        pytest.param({"title": "a", "answer": "b"}, "preprocess.columns.answer: not a key lawtune knows", id="unknown-role"),
     ],
 )
 def test_bad_mappings_are_config_errors_naming_the_key(columns, message):

@@ -114,12 +114,12 @@ def test_bad_gate_settings_are_all_reported_with_their_keys():
             {"metric": "rouge"}, {"metric": "bleu-4"}, {"metric": "rouge-l", "minimum": 3},
             {"metric": "answer_chars", "test": "superiority"}]}}}, "x.yaml")
     text = str(info.value)
-    assert "5 invalid setting(s)" in text
+    assert "5 invalid settings" in text
     assert "evaluation.gate.confidence" in text
-    assert "evaluation.gate.rules.0" in text and "'rouge' is unknown" in text
-    assert "evaluation.gate.rules.1" in text and "sets none of 'min', 'max', 'test'" in text
-    assert "evaluation.gate.rules.2.minimum: unknown key" in text
-    assert "evaluation.gate.rules.3" in text and "no better direction to test" in text
+    assert "evaluation.gate.rules[0]" in text and "'rouge' is unknown" in text
+    assert "evaluation.gate.rules[1]" in text and "sets none of 'min', 'max', 'test'" in text
+    assert "evaluation.gate.rules[2].minimum: not a key lawtune knows" in text
+    assert "evaluation.gate.rules[3]" in text and "no better direction to test" in text
 
 
 @pytest.mark.parametrize(
@@ -144,3 +144,14 @@ def test_training_that_masked_the_end_token_blocks_whatever_the_scores():
     [ok] = training_checks(_summary(32, 32))
     assert ok["status"] == "pass"
     assert training_checks({}) == [] and training_checks(_summary(0, 0)) == [], "nothing to audit: no check"
+
+
+def test_bad_rules_in_the_older_list_form_are_reported_as_written():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"evaluation": {"gate": [{"metric": "rouge"}, {"metric": "bleu-4"}, {"metric": "rouge-l", "minimum": 3}]}},
+                     "x.yaml")
+    text = str(info.value)
+    assert "3 invalid settings" in text, "the older form: a plain list of rules is read as gate.rules"
+    assert "evaluation.gate.rules[0]" in text and "'rouge' is unknown" in text
+    assert "evaluation.gate.rules[1]" in text and "sets none of 'min', 'max', 'test'" in text
+    assert "evaluation.gate.rules[2].minimum: not a key lawtune knows" in text

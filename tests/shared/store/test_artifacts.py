@@ -131,3 +131,127 @@ def test_stage_output_without_commit_leaves_nothing(settings):
             raise RuntimeError("bad row count")
     assert not open_location(uri, settings).exists(MANIFEST)
     assert not list((settings.cache_dir / "work").iterdir())  # the local workdir is cleaned up
+
+
+@pytest.mark.parametrize("path", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin"])
+def test_a_manifest_listing_a_path_outside_its_folder_is_refused_by_every_reader(settings, local_dir, tmp_path, path):
+    """issue 24 item 1: read_manifest (every stage's reader) and fetch_dir refuse it, naming the entry."""
+    loc = open_location(settings.run_uri("stage"), settings)
+    commit(local_dir, loc)
+    raw = json.loads(loc.read_text(MANIFEST))
+    raw["files"].append({**raw["files"][0], "path": path})
+    loc.write_text(MANIFEST, json.dumps(raw))
+    with pytest.raises(IntegrityError, match=rf"MANIFEST.json is not a valid manifest, refused: files.2.path: path '{path}'"):
+        read_manifest(loc)
+    with pytest.raises(IntegrityError, match="refused"):
+        fetch_stage(settings, loc.uri, tmp_path / "fetched")
+    assert not (tmp_path / "fetched").exists() and not (tmp_path / "outside.bin").exists()
+
+
+@pytest.mark.parametrize("damage", ["same-size-other-bytes", "truncated", "removed"])
+@pytest.mark.fault('a damaged object under a valid manifest, then a re-run (skip re-verifies)')
+def test_a_skip_rechecks_the_files_under_the_manifest_and_rewrites_damaged_ones(settings, caplog, damage):
+    """Before, a committed manifest with the same inputs was skipped over whatever its files had become,
+    so every later reader failed on the damaged file and every re-run skipped again."""
+    uri = settings.run_uri("stage")
+    with StageOutput(settings, "stage", uri, INPUTS) as out:
+        (out.workdir / "a.jsonl").write_text('{"x": 1}\n')
+        out.commit()
+    loc = open_location(uri, settings)
+    if damage == "removed":
+        loc.delete("a.jsonl")
+    else:
+        loc.write_bytes("a.jsonl", b'{"x": 2}\n' if damage.startswith("same-size") else b'{"x"')
+    with StageOutput(settings, "stage", uri, INPUTS) as again:
+        assert again.skipped is None, "not skipped over a damaged file"
+        (again.workdir / "a.jsonl").write_text('{"x": 1}\n')
+        again.commit()
+    assert "a.jsonl" in caplog.text and "running the stage again" in caplog.text
+    assert read_verified(loc, "a.jsonl") == b'{"x": 1}\n'
+    with StageOutput(settings, "stage", uri, INPUTS) as third:
+        assert third.skipped is not None, "intact files: skipped as before"
+
+
+@pytest.mark.fault('a damaged object under a valid manifest of a published run')
+def test_a_damaged_file_of_a_published_run_is_exit_2_naming_it(settings):
+    uri = settings.run_uri("stage")
+    with StageOutput(settings, "stage", uri, INPUTS) as out:
+        (out.workdir / "a.jsonl").write_text('{"x": 1}\n')
+        out.commit()
+    loc = open_location(uri, settings)
+    open_location(settings.run_uri(), settings).write_text("PUBLISHED", "[]")
+    loc.write_bytes("a.jsonl", b'{"x": 2}\n')
+    with pytest.raises(IntegrityError, match=r"a\.jsonl \(sha256 .* manifest says .*published run") as caught:
+        StageOutput(settings, "stage", uri, INPUTS).__enter__()
+    assert caught.value.exit_code == 2
+
+
+_READER = """
+import sys
+from pathlib import Path
+from shared.core.job import run_main
+from shared.core.settings import load_settings
+from shared.store.artifacts import fetch_dir
+from shared.store.storage import open_location
+settings = load_settings()
+sys.exit(run_main("reader", lambda: fetch_dir(open_location(sys.argv[1], settings), Path(sys.argv[2]))))
+"""
+
+
+@pytest.mark.fault('a reader racing a rewrite of its upstream')
+def test_a_reader_overtaken_by_a_rewrite_of_its_upstream_exits_1_and_its_retry_reads_the_new_commit(settings, local_dir, tmp_path):
+    """The reader read the manifest, then the upstream stage re-ran and rewrote its files before the reader
+    downloaded them (the reader is held between the two by a failpoint). Before, that was exit 2,
+    "corrupted", which fails a Job for good although its retry reads the new commit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    loc = open_location(settings.run_uri("stage"), settings)
+    commit(local_dir, loc)
+    reader = subprocess.Popen([sys.executable, "-c", _READER, loc.uri, str(tmp_path / "got")], cwd=REPO, text=True,
+                              env={**os.environ, "LAWTUNE_FAILPOINTS": "fetch:manifest-read"}, stderr=subprocess.PIPE)
+    try:
+        assert "failpoint fetch:manifest-read: stopped" in reader.stderr.readline()
+        (local_dir / "a.jsonl").write_text('{"x": 2}\n')
+        commit(local_dir, loc, inputs={**INPUTS, "config": "new"})
+    finally:
+        reader.send_signal(signal.SIGCONT)
+    err = reader.communicate(timeout=120)[1].strip().splitlines()
+    assert reader.returncode == 1, err
+    assert err[-1].startswith("lawtune reader: error: ") and "changed while it was being read" in err[-1], err[-1]
+    assert not (tmp_path / "got").exists()
+    again = subprocess.run([sys.executable, "-c", _READER, loc.uri, str(tmp_path / "got")], cwd=REPO, text=True,
+                           env=os.environ.copy(), capture_output=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "got" / "a.jsonl").read_text() == '{"x": 2}\n'
+
+
+@pytest.mark.parametrize("full", ["scratch", "file-store"])
+@pytest.mark.fault('disk full (ENOSPC): scratch, file:// store')
+def test_disk_full_is_exit_2_naming_the_disk_not_a_retry(tmp_path, full):
+    """preprocess with its scratch (LAWTUNE_CACHE_DIR), or the file:// store, on a 16 KiB tmpfs (mounted in
+    a user and mount namespace of its own with unshare). Before, ENOSPC was "I/O failure, worth retrying",
+    exit 1: a Job retried it on the same small volume until its backoffLimit."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    cache = tiny if full == "scratch" else tmp_path / "cache"
+    root = tiny / "artifacts" if full == "file-store" else tmp_path / "artifacts"
+    sample = REPO / "configs" / "data" / "legal_qa_sample.csv"
+    env = {**os.environ, "LAWTUNE_CACHE_DIR": str(cache), "LAWTUNE_ARTIFACT_ROOT": f"file://{root}", "LAWTUNE_RUN_ID": "full"}
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                             f'mount -t tmpfs -o size=16k tmpfs "{tiny}" && exec "$0" -m jobs.preprocess --input "{sample}"',
+                             sys.executable], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last.startswith("lawtune preprocess: error: disk full (No space left on device): ") and f"{tiny}: " in last, last
+    assert ("LAWTUNE_CACHE_DIR" if full == "scratch" else "LAWTUNE_ARTIFACT_ROOT") in last.split(f"{tiny}: ", 1)[1]

@@ -78,3 +78,15 @@ def test_a_template_inside_tokenizer_config_is_found(tmp_path):
 def test_no_contract_is_an_error_not_a_pass(tmp_path):
     with pytest.raises(ContractError, match="missing or not lawtune.serving/v1"):
         verify(tmp_path, {})
+
+
+@pytest.mark.parametrize("name", ["../outside.json", "/etc/hostname", "a/../../b"])
+def test_a_tokenizer_file_name_from_the_store_never_reaches_outside_the_folder(tmp_path, name):
+    """The contract comes from a manifest in the store: its file names are checked like the manifest's own paths
+    (shared/store/paths.py) before anything is read."""
+    (tmp_path / "outside.json").write_text("{}")
+    folder = tmp_path / "version"
+    folder.mkdir()
+    contract = {"schema": "lawtune.serving/v1", "tokenizer_files": {name: "0" * 64}}
+    with pytest.raises(ContractError, match=r"tokenizer file .* refused"):
+        verify(folder, contract)

@@ -27,8 +27,8 @@ from tests.tiny import tiny_data_dir, tiny_model_dir
 # fp32 on CPU, same seed, same batches, same dropout masks on both ranks: usually equal to 1e-6, but
 # a single-process CPU resume has been seen 2.8e-5 off once (tests/faults/test_kill_anywhere.py). A
 # real resume error (optimizer state not reloaded, a step repeated) moves a LoRA weight by about a
-# whole Adam step, the learning rate (1e-2, fsdp_main.py): 100x this bound.
-TOLERANCE = 1e-4
+# whole Adam step, the learning rate (1e-2, fsdp_main.py): 100x this bound. The same bound as every resume test.
+from tests.lora_fixtures import RESUME_TOLERANCE as TOLERANCE  # noqa: E402
 
 
 def start(model: Path, data: Path, root: Path, local: Path, *extra: str, distributed: str = "fsdp", env=None):

@@ -143,3 +143,14 @@ def test_local_directory_is_used_in_place(tmp_path):
     (model / "tokenizer.json").write_text("{}")
     assert resolve_base_model(str(model), Settings(cache_dir=tmp_path / "c")) == model.resolve()
     assert isinstance(resolve_base_model(str(model), Settings(cache_dir=tmp_path / "c")), Path)
+
+
+@pytest.mark.parametrize("promoted", ["..", "../legal", "."])
+def test_store_ref_whose_promoted_names_a_path_is_refused(tmp_path, promoted):
+    """issue 24 item 1: PROMOTED's content becomes models/<name>/<version>: `..` would read another folder."""
+    from shared.core.errors import ConfigError
+
+    settings = Settings(artifact_root=f"file://{tmp_path / 'artifacts'}", cache_dir=tmp_path / "cache")
+    open_location(settings.models_uri("legal"), settings).write_text("PROMOTED", promoted + "\n")
+    with pytest.raises(ConfigError, match="PROMOTED holds .*expected a version name"):
+        resolve_base_model(settings.models_uri("legal"), settings)

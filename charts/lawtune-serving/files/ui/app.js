@@ -119,7 +119,7 @@
 
   function post(messages) {
     var headers = { "Content-Type": "application/json" };
-    if (state.config.auth === "ingress") headers["X-Lawtune-Page"] = "1";
+    if (state.config.auth !== "pasteKey") headers["X-Lawtune-Page"] = "1";  // ingress, loopback: the gateway adds the key
     else headers.Authorization = "Bearer " + state.key;
     return fetch(state.config.apiPath, {
       method: "POST",
