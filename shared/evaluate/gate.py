@@ -21,7 +21,7 @@ The verdict is plain JSON, written into ``metrics.json`` and the evaluate manife
 
     {"passed": false, "verdict": "inconclusive", "policy": "block", "first_promotion": false,
      "n": 29, "confidence": 0.95, "questions": "all",
-     "reasons": ["INCONCLUSIVE rouge-l superiority over production: n=29, mean +0.41, 95% interval -1.20..+2.05 ..."],
+     "reasons": ["INCONCLUSIVE rouge-l superiority over production: n=30, mean +0.41, 95% interval -1.20..+2.05 ..."],
      "checks": [{"metric": "rouge-l", "kind": "superiority", "compare": "promoted", "threshold": 0.0,
                  "value": 0.41, "interval": [-1.2, 2.05], "n": 29, "status": "inconclusive", "passed": false}]}
 """

@@ -152,6 +152,10 @@ def _served(report: Report, folder: Path, evaluated: Evaluated, contract: dict, 
         report.add("served", False, f"parity: none of the {len(rows)} evaluated questions fits max_input_length uncut; "
                                      "raise max_input_length or turn evaluation.parity off")
         return {}
+    if not vllm_installed():
+        report.add("served", False, "parity: vLLM is not installed where publish runs, so the served check cannot run; "
+                                     "run publish where lawtune's serve extra is installed, or set evaluation.parity.enabled: false")
+        return {}
     max_tokens = int(contract.get("max_new_tokens") or 0) or 256
     started = time.monotonic()
     server = _start(folder, contract, trust_remote_code, log_dir, cfg)
@@ -210,6 +214,12 @@ def compare(evaluated: list[tuple[str, bool]], served: list[tuple[str, bool]], t
             "identical": sum(p["same"] for p in pairs),
             "ended_share": {"served": sum(s[1] for s in served) / n, "evaluated": sum(e[1] for e in evaluated) / n},
             "pairs": pairs}
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 def server_args_for(folder: Path, contract: dict, trust_remote_code: bool = False) -> list[str]:

@@ -183,3 +183,27 @@ def test_training_that_never_taught_the_end_token_is_not_promoted(tiny_model, tm
         reason = next(r for r in result.gate["reasons"] if r.startswith("FAIL training"))
         assert "pad = eos" in reason and "<|im_end|> (id 2)" in reason and "never learns to stop" in reason
         assert not open_location(settings.models_uri(NAME), settings).exists("PROMOTED")
+
+
+def test_publish_without_vllm_names_it_instead_of_retrying(evaluated, monkeypatch):
+    """A publish image without vLLM (stand-in: vllm_installed() answers False; vLLM is installed here) with the served
+    check on: the version is published, PROMOTED stays, and the check says what is missing and the switch, instead of
+    the 'vLLM exited before it was ready' RuntimeError (exit 1) a Job would retry for ever."""
+    from shared.serve import parity
+
+    settings = evaluated
+    real = publish._evaluated
+
+    def served_check_on(*args):
+        ev = real(*args)
+        ev.parity = ev.parity.model_copy(update={"enabled": True})
+        return ev
+
+    monkeypatch.setattr(publish, "_evaluated", served_check_on)
+    monkeypatch.setattr(parity, "vllm_installed", lambda: False)
+    result = publish.run(settings, NAME, max_shard_size="1MB")
+    assert result.gate_passed and not result.promoted
+    [failed] = [c for c in result.parity["checks"] if not c["passed"]]
+    assert failed["check"] == "served" and "vLLM is not installed where publish runs" in failed["message"]
+    assert "evaluation.parity.enabled: false" in failed["message"]
+    assert not open_location(settings.models_uri(NAME), settings).exists("PROMOTED")
