@@ -149,7 +149,7 @@ def collect(models: Sequence[Model], questions: Sequence[Question], book: book_o
 
 def _generate(model: Model, indices: list[int], questions: Sequence[Question], sides, ev: EvaluationConfig,
               max_input_length: int, seed: int, trust_remote_code: bool, tokenizer) -> Answers:
-    log.info("generating answers of %s to %d question(s)", " and ".join("candidate" if s == "tuned" else model.role for s in sides),
+    log.info("generating answers of %s to %d question(s)", " and ".join("candidate" if s == "tuned" else "base" if model.adapter else model.role for s in sides),
              len(indices))
     return generate(model.weights, model.adapter, [questions[i].prompt for i in indices], ev.generation, tokenizer, sides=sides,
                     backend=ev.backend, batch_size=ev.batch_size, max_input_length=max_input_length, seed=seed,
