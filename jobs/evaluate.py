@@ -148,7 +148,8 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
             base_digest = ft_manifest.extra.get("base_model_digest") or f"ref:{base_ref}"
             models = [Model("base", answer_book.base_key(base_digest), base_dir),
                       Model("candidate", answer_book.adapter_key(base_digest, {f.path: f.sha256 for f in ft_manifest.files
-                                                                               if f.path.startswith("adapter/")}), base_dir, adapter)]
+                                                                               if f.path.startswith("adapter/")}, adapter),
+                            base_dir, adapter)]
             book = answer_book.Book()
             add_earlier(book, settings, output_uri)  # an earlier evaluation of this run (e.g. before a new golden set)
             if champion:

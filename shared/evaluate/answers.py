@@ -54,10 +54,20 @@ def base_key(base_digest: str) -> str:
     return f"base:{base_digest}"
 
 
-def adapter_key(base_digest: str, adapter_files: dict[str, str]) -> str:
+def adapter_key(base_digest: str, adapter_files: dict[str, str], adapter_dir: Path | None = None) -> str:
     """``adapter_files``: the adapter's files and their sha256 (from the finetune manifest). Two runs that
-    trained bit-identical adapters (same data, config and seed on the same kind of machine) share a key."""
-    return f"adapter:{base_digest}:{_digest(adapter_files)}"
+    trained bit-identical adapters (same data, config and seed on the same kind of machine) share a key.
+    With ``adapter_dir``, adapter_config.json counts by its content: peft writes ``target_modules`` from
+    a set, in an order that changes from one process to the next while the weights stay bit-identical."""
+    files = dict(adapter_files)
+    config = adapter_dir / "adapter_config.json" if adapter_dir is not None else None
+    name = next((k for k in files if k.endswith("adapter_config.json")), None)
+    if config is not None and name is not None and config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if isinstance(data.get("target_modules"), list):
+            data["target_modules"] = sorted(data["target_modules"])
+        files[name] = "canonical:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
+    return f"adapter:{base_digest}:{_digest(files)}"
 
 
 @dataclass(frozen=True)
