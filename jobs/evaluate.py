@@ -155,11 +155,17 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
             if champion:
                 models.append(Model("production", production_key(settings, champion.uri, book), None))
 
-            def fetch_production() -> Path:
+            def fetch_production() -> tuple[Path, Path | None]:
                 champion_manifest = fetch_stage(settings, champion.uri, scratch / "production")
+                record = f"{champion.uri}/MANIFEST.json"
+                if champion_manifest.extra.get("artifact") == "adapter":  # an adapter on its base (serving.mode=adapters)
+                    prod_base = resolve_base_model(champion_manifest.extra["adapter"]["base_model"], settings, trust)
+                    if trust:  # the base runs the code, and only the code the champion's finetune ran
+                        check_folder(prod_base, champion_manifest.extra.get(RECORD), record=record)
+                    return prod_base, scratch / "production" / "adapter"
                 if trust:
-                    check_folder(scratch / "production", champion_manifest.extra.get(RECORD), record=f"{champion.uri}/MANIFEST.json")
-                return scratch / "production"
+                    check_folder(scratch / "production", champion_manifest.extra.get(RECORD), record=record)
+                return scratch / "production", None
 
             rows, engine = collect(models, questions, book, ev, max_input_length=config.max_input_length, seed=config.seed,
                                    trust_remote_code=trust, tokenizer=tokenizer, production_weights=fetch_production)

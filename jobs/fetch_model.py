@@ -102,6 +102,9 @@ def run(settings: Settings, uri: str, target: Path, config: TrainConfig | None =
     version_uri = resolve_version(settings, uri)
     loc = open_location(version_uri, settings)
     manifest = read_manifest(loc)
+    if manifest.extra.get("artifact") == "adapter":  # nothing here vLLM could load as a model
+        raise ConfigError(f"{version_uri} carries only an adapter (publish.artifact=adapter): serve it on its base with the "
+                          "serving chart's serving.mode=adapters (make serve --mode adapters), or publish it merged")
     if config is not None:
         config.expect_base_model(manifest.extra.get("base_model"), version_uri)
     if trust_remote_code:

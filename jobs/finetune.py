@@ -70,7 +70,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
         hooks=None) -> Result:
     from shared.store.artifacts import digest_inputs, read_manifest
     from shared.data.split_files import split_file
-    from shared.train.models import needs_remote_code, resolve_base_model
+    from shared.train.models import needs_remote_code, resolve_base_model, weights_digest
     from shared.store.model_code import RECORD, code_files
     from shared.store.stage import StageOutput, fetch_stage
     from shared.store.storage import open_location
@@ -138,7 +138,7 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, ou
                           "trust_remote_code": config.trust_remote_code, "best_step": result.best_step,
                           # The code that ran, by digest: evaluate, publish and serving run only these files.
                           RECORD: code_files(model_dir) if config.trust_remote_code else None,
-                          "base_model_digest": _model_digest(model_dir), "config_digest": inputs["config"],
+                          "base_model_digest": weights_digest(model_dir), "config_digest": inputs["config"],
                           "data_uri": data_uri})
         if tracker:  # the view after the record
             tracker.finish(out.workdir, {k: summary.get(k) for k in ("best_dev_loss", "best_step", "steps_completed", "tokens_seen")})
@@ -159,19 +159,6 @@ def _params(config: TrainConfig, inputs: dict[str, str]) -> dict[str, object]:
             "lora_dropout": p.lora_dropout, "lora_target_modules": p.target_modules, "packing": config.training_args.packing,
             "max_input_length": config.max_input_length, "max_output_length": config.max_output_length,
             "data_digest": inputs["data"], "config_digest": inputs["config"]}
-
-
-def _model_digest(model_dir: Path) -> str:
-    """The base model's identity beyond its name: sha256 over its config and weight files' digests."""
-    import hashlib
-
-    from shared.store.artifacts import sha256_file
-
-    h = hashlib.sha256()
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf") or f.name == "config.json"):
-            h.update(f"{f.name}:{sha256_file(f)}\n".encode())
-    return h.hexdigest()
 
 
 def _leave_process_group() -> None:

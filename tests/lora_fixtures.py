@@ -79,9 +79,10 @@ def commit_data(settings: Settings, uri: str, rows: list[dict], scratch: Path) -
 
 
 def commit_finetune(settings: Settings, uri: str, model_dir: Path, base_ref: str, scratch: Path, *, seed: int = 0,
-                    std: float = 0.02) -> Manifest:
+                    std: float = 0.02, r: int = 8, extra: dict | None = None) -> Manifest:
+    """``extra``: more of finetune's manifest extra (e.g. ``base_model_digest``)."""
     folder = scratch / "finetune"
-    make_adapter(model_dir, folder / "adapter", seed=seed, std=std)
+    make_adapter(model_dir, folder / "adapter", seed=seed, std=std, r=r)
     summary = {
         "best_step": 4, "best_dev_loss": 2.25, "tokens_seen": 1234, "base_model": base_ref, "steps_completed": 6,
         "train_loss_curve": [[1, 3.1], [2, 2.9], [3, 2.6], [4, 2.4], [5, 2.3], [6, 2.2]],
@@ -91,8 +92,7 @@ def commit_finetune(settings: Settings, uri: str, model_dir: Path, base_ref: str
     (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in summary["train_loss_curve"]))
     (folder / "config.yaml").write_text(f"base_model: {base_ref}\n", encoding="utf-8")
     return commit_dir(folder, open_location(uri, settings), stage="finetune", inputs={"seed": seed, "run": settings.run_id},
-                      started_at=now_iso(),
-                      extra={"base_model": base_ref, "best_step": 4})
+                      started_at=now_iso(), extra={"base_model": base_ref, "best_step": 4, **(extra or {})})
 
 
 _UNSET = object()

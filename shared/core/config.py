@@ -383,6 +383,43 @@ class EvaluationConfig(_Strict):
     parity: ParityConfig = Field(default_factory=ParityConfig)
 
 
+# The ranks vLLM's --max-lora-rank accepts (vllm/config/lora.py, MaxLoRARanks in vLLM 0.32).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class PublishConfig(_Strict):
+    """What publish stores for a version (jobs/publish.py, shared/publish/adapter_publish.py)."""
+
+    artifact: Literal["merged", "adapter", "both"] = Field(
+        default="merged",
+        description="merged: the adapter merged into the base (one model per version); adapter: the verified adapter and "
+                    "its base's identity, served on a shared base (serving.mode=adapters); both: the two.",
+    )
+    promote: bool = Field(
+        default=True,
+        description="Move PROMOTED to the version when its gate passed; false publishes only (then `lawtune models canary` "
+                    "tries it on a share of the traffic, `lawtune models promote` or `canary promote` promotes it).",
+    )
+    served_parity: bool = Field(
+        default=True,
+        description="Run the parity check's served part (evaluation.parity.enabled: vLLM answering the golden questions) "
+                    "at publish; false where publish has no vLLM (the pipeline chart's publish image): only the static "
+                    "checks run, and the version's parity.json says the served part was not run.",
+    )
+    max_lora_rank: int = Field(
+        default=16,
+        description="The serving side's --max-lora-rank (the serving chart's adapters.maxLoraRank): an adapter of a higher "
+                    "rank is refused at publish.",
+    )
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _a_vllm_rank(cls, value: int) -> int:
+        if value not in VLLM_MAX_LORA_RANKS:
+            raise ValueError(f"one of vLLM's --max-lora-rank values {', '.join(map(str, VLLM_MAX_LORA_RANKS))}")
+        return value
+
+
 class TrainConfig(_Strict):
     """One model × recipe. See configs/ for annotated examples."""
 
@@ -402,6 +439,7 @@ class TrainConfig(_Strict):
     training_args: TrainingArgs = Field(default_factory=TrainingArgs)
     peft_config: PeftConfig = Field(default_factory=PeftConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
     # Where overridden keys came from ("--base-model", "LAWTUNE_BASE_MODEL", "--set"); not part of the digest.
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 

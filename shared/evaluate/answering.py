@@ -72,8 +72,9 @@ def add_earlier(book: book_of.Book, settings: Settings, uri: str) -> None:
 
 
 def production_key(settings: Settings, version_uri: str, book: book_of.Book) -> str:
-    """The answer key of a published version: the candidate key of the evaluation that published it (its answers
-    join ``book``); a key of the version's own when that evaluation is gone or older than answer keys."""
+    """The answer key of a published version, merged or adapter: the candidate key of the evaluation that published
+    it (its answers join ``book``); a key of the version's own when that evaluation is gone or older than answer keys
+    (its manifest's digest, which covers the weights or the adapter's files and, for an adapter, its base's digest)."""
     import json
 
     version = find_manifest(open_location(version_uri, settings))
@@ -102,11 +103,12 @@ def planned_engine(ev: EvaluationConfig, seed: int) -> Engine:
 
 def collect(models: Sequence[Model], questions: Sequence[Question], book: book_of.Book, ev: EvaluationConfig, *,
             max_input_length: int, seed: int, trust_remote_code: bool, tokenizer,
-            production_weights: Callable[[], Path] | None = None) -> tuple[dict[str, list[book_of.Row]], Engine]:
+            production_weights: Callable[[], tuple[Path, Path | None]] | None = None) -> tuple[dict[str, list[book_of.Row]], Engine]:
     """Rows of answers per role, in question order, reused where found and generated otherwise.
 
     ``production_weights`` fetches the production version when its answers must be generated
-    (called at most once, and only then)."""
+    (called at most once, and only then): (the folder that answers, the adapter on it or None for
+    a merged version)."""
     engine = planned_engine(ev, seed)
     decoding = book_of.decoding_key(ev.generation, max_input_length, engine)
     keys = [q.key for q in questions]
@@ -139,17 +141,20 @@ def collect(models: Sequence[Model], questions: Sequence[Question], book: book_o
     prod = by_role.get("production")
     if prod and pending["production"]:
         log.info("generating the production model's answers to %d question(s)", len(pending["production"]))
-        weights = production_weights() if production_weights else prod.weights
-        got = _generate(replace(prod, weights=weights, adapter=None), pending["production"], questions, ("base",), ev,
+        weights, adapter = production_weights() if production_weights else (prod.weights, prod.adapter)
+        # A merged version answers alone; an adapter version (serving.mode=adapters) as its adapter on its base.
+        side = "tuned" if adapter is not None else "base"
+        got = _generate(replace(prod, weights=weights, adapter=adapter), pending["production"], questions, (side,), ev,
                         max_input_length, seed, trust_remote_code, tokenizer)
         used = got.engine
-        _fill(rows, prod, pending["production"], questions, got.base_answers, got.engine, ev, max_input_length)
+        _fill(rows, prod, pending["production"], questions, got.tuned_answers if adapter is not None else got.base_answers,
+              got.engine, ev, max_input_length)
     return {role: [r for r in found if r is not None] for role, found in rows.items()}, used
 
 
 def _generate(model: Model, indices: list[int], questions: Sequence[Question], sides, ev: EvaluationConfig,
               max_input_length: int, seed: int, trust_remote_code: bool, tokenizer) -> Answers:
-    log.info("generating answers of %s to %d question(s)", " and ".join("candidate" if s == "tuned" else "base" if model.adapter else model.role for s in sides),
+    log.info("generating answers of %s to %d question(s)", " and ".join(model.role if s == "tuned" else "base" if model.adapter else model.role for s in sides),
              len(indices))
     return generate(model.weights, model.adapter, [questions[i].prompt for i in indices], ev.generation, tokenizer, sides=sides,
                     backend=ev.backend, batch_size=ev.batch_size, max_input_length=max_input_length, seed=seed,

@@ -22,6 +22,7 @@ from shared.core.uri import join
 from shared.publish import registry
 from shared.store.artifacts import Manifest, find_manifest, read_manifest
 from shared.store.releases import RELEASES, release_name, releases
+from shared.store.serving import serving_state
 from shared.store.storage import open_location
 
 
@@ -90,16 +91,33 @@ def trace(settings: Settings, version_uri: str) -> list[Link]:
     return [input_link, data_link, ft_link, ev_link, version_link, _serving(model_root, version)]
 
 
+def _serves(release: dict, version: str, weights: dict[str, int]) -> int | None:
+    """The percent of ``release``'s traffic ``version`` answers (None: it does not serve it).
+
+    An adapters-mode release serves what the store names now (champion, challenger); a merged one
+    the versions deploy put in it, split by the canary's weights when it runs a challenger."""
+    if release.get("mode") == "adapters":
+        return weights.get(version)
+    deployed = [release.get("version"), release.get("challenger")]
+    if version not in deployed:
+        return None
+    return weights.get(version, 0) if release.get("challenger") else 100
+
+
 def _serving(model_root, version: str) -> Link:
-    """The releases `lawtune deploy` last pointed at this version; the others say what they run instead."""
+    """The releases `lawtune deploy` last pointed at this version (with its share of their traffic); the others
+    say what they run instead."""
     recorded = releases(model_root)
     if not recorded:
         return Link("serving", None, None, "not recorded",
                     {"note": "no release of this model was deployed with `lawtune deploy` (a plain helm install records none)"})
-    running = [r for r in recorded if r.get("version") == version]
+    weights = serving_state(model_root.uri.rstrip("/").rsplit("/", 1)[-1], model_root).weights()
+    running = [(r, share) for r in recorded if (share := _serves(r, version, weights)) is not None]
     keys = ("cluster", "namespace", "release", "status", "helm_revision", "deployed_at", "actor")
-    facts = {"releases": [{k: r.get(k) for k in keys if k in r or k not in ("cluster", "status")} for r in running]}
-    others = {release_name(r): r.get("version") for r in recorded if r.get("version") != version}
+    facts = {"releases": [{**{k: r.get(k) for k in keys if k in r or k not in ("cluster", "status")},
+                           "mode": r.get("mode", "merged"), "traffic_percent": share} for r, share in running]}
+    serving_names = {release_name(r) for r, _ in running}
+    others = {release_name(r): r.get("version") for r in recorded if release_name(r) not in serving_names}
     if others:
         facts["other_releases"] = others
     uri = join(model_root.uri, RELEASES)

@@ -108,8 +108,9 @@ def repair_history(model_root: Location) -> dict[str, Any] | None:
     The writer's intent says what it was (kind, gate, actor, its time): it is recorded as it was
     meant, under its own name (so in its place in time), marked ``recovered_at``."""
     pointer = read_pointer(model_root)
-    events = history(model_root)
-    last = events[-1]["to"] if events else None
+    # Only moves of PROMOTED count: the history also holds canary events (lawtune models canary), which move nothing.
+    moves = [e for e in history(model_root) if "to" in e]
+    last = moves[-1]["to"] if moves else None
     if pointer.version is None or pointer.version == last:
         return None
     for name, intent in reversed(_intents(model_root)):

@@ -187,11 +187,14 @@ def cluster_name(explicit: str | None, extra: list[str]) -> str:
     return cluster
 
 
-def release_status(release: str, namespace: str | None, extra: list[str] = ()) -> dict:
-    """What helm says the release is now (namespace, revision, status, values); {} when helm cannot say."""
+def release_status(release: str, namespace: str | None, extra: list[str] = (), *, quiet: bool = False) -> dict:
+    """What helm says the release is now (namespace, revision, status, values); {} when helm cannot say
+    (``quiet``: without a warning, e.g. before the first install)."""
     cmd = [helm_binary(), "status", release, "--output", "json"] + (["--namespace", namespace] if namespace else []) + kube_flags(list(extra))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
+        if quiet:
+            return {}
         log.warning("helm status %s failed (%s); recording the release without its revision", release, proc.stderr.strip()[:200])
         return {}
     try:
@@ -202,16 +205,16 @@ def release_status(release: str, namespace: str | None, extra: list[str] = ()) -
 
 
 def record(settings: Settings, *, release: str, namespace: str | None, model_name: str, version: str, chart: Path,
-           cluster: str, status: dict, outcome: str = "deployed") -> dict:
+           cluster: str, status: dict, outcome: str = "deployed", **facts) -> dict:
     """Write models/<name>/releases/<cluster>/<namespace>/<release>.json so lineage can name the
     release serving a version; ``outcome`` "failed" for a rollout that helm applied but that did
-    not get ready."""
+    not get ready; ``facts``: the serving mode and its base or challenger (deploy_modes)."""
     chart_meta = yaml.safe_load((chart / "Chart.yaml").read_text()) if (chart / "Chart.yaml").is_file() else {}
     return record_release(
         open_location(settings.models_uri(model_name), settings), release=release, cluster=cluster,
         namespace=status.get("namespace") or namespace or DEFAULT_NAMESPACE, version=version, deployed_at=now_iso(),
         status=outcome, helm_revision=status.get("version"), chart=f"{chart_meta.get('name')}-{chart_meta.get('version')}",
-        artifact_root=settings.artifact_root)
+        artifact_root=settings.artifact_root, **facts)
 
 
 def _applied(status: dict, version: str) -> bool:
@@ -256,9 +259,19 @@ def main(argv: list[str] | None = None) -> int:
         log.info("serving %s version %s from %s", args.model_name, version, settings.artifact_root)
         trusted = args.trust_remote_code or values_trust_remote_code(args.values)
         check_remote_code(settings, args.model_name, version, trusted)
+        from shared.serve.deploy_modes import mode_settings
+
+        # The mode the release will run: the values files over the values kept from the release (unless --reset-values).
+        kept = {} if args.dry_run or args.reset_values else \
+            (release_status(args.release, args.namespace, extra, quiet=True).get("config") or {})
+        mode_args, mode_facts = mode_settings(settings, args.model_name, version, args.values, kept=kept)  # adapters, canary
+        if trusted and mode_facts.get("mode") == "adapters":
+            raise ConfigError("serving.mode=adapters with remote code (--trust-remote-code / vllm.trustRemoteCode) is not "
+                              "supported: the shared base's code is not pinned by digest; serve this model merged")
         cmd = helm_command(release=args.release, model_name=args.model_name, version=version, artifact_root=settings.artifact_root,
-                           values=args.values, namespace=args.namespace, chart=args.chart, dry_run=args.dry_run, extra=extra,
-                           trust_remote_code=trusted, reset_values=args.reset_values, timeout=args.timeout)
+                           values=args.values, namespace=args.namespace, chart=args.chart, dry_run=args.dry_run,
+                           extra=[*mode_args, *extra], trust_remote_code=trusted, reset_values=args.reset_values,
+                           timeout=args.timeout)
         proc = subprocess.run(cmd)
         if args.dry_run:
             if proc.returncode != 0:
@@ -273,14 +286,18 @@ def main(argv: list[str] | None = None) -> int:
                                f"(its message is above); the release and its record are unchanged")
         try:
             record(settings, release=args.release, namespace=args.namespace, model_name=args.model_name, version=version,
-                   chart=args.chart, cluster=cluster, status=status, outcome=outcome)
+                   chart=args.chart, cluster=cluster, status=status, outcome=outcome, **mode_facts)
         except (LawtuneError, ValueError) as exc:  # the release is changed; only lineage's last link is missing
             log.warning("the release record for lineage was not written: %s", exc)
         if proc.returncode != 0:
             raise LawtuneError(f"the rollout of {args.model_name} version {version} to {where} did not get ready within "
                                f"{args.timeout} (helm's message is above); recorded as failed. Kubernetes keeps trying: "
                                f"kubectl get pods -l app.kubernetes.io/instance={args.release}; deploy again, or helm rollback")
-        print(f"{where}: {args.model_name} version {version} is ready (every pod serves it; the next promotion needs the next deploy)")
+        if mode_facts.get("mode") == "adapters":
+            print(f"{where}: {args.model_name} adapters on base {mode_facts['base_model_digest'][:12]}… are ready (promote, "
+                  f"rollback and canary reach every pod at runtime; a deploy is needed only for another base)")
+        else:
+            print(f"{where}: {args.model_name} version {version} is ready (every pod serves it; the next promotion needs the next deploy)")
 
     return run_main("deploy", body)
 

@@ -92,6 +92,8 @@ def local_gateway_values(*, port: int, upstream: str, runtime_dir: Path, overrid
         },
         # The assistant page's files (when ui.enabled), written there by write_ui_files.
         "ui": {"filesDir": str(runtime_dir / "ui")},
+        # The canary's njs module (beside nginx.conf, as in the pod) and the routes file the agent writes.
+        "canary": {"scriptDir": str(runtime_dir), "routesDir": str(runtime_dir / "routes")},
     }
     return merge_values(values, overrides or {})
 
@@ -102,6 +104,7 @@ class RenderedGateway:
     keys_script: str  # the init container's script: API key (env) -> the map file nginx includes
     ui_files: dict[str, str] = field(default_factory=dict)  # the assistant page's ConfigMap (ui.enabled)
     ui_dir: Path | None = None  # where nginx serves them from (ui.filesDir)
+    config_files: dict[str, str] = field(default_factory=dict)  # the gateway ConfigMap's other files (canary.js)
 
 
 def render_gateway(values: dict[str, Any], chart: Path = CHART) -> RenderedGateway:
@@ -125,7 +128,16 @@ def render_gateway(values: dict[str, Any], chart: Path = CHART) -> RenderedGatew
     ui_map = next((d for d in docs if d["kind"] == "ConfigMap" and "index.html" in d["data"]), None)
     ui_dir = Path(values["ui"].get("filesDir", "/etc/nginx/lawtune-ui")) if ui_map else None
     return RenderedGateway(nginx_conf=conf["data"]["nginx.conf"], keys_script=init["command"][-1],
-                           ui_files=dict(ui_map["data"]) if ui_map else {}, ui_dir=ui_dir)
+                           ui_files=dict(ui_map["data"]) if ui_map else {}, ui_dir=ui_dir,
+                           config_files={k: v for k, v in conf["data"].items() if k != "nginx.conf"})
+
+
+def write_config_files(rendered: RenderedGateway, runtime_dir: Path) -> None:
+    """The gateway ConfigMap's files beside nginx.conf, as the pod mounts them (canary.js: canary.scriptDir)."""
+    for name, text in rendered.config_files.items():
+        path = runtime_dir / name
+        path.write_text(text, encoding="utf-8")
+        path.chmod(0o644)
 
 
 def write_ui_files(rendered: RenderedGateway) -> None:

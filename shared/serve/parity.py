@@ -1,6 +1,7 @@
 """Before PROMOTED moves: is the published folder the model evaluate scored, served as it will be?
 
-Two parts, both run by publish on the merged folder before it is committed:
+Two parts, both run by publish on the merged folder before it is committed (for an adapter-only
+version, the static part on the base it is served on, without the merge audit; no served part):
 
 1. **Static** (seconds, always): the folder against what evaluate recorded (metrics.json's
    ``serving``): the chat template's sha256; generation_config.json's ``eos_token_id`` holding
@@ -75,11 +76,13 @@ class Report:
 
 
 def check(folder: Path, evaluated: Evaluated, contract: dict[str, Any], *, base_dir: Path, adapter_dir: Path,
-          trust_remote_code: bool = False, served: bool | None = None, log_dir: Path | None = None) -> Report:
-    """Every check on ``folder``; ``served`` overrides ``evaluation.parity.enabled``."""
+          trust_remote_code: bool = False, served: bool | None = None, log_dir: Path | None = None,
+          merged: bool = True) -> Report:
+    """Every check on ``folder``; ``served`` overrides ``evaluation.parity.enabled``. ``merged`` false: ``folder``
+    is the base an adapter-only version is served on (serving.mode=adapters), so there is no merge to audit."""
     report = Report()
     _static(report, folder, evaluated, trust_remote_code)
-    result = merge_audit(base_dir, adapter_dir, folder)
+    result = merge_audit(base_dir, adapter_dir, folder) if merged else None
     if result is not None:
         report.add("merge_scale", result.passed, result.message, weights=result.checked)
     if served if served is not None else evaluated.parity.enabled:
@@ -154,7 +157,8 @@ def _served(report: Report, folder: Path, evaluated: Evaluated, contract: dict, 
         return {}
     if not vllm_installed():
         report.add("served", False, "parity: vLLM is not installed where publish runs, so the served check cannot run; "
-                                     "run publish where lawtune's serve extra is installed, or set evaluation.parity.enabled: false")
+                                     "run publish where lawtune's serve extra is installed, or set publish.served_parity: false (only the "
+                                     "static checks then run, and the report says so)")
         return {}
     max_tokens = int(contract.get("max_new_tokens") or 0) or 256
     started = time.monotonic()

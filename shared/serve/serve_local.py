@@ -2,6 +2,7 @@
 
     make serve                                   # python -m shared.serve.serve_local --model-name legal-assistant
     python -m shared.serve.serve_local --model-name legal-assistant --port 8080 [--gateway-values my.yaml]
+    python -m shared.serve.serve_local --mode adapters    # one base, each version's adapter (shared/serve/local_adapters.py)
     curl http://127.0.0.1:8080/v1/models -H "Authorization: Bearer $LAWTUNE_API_KEY"
     open http://127.0.0.1:8080/                  # the assistant page (the chart's ui.*, on by default here)
 
@@ -249,6 +250,15 @@ def serve(settings: Settings, model_name: str, port: int, vllm_port: int, api_ke
     return server, gateway
 
 
+def _promoted_artifact(settings: Settings, model_name: str) -> str:
+    from shared.store.artifacts import read_manifest
+    from shared.store.serving import read_promoted
+    from shared.store.storage import open_location
+
+    root = open_location(settings.models_uri(model_name), settings)
+    return read_manifest(root.child(read_promoted(root))).extra.get("artifact", "merged")
+
+
 def curl_command(url: str, model_name: str, key: str) -> str:
     """The chat request ``make serve`` prints, ready to paste into a shell.
 
@@ -272,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra chart values for the gateway (e.g. maintenance, rateLimit, ui)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let vLLM run the model repository's own code (ChatGLM3), only the files its manifest records")
+    parser.add_argument("--mode", choices=("auto", "merged", "adapters"), default="auto",
+                        help="merged: the promoted version's merged model; adapters: its base with every served version's "
+                             "adapter loaded at runtime, and the canary gateway (the chart's serving.mode); auto (default): "
+                             "adapters when the promoted version carries only an adapter")
+    parser.add_argument("--agent-port", type=int, default=9145,
+                        help="adapters mode: the serving agent's /metrics and /ready on 127.0.0.1 (default 9145)")
     args = parser.parse_args(argv)
 
     def body() -> None:
@@ -291,8 +307,33 @@ def main(argv: list[str] | None = None) -> int:
         key = check_api_key(os.environ["LAWTUNE_API_KEY"]) if from_env else secrets.token_urlsafe(24)
         # vLLM and nginx run in their own sessions: on SIGTERM, unwind through `finally` to stop them.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        server, gateway = serve(settings, args.model_name, args.port, args.vllm_port, key, overrides,
-                                trust_remote_code=args.trust_remote_code)
+        from shared.serve.local_adapters import promoted_adapter, serve_adapters
+
+        adapter_only = args.mode == "auto" and promoted_adapter(settings, args.model_name) and \
+            _promoted_artifact(settings, args.model_name) == "adapter"
+        agent = None
+        if args.mode == "adapters" or adapter_only:
+            import socket
+
+            if args.trust_remote_code:
+                raise ConfigError("--mode adapters with --trust-remote-code is not supported: the shared base's code is "
+                                  "not pinned by digest; serve this model with --mode merged")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a free loopback UDP port for the metrics
+                probe.bind(("127.0.0.1", 0))
+                syslog_port = probe.getsockname()[1]
+            gpu = gpu_present()
+            serving = serve_adapters(settings, args.model_name, args.port, args.vllm_port, key, agent_port=args.agent_port,
+                                     syslog_port=syslog_port, fetch=fetch_model,
+                                     start_vllm=lambda *a, **k: start_vllm(*a, **k, gpu=gpu),
+                                     vllm_args=list(GPU_SERVER_ARGS if gpu else CPU_SERVER_ARGS), gateway_overrides=merge_values(
+                                         {"model": {"name": args.model_name}, "ui": {"enabled": True, "auth": "loopback"}},
+                                         overrides))
+            server, gateway, agent = serving.server, serving.gateway, serving.agent
+            print(f"Adapters mode: base {serving.base_digest[:12]}…, each version as {args.model_name}:<version>; "
+                  f"lawtune models canary/promote/rollback apply within seconds (agent: {agent.url}/metrics)", flush=True)
+        else:
+            server, gateway = serve(settings, args.model_name, args.port, args.vllm_port, key, overrides,
+                                    trust_remote_code=args.trust_remote_code)
         shown = "$LAWTUNE_API_KEY" if from_env else key
         print(f"\nServing {args.model_name} at {gateway.url}/v1 (gateway log: {gateway.log_path}, vLLM log: {server.log_path})\n"
               f"{curl_command(gateway.url, args.model_name, shown)}", flush=True)
@@ -300,11 +341,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  Assistant page: {gateway.url}/", flush=True)
         print("Ctrl-C stops.", flush=True)
         try:
-            while server.process.poll() is None and gateway.process.poll() is None:
+            while server.process.poll() is None and gateway.process.poll() is None and \
+                    (agent is None or agent.process.poll() is None):
                 time.sleep(1)
-            raise LawtuneError("vLLM or nginx exited; see the logs above")
+            raise LawtuneError("vLLM, nginx or the serving agent exited; see the logs above")
         finally:
             gateway.stop()
+            if agent is not None:
+                agent.stop()
             server.stop()
 
     return run_main("serve", body)

@@ -89,6 +89,22 @@ def resolve_base_model(ref: str, settings: Settings, trust_remote_code: bool = F
     return path
 
 
+def weights_digest(model_dir: Path) -> str:
+    """A model's identity beyond its name: sha256 over its config and weight files' digests.
+
+    finetune records it as ``base_model_digest``; publish compares the base it resolves with it and
+    names a published base folder after it (``bases/<digest>/``)."""
+    import hashlib
+
+    from shared.store.artifacts import sha256_file
+
+    h = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf") or f.name == "config.json"):
+            h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
 def needs_remote_code(path: Path) -> str | None:
     """The repository code a model directory's config asks for (``auto_map`` entry), when
     transformers has no class of its own for its ``model_type``; None when it needs none."""

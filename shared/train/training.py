@@ -398,7 +398,17 @@ def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is
 
     if callback.preempted:
         raise Preempted("SIGTERM before training started; nothing new to save, exiting so the Job retries")
-    trainer.train(resume_from_checkpoint=str(local_dir / f"checkpoint-{resume_step}") if resume_step else None)
+    finished = _finished_state(local_dir / f"checkpoint-{resume_step}", callback.patience) if resume_step else None
+    if finished is not None:
+        # The Trainer resumed at its last step trains one more (transformers 5.19: "step 5/4"), so a
+        # run killed after its last checkpoint would come back with another adapter than it had.
+        trainer.state = finished
+        callback.stopped_early = finished.global_step < finished.max_steps
+        if is_main:
+            log.info("checkpoint step-%d ended the training (%s): nothing left to train", resume_step,
+                     "early stopping" if callback.stopped_early else f"max_steps {finished.max_steps}")
+    else:
+        trainer.train(resume_from_checkpoint=str(local_dir / f"checkpoint-{resume_step}") if resume_step else None)
     state = trainer.state
     if callback.preempted:
         raise Preempted(f"SIGTERM: checkpoint step-{state.global_step} committed; exiting so the Job retries")
@@ -423,6 +433,26 @@ def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is
         world_size=targs.world_size,
         is_main=is_main,
     )
+
+
+def _finished_state(checkpoint: Path, patience: int | None):
+    """The checkpoint's TrainerState when training had ended there (max_steps reached, or patience
+    spent by its dev losses), else None."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    if state.max_steps and state.global_step >= state.max_steps:
+        return state
+    if patience_spent([h["eval_loss"] for h in state.log_history if "eval_loss" in h], patience):
+        return state
+    return None
+
+
+def patience_spent(dev_losses: list[float], patience: int | None) -> bool:
+    """``patience`` evaluations in a row without a dev loss below the best one before them."""
+    if not patience or not dev_losses:
+        return False
+    return len(dev_losses) - 1 - dev_losses.index(min(dev_losses)) >= patience
 
 
 def _resume_point(store: CheckpointStore | None, local_dir: Path, targs) -> int | None:
@@ -697,9 +727,8 @@ class LawtuneCallback(TrainerCallback):
             log.info("step %d: dev loss %.4f", state.global_step, metrics["eval_loss"])
         if self.patience:
             losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
-            best_at = losses.index(min(losses))
-            if len(losses) - 1 - best_at >= self.patience:
-                log.info("early stopping: %d evaluations without a lower dev loss than %.4f", self.patience, losses[best_at])
+            if patience_spent(losses, self.patience):
+                log.info("early stopping: %d evaluations without a lower dev loss than %.4f", self.patience, min(losses))
                 self.stopped_early = True
                 control.should_training_stop = True
                 control.should_save = True

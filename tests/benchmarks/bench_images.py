@@ -116,12 +116,23 @@ def main() -> None:
     write_dockerfiles(rows, when)
 
 
+def _metadata(step: str) -> bool:
+    """FROM and WORKDIR print as rerun on every build of an imported base; they write no layer."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", step).split(" ", 1)[0] in ("FROM", "WORKDIR")
+
+
+def step_label(step: str) -> str:
+    """``COPY jobs/__init__.py jobs/evaluate.py /opt/...`` → ``COPY jobs/…``: what the step takes in."""
+    words = re.sub(r"^\[[^\]]*\]\s*", "", step).split()
+    return " ".join(words[:2]) + (" …" if len(words) > 3 else "")
+
+
 def render_table(rows: list[dict], when: str, where: str) -> str:
     lines = [f"### {where}, {when} (BuildKit of Debian's docker.io 20.10, local bases, pip through this machine's proxy)", "",
              "| image | size | of it unique | cold build | rebuild after a one-line code change | steps rebuilt |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        rebuilt = "; ".join(re.sub(r"^\[[^\]]*\]\s*", "", s)[:48] for s in r["rebuilt"]) or "none (no lawtune code inside)"
+        rebuilt = "; ".join(step_label(s) for s in r["rebuilt"] if not _metadata(s)) or "none (no lawtune code inside)"
         lines.append(f"| `{r['image']}` | {r['size']:.2f} GB | {r['unique']:.2f} GB | {r['cold']:.0f} s | {r['rebuild']:.0f} s | {rebuilt} |")
     total_cold = sum(r["cold"] for r in rows)
     total_warm = sum(r["rebuild"] for r in rows)

@@ -226,6 +226,48 @@ def test_sigterm_after_a_checkpoint_then_restart_resumes_to_the_same_adapter(ref
 
 
 @pytest.mark.integration
+def test_a_kill_after_the_last_checkpoint_resumes_to_the_same_adapter_without_training_past_max_steps(reference_run, tmp_path):
+    """Killed between the final uploads and the stage's manifest (the commit:finetune failpoint's gap):
+    the rerun resumes at step 4 of 4. The Trainer resumed there trained a fifth step."""
+    from jobs.finetune import run
+    from shared.core.config import parse_config
+
+    reference, _ = reference_run
+    settings = reference.model_copy(update={"run_id": "killed-at-commit"})
+    commit_data(settings, train_rows=6)
+    first = run(settings, parse_config(REFERENCE))
+    out = open_location(settings.run_uri("finetune"), settings)
+    before = out.read_bytes("adapter/adapter_model.safetensors")
+    out.delete(MANIFEST)
+
+    again = run(settings, parse_config(REFERENCE))
+    assert not again.skipped and again.resumed_from == 4 and again.steps_completed == 4
+    assert again.best_step == first.best_step
+    assert out.read_bytes("adapter/adapter_model.safetensors") == before
+    steps = sorted({rel.split("/")[1] for rel in out.list_files() if rel.startswith("checkpoints/")})
+    assert steps == ["step-1", "step-2", "step-3", "step-4"]
+
+
+def test_a_checkpoint_that_ended_training_is_recognised_by_max_steps_or_spent_patience(tmp_path):
+    from transformers import TrainerState
+
+    from shared.train.training import _finished_state, patience_spent
+
+    def checkpoint(global_step, max_steps, losses):
+        folder = tmp_path / f"c-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        TrainerState(global_step=global_step, max_steps=max_steps,
+                     log_history=[{"eval_loss": x, "step": i + 1} for i, x in enumerate(losses)]).save_to_json(str(folder / "trainer_state.json"))
+        return folder
+
+    assert _finished_state(checkpoint(4, 4, [2.0, 1.9, 1.8, 1.7]), None).global_step == 4
+    assert _finished_state(checkpoint(3, 4, [2.0, 1.9, 1.8]), None) is None
+    assert _finished_state(checkpoint(3, 8, [2.0, 2.1, 2.2]), 2) is not None, "two evaluations without a lower dev loss"
+    assert _finished_state(checkpoint(3, 8, [2.0, 2.1, 1.9]), 2) is None
+    assert patience_spent([1.0, 1.0], 1) and not patience_spent([1.0], 1) and not patience_spent([3.0, 1.0, 2.0], None)
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("fast", [
     pytest.param({}, id="plain"),
     # The GPU recipe's code path on CPU/gloo: packed rows, and the frozen layers switched to FP8

@@ -96,12 +96,9 @@ def test_a_published_folder_unlike_the_evaluated_one_is_not_promoted(evaluated, 
     assert [c["check"] for c in failed] == [check]
 
 
-def test_a_merge_with_the_wrong_lora_scale_is_not_promoted(evaluated, monkeypatch, caplog):
-    """The sharded merge scaled by lora_alpha instead of lora_alpha / r, and its own checks, built on the same
-    number, passed (the logit check against peft is skipped for large models, as here by the bound)."""
+def _wrong_scale(monkeypatch) -> None:
     from shared.publish import sharded_merge
 
-    settings = evaluated
     real = sharded_merge.load_lora
 
     def wrong_scale(adapter_dir):
@@ -112,6 +109,13 @@ def test_a_merge_with_the_wrong_lora_scale_is_not_promoted(evaluated, monkeypatc
 
     monkeypatch.setattr(sharded_merge, "load_lora", wrong_scale)
     monkeypatch.setattr(merge, "LOGIT_CHECK_MAX_BYTES", 0)
+
+
+def test_a_merge_with_the_wrong_lora_scale_is_not_promoted(evaluated, monkeypatch, caplog):
+    """The sharded merge scaled by lora_alpha instead of lora_alpha / r, and its own checks, built on the same
+    number, passed (the logit check against peft is skipped for large models, as here by the bound)."""
+    settings = evaluated
+    _wrong_scale(monkeypatch)
     result = publish.run(settings, NAME, max_shard_size="1MB")
     assert result.gate_passed and not result.promoted
     [failed] = [c for c in result.parity["checks"] if not c["passed"]]
@@ -192,6 +196,17 @@ def test_publish_without_vllm_names_it_instead_of_retrying(evaluated, monkeypatc
     from shared.serve import parity
 
     settings = evaluated
+    _served_check_on(monkeypatch)
+    monkeypatch.setattr(parity, "vllm_installed", lambda: False)
+    result = publish.run(settings, NAME, max_shard_size="1MB")
+    assert result.gate_passed and not result.promoted
+    [failed] = [c for c in result.parity["checks"] if not c["passed"]]
+    assert failed["check"] == "served" and "vLLM is not installed where publish runs" in failed["message"]
+    assert "publish.served_parity: false" in failed["message"]
+    assert not open_location(settings.models_uri(NAME), settings).exists("PROMOTED")
+
+
+def _served_check_on(monkeypatch) -> None:
     real = publish._evaluated
 
     def served_check_on(*args):
@@ -200,10 +215,86 @@ def test_publish_without_vllm_names_it_instead_of_retrying(evaluated, monkeypatc
         return ev
 
     monkeypatch.setattr(publish, "_evaluated", served_check_on)
+
+
+def test_served_parity_off_runs_the_static_checks_and_says_the_served_one_did_not_run(evaluated, monkeypatch, capsys):
+    """The pipeline chart's publish (no vLLM in its image) passes --set publish.served_parity=false: the static
+    checks still decide, PROMOTED moves, and stdout and parity.json say the served check was not run and why."""
+    from shared.serve import parity
+
+    settings = evaluated
+    _served_check_on(monkeypatch)
     monkeypatch.setattr(parity, "vllm_installed", lambda: False)
-    result = publish.run(settings, NAME, max_shard_size="1MB")
-    assert result.gate_passed and not result.promoted
-    [failed] = [c for c in result.parity["checks"] if not c["passed"]]
-    assert failed["check"] == "served" and "vLLM is not installed where publish runs" in failed["message"]
-    assert "evaluation.parity.enabled: false" in failed["message"]
-    assert not open_location(settings.models_uri(NAME), settings).exists("PROMOTED")
+    assert publish.main(["--model-name", NAME, "--max-shard-size", "1MB", "--set", "publish.served_parity=false"]) == 0
+    out = capsys.readouterr().out
+    assert "parity: PASSED" in out and "PROMOTED: promoted" in out
+    assert "  - note: served parity not run: publish.served_parity is false" in out
+    version = open_location(out.split("model: ")[1].split()[0], settings)
+    report = json.loads(version.read_text("parity.json"))
+    assert report["passed"] and report["served"] is None and "served parity not run" in report["note"]
+    assert {c["check"] for c in report["checks"]} == {"chat_template", "eos", "tokenizer", "merge_scale"}
+
+
+def test_an_adapter_only_version_is_checked_on_its_base_and_says_served_parity_was_not_checked(evaluated, monkeypatch):
+    """publish.artifact=adapter (#27): no merged folder. The contract and the static checks come from the base it is
+    served on (serving.mode=adapters), no merge to audit, and the served check is skipped out loud, never silently."""
+    settings = evaluated
+    _served_check_on(monkeypatch)
+    result = publish.run(settings, NAME, max_shard_size="1MB", artifact="adapter")
+    assert result.artifact == "adapter" and result.promoted, result.parity
+    assert result.parity["passed"] and result.parity["served"] is None
+    assert result.parity["note"].startswith("adapter-only version: served parity not checked")
+    assert {c["check"] for c in result.parity["checks"]} == {"chat_template", "eos", "tokenizer"}
+    contract = result.manifest.extra["serving"]
+    assert contract["eos_token_ids"] == [2] and contract["dtype"] == "float32"
+    files = {f.path for f in result.manifest.files}
+    assert "parity.json" in files and "adapter/adapter_config.json" in files
+    assert "lawtune-vllm.yaml" not in files, "adapters mode serves the base: no engine settings file in the version"
+
+
+def test_a_version_published_without_promotion_keeps_its_failed_parity_for_canary(evaluated, monkeypatch):
+    """publish.promote=false (#27) still records and honours the parity result: `lawtune models canary` and
+    `canary promote` refuse a version that does not serve as evaluated, unless forced."""
+    from jobs import models
+    from shared.core.errors import ConfigError
+    from shared.publish import registry
+
+    settings = evaluated
+    _wrong_scale(monkeypatch)
+    result = publish.run(settings, NAME, max_shard_size="1MB", promote=False)
+    assert result.gate_passed and not result.promoted and result.parity["passed"] is False
+    with pytest.raises(ConfigError, match="does not serve as it was evaluated .*wrong LoRA scale.*canary it anyway"):
+        models.canary(settings, NAME, result.version, weight=10)
+    models.canary(settings, NAME, result.version, weight=10, force=True)
+    with pytest.raises(ConfigError, match="does not serve as it was evaluated .*wrong LoRA scale.*promote it anyway"):
+        models.canary(settings, NAME, "promote")
+    root = open_location(settings.models_uri(NAME), settings)
+    assert registry.read_pointer(root).version is None
+    assert models.canary(settings, NAME, "promote", force=True)["forced"] is True
+    assert registry.read_pointer(root).version == result.version
+
+
+def test_an_adapter_only_champion_is_answered_as_its_adapter_on_its_base(evaluated, tiny_model, tmp_path):
+    """#26 x #27: when PROMOTED is an adapter-only version (production = base + adapter) and its answers cannot be
+    reused (its evaluation is gone), evaluate generates them from the base with the champion's adapter: the same
+    answers its own evaluation gave as the candidate (greedy), under the version's own answer key."""
+    settings = evaluated
+    champion = publish.run(settings, NAME, max_shard_size="1MB", artifact="adapter")
+    assert champion.promoted
+    first = open_location(settings.run_uri("evaluate"), settings)
+    expected = [json.loads(line)["tuned"] for line in first.read_text("predictions.jsonl").splitlines()]
+    first.delete_all()  # its answers are gone: production must answer again
+
+    s2 = settings.model_copy(update={"run_id": "r2"})
+    commit_data(s2, s2.run_uri("data"), records(), tmp_path / "r2")
+    commit_finetune(s2, s2.run_uri("finetune"), tiny_model, str(tiny_model), tmp_path / "r2", std=0.5, seed=1)
+    config = parse_config({"evaluation": {"generation": {"max_new_tokens": 4}, "batch_size": 4, "backend": "transformers",
+                                          "gate": {"rules": []}}})
+    evaluate.run(s2, config, model_name=NAME)
+    out = open_location(s2.run_uri("evaluate"), s2)
+    metrics = json.loads(out.read_text("metrics.json"))
+    assert metrics["production_version"] == champion.version
+    assert metrics["answers"]["reused"]["production"] == 0
+    assert metrics["answers"]["keys"]["production"] == f"published:{champion.manifest.digest}"
+    rows = [json.loads(line) for line in out.read_text("predictions.jsonl").splitlines()]
+    assert [r["production"] for r in rows] == expected

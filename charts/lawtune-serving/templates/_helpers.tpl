@@ -81,16 +81,20 @@ app.kubernetes.io/component: gateway
 
 {{/* s3://bucket/prefix/models/<name>[/<version>]: fetch_model resolves PROMOTED when no version is given. */}}
 {{- define "lawtune-serving.modelUri" -}}
+{{- if eq (include "lawtune-serving.mode" .) "adapters" }}{{ include "lawtune-serving.adapters.baseUri" . }}{{ else }}
 {{- $root := required "artifactStore.root is required: the artifact root holding models/, e.g. s3://bucket/lawtune" .Values.artifactStore.root | trimSuffix "/" }}
 {{- $uri := printf "%s/models/%s" $root .Values.model.name }}
 {{- if .Values.model.version }}{{ $uri = printf "%s/%s" $uri .Values.model.version }}{{ end }}
 {{- $uri }}
 {{- end }}
+{{- end }}
 
 {{/* A pinned version gets its own folder, so vLLM's /v1/models shows it (`root`) and a shared
 claim never swaps files under a running server. */}}
 {{- define "lawtune-serving.modelDir" -}}
-{{- if .Values.model.version }}
+{{- if eq (include "lawtune-serving.mode" .) "adapters" }}
+{{- include "lawtune-serving.adapters.baseDir" . }}
+{{- else if .Values.model.version }}
 {{- printf "/models/%s/%s" .Values.model.name .Values.model.version }}
 {{- else }}
 {{- printf "/models/%s" .Values.model.name }}
@@ -106,7 +110,12 @@ model.version is empty while autoscaling is on: each vLLM pod serves the version
 
 {{/* The version this release serves, as the pods' annotation carries it. */}}
 {{- define "lawtune-serving.modelVersionLabel" -}}
+{{- if eq (include "lawtune-serving.mode" .) "adapters" }}
+{{- /* Adapters follow the store at runtime: a promotion must not roll the pods. */}}
+{{- printf "adapters-on-base-%s" (include "lawtune-serving.adapters.baseDigest" . | trunc 16) }}
+{{- else }}
 {{- default "PROMOTED-at-pod-start" .Values.model.version }}
+{{- end }}
 {{- end }}
 
 {{/*

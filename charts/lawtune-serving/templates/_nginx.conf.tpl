@@ -26,6 +26,7 @@ answer a bad key with 401, and only a valid key reaches vLLM.
 {{- $uiAuth := include "lawtune-serving.uiAuth" . -}}
 {{- include "lawtune-serving.validateGateway" . -}}
 # Rendered by the lawtune-serving chart ({{ include "lawtune-serving.chart" . }}); edit values, not this file.
+{{- with include "lawtune-serving.canary.mainContext" . }}{{ . | nindent 0 }}{{- end }}
 worker_processes {{ include "lawtune-serving.gatewayWorkers" . }};
 pid {{ $g.runtimeDir }}/nginx.pid;
 error_log stderr warn;
@@ -66,6 +67,8 @@ http {
     {{- if include "lawtune-serving.pageProxy" . }}
     {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.nginx.pageBody" 4) }}
     {{- end }}
+
+    {{- with include "lawtune-serving.canary.httpContext" . }}{{ . | nindent 4 }}{{- end }}
 
     upstream lawtune_vllm {
         server {{ include "lawtune-serving.upstream" . }};
@@ -265,7 +268,8 @@ proxy_send_timeout {{ $g.timeouts.send }};
 
 
 {{- define "lawtune-serving.nginx.modelVersionHeader" -}}
-{{- if .Values.model.version }}
+{{- /* With the canary on, the version that answered is named per request (lawtune-serving.canary.proxy). */}}
+{{- if and .Values.model.version (not (include "lawtune-serving.canary.active" .)) }}
 # The model version this release serves (pinned per release: lawtune deploy / model.version).
 add_header X-Lawtune-Model-Version {{ .Values.model.version | quote }} always;
 {{- end }}
@@ -301,20 +305,23 @@ location /v1/ {
     {{- end }}
     auth_request /_lawtune_key;
 
-    proxy_pass http://lawtune_vllm;
+    {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.canary.proxy" 4) }}
     proxy_set_header Host $host;
     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
     proxy_set_header X-Forwarded-Proto $scheme;
     proxy_set_header X-Request-Id $request_id;
     {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.nginx.modelVersionHeader" 4) }}
     {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.nginx.proxyToVllm" 4) }}
+    {{- if not (include "lawtune-serving.canary.active" .) }}
     # An unreachable vLLM (starting, scaled to zero) answers 503 JSON, not nginx HTML.
     proxy_intercept_errors off;
+    {{- end }}
 }
 
 location / {
     return 404 {{ include "lawtune-serving.openaiError" (list "Not found: the API is under /v1/" "invalid_request_error" "not_found") }};
 }
+{{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.canary.serverContext" 0) }}
 {{- end }}
 
 error_page 401 = @unauthorized;
@@ -450,7 +457,7 @@ server {
         if ($http_x_lawtune_page_body != "1") {
             return 400 {{ include "lawtune-serving.openaiError" (list "Page calls send only {\"model\", \"messages\" (role and text content), \"stream\": true, \"max_tokens\"}, in that order" "invalid_request_error" "invalid_page_request") }};
         }
-        proxy_pass http://lawtune_vllm/v1/chat/completions;
+        {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.canary.uiProxy" 8) }}
         proxy_set_header Host $host;
         proxy_set_header X-Forwarded-For $http_x_forwarded_for;
         proxy_set_header X-Forwarded-Proto $http_x_forwarded_proto;
@@ -462,6 +469,7 @@ server {
     location / {
         return 404;
     }
+    {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.canary.pageServerContext" 4) }}
     error_page 502 503 504 = @upstream_unavailable;
     {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.nginx.upstreamUnavailable" 4) }}
 }

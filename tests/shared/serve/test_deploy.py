@@ -201,7 +201,7 @@ def test_a_deploy_records_which_release_serves_the_version_per_cluster(published
                                                        current="staging")))
     assert deploy.main(["--release", "assistant", "-f", str(values), "--namespace", "serving"]) == 0
     assert "staging-eks/serving/assistant: legal-assistant version v2 is ready" in capfd.readouterr().out
-    upgrade = calls.read_text().splitlines()[0]
+    upgrade = next(c for c in calls.read_text().splitlines() if c.startswith("upgrade"))
     assert upgrade.startswith("upgrade --install assistant") and "--reset-then-reuse-values --wait --timeout 30m" in upgrade
     models = open_location(settings.models_uri("legal-assistant"), settings)
     (record,) = releases(models)

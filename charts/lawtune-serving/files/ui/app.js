@@ -10,10 +10,17 @@
     config: null,
     key: "",          // auth=pasteKey only: never written to storage, cookies or the DOM
     messages: [],     // the conversation sent with each question
+    conversation: newConversationId(),  // keeps a conversation on one version during a canary (--sticky conversation)
     busy: false,
     maintenance: null,
     pollTimer: 0
   };
+
+  function newConversationId() {
+    var bytes = new Uint8Array(12);
+    crypto.getRandomValues(bytes);
+    return Array.prototype.map.call(bytes, function (b) { return ("0" + b.toString(16)).slice(-2); }).join("");
+  }
 
   function setStatus(text, isError) {
     var el = $("status");
@@ -118,7 +125,7 @@
   }
 
   function post(messages) {
-    var headers = { "Content-Type": "application/json" };
+    var headers = { "Content-Type": "application/json", "X-Lawtune-Conversation": state.conversation };
     if (state.config.auth !== "pasteKey") headers["X-Lawtune-Page"] = "1";  // ingress, loopback: the gateway adds the key
     else headers.Authorization = "Bearer " + state.key;
     return fetch(state.config.apiPath, {
@@ -255,6 +262,7 @@
     });
     $("new-chat").addEventListener("click", function () {
       state.messages = [];
+      state.conversation = newConversationId();
       $("log").textContent = "";
       setStatus("New conversation.");
       render();
