@@ -141,15 +141,17 @@ def test_kind_serving_values_use_cpu_mode_without_gpu_only_keys():
 
 def test_cpu_serving_asks_for_the_images_make_images_builds():
     """vllm.device=cpu asks for the fetch-model tag `make images DEVICE=cpu` gives (`<tag>-cpu`) and
-    the vLLM-CPU image it builds: the kind test side-loads exactly those, with no re-tagging."""
+    the vLLM-CPU image it builds: the kind test side-loads exactly those, with no re-tagging; the
+    metrics sidecar beside vLLM runs the gateway's nginx, which the node pulls."""
     from tests.kind import plan
 
     objects = render("charts/lawtune-serving", yaml.safe_load((HERE / "values-serving.yaml").read_text()))
     (vllm,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("vllm")]
     pod = vllm["spec"]["template"]["spec"]
     images = {c["image"] for c in pod["initContainers"] + pod["containers"]}
-    assert images == {f"{plan.REGISTRY}/fetch-model:{plan.TAG}-cpu", f"{plan.REGISTRY}/vllm-openai-cpu:v{plan.vllm_version()}"}
-    assert images <= set(plan.built())
+    assert images == {f"{plan.REGISTRY}/fetch-model:{plan.TAG}-cpu", f"{plan.REGISTRY}/vllm-openai-cpu:v{plan.vllm_version()}",
+                      plan.pulled()[-1]}
+    assert images <= set(plan.built()) | set(plan.pulled())
 
 
 @pytest.mark.parametrize("with_platform", [True, False])
