@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import pytest
@@ -90,10 +89,12 @@ def seaweedfs(tmp_path_factory):
 
 
 @pytest.fixture
-def s3_bucket(seaweedfs) -> str:
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    seaweedfs.client().create_bucket(Bucket=name)
-    return name
+def s3_bucket(seaweedfs):
+    """A fresh bucket, removed afterwards: the session's SeaweedFS has room for about 140 (tests/servers.py)."""
+    from tests.servers import fresh_bucket
+
+    with fresh_bucket(seaweedfs) as name:
+        yield name
 
 
 @pytest.fixture

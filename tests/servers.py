@@ -14,6 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +83,37 @@ class SeaweedS3:
             "LAWTUNE_S3_ENDPOINT_URL": self.endpoint,
         }
 
+    @property
+    def master_url(self) -> str:
+        return "http://127.0.0.1:" + next(a for a in self.cmd if a.startswith("-master.port=")).split("=", 1)[1]
+
+    def volumes(self) -> dict[str, int]:
+        """Volumes per collection (a bucket is a collection), from the master's /vol/status."""
+        import urllib.request
+
+        found: dict[str, int] = {}
+
+        def walk(node) -> None:
+            if isinstance(node, dict):
+                if "Id" in node and "Collection" in node:
+                    found[node["Collection"]] = found.get(node["Collection"], 0) + 1
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        with urllib.request.urlopen(f"{self.master_url}/vol/status", timeout=10) as answer:
+            walk(json.load(answer))
+        return found
+
+    def remove_bucket(self, name: str) -> None:
+        """Delete a bucket with what is in it. Every bucket is a collection holding 7 volumes of
+        the server's ``-volume.max``; a session's tests that only ever create buckets ran out of
+        volumes (InternalError on every PutObject) once the suite outgrew the cap. SeaweedFS
+        deletes a non-empty bucket and frees its collection's volumes."""
+        self.client().delete_bucket(Bucket=name)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -93,7 +127,24 @@ class SeaweedS3:
         _wait_ready(self, timeout)
 
 
-def start_seaweedfs(workdir: Path, timeout: float = 60.0) -> SeaweedS3:
+@contextmanager
+def fresh_bucket(server: SeaweedS3):
+    """A new bucket for one test, removed afterwards (``SeaweedS3.remove_bucket``: a bucket holds
+    7 of the server's volumes until it is removed). A failed removal is a warning: a leftover bucket
+    costs room, not a result."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    server.client().create_bucket(Bucket=name)
+    try:
+        yield name
+    finally:
+        if server.process.poll() is None:  # a test may have stopped the server on purpose
+            try:
+                server.remove_bucket(name)
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                warnings.warn(f"bucket {name} not removed: {exc}", stacklevel=2)
+
+
+def start_seaweedfs(workdir: Path, timeout: float = 60.0, volume_max: int = 1000) -> SeaweedS3:
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
     data.mkdir(exist_ok=True)
@@ -121,7 +172,7 @@ def start_seaweedfs(workdir: Path, timeout: float = 60.0) -> SeaweedS3:
         f"-master.port={master}", f"-volume.port={volume}",
         # Every test bucket is a collection that grabs its own volumes (7 at a time): 32 ran out
         # after a handful of buckets. Volumes are not preallocated, so a high cap costs no disk.
-        "-master.volumeSizeLimitMB=64", "-volume.max=1000",
+        "-master.volumeSizeLimitMB=64", f"-volume.max={volume_max}",
         "-filer", f"-filer.port={filer}",
         "-s3", f"-s3.port={s3}", f"-s3.config={config}",
         # Fixed default ports (8181, 9101) would collide between concurrent sessions; we need neither.
@@ -163,6 +214,37 @@ class MlflowServer:
     uri: str
     process: subprocess.Popen
     log_path: Path
+
+    @property
+    def master_url(self) -> str:
+        return "http://127.0.0.1:" + next(a for a in self.cmd if a.startswith("-master.port=")).split("=", 1)[1]
+
+    def volumes(self) -> dict[str, int]:
+        """Volumes per collection (a bucket is a collection), from the master's /vol/status."""
+        import urllib.request
+
+        found: dict[str, int] = {}
+
+        def walk(node) -> None:
+            if isinstance(node, dict):
+                if "Id" in node and "Collection" in node:
+                    found[node["Collection"]] = found.get(node["Collection"], 0) + 1
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        with urllib.request.urlopen(f"{self.master_url}/vol/status", timeout=10) as answer:
+            walk(json.load(answer))
+        return found
+
+    def remove_bucket(self, name: str) -> None:
+        """Delete a bucket with what is in it. Every bucket is a collection holding 7 volumes of
+        the server's ``-volume.max``; a session's tests that only ever create buckets ran out of
+        volumes (InternalError on every PutObject) once the suite outgrew the cap. SeaweedFS
+        deletes a non-empty bucket and frees its collection's volumes."""
+        self.client().delete_bucket(Bucket=name)
 
     def stop(self) -> None:
         if self.process.poll() is None:

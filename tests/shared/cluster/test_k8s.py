@@ -62,7 +62,7 @@ def test_render_uses_this_calls_run_and_lets_values_files_set_the_in_cluster_end
     (cm,) = [o for o in objects if o["kind"] == "ConfigMap"]
     assert cm["data"]["config.yaml"] == config_file.read_text().rstrip("\n")
     publish_args = jobs["publish"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert publish_args == ["--model-name", "m"]
+    assert publish_args == ["--config", "/etc/lawtune/config.yaml", "--model-name", "m"]  # publish.artifact and its checks
 
 
 def test_stage_jobs_are_in_pipeline_order_and_stamped(rendered_jobs):
