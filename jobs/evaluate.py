@@ -14,13 +14,20 @@ manifest names). Both are verified against their manifests. The model's own code
 finetune manifest says so), and then only the code files finetune recorded by sha256.
 
 With ``--model-name``, the model's PROMOTED version (production) answers the same prompts
-too (champion/challenger; gate rules with ``min_improvement_over: promoted`` compare with
-it). ``evaluation.questions`` names a golden set (CSV/JSONL) scored besides the test split.
+too (champion/challenger; gate rules with ``compare: promoted`` compare with it).
+``evaluation.questions`` names a golden set (CSV/JSONL) scored besides the test split. An
+answer an earlier evaluation already gave (same model weights, decoding, engine and prompt ids:
+this run's earlier evaluation, or the one that published production) is reused, not generated
+(shared/evaluate/answers.py). The gate decides on the per-question scores of the questions
+``evaluation.gate.questions`` names, with paired bootstrap intervals (shared/evaluate/gate.py).
 
-Output (default ``<artifact_root>/runs/<run_id>/evaluate/``): ``predictions.jsonl`` (id,
-question, reference, base, tuned and production answers, per-example scores), ``metrics.json``
-(``{"base", "tuned", "production", "production_version", "delta", "delta_vs_production",
-"golden", "gate", ...}``), ``report.md``, ``report.html`` (loss plot embedded),
+Output (default ``<artifact_root>/runs/<run_id>/evaluate/``): ``answers.jsonl`` (every
+model's answer to every question, with its reuse keys), ``predictions.jsonl`` (one row per
+question, test split then golden set: the answers side by side, whether each ended on its own,
+per-question scores), ``metrics.json`` (``{"base", "tuned", "production", "production_version",
+"delta", "delta_vs_production", "golden", "gate", "engine", "answers", "serving", "parity", ...}``:
+the gate's intervals, the engine/version/dtype/batch size/seed, the serving profile publish builds
+the serving contract from), ``report.md``, ``report.html`` (loss plot embedded),
 ``loss_curves.png``, ``tensorboard/`` (the scores), and ``MANIFEST.json`` last with
 ``extra = {"gate": {...}, "metrics": {...}}``. With ``MLFLOW_TRACKING_URI`` set, the params,
 scores and report files also go to an MLflow run ``<run_id>-evaluate`` (shared/train/tracking.py). Skipped when data, finetune, the
@@ -41,26 +48,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.publish.registry import check_name, read_pointer
-from shared.store.artifacts import Manifest, digest_inputs, find_manifest, read_manifest, sha256_file
-from shared.evaluate.golden import load_golden
-from shared.train.tracking import log_evaluation_to_mlflow, log_scores
 from shared.core.cli import MODEL_ENV, STAGE_ENV, command_parser
 from shared.core.config import TrainConfig, add_config_arguments, config_from_args
-from shared.data.conversation import SchemaError, load_jsonl
-from shared.data.split_files import split_file
 from shared.core.errors import DataError
-from shared.evaluate.gate import evaluate_gate
-from shared.evaluate.generation import generate_answers, prompt_turns
 from shared.core.job import run_main
 from shared.core.log import configure_logging
-from shared.evaluate.metrics import METRICS
-from shared.evaluate.metrics import evaluate as score_all
-from shared.evaluate.report import ReportInput, write_report
 from shared.core.settings import Settings, load_settings
+from shared.data.conversation import SchemaError, load_jsonl
+from shared.data.split_files import split_file
+from shared.evaluate import answers as answer_book
+from shared.evaluate.answering import Model, add_earlier, collect, production_key, questions_of
+from shared.evaluate.gate import evaluate_gate, training_checks
+from shared.evaluate.golden import load_golden
+from shared.evaluate.metrics import METRICS
+from shared.evaluate.report import ReportInput, write_report
+from shared.evaluate.scoring import score, user_question, write_predictions
+from shared.publish.registry import check_name, read_pointer
+from shared.store.artifacts import Manifest, digest_inputs, find_manifest, read_manifest, sha256_file
 from shared.store.model_code import RECORD, check_folder
 from shared.store.stage import StageOutput, fetch_stage
 from shared.store.storage import open_location
+from shared.train.tracking import log_evaluation_to_mlflow, log_scores
 
 STAGE = "evaluate"
 log = logging.getLogger("lawtune.evaluate")
@@ -88,12 +96,10 @@ def _load_test(path: Path, name: str, limit: int | None) -> list[dict[str, Any]]
     return records[:limit] if limit else records
 
 
-def _question(turns: list[dict[str, str]]) -> str:
-    return next(t["content"] for t in reversed(turns) if t["role"] == "user")
-
-
 def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, finetune_uri: str | None = None,
         output_uri: str | None = None, *, force: bool = False, model_name: str | None = None) -> Result:
+    from transformers import AutoTokenizer
+
     from shared.train.models import resolve_base_model
 
     data_uri = data_uri or settings.run_uri("data")
@@ -131,70 +137,102 @@ def run(settings: Settings, config: TrainConfig, data_uri: str | None = None, fi
 
             records = _load_test(scratch / "data" / test_name, f"{data_uri}/{test_name}", ev.max_examples)
             golden_records = load_golden(golden[0], ev.questions, config.preprocess) if golden else []
-            turns, refs = zip(*(prompt_turns(r["conversations"]) for r in [*records, *golden_records]))
             # The operator's config decides whether model code runs, never the artifact; and only the code finetune ran.
             trust = config.trust_remote_code
             base_dir = resolve_base_model(base_ref, settings, trust)
             if trust:
                 check_folder(base_dir, ft_manifest.extra.get(RECORD), record=f"{finetune_uri}/MANIFEST.json")
-            log.info("generating answers to %d test and %d golden question(s) with %s (+ adapter)", len(records),
-                     len(golden_records), base_ref)
-            # One generate pass per model over both sets: the golden questions ride along in the same batches.
-            kwargs = dict(backend=ev.backend, batch_size=ev.batch_size, max_input_length=config.max_input_length, seed=config.seed,
-                          trust_remote_code=trust)
-            answers = generate_answers(base_dir, adapter, list(turns), ev.generation, **kwargs)
-            production: list[str] | None = None
+            tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
+            questions = questions_of(tokenizer, [("test", records), ("golden", golden_records)], config.max_input_length)
+            log.info("answering %d test and %d golden question(s) with %s (+ adapter)", len(records), len(golden_records), base_ref)
+            base_digest = ft_manifest.extra.get("base_model_digest") or f"ref:{base_ref}"
+            models = [Model("base", answer_book.base_key(base_digest), base_dir),
+                      Model("candidate", answer_book.adapter_key(base_digest, {f.path: f.sha256 for f in ft_manifest.files
+                                                                               if f.path.startswith("adapter/")}, adapter),
+                            base_dir, adapter)]
+            book = answer_book.Book()
+            add_earlier(book, settings, output_uri)  # an earlier evaluation of this run (e.g. before a new golden set)
             if champion:
-                log.info("generating the production model's answers (%s)", champion.uri)
+                models.append(Model("production", production_key(settings, champion.uri, book), None))
+
+            def fetch_production() -> tuple[Path, Path | None]:
                 champion_manifest = fetch_stage(settings, champion.uri, scratch / "production")
                 record = f"{champion.uri}/MANIFEST.json"
                 if champion_manifest.extra.get("artifact") == "adapter":  # an adapter on its base (serving.mode=adapters)
                     prod_base = resolve_base_model(champion_manifest.extra["adapter"]["base_model"], settings, trust)
                     if trust:  # the base runs the code, and only the code the champion's finetune ran
                         check_folder(prod_base, champion_manifest.extra.get(RECORD), record=record)
-                    production = generate_answers(prod_base, scratch / "production" / "adapter", list(turns), ev.generation,
-                                                  **kwargs).tuned
-                else:
-                    if trust:
-                        check_folder(scratch / "production", champion_manifest.extra.get(RECORD), record=record)
-                    production = generate_answers(scratch / "production", None, list(turns), ev.generation, **kwargs).base
-        n = len(records)
-        scored = {label: score_all(texts[:n], refs[:n]) for label, texts in
-                  (("base", answers.base), ("tuned", answers.tuned), ("production", production)) if texts is not None}
-        base_metrics, tuned_metrics = scored["base"][0], scored["tuned"][0]
-        prod_metrics = scored["production"][0] if production is not None else None
-        gate = evaluate_gate(ev.gate, base_metrics, tuned_metrics, prod_metrics)
+                    return prod_base, scratch / "production" / "adapter"
+                if trust:
+                    check_folder(scratch / "production", champion_manifest.extra.get(RECORD), record=record)
+                return scratch / "production", None
+
+            rows, engine = collect(models, questions, book, ev, max_input_length=config.max_input_length, seed=config.seed,
+                                   trust_remote_code=trust, tokenizer=tokenizer, production_weights=fetch_production)
+        metrics, scored = score(questions, rows)
+        gate_rows = {role: [r for q, r in zip(questions, per) if ev.gate.questions in ("all", q.set)] for role, per in scored.items()}
+        stops = {i: tokenizer.convert_ids_to_tokens(i) for i in
+                 ((summary.get("tokenization") or {}).get("train", {}).get("end_of_turn_labels") or {}).get("token_ids", [])}
+        gate = evaluate_gate(ev.gate, gate_rows["base"], gate_rows["candidate"], gate_rows.get("production"), seed=config.seed,
+                             training=training_checks(summary, stops))
         if model_name:  # publish checks that PROMOTED still names the model this verdict compared with
             gate["promoted"] = champion.version if champion else None
-        _write_outputs(out.workdir, records, turns, refs, answers, production, {k: v[1] for k, v in scored.items()})
-        metrics = {
-            "base": base_metrics, "tuned": tuned_metrics, "production": prod_metrics,
+        answer_book.write(out.workdir / answer_book.ANSWERS, [r for per in rows.values() for r in per])
+        write_predictions(out.workdir / "predictions.jsonl", questions, rows, scored)
+        n = len(records)
+        reused = {role: sum(r.reused_from is not None for r in per) for role, per in rows.items()}
+        metrics.update({
             "production_version": champion.version if champion else None,
-            "delta": _delta(tuned_metrics, base_metrics), "delta_vs_production": _delta(tuned_metrics, prod_metrics),
-            "gate": gate, "examples": n, "backend": answers.backend, "base_model": base_ref,
+            "gate": gate, "examples": n, "backend": engine.name, "engine": engine.as_dict(), "base_model": base_ref,
             "best_step": ft_manifest.extra.get("best_step", summary.get("best_step")),
-            "generation": ev.generation.model_dump(), "metric_definitions": {m: "mean per-example score, 0-100" for m in METRICS},
-        }
+            "generation": ev.generation.model_dump(), "max_input_length": config.max_input_length,
+            "answers": {"keys": {m.role: m.key for m in models}, "reused": reused, "questions": len(questions)},
+            "metric_definitions": {m: "mean per-question score, 0-100" for m in METRICS},
+            "parity": ev.parity.model_dump(),
+            "serving": _serving_profile(base_dir, tokenizer, ev, engine, config.max_input_length),
+        })
         if golden_records:
-            g = {label: score_all(texts[n:], refs[n:])[0] for label, texts in
-                 (("base", answers.base), ("tuned", answers.tuned), ("production", production)) if texts is not None}
-            metrics["golden"] = {**g, "source": ev.questions, "sha256": golden[1], "examples": len(golden_records)}
+            metrics["golden"].update({"source": ev.questions, "sha256": golden[1], "examples": len(golden_records)})
         (out.workdir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        samples = [{"question": _question(t), "reference": r, "base": b, "tuned": u,
-                    **({"production": production[i]} if production is not None else {})}
-                   for i, (t, r, b, u) in enumerate(zip(turns[:n], refs[:n], answers.base, answers.tuned))][: ev.report_samples]
-        facts = {"run": settings.run_id, "base model": base_ref, "adapter": f"{finetune_uri}/adapter",
-                 "production model": champion.uri if champion else "none promoted yet",
-                 "test examples": n, "golden questions": f"{len(golden_records)} ({ev.questions})" if golden_records else "none",
-                 "backend": answers.backend,
-                 "decoding": "sampling" if ev.generation.do_sample else "greedy",
-                 "max new tokens": ev.generation.max_new_tokens}
-        write_report(ReportInput(base_metrics, tuned_metrics, gate, samples, summary, facts, production=prod_metrics,
-                                 golden=metrics.get("golden")), out.workdir)
+        write_report(_report_input(settings, ev, metrics, questions, rows, summary, finetune_uri, champion, base_ref, engine),
+                     out.workdir)
         log_scores(out.workdir / "tensorboard", metrics)
-        manifest = out.commit(extra={"gate": gate, "metrics": tuned_metrics, "production_version": metrics["production_version"]})
+        manifest = out.commit(extra={"gate": gate, "metrics": metrics["tuned"], "production_version": metrics["production_version"]})
         log_evaluation_to_mlflow(settings.run_id, digest_inputs(out.inputs)[:12], out.workdir, metrics, output_uri)
         return Result(manifest, False, output_uri, gate)
+
+
+def _serving_profile(base_dir: Path, tokenizer, ev, engine, max_input_length: int) -> dict[str, Any]:
+    """What the candidate was evaluated with, for publish's serving contract and parity check: the base folder's
+    template, tokenizer files and stop ids (the adapter changes none of them), the decoding, dtype and engine."""
+    from shared.store.serving_contract import describe
+
+    described = describe(base_dir)
+    stops = sorted({*described["eos_token_ids"], *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    return {**described, "stop_token_ids": stops, "stop_tokens": tokenizer.convert_ids_to_tokens(stops),
+            "generation": ev.generation.model_dump(), "dtype": engine.dtype, "engine": engine.as_dict(),
+            "max_input_length": max_input_length}
+
+
+def _report_input(settings, ev, metrics, questions, rows, summary, finetune_uri, champion, base_ref, engine) -> ReportInput:
+    texts = {role: [r.text for r in per] for role, per in rows.items()}
+    test = [i for i, q in enumerate(questions) if q.set == "test"]
+    samples = [{"question": user_question(questions[i].turns), "reference": questions[i].reference, "base": texts["base"][i],
+                "tuned": texts["candidate"][i], **({"production": texts["production"][i]} if "production" in texts else {})}
+               for i in test][: ev.report_samples]
+    reused = metrics["answers"]["reused"]
+    facts = {"run": settings.run_id, "base model": base_ref, "adapter": f"{finetune_uri}/adapter",
+             "production model": champion.uri if champion else "none promoted yet",
+             "test examples": len(test),
+             "golden questions": f"{len(questions) - len(test)} ({ev.questions})" if len(questions) > len(test) else "none",
+             "engine": f"{engine.name} {engine.version}, {engine.dtype} on {engine.device}"
+                       + (f", batch {engine.batch_size}" if engine.batch_size else "") + f", seed {engine.seed}",
+             "decoding": ("sampling" if ev.generation.do_sample else "greedy")
+                         + f", repetition_penalty {ev.generation.repetition_penalty:g}",
+             "max new tokens": ev.generation.max_new_tokens,
+             "answers reused": ", ".join(f"{role} {count}/{len(questions)}" for role, count in reused.items()) or "none"}
+    return ReportInput(metrics["base"], metrics["tuned"], metrics["gate"], samples, summary, facts,
+                       production=metrics["production"], golden=metrics.get("golden"))
 
 
 @dataclass(frozen=True)
@@ -238,21 +276,6 @@ def _golden_source(settings: Settings, questions: str | None) -> tuple[Path, str
         path = settings.cache_dir / "golden" / name
         open_location(parent, settings).download_file(name, path)
     return path, sha256_file(path)
-
-
-def _delta(a: dict[str, float], b: dict[str, float] | None) -> dict[str, float] | None:
-    return None if b is None else {k: a[k] - b[k] for k in a}
-
-
-def _write_outputs(workdir: Path, records, turns, refs, answers, production, rows: dict[str, list]) -> None:
-    with open(workdir / "predictions.jsonl", "w", encoding="utf-8") as fh:
-        for i, rec in enumerate(records):
-            row = {"id": rec["id"], "question": _question(turns[i]), "prompt": turns[i], "reference": refs[i],
-                   "base": answers.base[i], "tuned": answers.tuned[i],
-                   "scores": {label: per_example[i] for label, per_example in rows.items()}}
-            if production is not None:
-                row["production"] = production[i]
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,14 +15,19 @@ restarted pod does not download again; a file damaged on the volume is fetched a
 fetches into one target are serialised by a lock file beside it (``.<target>.lock``), so
 replicas sharing a ReadWriteMany claim download once.
 
+The version's serving contract (``extra.serving`` of its manifest: chat template, tokenizer
+files, stop ids; shared/store/serving_contract.py) is checked too; a folder that breaks it is
+removed.
+
 With ``--trust-remote-code`` (the serving chart passes it when ``vllm.trustRemoteCode`` is on;
 ``make serve`` with ``TRUST_REMOTE_CODE=1``) the version's ``*.py`` files must be exactly those
 its manifest's ``extra.remote_code`` records (the code finetune ran), checked before anything
 is downloaded.
 
 Exit codes: 0 fetched or already there; 1 storage failure (retry); 2 nothing published or
-promoted at that URI, a checksum mismatch, code files the record does not allow, or a manifest path or PROMOTED content that would
-reach outside the target (absolute, ``..``; one line on stderr says which).
+promoted at that URI, a checksum mismatch, a broken serving contract, code files the record does
+not allow, or a manifest path or PROMOTED content that would reach outside the target (absolute,
+``..``; one line on stderr says which).
 """
 
 from __future__ import annotations
@@ -111,10 +116,34 @@ def run(settings: Settings, uri: str, target: Path, config: TrainConfig | None =
         _sweep_partials(target)
         if _same_version(target, manifest):
             log.info("%s already holds %s; nothing to download", target, version_uri)
+            _check_contract(target, manifest, version_uri)
             return Result(version_uri, manifest, target, False)
         log.info("fetching %d file(s) of %s into %s", len(manifest.files), version_uri, target)
         fetch_dir(loc, target, max_workers=settings.s3_max_concurrency)
+        _check_contract(target, manifest, version_uri)
     return Result(version_uri, manifest, target, True)
+
+
+def _check_contract(target: Path, manifest: Manifest, version_uri: str) -> None:
+    """The folder matches the serving contract publish wrote (shared/store/serving_contract.py); a folder that
+    does not is removed, so serving never starts on it."""
+    import shutil
+
+    from shared.store.serving_contract import ContractError, verify
+
+    contract = manifest.extra.get("serving")
+    if contract is None:
+        log.warning("%s carries no serving contract (published before lawtune wrote one); not verified beyond checksums",
+                    version_uri)
+        return
+    try:
+        verify(target, contract)
+    except ContractError as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        raise ConfigError(f"{version_uri} breaks its serving contract: {exc}") from None
+    else:
+        log.info("serving contract verified: chat template, %d tokenizer file(s), stop ids %s",
+                 len(contract.get("tokenizer_files") or {}), contract.get("eos_token_ids"))
 
 
 def _sweep_partials(target: Path) -> None:

@@ -13,7 +13,7 @@ Environment: ``LAWTUNE_ARTIFACT_ROOT``, ``LAWTUNE_S3_ENDPOINT_URL`` (shared/core
 ``list`` prints each version with its created time, gate verdict, key metrics, data digest
 and a ``*`` on the PROMOTED one, then the releases ``lawtune deploy`` recorded (which version
 each runs), then the history. ``promote`` moves PROMOTED to a version
-(``--force`` for one whose gate failed); ``rollback`` moves it to the version promoted before
+(``--force`` for one whose gate or parity check failed); ``rollback`` moves it to the version promoted before
 the current one. Both swap PROMOTED atomically and record the event
 (shared/publish/registry.py).
 
@@ -28,7 +28,7 @@ challenger), ``promote`` makes it the champion, ``abort`` ends it. Each move is 
 
 Exit codes: 0 done; 1 storage failure or another promotion moved PROMOTED first (the line
 names it); 2 an unknown model or version (the line lists the known ones), nothing to roll
-back to, or a failed gate without ``--force``.
+back to, or a failed gate or parity check without ``--force`` (promote, canary and canary promote).
 """
 
 from __future__ import annotations
@@ -111,12 +111,25 @@ def promote(settings: Settings, name: str, version: str, *, force: bool = False)
     if pointer.version == version:
         log.info("PROMOTED already names %s", version)
         return {"from": version, "to": version}
-    passed = gate_passed(target.gate)
-    if not passed and not force:
-        raise ConfigError(f"{name}/{version} failed its quality gate; promote it anyway with --force")
+    passed = _checks_passed(name, version, target, force, "promote")
     kind = "promote" if passed else "forced"
     return registry.move_pointer(root, pointer, version, {"kind": kind, "gate": target.gate,
                                                           "run_id": target.manifest.extra.get("run_id")})
+
+
+def _checks_passed(name: str, version: str, target, force: bool, action: str) -> bool:
+    """Whether the version passed its quality gate and its parity check (publish's, in its manifest); a failed
+    one is refused unless ``force`` (then False: the move is recorded as forced)."""
+    passed = gate_passed(target.gate)
+    if not passed and not force:
+        raise ConfigError(f"{name}/{version} failed its quality gate; {action} it anyway with --force")
+    parity = target.manifest.extra.get("parity")
+    if isinstance(parity, dict) and parity.get("passed") is False:
+        failed = "; ".join(c.get("message", "?") for c in parity.get("checks", []) if not c.get("passed"))
+        if not force:
+            raise ConfigError(f"{name}/{version} does not serve as it was evaluated ({failed}); {action} it anyway with --force")
+        passed = False
+    return passed
 
 
 def rollback(settings: Settings, name: str) -> dict:
@@ -145,19 +158,17 @@ def canary(settings: Settings, name: str, target: str, *, weight: int | None = N
             write_canary(root, None, token)
             return record_event(root, {"kind": "canary-abort", "challenger": current.version, "weight": current.weight})
         version = registry.require_version(root, name, current.version)
-        if not gate_passed(version.gate) and not force:
-            raise ConfigError(f"{name}/{current.version} failed its quality gate; promote it anyway with --force")
+        passed = _checks_passed(name, current.version, version, force, "promote")
         pointer = registry.read_pointer(root)
         event = registry.move_pointer(root, pointer, current.version, {
             "kind": "canary-promote", "gate": version.gate, "run_id": version.manifest.extra.get("run_id"),
-            "weight": current.weight})
+            "weight": current.weight, **({} if passed else {"forced": True})})
         write_canary(root, None, token)  # after the swap: for a moment both name the same version, which is harmless
         return event
     version = registry.require_version(root, name, target)
     if registry.read_pointer(root).version == target:
         raise ConfigError(f"{name}/{target} is PROMOTED already (the champion); a canary tries another version")
-    if not gate_passed(version.gate) and not force:
-        raise ConfigError(f"{name}/{target} failed its quality gate; canary it anyway with --force")
+    _checks_passed(name, target, version, force, "canary")
     if version.manifest.extra.get("artifact", "merged") == "merged":
         log.warning("%s carries no adapter (publish.artifact=merged): a release in serving.mode=adapters cannot load it; "
                     "a merged-mode release serves it once `lawtune deploy` adds the challenger Deployment", target)
@@ -181,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("promote", help="move PROMOTED to a published version", description="Move PROMOTED to a published version.")
     p.add_argument("name", help=name_help)
     p.add_argument("version", help="the version to promote (lawtune models list shows them)")
-    p.add_argument("--force", action="store_true", help="promote a version whose quality gate failed")
+    p.add_argument("--force", action="store_true", help="promote a version whose quality gate or parity check failed")
     sub.add_parser("rollback", help="move PROMOTED back to the version promoted before it",
                    description="Move PROMOTED back to the version promoted before it.").add_argument("name", help=name_help)
     c = sub.add_parser("canary", help="give a challenger version a share of the traffic; promote or abort ends it",
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--weight", type=int, help="percent of clients the challenger answers (0-100; default 10, or the current one)")
     c.add_argument("--sticky", choices=("apiKey", "conversation"),
                    help="what keeps a client on one side: its API key (default) or the X-Lawtune-Conversation header")
-    c.add_argument("--force", action="store_true", help="canary or promote a version whose quality gate failed")
+    c.add_argument("--force", action="store_true", help="canary or promote a version whose quality gate or parity check failed")
     args = parser.parse_args(argv)
 
     def body() -> None:

@@ -91,8 +91,8 @@ def commit_finetune(settings: Settings, uri: str, model_dir: Path, base_ref: str
     (folder / "training_summary.json").write_text(json.dumps(summary), encoding="utf-8")
     (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in summary["train_loss_curve"]))
     (folder / "config.yaml").write_text(f"base_model: {base_ref}\n", encoding="utf-8")
-    return commit_dir(folder, open_location(uri, settings), stage="finetune", inputs={"seed": seed}, started_at=now_iso(),
-                      extra={"base_model": base_ref, "best_step": 4, **(extra or {})})
+    return commit_dir(folder, open_location(uri, settings), stage="finetune", inputs={"seed": seed, "run": settings.run_id},
+                      started_at=now_iso(), extra={"base_model": base_ref, "best_step": 4, **(extra or {})})
 
 
 _UNSET = object()

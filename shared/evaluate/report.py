@@ -23,6 +23,7 @@ _LABELS = {
     "bleu-4": "BLEU-4 (×100)",
     "answer_chars": "Average answer length (characters)",
     "empty_share": "Share of empty answers",
+    "ended_share": "Share of answers that ended before the token cap",
 }
 _MD_CELL_CHARS = 400
 PLOT_NAME = "loss_curves.png"
@@ -40,13 +41,21 @@ class ReportInput:
     golden: dict[str, Any] | None = None  # {"base", "tuned", ["production"], "examples", "source"}
 
 
+def _verdict(gate: dict[str, Any]) -> str:
+    """PASSED / FAILED, and what an inconclusive verdict became under the policy."""
+    word = "PASSED" if gate.get("passed") else "FAILED"
+    if gate.get("verdict") == "inconclusive":
+        return f"{word} (inconclusive, {'allowed as a first promotion' if gate.get('passed') else 'blocked'})"
+    return word
+
+
 def _fmt(name: str, value: float) -> str:
-    return f"{value:.1%}" if name == "empty_share" else f"{value:.2f}"
+    return f"{value:.1%}" if name in ("empty_share", "ended_share") else f"{value:.2f}"
 
 
 def _delta(name: str, base: float, tuned: float) -> str:
     diff = tuned - base
-    return f"{diff:+.1%}" if name == "empty_share" else f"{diff:+.2f}"
+    return f"{diff:+.1%}" if name in ("empty_share", "ended_share") else f"{diff:+.2f}"
 
 
 def metric_header(production: bool) -> list[str]:
@@ -58,7 +67,7 @@ def metric_header(production: bool) -> list[str]:
 
 def metric_rows(base: dict[str, float], tuned: dict[str, float], production: dict[str, float] | None = None) -> list[list[str]]:
     """One row per metric: label, base, [production], candidate, delta vs base, [delta vs production]."""
-    names = [n for n in (*METRICS, "answer_chars", "empty_share") if n in base and n in tuned]
+    names = [n for n in (*METRICS, "answer_chars", "empty_share", "ended_share") if n in base and n in tuned]
     rows = []
     for n in names:
         row = [_LABELS.get(n, n), _fmt(n, base[n])]
@@ -67,6 +76,31 @@ def metric_rows(base: dict[str, float], tuned: dict[str, float], production: dic
         row += [_delta(n, production[n], tuned[n])] if production is not None else []
         rows.append(row)
     return rows
+
+
+_STATUS = {"pass": "passes", "fail": "FAILS", "inconclusive": "inconclusive"}
+
+
+def gate_rows(gate: dict[str, Any]) -> list[list[str]]:
+    """One row per comparison check: what was compared, n, the mean difference, its interval, the threshold, the result."""
+    rows = []
+    for c in gate.get("checks", []):
+        if "interval" not in c:
+            continue
+        low, high = c["interval"]
+        against = {"base": "base", "promoted": "production"}.get(c.get("compare"), c.get("compare"))
+        rows.append([c["metric"], f"{c['kind'].replace('_', '-')} over {against}", str(c["n"]), f"{c['value']:+.2f}",
+                     f"{low:+.2f} .. {high:+.2f}", f"> {c['threshold']:+g}", _STATUS[c["status"]]])
+    return rows
+
+
+GATE_HEADER = ["Metric", "Rule", "n", "Mean difference", "Interval", "Lower bound must be", "Result"]
+
+
+def _gate_caption(gate: dict[str, Any]) -> str:
+    questions = {"all": "test split and golden set", "test": "test split", "golden": "golden set"}.get(gate.get("questions"), "")
+    return (f"Paired bootstrap over {gate.get('n')} questions ({questions}), "
+            f"{gate.get('confidence', 0.95):.0%} intervals of candidate minus the model compared with.")
 
 
 def _tables(data: ReportInput) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -124,11 +158,14 @@ def _md_cell(text: str) -> str:
 
 
 def render_markdown(data: ReportInput, has_plot: bool) -> str:
-    verdict = "PASSED" if data.gate.get("passed") else "FAILED"
+    verdict = _verdict(data.gate)
     lines = ["# Evaluation report: before and after fine-tuning (微调前 / 微调后)", ""]
     lines += [f"- **{k}**: {v}" for k, v in data.facts.items()]
     lines += ["", f"## Quality gate: {verdict}", ""]
     lines += [f"- {r}" for r in data.gate.get("reasons", [])]
+    if gate_rows(data.gate):
+        lines += ["", _gate_caption(data.gate), "", "| " + " | ".join(GATE_HEADER) + " |", "| --- |" + " --- |" * (len(GATE_HEADER) - 1)]
+        lines += ["| " + " | ".join(row) + " |" for row in gate_rows(data.gate)]
     for title, header, rows in _tables(data):
         lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -165,9 +202,13 @@ def render_html(data: ReportInput, plot_png: str | None) -> str:
         "<title>lawtune evaluation report</title>", f"<style>{_CSS}</style></head><body>",
         "<h1>Evaluation report: before and after fine-tuning (微调前 / 微调后)</h1>",
         "<ul>" + "".join(f"<li><b>{e(str(k))}</b>: {e(str(v))}</li>" for k, v in data.facts.items()) + "</ul>",
-        f'<h2>Quality gate: <span class="{"pass" if passed else "fail"}">{"PASSED" if passed else "FAILED"}</span></h2>',
+        f'<h2>Quality gate: <span class="{"pass" if passed else "fail"}">{e(_verdict(data.gate))}</span></h2>',
         "<ul>" + "".join(f"<li>{e(r)}</li>" for r in data.gate.get("reasons", [])) + "</ul>",
     ]
+    if gate_rows(data.gate):
+        parts += [f"<p>{e(_gate_caption(data.gate))}</p>", "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in GATE_HEADER) + "</tr>"]
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in gate_rows(data.gate)]
+        parts.append("</table>")
     for title, header, rows in _tables(data):
         parts += [f"<h2>{e(title)}</h2>", "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
         parts += ["<tr><td>" + e(row[0]) + "</td>" + "".join(f'<td class="num">{c}</td>' for c in row[1:]) + "</tr>" for row in rows]

@@ -90,6 +90,30 @@ def server_args(model_dir: Path, gpu: bool, trust_remote_code: bool = False) -> 
     return args
 
 
+def serving_contract_of(model_dir: Path) -> dict | None:
+    """The serving contract in a fetched version's MANIFEST.json (publish wrote it), or None for an older version."""
+    try:
+        contract = json.loads((model_dir / "MANIFEST.json").read_text(encoding="utf-8")).get("extra", {}).get("serving")
+    except (OSError, ValueError):
+        return None
+    return contract if isinstance(contract, dict) else None
+
+
+def serving_args(model_dir: Path, contract: dict | None, gpu: bool | None = None, trust_remote_code: bool = False) -> list[str]:
+    """``server_args`` plus the serving contract's flags (shared/store/serving_contract.py): the chat
+    template, the generation config with its stop ids, evaluate's decoding as the defaults, and
+    evaluate's dtype in place of the profile's, so vLLM serves what was evaluated and guesses nothing."""
+    from shared.store.serving_contract import vllm_args
+
+    args = server_args(model_dir, gpu_present() if gpu is None else gpu, trust_remote_code)
+    if not contract:
+        return args
+    if contract.get("dtype") and "--dtype" in args:  # flags beat the --config file: the evaluated dtype must win
+        at = args.index("--dtype")
+        del args[at:at + 2]
+    return [*args, *vllm_args(model_dir, contract)]
+
+
 def _cpu_server_env() -> dict[str, str]:
     env = {
         "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache
@@ -206,8 +230,13 @@ def serve(settings: Settings, model_name: str, port: int, vllm_port: int, api_ke
     else:
         log.info("starting vLLM-CPU on 127.0.0.1:%d (the first start of a model compiles it: about 1.5 min on 2 cores; "
                  "later starts 30-40 s)", vllm_port)
+    contract = serving_contract_of(model_dir)
+    if contract is None:
+        log.warning("%s carries no serving contract (published before lawtune recorded one): vLLM picks its own chat "
+                    "template, stop tokens and decoding defaults", model_dir)
     server = start_vllm(model_dir, vllm_port, api_key, served_model_name=model_name, log_path=workdir / "vllm.log",
-                        extra_args=server_args(model_dir, gpu, trust_remote_code) if vllm_args is None else vllm_args, gpu=gpu)
+                        extra_args=serving_args(model_dir, contract, gpu, trust_remote_code) if vllm_args is None else vllm_args,
+                        gpu=gpu)
     try:
         values = local_gateway_values(port=port, upstream=f"127.0.0.1:{vllm_port}", runtime_dir=workdir,
                                       overrides=merge_values(local_page_values(model_name, fetched), gateway_overrides or {}))

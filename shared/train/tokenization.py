@@ -295,3 +295,28 @@ def load_split(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path.name} line {number}: {exc}") from None
             records.append(record)
     return records
+
+
+def audit_end_labels(collator, rows: list[dict[str, Any]], end_ids: set[int], sample: int = 32) -> dict[str, Any] | None:
+    """Do the batches the model trains on still teach it to stop?
+
+    Counts end-of-turn tokens among the labels of the first ``sample`` training rows as encoded,
+    and again after ``collator`` made a batch of them. The classic bug masks padding in the
+    labels by id; with ``pad_token_id == eos_token_id`` (SmolLM2, Llama 3, Qwen...) that masks
+    every end-of-turn label too, and the tuned model never learns to stop. evaluate's gate
+    blocks a run whose collator dropped them (shared/evaluate/gate.py, ``training_checks``).
+    None when the collator cannot batch the rows outside the Trainer."""
+    import torch
+
+    picked = rows[:sample]
+    if not picked or not end_ids:
+        return None
+    before = sum(1 for row in picked for label in row["labels"] if label in end_ids)
+    try:
+        batch = collator([dict(row) for row in picked])
+    except Exception as exc:  # noqa: BLE001 - an audit, never a reason to stop training
+        log.debug("end-of-turn label audit skipped: %s", exc)
+        return None
+    labels = torch.as_tensor(batch["labels"])
+    after = int(sum(int((labels == token).sum()) for token in end_ids))
+    return {"token_ids": sorted(end_ids), "examples": len(picked), "in_examples": before, "after_collator": after}

@@ -37,7 +37,7 @@ from shared.store.artifacts import MANIFEST, Manifest, commit_dir, fetch_dir, fi
 from shared.core.config import TrainConfig
 from shared.core.errors import ConfigError, DataError, LawtuneError
 from shared.store.storage import Location
-from shared.train.tokenization import ChatEncoder, TokenizationReport, load_split
+from shared.train.tokenization import ChatEncoder, TokenizationReport, audit_end_labels, load_split
 
 if TYPE_CHECKING:
     from shared.store.stage import StageOutput
@@ -375,10 +375,14 @@ def _train(config, model_dir, data_dir, local_dir, store, hooks, prec, targs, is
     if hooks.prepare_train_dataset is not None:  # after the model: a token budget may be measured on it
         train_rows = hooks.prepare_train_dataset(train_rows, config)
     trainable, total = model.get_nb_trainable_parameters()
+    collator = hooks.make_collator(config, tokenizer, prec)
+    # Whether the batches still teach the end-of-turn token (pad = eos masking it is a classic): evaluate's gate reads it.
+    end_ids = ChatEncoder(tokenizer, config.max_input_length, config.max_output_length).end_of_turn
+    reports["train"]["end_of_turn_labels"] = audit_end_labels(collator, train_rows, end_ids)
     trainer = LawtuneTrainer(
         model=model,
         args=targs,
-        data_collator=hooks.make_collator(config, tokenizer, prec),
+        data_collator=collator,
         train_dataset=train_rows,
         eval_dataset=dev_rows or None,
         processing_class=tokenizer,

@@ -210,13 +210,29 @@ def test_stage_arguments_follow_the_stage_interface(rendered):
     assert _container(jobs["finetune"])["args"] == ["--config", "/etc/lawtune/config.yaml"]
     # Champion/challenger: evaluate scores the PROMOTED version of the model too.
     assert _container(jobs["evaluate"])["args"] == ["--config", "/etc/lawtune/config.yaml", "--model-name", "legal"]
-    assert _container(jobs["publish"])["args"] == ["--config", "/etc/lawtune/config.yaml", "--model-name", "legal", "--force"]
+    assert _container(jobs["publish"])["args"] == ["--config", "/etc/lawtune/config.yaml", "--model-name", "legal", "--force",
+                                                   "--set", "publish.served_parity=false"]
     # No command: each image's ENTRYPOINT (python -m jobs.<stage>) runs.
     assert not any("command" in _container(j) for j in jobs.values())
     for stage, job in jobs.items():
         env = {e["name"]: e.get("value") for e in _container(job)["env"]}
         assert env["LAWTUNE_RUN_ID"] == "sample" and env["LAWTUNE_ARTIFACT_ROOT"] == "s3://lawtune/artifacts"
         assert _container(job)["image"] == f"ghcr.io/lawtune/{stage}:0.1.0"
+
+
+def test_publish_turns_only_the_served_parity_off_the_image_cannot_run(rendered, config_file):
+    """issue 26: the publish image has no vLLM, so the chart's publish runs the parity check's static part
+    only: its --set, read with the shipped config as publish reads it, turns the served part off (and
+    servedParity: true leaves the config's default, the served check, on)."""
+    from shared.core.config import load_config
+
+    def publish_config(values: dict):
+        args = _container(_jobs(rendered({"modelName": "legal", **values}))["publish"])["args"]
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        return load_config(config_file, overrides=sets)
+
+    assert publish_config({}).publish.served_parity is False
+    assert publish_config({"stages": {"publish": {"servedParity": True}}}).publish.served_parity is True
 
 
 def test_publish_runs_model_code_only_when_the_shipped_config_says_so(config_file):
@@ -226,7 +242,7 @@ def test_publish_runs_model_code_only_when_the_shipped_config_says_so(config_fil
         config_file.write_text(config_text, encoding="utf-8")
         return _container(_jobs(render(CHART, _merge(BASE, {"modelName": "legal"}), set_files={"config": config_file}))["publish"])["args"]
 
-    read = ["--config", "/etc/lawtune/config.yaml", "--model-name", "legal"]
+    read = ["--config", "/etc/lawtune/config.yaml", "--model-name", "legal", "--set", "publish.served_parity=false"]
     assert publish_args(CONFIG_TEXT) == read
     assert publish_args(CONFIG_TEXT + "trust_remote_code: false\n") == read
     assert publish_args(CONFIG_TEXT + "trust_remote_code: true\n") == [*read, "--trust-remote-code"]

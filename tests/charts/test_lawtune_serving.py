@@ -676,6 +676,70 @@ def test_drain_waits_for_the_gateway_keepalive_bound():
     assert server["lifecycle"]["preStop"]["exec"]["command"][2:] == ["8000", "11", "290"]
 
 
+# ---- issue 26: the serving contract ------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_vllm_gets_the_contracts_template_and_generation_config(device):
+    """fetch-model verified the version against its serving contract; vLLM is told to use exactly its files."""
+    pod = _pod_template(_render({"vllm": {"device": device}}), "vllm")["spec"]
+    args = pod["containers"][0]["args"]
+    folder = "/models/legal-assistant"
+    assert args.count("--config") == 1 and not any(a.startswith("--config=") for a in args), "vLLM reads one --config file"
+    assert _flag(args, "--chat-template") == f"{folder}/chat_template.jinja"
+    assert _flag(args, "--generation-config") == folder, "its eos_token_id lists the stop tokens"
+    assert _flag(args, "--dtype") is None, "a --dtype flag would override the contract's"
+    (keys,) = [c for c in pod["initContainers"] if c["name"] == "api-keys"]
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in keys["volumeMounts"]
+    explicit = _pod_template(_render({"vllm": {"device": device, "dtype": "float16"}}), "vllm")["spec"]["containers"][0]["args"]
+    assert _flag(explicit, "--dtype") == "float16"
+    legacy = _pod_template(_render({"vllm": {"device": device, "servingContract": False}}), "vllm")["spec"]
+    assert not any(a.startswith(("--chat-template", "--generation-config")) for a in legacy["containers"][0]["args"])
+    assert _flag(legacy["containers"][0]["args"], "--dtype") == ("bfloat16" if device == "cpu" else None)
+    (keys,) = [c for c in legacy["initContainers"] if c["name"] == "api-keys"]
+    assert "lawtune-vllm.yaml" not in keys["command"][-1] and all(m["name"] != "models" for m in keys["volumeMounts"])
+
+
+def _vllm_args_after_init(tmp_path, values: dict, contract_file: str | None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run the vLLM pod's api-keys init script on a model folder under tmp_path (holding ``contract_file`` as its
+    lawtune-vllm.yaml, if any) and return it with the vLLM container's args pointing at the file it wrote."""
+    pod = _pod_template(_render(values), "vllm")["spec"]
+    (init,) = [c for c in pod["initContainers"] if c["name"] == "api-keys"]
+    keys_file, folder = "/etc/lawtune-keys/vllm-api-keys.yaml", "/models/legal-assistant"
+    (tmp_path / "model").mkdir()
+    if contract_file is not None:
+        (tmp_path / "model" / "lawtune-vllm.yaml").write_text(contract_file, encoding="utf-8")
+    script = init["command"][-1].replace(keys_file, str(tmp_path / "keys.yaml")).replace(folder, str(tmp_path / "model"))
+    proc = subprocess.run(["sh", "-c", script], env={"PATH": "/usr/bin:/bin", "LAWTUNE_API_KEY": "k" * 32},
+                          capture_output=True, text=True, timeout=30)
+    args = [str(tmp_path / "keys.yaml") if a == keys_file else a.replace(folder, str(tmp_path / "model"))
+            for a in pod["containers"][0]["args"]]
+    return proc, args
+
+
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_vllm_parses_the_contracts_dtype_and_decoding_beside_the_keys(tmp_path, device):
+    """vLLM's own argument parser, on the pod's args after its init containers ran: the keys and the version's
+    lawtune-vllm.yaml arrive through the one --config file vLLM reads (a second --config is refused by vLLM,
+    and a --config=<path> form is not read at all)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from shared.store.serving_contract import vllm_config
+
+    contract = {"dtype": "float32", "generation": {"do_sample": False, "repetition_penalty": 1.1}}
+    proc, args = _vllm_args_after_init(tmp_path, {"vllm": {"device": device}}, yaml.safe_dump(vllm_config(contract)))
+    assert proc.returncode == 0, proc.stderr
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(args)
+    assert parsed.api_key == ["k" * 32]
+    assert parsed.dtype == "float32", "the evaluated dtype"
+    assert parsed.override_generation_config == {"repetition_penalty": 1.1, "temperature": 0.0}, "evaluate's decoding"
+
+
+def test_a_version_without_engine_settings_stops_the_pod_naming_the_switch(tmp_path):
+    proc, _ = _vllm_args_after_init(tmp_path, {}, None)
+    assert proc.returncode == 2 and "has no lawtune-vllm.yaml" in proc.stderr and "vllm.servingContract=false" in proc.stderr
+
+
 # ---- issue 19: CPU mode -----------------------------------------------------------------------
 
 def test_cpu_mode_runs_the_engine_settings_of_make_serve():
@@ -690,7 +754,9 @@ def test_cpu_mode_runs_the_engine_settings_of_make_serve():
     args = server["args"]
     local = dict(zip(CPU_SERVER_ARGS[::2], CPU_SERVER_ARGS[1::2]))
     for flag, value in local.items():
-        assert _flag(args, flag) == value, flag
+        if flag != "--dtype":  # the version's evaluated dtype, from its serving contract (below)
+            assert _flag(args, flag) == value, flag
+    assert _flag(args, "--dtype") is None, "the contract's dtype, through the --config file"
     assert not any(a.startswith("--gpu-memory-utilization") for a in args)
     env = {e["name"]: e.get("value") for e in server["env"]}
     cpu = DEFAULTS["vllm"]["cpu"]

@@ -63,6 +63,27 @@ def test_adapters_mode_runs_the_base_with_lora_and_the_adapter_agent():
     assert next(m for m in server["volumeMounts"] if m["mountPath"] == "/models")["readOnly"] is True
 
 
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_adapters_mode_takes_no_serving_contract_from_the_base_folder(tmp_path, device):
+    """issue 26 x 27: the serving contract (lawtune-vllm.yaml, chat template, generation config) belongs to a merged
+    version; the shared base in /models/base/<digest> has none, so the api-keys init container, run on a base
+    folder, writes the keys and exits 0 (appending the missing file would stop every replica, exit 2)."""
+    import subprocess
+
+    pod = _deployment(_render(_merge(ADAPTERS, {"vllm": {"device": device}})), "vllm")["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert not any(a.startswith(("--chat-template", "--generation-config")) for a in args)
+    assert _flag(args, "--dtype") == ("bfloat16" if device == "cpu" else None)
+    (init,) = [c for c in pod["initContainers"] if c["name"] == "api-keys"]
+    keys_file = "/etc/lawtune-keys/vllm-api-keys.yaml"
+    script = init["command"][-1].replace(keys_file, str(tmp_path / "keys.yaml"))
+    assert "lawtune-vllm.yaml" not in script and all(m["name"] != "models" for m in init["volumeMounts"])
+    proc = subprocess.run(["sh", "-c", script], env={"PATH": "/usr/bin:/bin", "LAWTUNE_API_KEY": "k" * 32},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "keys.yaml").read_text() == f"api-key:\n- '{'k' * 32}'\n"
+
+
 def test_in_adapters_mode_a_promotion_does_not_roll_the_vllm_pods():
     """lawtune deploy pins model.version; in adapters mode the agent follows the store, the pods stay."""
     pods = [_deployment(_render(_merge(ADAPTERS, {"model": {"version": v}})), "vllm")["spec"]["template"] for v in ("r1-a", "r2-b")]

@@ -144,6 +144,7 @@ OLD_SECRET = {"LAWTUNE_API_KEY": OLD_KEY}
 ROLLING_SECRET = {"LAWTUNE_API_KEY": NEW_KEY, "LAWTUNE_PREVIOUS_API_KEY": OLD_KEY}
 DONE_SECRET = {"LAWTUNE_API_KEY": NEW_KEY}
 KEYS_FILE = "/etc/lawtune-keys/vllm-api-keys.yaml"
+MODEL_DIR = "/models/legal-assistant"
 
 
 @pytest.fixture(scope="module")
@@ -196,11 +197,15 @@ def _vllm_container_args(tmp_path, secret: dict) -> list[str]:
     pod = vllm["spec"]["template"]["spec"]
     (init,) = [c for c in pod["initContainers"] if c["name"] == "api-keys"]
     keys = tmp_path / f"vllm-keys-{len(list(tmp_path.iterdir()))}.yaml"
-    proc = subprocess.run(["sh", "-c", init["command"][-1].replace(KEYS_FILE, str(keys))],
-                          env={"PATH": "/usr/bin:/bin", **secret}, capture_output=True, text=True, timeout=30)
+    # The version's serving contract engine settings, which the script appends to the keys file (issue 26).
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "lawtune-vllm.yaml").write_text("dtype: float32\n")
+    script = init["command"][-1].replace(KEYS_FILE, str(keys)).replace(MODEL_DIR, str(model))
+    proc = subprocess.run(["sh", "-c", script], env={"PATH": "/usr/bin:/bin", **secret}, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     (server,) = [c for c in pod["containers"] if c["name"] == "vllm"]  # beside it: the metrics sidecar
-    return [str(keys) if a == KEYS_FILE else a for a in server["args"]]
+    return [str(keys) if a == KEYS_FILE else a.replace(MODEL_DIR, str(model)) for a in server["args"]]
 
 
 def _gateway(tmp_path, name: str, upstream_port: int, secret: dict):
@@ -241,6 +246,7 @@ def test_no_request_fails_while_a_rotated_key_rolls_out(tmp_path, vllm_parser):
         for revision, secret in (("old", OLD_SECRET), ("new", ROLLING_SECRET)):
             servers[revision] = VllmAuth(vllm_parser, _vllm_container_args(tmp_path, secret))
         assert servers["new"].args.api_key == [NEW_KEY, OLD_KEY]  # vLLM took both keys from the file
+        assert servers["new"].args.dtype == "float32", "and the serving contract's engine settings beside them"
         for gw_rev, secret in (("old", OLD_SECRET), ("new", ROLLING_SECRET)):
             for vllm_rev in ("old", "new"):
                 gateways[gw_rev, vllm_rev] = _gateway(tmp_path, f"gw-{gw_rev}-{vllm_rev}", servers[vllm_rev].port, secret)

