@@ -169,7 +169,7 @@ GLM4_9B = dict(  # THUDM/glm-4-9b-chat-hf's published config (GlmForCausalLM)
 
 def glm_model_dir(path: Path, tokenizer_dir: Path, *, layers: int | None = None, tiny: bool = False, arch: str = "glm",
                   device: str = "cpu") -> Path:
-    """A config-initialised GLM-4 (GLM-4-9B's shape, or ``tiny``: hidden 64) carrying a real BPE
+    """A config-initialised GLM-4 (GLM-4-9B's shape, or ``tiny``: hidden 64, head_dim 32: the smallest vLLM-CPU serves) carrying a real BPE
     tokenizer (e.g. the bundled model's, from ``tokenizer_dir``) turned into GLM-4's: its special
     tokens, chat template, <|endoftext|> as eos and the generation config's stop on <|user|>.
     Stands in for THUDM/glm-4-9b-chat-hf where no model hub is reachable."""
@@ -184,7 +184,7 @@ def glm_model_dir(path: Path, tokenizer_dir: Path, *, layers: int | None = None,
     tok.chat_template = GLM4_TEMPLATE
     stops = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
     dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=16, partial_rotary_factor=0.5, attention_bias=True, max_position_embeddings=4096) if tiny else dict(GLM4_9B)
+                head_dim=32, partial_rotary_factor=0.5, attention_bias=True, max_position_embeddings=4096) if tiny else dict(GLM4_9B)
     if layers:
         dims["num_hidden_layers"] = layers
     config = (Glm4Config if arch == "glm4" else GlmConfig)(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -162,7 +163,12 @@ def _served(report: Report, folder: Path, evaluated: Evaluated, contract: dict, 
         return {}
     max_tokens = int(contract.get("max_new_tokens") or 0) or 256
     started = time.monotonic()
-    server = _start(folder, contract, trust_remote_code, log_dir, cfg)
+    try:
+        server = _start(folder, contract, trust_remote_code, log_dir, cfg)
+    except RuntimeError:  # vLLM exited before it was ready: the published folder is what it could not serve
+        report.add("served", False, f"parity: vLLM could not start on the published folder; its error: "
+                                     f"{engine_error(_read(log_dir / PARITY_LOG))}")
+        return {}
     ready = time.monotonic() - started
     try:
         client = server.openai_client(timeout=600)
@@ -174,6 +180,12 @@ def _served(report: Report, folder: Path, evaluated: Evaluated, contract: dict, 
 
         with ThreadPoolExecutor(max_workers=min(32, len(usable))) as pool:
             answers = list(pool.map(ask, usable))
+    except Exception as exc:  # noqa: BLE001 - the engine failing on the model is the finding, with its log
+        exited = server.process.poll()
+        log_text = server.log_tail(200_000)
+        report.add("served", False, f"parity: vLLM {f'exited with {exited}' if exited is not None else 'failed'} while answering "
+                                     f"the golden questions ({type(exc).__name__}: {exc}); its error: {engine_error(log_text)}")
+        return {}
     finally:
         server.stop()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -198,10 +210,42 @@ def _served(report: Report, folder: Path, evaluated: Evaluated, contract: dict, 
     return result
 
 
+PARITY_LOG = "parity-vllm.log"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+_ERROR_LINE = re.compile(r"\b([A-Za-z_.]*(?:Error|Exception)): (.+)$")
+
+
+def engine_error(log_text: str) -> str:
+    """The error that stopped vLLM's engine, as one line: the first exception a traceback in its log ends
+    with (the EngineDeadError and HTTP 500 lines after it only repeat that the engine is gone)."""
+    in_traceback = False
+    lines = log_text.splitlines()
+    for i, line in enumerate(lines):
+        in_traceback = in_traceback or "Traceback (most recent call last)" in line
+        found = _ERROR_LINE.search(line) if in_traceback else None
+        if found and "EngineDeadError" not in found.group(1):
+            detail = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1][:1].isspace() else ""
+            return f"{found.group(1)}: {found.group(2).strip()}" + (f" ({detail})" if detail else "")
+    tail = [line for line in log_text.splitlines() if line.strip()][-3:]
+    return " | ".join(tail) or "(the log is empty)"
+
+
 def compare(evaluated: list[tuple[str, bool]], served: list[tuple[str, bool]], tokenizer, cfg: ParityConfig) -> dict[str, Any]:
     """Agreement of served with evaluated answers, both as the tokenizer's ids of the answer text."""
     pairs, first, agreement = [], 0, 0.0
     for (ev_text, ev_ended), (sv_text, sv_ended) in zip(evaluated, served):
+        # An answer cut by max_tokens inside a character (byte-level BPE splits a Chinese character over
+        # tokens): transformers decodes the dangling bytes as U+FFFD, vLLM's detokenizer holds them back.
+        # The same tokens, so not a disagreement.
+        ev_text, sv_text = ev_text.rstrip("\ufffd"), sv_text.rstrip("\ufffd")
         a = tokenizer(ev_text, add_special_tokens=False)["input_ids"]
         b = tokenizer(sv_text, add_special_tokens=False)["input_ids"]
         prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -245,5 +289,5 @@ def _start(folder: Path, contract: dict, trust_remote_code: bool, log_dir: Path,
     args = server_args_for(folder, contract, trust_remote_code)
     log.info("parity: serving %s with vLLM on 127.0.0.1:%d (%s)", folder, port, " ".join(args))
     log_dir.mkdir(parents=True, exist_ok=True)
-    return start_vllm(folder, port, secrets.token_urlsafe(16), served_model_name="parity", log_path=log_dir / "parity-vllm.log",
+    return start_vllm(folder, port, secrets.token_urlsafe(16), served_model_name="parity", log_path=log_dir / PARITY_LOG,
                       extra_args=args, timeout=cfg.start_timeout_s, gpu=gpu_present())

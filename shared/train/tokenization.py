@@ -297,6 +297,10 @@ def load_split(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _examples(item: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return item if isinstance(item, list) else [item]
+
+
 def audit_end_labels(collator, rows: list[dict[str, Any]], end_ids: set[int], sample: int = 32) -> dict[str, Any] | None:
     """Do the batches the model trains on still teach it to stop?
 
@@ -308,12 +312,14 @@ def audit_end_labels(collator, rows: list[dict[str, Any]], end_ids: set[int], sa
     None when the collator cannot batch the rows outside the Trainer."""
     import torch
 
-    picked = rows[:sample]
+    # By index, not a slice: the fast path's packed rows (shared/train/packing.PackedRows) are a
+    # list-like of rows, each a list of examples, and slice like no list.
+    picked = [rows[i] for i in range(min(sample, len(rows)))]
     if not picked or not end_ids:
         return None
-    before = sum(1 for row in picked for label in row["labels"] if label in end_ids)
+    before = sum(1 for item in picked for example in _examples(item) for label in example["labels"] if label in end_ids)
     try:
-        batch = collator([dict(row) for row in picked])
+        batch = collator([[dict(e) for e in item] if isinstance(item, list) else dict(item) for item in picked])
     except Exception as exc:  # noqa: BLE001 - an audit, never a reason to stop training
         log.debug("end-of-turn label audit skipped: %s", exc)
         return None

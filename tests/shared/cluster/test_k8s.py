@@ -62,7 +62,9 @@ def test_render_uses_this_calls_run_and_lets_values_files_set_the_in_cluster_end
     (cm,) = [o for o in objects if o["kind"] == "ConfigMap"]
     assert cm["data"]["config.yaml"] == config_file.read_text().rstrip("\n")
     publish_args = jobs["publish"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert publish_args == ["--config", "/etc/lawtune/config.yaml", "--model-name", "m"]  # publish.artifact and its checks
+    # publish.artifact and its checks come from the config; served parity is off in the cluster (the publish
+    # image has no vLLM: stages.publish.servedParity)
+    assert publish_args == ["--config", "/etc/lawtune/config.yaml", "--model-name", "m", "--set", "publish.served_parity=false"]
 
 
 def test_stage_jobs_are_in_pipeline_order_and_stamped(rendered_jobs):

@@ -66,8 +66,8 @@ def test_every_error_is_reported_at_once_with_key_value_and_expectation(tmp_path
                      "expected a number of at least 1", id="bound"),
         pytest.param("preprocess.columns.title=问题", "preprocess.columns: maps no column to reply; expected at least title "
                      "and reply (from --set preprocess.columns.title=问题)", id="rule-inside-a-section"),
-        pytest.param("evaluation.gate=[{min: 1}]", "evaluation.gate[0].metric: missing; a value is required (from --set "
-                     "evaluation.gate=[{min: 1}])", id="missing"),
+        pytest.param("evaluation.gate.rules=[{min: 1}]", "evaluation.gate.rules[0].metric: missing; a value is required "
+                     "(from --set evaluation.gate.rules=[{min: 1}])", id="missing"),
         pytest.param("peft_config.lora_alpah=4", "peft_config.lora_alpah: not a key lawtune knows (from --set "
                      "peft_config.lora_alpah=4); did you mean lora_alpha?", id="unknown-key"),
     ],

@@ -33,3 +33,29 @@ def test_agreement_counts_first_tokens_common_prefix_and_endings(tokenizer):
     assert agreement[0] == 1.0 and 0.5 < agreement[1] < 1.0 and agreement[2] == 0.0
     assert result["token_agreement"] == pytest.approx(sum(agreement) / 3, abs=1e-3)
     assert result["ended_share"] == {"served": 1.0, "evaluated": pytest.approx(2 / 3)}
+
+
+def test_an_answer_cut_inside_a_character_agrees_with_the_engine_that_holds_the_bytes_back(tokenizer):
+    """Seen with 4-token answers: evaluate's '美\ufffd' (transformers decodes the cut character's first
+    bytes) vs vLLM's '美' (its detokenizer waits for the rest) are the same tokens."""
+    from shared.serve.parity import compare
+
+    result = compare([("在体\ufffd", False), ("美\ufffd", False)], [("在体", False), ("美", False)], tokenizer,
+                     ParityConfig(first_tokens=16))
+    assert result["identical"] == 2 and result["first_tokens_agreement"] == 1.0 and result["token_agreement"] == 1.0
+
+
+def test_the_engines_error_is_the_exception_its_traceback_ends_with():
+    from shared.serve.parity import engine_error
+
+    log = "\n".join([
+        "WARNING [system_utils.py:255] ... This can cause fd limit errors like `OSError: [Errno 24] Too many open files`.",
+        "(EngineCore pid=1) ERROR [core.py:1512] EngineCore encountered a fatal error.",
+        "(EngineCore pid=1) ERROR [core.py:1512] Traceback (most recent call last):",
+        '(EngineCore pid=1) ERROR [core.py:1512]   File "x.py", line 1, in f',
+        "(EngineCore pid=1) ERROR [core.py:1512] RuntimeError: Unsupported CPU attention configuration: head_dim=16 isa=2",
+        "(APIServer pid=2) ERROR [async_llm.py:906] Traceback (most recent call last):",
+        "(APIServer pid=2) ERROR [async_llm.py:906] vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.",
+        'INFO:     127.0.0.1:1 - "POST /v1/chat/completions HTTP/1.1" 500 Internal Server Error'])
+    assert engine_error(log) == "RuntimeError: Unsupported CPU attention configuration: head_dim=16 isa=2"
+    assert engine_error("starting\nshutting down\n") == "starting | shutting down"

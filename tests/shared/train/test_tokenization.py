@@ -208,3 +208,42 @@ def test_bundled_template_two_turns_token_by_token(bundled_model_dir):
     first = encoded.labels.index(next(label for label in encoded.labels if label != IGNORE_INDEX))
     assert encoded.input_ids[first - len(header): first] == header
     assert tok.decode(encoded.input_ids[:first]).endswith("What is a contract?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _end_rows():
+    # Two examples whose last label is the end-of-turn token 2 (pad is 2 as well: pad = eos).
+    return [{"input_ids": [5, 6, 7, 2], "labels": [-100, 6, 7, 2]}, {"input_ids": [8, 9, 2], "labels": [-100, 9, 2]}]
+
+
+def test_end_label_audit_counts_the_end_tokens_a_collator_keeps_and_one_that_masks_pad_by_id_drops():
+    from transformers import DataCollatorForLanguageModeling
+
+    from shared.train.tokenization import audit_end_labels
+
+    class Tok:  # what DataCollatorForLanguageModeling needs of a tokenizer: pad by id
+        pad_token_id, pad_token, padding_side = 2, "<eos>", "right"
+
+        def pad(self, features, return_tensors=None, **kwargs):
+            import torch
+            width = max(len(f["input_ids"]) for f in features)
+            ids = [f["input_ids"] + [2] * (width - len(f["input_ids"])) for f in features]
+            return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features])}
+
+    def keeps(items):
+        import torch
+        width = max(len(f["labels"]) for f in items)
+        return {"labels": torch.tensor([f["labels"] + [-100] * (width - len(f["labels"])) for f in items])}
+
+    assert audit_end_labels(keeps, _end_rows(), {2}) == {"token_ids": [2], "examples": 2, "in_examples": 2, "after_collator": 2}
+    masked = audit_end_labels(DataCollatorForLanguageModeling(Tok(), mlm=False), _end_rows(), {2})
+    assert masked["in_examples"] == 2 and masked["after_collator"] == 0  # the classic: labels = input_ids, pad id -> -100
+
+
+def test_end_label_audit_reads_the_fast_paths_packed_rows():
+    """The fast path trains on PackedRows (rows of examples, no slicing): the audit must read them too."""
+    from shared.train.packing import PackedCollator, PackedRows
+    from shared.train.tokenization import audit_end_labels
+
+    packed = PackedRows.build(_end_rows(), max_tokens=16)
+    assert audit_end_labels(PackedCollator(), packed, {2}) == {"token_ids": [2], "examples": 1, "in_examples": 2,
+                                                               "after_collator": 2}
