@@ -182,9 +182,9 @@ def _served(report: Report, folder: Path, evaluated: Evaluated, contract: dict, 
             answers = list(pool.map(ask, usable))
     except Exception as exc:  # noqa: BLE001 - the engine failing on the model is the finding, with its log
         exited = server.process.poll()
-        log_text = server.log_tail(200_000)
         report.add("served", False, f"parity: vLLM {f'exited with {exited}' if exited is not None else 'failed'} while answering "
-                                     f"the golden questions ({type(exc).__name__}: {exc}); its error: {engine_error(log_text)}")
+                                     f"the golden questions ({type(exc).__name__}: {exc}); its error: "
+                                     f"{engine_error(_read(log_dir / PARITY_LOG))}")
         return {}
     finally:
         server.stop()
@@ -234,7 +234,7 @@ def engine_error(log_text: str) -> str:
         if found and "EngineDeadError" not in found.group(1):
             detail = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1][:1].isspace() else ""
             return f"{found.group(1)}: {found.group(2).strip()}" + (f" ({detail})" if detail else "")
-    tail = [line for line in log_text.splitlines() if line.strip()][-3:]
+    tail = [line for line in lines if line.strip()][-3:]
     return " | ".join(tail) or "(the log is empty)"
 
 
