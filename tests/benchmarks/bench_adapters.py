@@ -342,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         device = "vLLM (CUDA)" if args.gpu else "vLLM-CPU"
         with open(REPO / "docs" / "benchmarks.md", "a", encoding="utf-8") as fh:
-            fh.write(f"\n## Adapters in serving: merged vs base + adapters, promotion and canary ({device}, adapters team)\n\n"
-                     f"{stamp}; {machine}; `.venv/bin/python tests/benchmarks/bench_adapters.py "
+            # One heading per run, dated: the page keeps every run, and two runs' headings must differ.
+            fh.write(f"\n## Adapters in serving: merged vs base + adapters, promotion and canary ({device}, {stamp})\n\n"
+                     f"{machine}; `.venv/bin/python tests/benchmarks/bench_adapters.py "
                      f"{shlex.join(sys.argv[1:] if argv is None else argv)}`.\n"
                      f"Base {args.base}; LoRA r=8 on {'/'.join(TARGETS)} ({adapter_mib:.1f} MiB per adapter, fp32 safetensors); "
                      f"{args.max_tokens} new tokens per request, greedy; vLLM flags `{shlex.join(vllm_args)}` "

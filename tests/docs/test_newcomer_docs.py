@@ -85,3 +85,22 @@ def test_data_docs_show_the_mapping_through_set_and_it_runs(tmp_path):
     report = json.loads((tmp_path / "root" / "runs" / "docs" / "data" / "report.json").read_text(encoding="utf-8"))
     assert report["kept"] == 2 and report["rejected_by_reason"] == {"not_best_reply": 1}
     assert report["sources"][0]["unused_columns"] == []
+
+
+def test_no_page_repeats_a_section_heading():
+    """Two sections with one title share one anchor: a link to the second lands on the first, and a
+    reader cannot tell two benchmark runs apart (docs/benchmarks.md had the adapters section twice)."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), *sorted((REPO / "charts").glob("*/README.md"))]
+    repeated = {}
+    for page in pages:
+        fenced = False
+        seen: set[str] = set()
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if line.startswith("```"):
+                fenced = not fenced
+            if fenced or not re.match(r"#{1,2} ", line):
+                continue
+            if line in seen:
+                repeated.setdefault(str(page.relative_to(REPO)), []).append(line)
+            seen.add(line)
+    assert not repeated, repeated
