@@ -89,6 +89,9 @@ def main() -> None:
     result = training.train(cfg, Path(model), Path(data), Path(local), store, training_hooks(cfg, "cpu"))
     print(json.dumps({"rank": int(rank), "resumed_from": result.resumed_from, "steps": result.steps_completed,
                       "losses": result.train_loss_curve}))
+    # Both ranks leave together: a rank that tore gloo down while the other still had its pairs open
+    # once aborted ("terminate called without an active exception") after a finished run.
+    dist.barrier()
     dist.destroy_process_group()
 
 
