@@ -229,6 +229,7 @@ _LOCK_HOLDER = textwrap.dedent("""
     loc = open_location(sys.argv[1], load_settings())
     owner, _ = loc._acquire("P.lock")
     print("holding", flush=True)
+    sys.stdin.readline()  # the contender is trying now: hold on a while longer, then release
     time.sleep(float(sys.argv[2]))
     print("released", time.monotonic(), flush=True)
     loc.delete("P.lock")
@@ -240,6 +241,7 @@ _SKEWED_WRITER = "import time; _real = time.time; time.time = lambda: _real() + 
     from shared.store.storage import open_location
     loc = open_location(sys.argv[1], load_settings())
     _, token = loc.read_with_token("P")
+    print("trying", flush=True)
     won = loc.write_if("P", b"skewed", token)
     print("wrote" if won else "lost", time.monotonic(), flush=True)
 """)
@@ -253,12 +255,16 @@ def test_the_promotion_lock_is_not_taken_from_a_live_holder_by_a_clock_running_a
     Before, it took the lock and swapped while the holder still held it; now it waits for the release."""
     uri = f"{s3_env['LAWTUNE_ARTIFACT_ROOT']}/skew"
     open_location(uri, load_settings()).write_bytes("P", b"start")
-    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, uri, "4"], cwd=REPO, env=os.environ.copy(),
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, uri, "3"], cwd=REPO, env=os.environ.copy(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "holding"
-    writer = subprocess.run([sys.executable, "-c", _SKEWED_WRITER, uri], cwd=REPO, env=os.environ.copy(),
-                            capture_output=True, text=True, timeout=120)
-    released = float(holder.communicate(timeout=60)[0].split()[-1])
-    outcome, at = writer.stdout.split()
-    assert outcome == "wrote", writer.stderr[-2000:]
+    writer = subprocess.Popen([sys.executable, "-c", _SKEWED_WRITER, uri], cwd=REPO, env=os.environ.copy(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The holder releases 3 s after the writer began to try, however long the writer took to start (a
+    # fixed hold let a writer slower to start than the hold find the lock free, and the test pass untested).
+    assert writer.stdout.readline().strip() == "trying", writer.stderr.read()[-2000:]
+    released = float(holder.communicate("go\n", timeout=60)[0].split()[-1])
+    out, err = writer.communicate(timeout=120)
+    outcome, at = out.split()
+    assert outcome == "wrote", err[-2000:]
     assert float(at) > released, "the skewed writer swapped while the holder still held the lock"
