@@ -68,27 +68,30 @@ def test_write_if_swaps_only_from_the_content_read(cas_root):
 
 
 _RACER = textwrap.dedent("""
-    import sys, time
+    import sys
     from shared.core.settings import load_settings
     from shared.store.storage import open_location
     loc = open_location(sys.argv[1], load_settings())
     _, token = loc.read_with_token("P")
-    while time.time() < float(sys.argv[3]):   # every racer has read before any writes
-        time.sleep(0.005)
+    print("ready", flush=True)
+    sys.stdin.readline()  # go: every racer has read before any writes
     print("won" if loc.write_if("P", sys.argv[2].encode(), token) else "lost", flush=True)
 """)
 
 
 @pytest.mark.fault('4 processes racing to move PROMOTED (file; S3 lock+conditional, lock only, LAWTUNE_S3_PROMOTION_LOCK=false)')
 def test_racing_processes_have_exactly_one_winner(cas_root):
-    """Four processes read PROMOTED, wait for the same instant, then all try to swap it."""
-    import time
-
+    """Four processes read PROMOTED, wait until all four have, then all try to swap it."""
     uri = f"{cas_root}/race"
     open_location(uri, load_settings()).write_bytes("P", b"start")
-    go = time.time() + 8  # interpreter start-up and boto3 import on a busy 2-core machine
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, uri, f"racer{i}", str(go)], cwd=REPO, env=os.environ.copy(),
-                              stdout=subprocess.PIPE, text=True) for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, uri, f"racer{i}"], cwd=REPO, env=os.environ.copy(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(4)]
+    # Released together once all four have read PROMOTED (before: a wall-clock instant 8 s ahead, which a
+    # racer slower to start than that missed, reading the winner's token and winning as well).
+    assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 4
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     results = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs), results
     assert sorted(results) == ["lost", "lost", "lost", "won"]
@@ -229,6 +232,7 @@ _LOCK_HOLDER = textwrap.dedent("""
     loc = open_location(sys.argv[1], load_settings())
     owner, _ = loc._acquire("P.lock")
     print("holding", flush=True)
+    sys.stdin.readline()  # the contender is trying now: hold on a while longer, then release
     time.sleep(float(sys.argv[2]))
     print("released", time.monotonic(), flush=True)
     loc.delete("P.lock")
@@ -240,6 +244,7 @@ _SKEWED_WRITER = "import time; _real = time.time; time.time = lambda: _real() + 
     from shared.store.storage import open_location
     loc = open_location(sys.argv[1], load_settings())
     _, token = loc.read_with_token("P")
+    print("trying", flush=True)
     won = loc.write_if("P", b"skewed", token)
     print("wrote" if won else "lost", time.monotonic(), flush=True)
 """)
@@ -253,12 +258,16 @@ def test_the_promotion_lock_is_not_taken_from_a_live_holder_by_a_clock_running_a
     Before, it took the lock and swapped while the holder still held it; now it waits for the release."""
     uri = f"{s3_env['LAWTUNE_ARTIFACT_ROOT']}/skew"
     open_location(uri, load_settings()).write_bytes("P", b"start")
-    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, uri, "4"], cwd=REPO, env=os.environ.copy(),
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, uri, "3"], cwd=REPO, env=os.environ.copy(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "holding"
-    writer = subprocess.run([sys.executable, "-c", _SKEWED_WRITER, uri], cwd=REPO, env=os.environ.copy(),
-                            capture_output=True, text=True, timeout=120)
-    released = float(holder.communicate(timeout=60)[0].split()[-1])
-    outcome, at = writer.stdout.split()
-    assert outcome == "wrote", writer.stderr[-2000:]
+    writer = subprocess.Popen([sys.executable, "-c", _SKEWED_WRITER, uri], cwd=REPO, env=os.environ.copy(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The holder releases 3 s after the writer began to try, however long the writer took to start (a
+    # fixed hold let a writer slower to start than the hold find the lock free, and the test pass untested).
+    assert writer.stdout.readline().strip() == "trying", writer.stderr.read()[-2000:]
+    released = float(holder.communicate("go\n", timeout=60)[0].split()[-1])
+    out, err = writer.communicate(timeout=120)
+    outcome, at = out.split()
+    assert outcome == "wrote", err[-2000:]
     assert float(at) > released, "the skewed writer swapped while the holder still held the lock"

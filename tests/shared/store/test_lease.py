@@ -208,6 +208,26 @@ def test_a_writer_whose_renewals_are_refused_longer_than_the_ttl_does_not_commit
 
 
 @pytest.mark.integration
+@pytest.mark.fault('lease renewals refused (403) longer than the TTL')
+def test_a_lease_lost_during_the_uploads_stops_the_commit_before_its_manifest(lease_proxy, monkeypatch):
+    """The lease is fresh when commit() starts, then the uploads outlast the TTL (one stalled and retried)
+    while every renewal is refused: a contender may have taken the folder over meanwhile, so the check
+    immediately before the manifest must refuse. The check before the uploads cannot see this; the test
+    above fails there already, so without this one the check before the manifest went untested."""
+    monkeypatch.setenv("LAWTUNE_S3_READ_TIMEOUT", "6")  # the stall ends in a reset and a retry, not a read timeout
+    settings = Settings()
+    stall_s = settings.lease_ttl_s * 1.5
+    with StageOutput(settings, "data", settings.run_uri("data"), {"x": 1}) as out:
+        (out.workdir / "a.txt").write_text("a")
+        lease_proxy.add(Fault("403", method="PUT", path_contains=LEASE, times=10**6),
+                        Fault("stall", method="PUT", path_contains="/a.txt", seconds=stall_s))
+        with pytest.raises(StorageError, match=r"the writer lease was last renewed \d+ s ago \(TTL 2 s"):
+            out.commit()
+    assert lease_proxy.hits("stall") == 1 and out.location.exists("a.txt"), "it got past the first check and uploaded"
+    assert not out.location.exists(MANIFEST), "no manifest after uploads that outlasted the lease"
+
+
+@pytest.mark.integration
 @pytest.mark.fault('a writer cut off from S3 while another takes its folder over')
 def test_a_writer_cut_off_from_s3_while_another_takes_over_does_not_commit(lease_proxy, seaweedfs):
     """The writer reaches S3 through the proxy, which refuses everything for a while (a partition);
