@@ -22,23 +22,35 @@ def pytest_report_header(config):
     return f"disk: {shutil.disk_usage(where).free / 2**30:.1f} GiB free under {where} (a full make test peaks at ~4 GiB there)"
 
 
+_FAULT_CASE = pytest.StashKey[dict]()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A test marked ``fault("<class>")`` appends its outcome to ``FAULTS_REPORT`` (JSON lines), failing
     ones included: tests/faults/summarise.py counts tried / survived / lost per class from them. A test
     that measured what was lost says so with ``record_property("lost_files", n)``; else a pass means
-    its assertions found nothing lost and a failure leaves "lost" unknown."""
+    its assertions found nothing lost and a failure leaves "lost" unknown.
+
+    One row per case, written once its teardown ran: a fixture that fails after a passing test makes
+    the case one failure (two rows would count one case twice, as survived and as not)."""
     outcome = yield
     report = outcome.get_result()
     marker = item.get_closest_marker("fault")
     path = os.environ.get("FAULTS_REPORT")
-    if marker is None or not path or (report.when != "call" and report.passed):
+    if marker is None or not path:
         return
-    if report.skipped:
-        return  # not tried here (e.g. a tool this machine lacks): as a row it read as a fault not survived
+    case = item.stash.setdefault(_FAULT_CASE, {"ran": False, "failed": False, "skipped": False, "seconds": 0.0})
+    case["failed"] |= report.failed
+    case["skipped"] |= report.skipped
+    case["ran"] |= report.when == "call" or report.failed
+    case["seconds"] += report.duration
+    if report.when != "teardown" or not case["ran"] or (case["skipped"] and not case["failed"]):
+        return  # a skipped case was not tried here (e.g. a tool this machine lacks): as a row it read as a fault not survived
     props = dict(item.user_properties)
-    row = {"fault": marker.args[0], "case": item.nodeid.split("::", 1)[1], "survived": report.passed,
-           "lost_files": props.get("lost_files", 0 if report.passed else None), "seconds": round(report.duration, 1)}
+    survived = not case["failed"]
+    row = {"fault": marker.args[0], "case": item.nodeid.split("::", 1)[1], "survived": survived,
+           "lost_files": props.get("lost_files", 0 if survived else None), "seconds": round(case["seconds"], 1)}
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row) + "\n")
 

@@ -29,6 +29,23 @@ def test_measures_what_it_lost(record_property):
 @pytest.mark.fault("class b")
 def test_skipped():
     pytest.skip("not on this machine")
+
+@pytest.fixture
+def breaks_after():
+    yield
+    raise RuntimeError("the fixture's cleanup found what the fault left")
+
+@pytest.fixture
+def breaks_before():
+    raise RuntimeError("the fault's setup failed")
+
+@pytest.mark.fault("class c")
+def test_passes_then_its_teardown_fails(breaks_after):
+    pass
+
+@pytest.mark.fault("class c")
+def test_setup_fails(breaks_before):
+    pass
 '''
 
 # What the kill trials and the serving soak write themselves (tests/faults/test_kill_anywhere.py, test_serving_faults.py).
@@ -48,9 +65,13 @@ def test_fault_rows_and_the_table_are_computed_from_the_outcomes(tmp_path):
                           "--rootdir", str(tmp_path), "-p", "no:cacheprovider", "-q", str(tmp_path / "test_cases.py")],
                          cwd=REPO, env={**os.environ, "FAULTS_REPORT": str(report)}, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-2000:]
-    rows = {row["case"]: row for row in map(json.loads, report.read_text(encoding="utf-8").splitlines())}
+    written = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines()]
+    rows = {row["case"]: row for row in written}
+    assert len(rows) == len(written), f"a case written twice: {written}"
     # A skipped case was not tried: counted, it read as a fault the pipeline did not survive.
-    assert sorted(rows) == ["test_fails", "test_measures_what_it_lost", "test_passes"], rows
+    assert sorted(rows) == ["test_fails", "test_measures_what_it_lost", "test_passes", "test_passes_then_its_teardown_fails",
+                            "test_setup_fails"], rows
+    assert [rows[c]["survived"] for c in ("test_passes_then_its_teardown_fails", "test_setup_fails")] == [False, False]
     assert (rows["test_passes"]["survived"], rows["test_passes"]["lost_files"]) == (True, 0)
     assert (rows["test_fails"]["survived"], rows["test_fails"]["lost_files"]) == (False, None), "a failure cannot tell"
     assert (rows["test_measures_what_it_lost"]["survived"], rows["test_measures_what_it_lost"]["lost_files"]) == (False, 3)
@@ -61,7 +82,7 @@ def test_fault_rows_and_the_table_are_computed_from_the_outcomes(tmp_path):
                            cwd=REPO, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    for expected in ["| class a | 2 | 1 | ? |", "| class b | 1 | 0 | 3 |",
+    for expected in ["| class a | 2 | 1 | ? |", "| class b | 1 | 0 | 3 |", "| class c | 2 | 0 | ? |",
                      "| SIGKILL mid-stage, then the same command (file) | 2 | 1 | ? |",
                      "| serving soak: requests answered 200, or 429 with Retry-After (not reset, timed out or 5xx) | 10 | 9 | 1 |"]:
         assert expected in lines, f"{expected!r} not in:\n{table.stdout}"
