@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let vLLM run the model's own code (ChatGLM3): sets vllm.trustRemoteCode=true (without it, and "
                              "without vllm.trustRemoteCode: true in a values file, every deploy sets it false, whatever the "
-                             "release had); only the code files the version's manifest records are served")
+                             "release had; a --set vllm.trustRemoteCode=... after -- wins, as in helm); only the code files "
+                             "the version's manifest records are served")
     parser.add_argument("--cluster", help="the cluster's name in the release record (default: LAWTUNE_CLUSTER, else the "
                                           "kube context's cluster); staging and prod keep separate records")
     parser.add_argument("--timeout", default=DEFAULT_TIMEOUT,
