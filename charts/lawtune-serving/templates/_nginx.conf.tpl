@@ -321,8 +321,9 @@ location = /_lawtune_key {
 
 location /v1/ {
     {{- if $rl.enabled }}
-    limit_req zone=lawtune_api burst={{ $rl.burst }} nodelay;
-    limit_req zone=lawtune_invalid_key burst={{ $rl.invalidKey.burst }} nodelay;
+    # nginx refuses burst=0: 0 (the schema's minimum) means no burst, as for ui.rateLimit.
+    limit_req zone=lawtune_api{{ if gt (int $rl.burst) 0 }} burst={{ $rl.burst }}{{ end }} nodelay;
+    limit_req zone=lawtune_invalid_key{{ if gt (int $rl.invalidKey.burst) 0 }} burst={{ $rl.invalidKey.burst }}{{ end }} nodelay;
     {{- end }}
     auth_request /_lawtune_key;
 

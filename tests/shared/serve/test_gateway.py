@@ -170,6 +170,14 @@ def test_guessing_keys_is_rate_limited_per_ip_without_spending_a_clients_budget(
     assert _request(gateway.url, "/v1/models", key="sk-wrong", source="127.0.0.2")[0] == 401
 
 
+def test_a_burst_of_zero_starts_and_limits_at_the_rate_itself(gateway_factory):
+    """gateway.rateLimit.burst and invalidKey.burst accept 0 (the schema's minimum), which nginx refuses
+    as `burst=0` (it failed to start): 0 renders no burst, the rate itself with nothing above it."""
+    gateway = gateway_factory({"gateway": {"rateLimit": {"requestsPerSecond": 1, "burst": 0, "invalidKey": {"burst": 0}}}})
+    assert [_request(gateway.url, "/v1/models", key=KEY)[0] for _ in range(2)] == [503, 429]  # 503: the absent upstream
+    assert [_request(gateway.url, "/v1/models", key="sk-wrong", source="127.0.0.2")[0] for _ in range(2)] == [401, 429]
+
+
 def test_maintenance_answers_503_with_the_message_everywhere(gateway_factory):
     message = 'Back at 10:00 UTC — "planned" upgrade; 维护中'
     gateway = gateway_factory({"maintenance": {"enabled": True, "message": message, "retryAfterSeconds": 120}})
