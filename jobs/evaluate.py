@@ -66,6 +66,7 @@ from shared.evaluate.scoring import score, user_question, write_predictions
 from shared.publish.registry import check_name, read_pointer
 from shared.store.artifacts import Manifest, digest_inputs, find_manifest, read_manifest, sha256_file
 from shared.store.model_code import RECORD, check_folder
+from shared.store.paths import check_version
 from shared.store.stage import StageOutput, fetch_stage
 from shared.store.storage import open_location
 from shared.train.tracking import log_evaluation_to_mlflow, log_scores
@@ -260,6 +261,8 @@ def _champion(settings: Settings, model_name: str | None, finetune_digest: str, 
         version = earlier.inputs.get("promoted") if earlier else None
         if version is None:
             return None
+        # Read from the store like PROMOTED itself, and joined to the model's folder the same way (issue 24 item 1).
+        version = check_version(str(version), f"{output_uri}/MANIFEST.json inputs.promoted")
     return _Champion(version, f"{root.uri}/{version}")
 
 

@@ -31,7 +31,13 @@ Remote code (a model that runs its repository's own Python, ChatGLM3) is the ope
 config, and never a value the release kept from an earlier deploy: every deploy sets
 ``vllm.trustRemoteCode`` to this switch, true or false. A version that needs it without the
 switch is refused naming it, and with it only the code files the version's manifest records
-pass (checked here and again by the init container).
+pass (checked here and again by the init container). A ``--set`` or ``--set-string`` of
+``vllm.trustRemoteCode`` among the helm flags after ``--`` is the switch too, read as helm reads
+it: it comes after deploy's own ``--set``, so the last one wins, ``--trust-remote-code`` and the
+values files included (``--trust-remote-code -- --set vllm.trustRemoteCode=false`` is off, and a
+version that needs remote code is then refused naming the switch). Any other passthrough flag that
+sets it (``--set-json``, ``--set-literal``, ``--set-file``) is refused: deploy must know what helm
+will run. A values file after ``--`` cannot turn it on (helm's ``--set`` wins over every file).
 
 Exit codes: 0 deployed (or rendered), 1 storage or helm failure or a rollout not ready in time,
 2 nothing promoted, an uncommitted version, remote code off or not recorded, no cluster to name,
@@ -43,6 +49,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +111,40 @@ def values_trust_remote_code(values: list[Path]) -> bool:
         vllm = data.get("vllm") if isinstance(data, dict) else None
         if isinstance(vllm, dict) and "trustRemoteCode" in vllm:
             trusted = vllm["trustRemoteCode"] is True
+    return trusted
+
+
+_SET_FLAGS = ("--set", "--set-string")
+_OTHER_SET_FLAGS = ("--set-json", "--set-literal", "--set-file")
+_TRUST_KEY = "vllm.trustRemoteCode"
+
+
+def _flag_values(extra: list[str], flags: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(flag, value) of every ``flag value`` or ``flag=value`` in ``extra``, in order."""
+    found = []
+    for i, arg in enumerate(extra):
+        for flag in flags:
+            if arg == flag and i + 1 < len(extra):
+                found.append((flag, extra[i + 1]))
+            elif arg.startswith(f"{flag}="):
+                found.append((flag, arg.split("=", 1)[1]))
+    return found
+
+
+def passthrough_trust_remote_code(extra: list[str]) -> bool | None:
+    """``vllm.trustRemoteCode`` as the helm flags after ``--`` set it (None: they do not): helm applies
+    them after deploy's own ``--set``, so the last ``--set``/``--set-string`` naming it decides.
+    Anything but ``false`` counts as on, so the code check runs (helm's schema refuses a non-boolean)."""
+    for flag, value in _flag_values(extra, _OTHER_SET_FLAGS):
+        if "trustRemoteCode" in value:
+            raise ConfigError(f"{flag} {value}: set remote code with --trust-remote-code, a values file or "
+                              f"--set {_TRUST_KEY}=true|false, so deploy checks the code helm will let vLLM run")
+    trusted = None
+    for _, value in _flag_values(extra, _SET_FLAGS):
+        for item in re.split(r"(?<!\\),", value):  # helm's list: a=b,c=d (\, is a comma inside a value)
+            key, sep, setting = item.partition("=")
+            if sep and key.strip() == _TRUST_KEY:
+                trusted = setting.strip().lower() != "false"
     return trusted
 
 
@@ -238,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let vLLM run the model's own code (ChatGLM3): sets vllm.trustRemoteCode=true (without it, and "
                              "without vllm.trustRemoteCode: true in a values file, every deploy sets it false, whatever the "
-                             "release had); only the code files the version's manifest records are served")
+                             "release had; a --set vllm.trustRemoteCode=... after -- wins, as in helm); only the code files "
+                             "the version's manifest records are served")
     parser.add_argument("--cluster", help="the cluster's name in the release record (default: LAWTUNE_CLUSTER, else the "
                                           "kube context's cluster); staging and prod keep separate records")
     parser.add_argument("--timeout", default=DEFAULT_TIMEOUT,
@@ -258,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         version = resolve_version(settings, args.model_name, args.version)
         log.info("serving %s version %s from %s", args.model_name, version, settings.artifact_root)
         trusted = args.trust_remote_code or values_trust_remote_code(args.values)
+        # helm flags after `--` come after deploy's own --set and win (issue 24 item 2's switch must be what helm runs).
+        if (passed := passthrough_trust_remote_code(extra)) is not None:
+            trusted = passed
         check_remote_code(settings, args.model_name, version, trusted)
         from shared.serve.deploy_modes import mode_settings
 

@@ -289,3 +289,39 @@ def test_a_bad_previous_key_is_refused_at_pod_start(tmp_path, previous, says):
                                                         "LAWTUNE_PREVIOUS_API_KEY": previous},
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2 and "(key previous-api-key)" in proc.stderr and says in proc.stderr, (dep["metadata"]["name"], proc.stderr)
+
+
+@pytest.mark.integration
+def test_vllms_startup_log_of_the_pods_args_holds_no_key(tmp_path, vllm_parser):
+    """issue 24 item 6 for the chart's vLLM: make serve hands vLLM its key in VLLM_API_KEY, which vLLM
+    never prints (tests/shared/serve/test_serve_local.py checks that log); the chart's pods hand it
+    both keys as arguments, through the --config file, and vLLM's server prints its non-default
+    arguments when it starts (setup_server's log_non_default_args). That line, from the pod's own
+    args during a rotation, must name api_key without either key (vLLM redacts it; a vLLM release
+    that stopped doing so would put both keys in every pod's log)."""
+    import logging
+
+    from vllm.entrypoints.serve.utils.api_utils import log_non_default_args
+
+    helm_path()
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler, vllm_logger = Keep(level=logging.DEBUG), logging.getLogger("vllm")
+    level = vllm_logger.level
+    vllm_logger.addHandler(handler)
+    vllm_logger.setLevel(logging.DEBUG)
+    try:
+        args = vllm_parser.parse_args(_vllm_container_args(tmp_path, ROLLING_SECRET))
+        assert args.api_key == [NEW_KEY, OLD_KEY]
+        log_non_default_args(args)
+    finally:
+        vllm_logger.removeHandler(handler)
+        vllm_logger.setLevel(level)
+    (startup,) = [line for line in lines if line.startswith("non-default args:")]
+    assert "'api_key'" in startup, startup
+    for key in (NEW_KEY, OLD_KEY):
+        assert not any(key in line or key[:16] in line for line in lines), f"vLLM's log holds the key {key[:6]}…"

@@ -8,6 +8,7 @@ capped at a few tokens: the tests check the stage's behaviour, not the answers' 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -128,6 +129,35 @@ def test_a_finetune_manifest_path_outside_the_scratch_folder_is_exit_2(bundled_r
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("lawtune evaluate: error: ") and "finetune-hostile/MANIFEST.json" in line and "'adapter/../../../../escaped.json'" in line
     assert not open_location(out, settings).exists("MANIFEST.json")
+
+
+@pytest.mark.parametrize("promoted", ["../../../elsewhere", "v1/../..", "/abs"])
+def test_the_production_version_an_earlier_evaluation_recorded_is_checked_like_promoted(artifact_root, promoted):
+    """issue 24 item 1: PROMOTED's content is checked before it names a folder, and so is the copy of it
+    an earlier evaluation recorded (its MANIFEST.json inputs.promoted), which a re-run of the run whose
+    version is promoted compares with: before, `../../../elsewhere` became models/m/../../../elsewhere,
+    a folder outside the model's (outside the artifact root on file://) fetched as production."""
+    from shared.core.errors import ConfigError
+    from shared.core.settings import load_settings
+    from shared.store.artifacts import commit_dir, now_iso
+
+    settings = load_settings()
+    root = settings.models_uri("m")
+    models = open_location(root, settings)
+    models.child("v1").write_text("config.json", "{}")
+    models.child("v1").write_text("MANIFEST.json", json.dumps({
+        "schema": "lawtune.manifest/v1", "stage": "publish", "inputs": {"finetune": "ft-digest"}, "inputs_digest": "x",
+        "started_at": "t", "finished_at": "t", "files": []}))
+    models.write_text("PROMOTED", "v1")
+    output = f"{settings.artifact_root}/runs/r/evaluate"
+    earlier = open_location(output, settings)
+    earlier.write_text("MANIFEST.json", json.dumps({
+        "schema": "lawtune.manifest/v1", "stage": "evaluate", "inputs": {"promoted": promoted}, "inputs_digest": "x",
+        "started_at": "t", "finished_at": "t", "files": []}))
+    with pytest.raises(ConfigError, match=rf"evaluate/MANIFEST.json inputs.promoted holds {re.escape(repr(promoted))}; expected a version name"):
+        evaluate._champion(settings, "m", "ft-digest", output)
+    earlier.write_text("MANIFEST.json", earlier.read_text("MANIFEST.json").replace(json.dumps(promoted), '"v0"'))
+    assert evaluate._champion(settings, "m", "ft-digest", output).uri == f"{root}/v0"
 
 
 GOLDEN_CSV = """title,question,reply,is_best

@@ -49,7 +49,7 @@ http {
     scgi_temp_path {{ $g.runtimeDir }}/scgi;
 
     {{- if $g.accessLog }}
-    # No headers and no query strings are logged, so API keys never reach the log (even one pasted into a URL).
+    # No headers and no query strings are logged (a key pasted into a URL is refused first: lawtune-serving.nginx.noKeyInUrl).
     log_format lawtune '$remote_addr [$time_iso8601] "$request_method $uri $server_protocol" $status $body_bytes_sent '
                        'rt=$request_time urt=$upstream_response_time';
     access_log /dev/stdout lawtune;
@@ -83,6 +83,7 @@ http {
     server {
         listen {{ include "lawtune-serving.nginx.listenAddress" . }}{{ $g.containerPort }};
         server_name _;
+        {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.nginx.noKeyInUrl" 8) }}
         {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.nginx.connectionLimit" 8) }}
         {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.nginx.healthz" 8) }}
         {{- if and .Values.ui.enabled (ne $uiAuth "ingress") }}
@@ -97,6 +98,7 @@ http {
     server {
         listen {{ include "lawtune-serving.nginx.listenAddress" . }}{{ .Values.ui.ingress.containerPort }};
         server_name _;
+        {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.nginx.noKeyInUrl" 8) }}
         {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.nginx.connectionLimit" 8) }}
         {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.nginx.healthz" 8) }}
         {{- include "lawtune-serving.nginx.insert" (list . "lawtune-serving.uiLocations" 8) }}
@@ -166,6 +168,19 @@ lingering_timeout {{ $g.timeouts.discardBody }};
 limit_conn_zone $binary_remote_addr zone=lawtune_conn:{{ $g.rateLimit.zoneSize }};
 limit_conn_status 444;
 limit_conn_log_level warn;
+{{- end }}
+
+{{/*
+A key pasted into a URL. The access log leaves query strings out, but nginx's error log prints the
+request line, query string included, for every rate-limited, connection-limited or upstream-failed
+request, and vLLM's access log prints the request line it is sent. So a query string holding a
+run of 32 or more of a key's characters (apiKeyMinLength; %-encoded or not) is answered 400 here,
+in the server's rewrite phase: before the limits, the key check and vLLM, none of which then sees it.
+*/}}
+{{- define "lawtune-serving.nginx.noKeyInUrl" -}}
+if ($args ~ "[A-Za-z0-9._~+/=%-]{ {{- include "lawtune-serving.apiKeyMinLength" . -}} ,}") {
+    return 400 {{ include "lawtune-serving.openaiError" (list "An API key does not go in the URL (logs would keep it): send it as Authorization: Bearer <key>" "invalid_request_error" "key_in_url") }};
+}
 {{- end }}
 
 {{- define "lawtune-serving.nginx.connectionLimit" -}}
@@ -306,8 +321,9 @@ location = /_lawtune_key {
 
 location /v1/ {
     {{- if $rl.enabled }}
-    limit_req zone=lawtune_api burst={{ $rl.burst }} nodelay;
-    limit_req zone=lawtune_invalid_key burst={{ $rl.invalidKey.burst }} nodelay;
+    # nginx refuses burst=0: 0 (the schema's minimum) means no burst, as for ui.rateLimit.
+    limit_req zone=lawtune_api{{ if gt (int $rl.burst) 0 }} burst={{ $rl.burst }}{{ end }} nodelay;
+    limit_req zone=lawtune_invalid_key{{ if gt (int $rl.invalidKey.burst) 0 }} burst={{ $rl.invalidKey.burst }}{{ end }} nodelay;
     {{- end }}
     auth_request /_lawtune_key;
 

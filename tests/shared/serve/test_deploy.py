@@ -300,7 +300,7 @@ def test_the_versions_own_config_never_turns_remote_code_on(published, tmp_path,
     assert "--trust-remote-code" in err[-1] and "vllm.trustRemoteCode: true" in err[-1], err
 
 
-@pytest.mark.parametrize("switch", ["flag", "values"])
+@pytest.mark.parametrize("switch", ["flag", "values", "helm-set", "helm-set-list"])
 def test_the_operators_switch_serves_the_recorded_code(published, tmp_path, capfd, switch):
     settings, values = published
     helm_path()
@@ -308,15 +308,44 @@ def test_the_operators_switch_serves_the_recorded_code(published, tmp_path, capf
     argv = ["--release", "a", "-f", str(values), "--dry-run", "--version", "glm"]
     if switch == "flag":
         argv.append("--trust-remote-code")
-    else:
+    elif switch == "values":
         on = tmp_path / "trust.yaml"
         on.write_text(yaml.safe_dump({"vllm": {"trustRemoteCode": True}}))
         argv += ["-f", str(on)]
+    elif switch == "helm-set":  # helm flags after `--` come after deploy's own --set and win
+        argv += ["--", "--set", "vllm.trustRemoteCode=true"]
+    else:
+        argv += ["--", "--set=ui.enabled=false,vllm.trustRemoteCode=true"]
     objects = _rendered(capfd, argv)
     assert "--trust-remote-code" in _vllm_args(objects)
     # The init container checks the code files against the version's record again, in the pod.
     assert _fetch_args(objects)[-1] == "--trust-remote-code"
     assert "--trust-remote-code" not in _vllm_args(_rendered(capfd, ["--release", "a", "-f", str(values), "--dry-run"]))
+
+
+@pytest.mark.parametrize("switch", ["--set", "--set-string"])
+def test_a_helm_set_after_the_switch_turns_it_off_as_helm_does(published, tmp_path, capfd, switch):
+    """`--trust-remote-code -- --set vllm.trustRemoteCode=false`: helm runs with false (its --set comes
+    last), so deploy treats remote code as off: a version that needs it is refused naming the switch."""
+    settings, values = published
+    helm_path()
+    _publish_glm(settings, tmp_path)
+    argv = ["--release", "a", "-f", str(values), "--dry-run", "--trust-remote-code"]
+    assert deploy.main([*argv, "--version", "glm", "--", switch, "vllm.trustRemoteCode=true,vllm.trustRemoteCode=false"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lawtune deploy: error: version glm needs its repository's own code"), err
+    # A version without remote code renders, with vLLM's flag off, as helm's last --set says.
+    if switch == "--set":
+        assert "--trust-remote-code" not in _vllm_args(_rendered(capfd, [*argv, "--", "--set", "vllm.trustRemoteCode=false"]))
+
+
+def test_a_helm_flag_that_sets_remote_code_another_way_is_refused(published, tmp_path, capfd):
+    settings, values = published
+    _publish_glm(settings, tmp_path)
+    assert deploy.main(["--release", "a", "-f", str(values), "--dry-run", "--version", "glm", "--",
+                        "--set-json", 'vllm={"trustRemoteCode":true}']) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lawtune deploy: error: --set-json vllm=") and "--trust-remote-code" in err[-1], err
 
 
 @pytest.mark.parametrize(("record", "tamper", "needle"), [

@@ -170,6 +170,14 @@ def test_guessing_keys_is_rate_limited_per_ip_without_spending_a_clients_budget(
     assert _request(gateway.url, "/v1/models", key="sk-wrong", source="127.0.0.2")[0] == 401
 
 
+def test_a_burst_of_zero_starts_and_limits_at_the_rate_itself(gateway_factory):
+    """gateway.rateLimit.burst and invalidKey.burst accept 0 (the schema's minimum), which nginx refuses
+    as `burst=0` (it failed to start): 0 renders no burst, the rate itself with nothing above it."""
+    gateway = gateway_factory({"gateway": {"rateLimit": {"requestsPerSecond": 1, "burst": 0, "invalidKey": {"burst": 0}}}})
+    assert [_request(gateway.url, "/v1/models", key=KEY)[0] for _ in range(2)] == [503, 429]  # 503: the absent upstream
+    assert [_request(gateway.url, "/v1/models", key="sk-wrong", source="127.0.0.2")[0] for _ in range(2)] == [401, 429]
+
+
 def test_maintenance_answers_503_with_the_message_everywhere(gateway_factory):
     message = 'Back at 10:00 UTC — "planned" upgrade; 维护中'
     gateway = gateway_factory({"maintenance": {"enabled": True, "message": message, "retryAfterSeconds": 120}})
@@ -403,6 +411,30 @@ def test_the_previous_key_of_a_rotation_is_a_second_id_in_both_map_files(gateway
     for wrong in (KEY.lower(), previous.upper(), previous[:-1], "sk-wrong"):
         if wrong not in {KEY, previous}:
             assert _request(gateway.url, "/v1/models", key=wrong, source="127.0.0.2")[0] == 401, wrong
+
+
+def test_a_key_pasted_into_a_url_is_refused_before_anything_logs_or_forwards_it(gateway_factory, recorder):
+    """issue 24 item 6: the access log drops query strings, but nginx's error log prints the request
+    line, query string included, on every rate-limited or upstream-failed request, and vLLM's own
+    access log prints the request line it is sent. Before, `?api_key=<key>` beside a valid
+    Authorization header reached the stand-in vLLM and, once rate-limited, the gateway's log. Now a
+    query string holding a run of 32+ key characters (%-encoded or not) is answered 400 first."""
+    from urllib.parse import quote
+
+    gateway = gateway_factory({"gateway": {"rateLimit": {"requestsPerSecond": 1, "burst": 1}}}, upstream=recorder.address)
+    for query in (f"api_key={KEY}", f"api_key={quote(KEY, safe='')}", f"x=1&key={KEY}&y=2"):
+        for _ in range(4):  # past the rate limit, whose log line names the request
+            got, _, body = _request(gateway.url, f"/v1/models?{query}", key=KEY)
+            assert got == 400 and _error(body)["code"] == "key_in_url", (query, got, body)
+    assert recorder.requests == []
+    time.sleep(0.3)  # past the rate limit's window: ordinary query strings still pass
+    assert _request(gateway.url, "/v1/models?limit=20&order=desc", key=KEY, source="127.0.0.7")[0] == 200
+    assert recorder.requests[-1]["path"] == "/v1/models?limit=20&order=desc"
+    time.sleep(0.5)  # nginx writes its log lines after the response
+    text = gateway.log_path.read_text(errors="replace")
+    assert "/v1/models" in text
+    for secret in (KEY, quote(KEY, safe=""), KEY[:16], KEY[-16:]):
+        assert secret not in text, f"the gateway's log holds {secret[:6]}…"
 
 
 def _slow_body_connections(port: int, source: str, count: int, stop: threading.Event) -> list[socket.socket]:
