@@ -98,6 +98,9 @@ def test_in_adapters_mode_a_promotion_does_not_roll_the_vllm_pods():
     pytest.param({**ADAPTERS, "adapters": {"baseDigest": DIGEST, "maxLoraRank": 24}}, "maxLoraRank", id="rank-vllm-refuses"),
     pytest.param({"canary": {"enabled": True}}, "model.version is required with canary.enabled in merged mode", id="merged-unpinned"),
     pytest.param({"serving": {"mode": "both"}}, "serving.mode", id="unknown-mode"),
+    # issue 24 item 2 x 27: plain helm, GitOps or `lawtune deploy -- --set serving.mode=adapters` never meet deploy's check
+    pytest.param({**ADAPTERS, "vllm": {"trustRemoteCode": True}}, "vllm.trustRemoteCode=true with serving.mode=adapters",
+                 id="adapters-remote-code"),
 ])
 def test_bad_values_fail_naming_the_key(overrides, message):
     with pytest.raises(RenderError, match=message.replace("(", r"\(").replace(")", r"\)")):

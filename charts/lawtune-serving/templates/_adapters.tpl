@@ -40,6 +40,9 @@ _helpers.tpl; in merged mode they render nothing (or what the chart always rende
 {{- define "lawtune-serving.adapters.vllmArgs" -}}
 {{- if eq (include "lawtune-serving.mode" .) "adapters" -}}
 {{- $a := .Values.adapters -}}
+{{- /* Remote code is allowed by the digests a version's manifest records; the shared base of adapters mode has no
+       such record, and lawtune deploy's own refusal is bypassed by plain helm, GitOps or a --set after `--`. */ -}}
+{{- if .Values.vllm.trustRemoteCode }}{{ fail "vllm.trustRemoteCode=true with serving.mode=adapters is not supported: the shared base's code is not pinned by digest; serve this model merged" }}{{ end }}
 - --enable-lora
 - --max-loras={{ int $a.maxLoras }}
 - --max-lora-rank={{ int $a.maxLoraRank }}
