@@ -218,13 +218,14 @@ class FileLocation(Location):
 class S3Location(Location):
     """An S3 prefix. Its ``write_if`` serialises writers under an expiring lock object, then writes conditionally.
 
-    Measured on SeaweedFS 4.48 (tests/shared/publish/test_registry.py): it honours If-Match and
-    If-None-Match one request at a time (412 on a stale ETag), but of concurrent conditional PUTs
-    from the same ETag more than one succeeds. So the lock (``<rel>.lock``: owner and expiry,
-    taken by writing it and reading it back after a pause; a dead holder's lock expires) keeps
-    lawtune's own writers in line on any store, and the conditional PUT inside it (where
-    ``conditional`` is on: AWS S3, MinIO, SeaweedFS) still refuses a write the lock let through
-    by mistake on a store whose conditional writes are atomic.
+    SeaweedFS honours If-Match and If-None-Match (412 on a stale ETag). Whether concurrent
+    conditional PUTs from one ETag let exactly one through depends on the store and its version: an
+    early measurement on SeaweedFS 4.48 saw more than one succeed; the pinned one gave one winner
+    in 20 batches of 8 (docs/reliability.md, tests/shared/publish/test_registry.py). So the lock
+    (``<rel>.lock``: owner and expiry, taken by writing it and reading it back after a pause; a
+    dead holder's lock expires) keeps lawtune's own writers in line on any store, and the
+    conditional PUT inside it (where ``conditional`` is on: AWS S3, MinIO, SeaweedFS) still
+    refuses a write the lock let through by mistake on a store whose conditional writes are atomic.
     """
 
     LOCK_TTL_S = 30.0
