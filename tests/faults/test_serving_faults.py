@@ -105,6 +105,20 @@ def _rss_kib(pid: int) -> int:
     return total
 
 
+def _accepting_workers(master: int) -> set[int]:
+    """The master's workers that accept connections: a worker told to quit retitles itself
+    "worker process is shutting down" before it closes its listening sockets."""
+    workers = set()
+    for pid in _children(master):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "worker process" in title and "shutting down" not in title:
+            workers.add(pid)
+    return workers
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -127,8 +141,15 @@ def _reload(stack, overrides: dict, until) -> None:
                                                    runtime_dir=gw.conf_path.parent,
                                                    overrides={"model": {"name": NAME}, **overrides}))
     gw.conf_path.write_text(rendered.nginx_conf, encoding="utf-8")
+    old_workers = _accepting_workers(gw.process.pid)
+    assert old_workers, f"no accepting worker found under nginx's master {gw.process.pid}"
     os.kill(gw.process.pid, signal.SIGHUP)
     deadline = time.monotonic() + 30
+    # The master forks the new workers before it tells the old ones to quit: until then an old worker
+    # still accepts, so one probe answered by a new worker does not mean the next request meets one.
+    while old_workers & _accepting_workers(gw.process.pid):
+        assert time.monotonic() < deadline, "nginx's old workers still accept connections 30 s after the reload"
+        time.sleep(0.05)
     while True:
         status, _, body = _request(f"{gw.url}/v1/models", timeout=10)
         if until(status, body):
@@ -251,19 +272,22 @@ def test_maintenance_flipped_under_load_finishes_in_flight_and_loses_nothing(sta
     url = f"{stack['gateway'].url}/v1/chat/completions"
     body = json.dumps({"model": NAME, "max_tokens": 24, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}],
                        "ignore_eos": True, "min_tokens": 24}).encode()
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        in_flight = [pool.submit(_request, url, body=body) for _ in range(3)]
-        deadline = time.monotonic() + 120
-        while _running_in_vllm(stack) < 3:  # all three reached vLLM and are generating
-            assert time.monotonic() < deadline and not any(f.done() for f in in_flight), "3 requests in flight in vLLM"
-            time.sleep(0.05)
-        _reload(stack, {"maintenance": {"enabled": True, "message": "down for a test", "retryAfterSeconds": 30}},
-                until=lambda status, body: status == 503)
-        status, headers, err = _request(url, body=_chat(2))
-        assert status == 503 and headers.get("Retry-After") == "30" and _openai_error(err)["code"] == "maintenance"
-        finished = [f.result(timeout=300) for f in in_flight]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            in_flight = [pool.submit(_request, url, body=body) for _ in range(3)]
+            deadline = time.monotonic() + 120
+            while _running_in_vllm(stack) < 3:  # all three reached vLLM and are generating
+                assert time.monotonic() < deadline and not any(f.done() for f in in_flight), "3 requests in flight in vLLM"
+                time.sleep(0.05)
+            _reload(stack, {"maintenance": {"enabled": True, "message": "down for a test", "retryAfterSeconds": 30}},
+                    until=lambda status, body: status == 503 and isinstance(body, dict)
+                    and (body.get("error") or {}).get("code") == "maintenance")
+            status, headers, err = _request(url, body=_chat(2))
+            assert status == 503 and headers.get("Retry-After") == "30" and _openai_error(err)["code"] == "maintenance"
+            finished = [f.result(timeout=300) for f in in_flight]
+    finally:  # the module's later tests share this gateway: a failure here must not leave them in maintenance
+        _reload(stack, {}, until=lambda status, body: status == 200)
     assert [s for s, _, _ in finished] == [200, 200, 200], "requests in flight when maintenance began finished"
-    _reload(stack, {}, until=lambda status, body: status == 200)
     after = [_request(url, body=_chat(2))[0] for _ in range(3)]
     assert after == [200, 200, 200]
 
