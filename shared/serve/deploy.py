@@ -193,13 +193,8 @@ _KUBE_FLAGS = ("--kube-context", "--kubeconfig")
 
 def _flag_value(extra: list[str], flag: str) -> str | None:
     """The value of ``flag`` among helm flags (``--flag value`` or ``--flag=value``), the last one winning."""
-    value = None
-    for i, arg in enumerate(extra):
-        if arg == flag and i + 1 < len(extra):
-            value = extra[i + 1]
-        elif arg.startswith(f"{flag}="):
-            value = arg.split("=", 1)[1]
-    return value
+    found = _flag_values(extra, (flag,))
+    return found[-1][1] if found else None
 
 
 def kube_flags(extra: list[str]) -> list[str]:
